@@ -1,0 +1,168 @@
+"""The model: frozen dataclasses, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LOCAL = "local"
+PEER = "peer"
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One <disk> of a domain's XML."""
+
+    type: str  # block, file, network, volume, ...
+    device: str  # disk, cdrom, floppy, lun
+    source: str | None  # dev= or file= (or network name=)
+    target: str  # xvda, vda, hda, ...
+    bus: str | None = None
+    driver_name: str | None = None  # phy, qemu, tap, ...
+    driver_type: str | None = None  # raw, qcow2, ...
+    protocol: str | None = None  # for network disks: rbd, iscsi, nbd, ...
+    skip_reason: str | None = None  # set when this disk cannot be backed up
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    state: str  # running, paused, shutoff, ...
+    state_reason: int = 0
+    hypervisor: str | None = None  # xen, kvm, test
+    disks: tuple[Disk, ...] = ()
+
+
+@dataclass(frozen=True)
+class LogicalVolume:
+    vg: str
+    lv: str
+    size: int  # bytes
+    attr: str = ""  # lv_attr, e.g. -wi-ao----
+    origin: str = ""  # non-empty for a snapshot
+    snap_percent: float | None = None
+    vg_free: int | None = None  # bytes free in the VG
+    path: str = ""
+
+    @property
+    def is_snapshot(self) -> bool:
+        return bool(self.origin) or self.attr[:1] in ("s", "S")
+
+    @property
+    def is_open(self) -> bool:
+        return len(self.attr) > 5 and self.attr[5] == "o"
+
+
+@dataclass(frozen=True)
+class Partition:
+    number: int
+    start: int  # bytes
+    end: int  # bytes, inclusive as parted prints it
+    size: int  # bytes
+    fs: str = ""  # parted's guess, may be empty
+    name: str = ""
+    flags: tuple[str, ...] = ()
+
+    @property
+    def is_extended(self) -> bool:
+        # parted -m shows an msdos extended partition with no fs and flag "lba" or nothing;
+        # the parser marks it explicitly.
+        return "extended" in self.flags
+
+
+@dataclass(frozen=True)
+class PartitionTable:
+    label: str  # msdos, gpt, loop (a filesystem on the whole disk), unknown
+    size: int  # bytes of the device
+    partitions: tuple[Partition, ...] = ()
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    """A filesystem found on a disk: a partition, or the whole disk (partition None)."""
+
+    disk: str  # target dev of the disk, e.g. xvda
+    partition: int | None
+    fstype: str  # ext4, xfs, swap, vfat, LVM2_member, ...
+    uuid: str = ""
+    label: str = ""
+    skip_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Mount:
+    filesystem: Filesystem
+    mountpoint: str  # path inside the guest, "/" for root
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One open command and the command that undoes it."""
+
+    phase: str  # snapshot, map, mount, peer-map, peer-mount, transfer, freeze, ...
+    host: str  # LOCAL or PEER
+    argv: tuple[str, ...]
+    undo: tuple[str, ...] | None = None
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return {"phase": self.phase, "host": self.host, "argv": list(self.argv),
+                "undo": list(self.undo) if self.undo is not None else None, "note": self.note}
+
+
+@dataclass(frozen=True)
+class FstabEntry:
+    spec: str
+    file: str
+    vfstype: str
+    options: tuple[str, ...] = ()
+    freq: int = 0
+    passno: int = 0
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of findmnt."""
+
+    target: str
+    source: str
+    fstype: str
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RsyncStats:
+    files: int = 0  # Number of files
+    files_transferred: int = 0  # Number of regular files transferred
+    total_size: int = 0  # Total file size
+    transferred_size: int = 0  # Total transferred file size
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    deleted: int = 0
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one command did."""
+
+    host: str
+    argv: tuple[str, ...]
+    exit_code: int
+    stdout: str = ""
+    stderr: str = ""
+    duration: float = 0.0
+
+
+@dataclass
+class RunRecord:
+    domu: str
+    peer: str = ""
+    status: str = "RUNNING"  # RUNNING, OK, ERROR, CORRUPT
+    consistency: str = "crash"
+    freeze_window_ms: int | None = None
+    bytes_sent: int = 0
+    files: int = 0
+    total_size: int = 0
+    snapshot_peak: float | None = None
+    error: str = ""
+    extra: dict = field(default_factory=dict)

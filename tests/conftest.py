@@ -1,0 +1,20 @@
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests under tests/unit are `unit` unless marked otherwise; the directory names the layer.
+    for item in items:
+        path = pathlib.Path(str(item.fspath))
+        for layer in ("unit", "integration", "e2e"):
+            if layer in path.parts and not item.get_closest_marker(layer):
+                item.add_marker(getattr(pytest.mark, layer))
+
+
+@pytest.fixture
+def fixtures():
+    return FIXTURES
