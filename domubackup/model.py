@@ -87,6 +87,25 @@ class Filesystem:
     label: str = ""
     skip_reason: str | None = None
 
+    @property
+    def name(self) -> str:
+        """The guest-style name: xvda1 for a partition, xvdb for a whole disk."""
+        return self.disk if self.partition is None else f"{self.disk}{self.partition}"
+
+
+@dataclass(frozen=True)
+class DiskFacts:
+    """What the read-only probes found out about one disk."""
+
+    disk: Disk
+    lv: LogicalVolume
+    table: PartitionTable
+    filesystems: tuple[Filesystem, ...] = ()
+
+    @property
+    def partitioned(self) -> bool:
+        return self.table.label not in ("loop",)
+
 
 @dataclass(frozen=True)
 class Mount:

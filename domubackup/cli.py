@@ -1,0 +1,143 @@
+"""Command line. The only place that prints, exits, and maps exceptions to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+from . import __version__, config as cfg, pipeline, virt
+from .errors import DomuBackupError, UsageError
+from .plan import describe
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_ELIGIBLE = 3
+EXIT_TEARDOWN = 4
+EXIT_BUSY = 75
+EXIT_CONFIG = 78
+# When several DomUs end differently, the most serious outcome decides the exit status.
+SEVERITY = [EXIT_OK, EXIT_NOT_ELIGIBLE, EXIT_BUSY, EXIT_FAILED, EXIT_TEARDOWN]
+
+log = logging.getLogger("domubackup")
+
+
+class Interrupted(DomuBackupError):
+    """A signal asked us to stop; raised so that every `finally` and teardown runs."""
+
+    exit_code = 130
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(f"stopped by signal {signal.Signals(signum).name}; closing everything that was opened")
+
+
+def worst(codes) -> int:
+    codes = list(codes) or [EXIT_OK]
+    return max(codes, key=lambda c: SEVERITY.index(c) if c in SEVERITY else len(SEVERITY))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="domubackup", description="Replicate running DomUs' LVM disks to a peer Dom0.")
+    p.add_argument("--version", action="version", version=f"domubackup {__version__}")
+    p.add_argument("-c", "--config", help=f"configuration file (default: $DOMUBACKUP_CONFIG or {cfg.DEFAULT_PATH})")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv: every command)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sp = sub.add_parser("plan", help="show the commands a backup of DOMU would run (runs nothing that changes anything)")
+    sp.add_argument("domu")
+    sp.add_argument("--json", action="store_true", help="print the steps as a JSON list")
+    sr = sub.add_parser("run", help="back up the named DomUs (default: every configured DomU eligible here)")
+    sr.add_argument("domus", nargs="*", metavar="DOMU")
+    sr.add_argument("--dry-run", action="store_true", help="print the plan of each DomU instead of running it")
+    sr.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
+    return p
+
+
+def main(argv=None, *, local_runner=None, hostname=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on usage errors and 0 for --help
+        return int(e.code or 0)
+    if not args.command:
+        parser.print_usage(sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+                        format="domubackup: %(message)s", stream=sys.stderr)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    try:
+        config = cfg.load_config(cfg.config_path(args.config), hostname=hostname)
+        runner = local_runner or _local_runner(config)
+        if args.command == "plan":
+            return cmd_plan(config, args, runner)
+        if args.command == "run":
+            return cmd_run(config, args, runner)
+        raise UsageError(f"unknown command {args.command}")
+    except KeyboardInterrupt:
+        print("domubackup: interrupted", file=sys.stderr)
+        return 130
+    except DomuBackupError as e:
+        print(f"domubackup: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _local_runner(config):
+    from .runner import LocalRunner
+
+    return LocalRunner(host=config.this_host)
+
+
+def cmd_plan(config, args, runner) -> int:
+    conn = virt.connect(config.settings_for(args.domu).libvirt_uri)
+    try:
+        plan = pipeline.make_plan(config, pipeline.inspect(config, args.domu, conn, runner))
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(describe(plan))
+    return EXIT_OK
+
+
+def selected_domus(config, names, conn) -> list[str]:
+    if names:
+        return list(names)
+    names = list(config.domus)
+    if config.backup_all_running:
+        names += [n for n in virt.running_domains(conn) if n not in names]
+    return names
+
+
+def cmd_run(config, args, runner) -> int:
+    if not args.dry_run:
+        raise UsageError("`run` without --dry-run is not implemented yet: only the plan exists so far",
+                         hint="use `domubackup run --dry-run` or `domubackup plan DOMU`")
+    conn = virt.connect(config.defaults.libvirt_uri)
+    codes, out = [], []
+    try:
+        for name in selected_domus(config, args.domus, conn):
+            try:
+                plan = pipeline.make_plan(config, pipeline.inspect(config, name, conn, runner))
+            except DomuBackupError as e:
+                print(f"domubackup: {name}: {e}", file=sys.stderr)
+                codes.append(e.exit_code)
+                continue
+            codes.append(EXIT_OK)
+            if args.json:
+                out.append({"domu": name, "steps": plan.to_json()})
+            else:
+                print(describe(plan))
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(out, indent=2))
+    return worst(codes)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

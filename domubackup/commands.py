@@ -1,0 +1,94 @@
+"""Builders of argv lists. Pure: every command the tool runs is spelled here (or next to its parser)."""
+
+from __future__ import annotations
+
+import shlex
+
+from .config import RsyncSettings, SSHSettings
+
+SETTLE = ("udevadm", "settle", "--timeout=30")
+
+
+def dm_name(vg: str, lv: str) -> str:
+    """device-mapper name of an LV: hyphens inside VG and LV names are doubled."""
+    return f"{vg.replace('-', '--')}-{lv.replace('-', '--')}"
+
+
+def lv_path(vg: str, lv: str) -> str:
+    return f"/dev/{vg}/{lv}"
+
+
+def partition_device(vg: str, lv: str, sep: str, number: int) -> str:
+    """The device `kpartx -a -p SEP /dev/VG/LV` creates for partition NUMBER."""
+    return f"/dev/mapper/{dm_name(vg, lv)}{sep}{number}"
+
+
+def lvcreate_snapshot(vg: str, lv: str, snap: str, size: str) -> tuple[str, ...]:
+    if size.endswith(("%ORIGIN", "%VG", "%FREE")):
+        sizing = ("--extents", size)
+    else:
+        sizing = ("--size", size)
+    return ("lvcreate", "--snapshot", *sizing, "--name", snap, lv_path(vg, lv))
+
+
+def lvremove(vg: str, lv: str) -> tuple[str, ...]:
+    return ("lvremove", "-f", lv_path(vg, lv))
+
+
+def lvextend(vg: str, lv: str, by: str) -> tuple[str, ...]:
+    return ("lvextend", "--size", f"+{by}", lv_path(vg, lv))
+
+
+def kpartx_add(dev: str, sep: str) -> tuple[str, ...]:
+    return ("kpartx", "-a", "-s", "-p", sep, dev)
+
+
+def kpartx_delete(dev: str, sep: str) -> tuple[str, ...]:
+    return ("kpartx", "-d", "-p", sep, dev)
+
+
+def mount(dev: str, target: str, fstype: str, options: tuple[str, ...]) -> tuple[str, ...]:
+    return ("mount", "-t", fstype, "-o", ",".join(options), "--", dev, target)
+
+
+def umount(target: str) -> tuple[str, ...]:
+    return ("umount", "--", target)
+
+
+def mkdir(path: str) -> tuple[str, ...]:
+    return ("mkdir", "-p", "--", path)
+
+
+def rmdir(path: str) -> tuple[str, ...]:
+    return ("rmdir", "--", path)
+
+
+def read_file(path: str) -> tuple[str, ...]:
+    return ("cat", "--", path)
+
+
+def virsh_domstate(uri: str, domu: str) -> tuple[str, ...]:
+    return ("virsh", "-c", uri, "domstate", domu)
+
+
+def ssh_command(ssh: SSHSettings) -> tuple[str, ...]:
+    """The ssh client argv rsync uses: same identity, port and pinned known_hosts as paramiko."""
+    return ("ssh", "-p", str(ssh.port), "-i", ssh.identity_file,
+            "-o", f"UserKnownHostsFile={ssh.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+            "-o", f"ConnectTimeout={int(ssh.connect_timeout)}", "-l", ssh.user)
+
+
+def rsync(source_dir: str, peer: str, target_dir: str, rs: RsyncSettings, ssh: SSHSettings, *,
+          progress: bool = False, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """rsync from SOURCE/ into PEER:TARGET/ (the trailing slashes copy the contents, not the dir)."""
+    argv = ["rsync", *rs.options, *rs.extra_options]
+    if rs.compress:
+        argv.append("--compress")
+    if rs.bwlimit:
+        argv.append(f"--bwlimit={rs.bwlimit}")
+    if progress:
+        argv.append("--info=progress2")
+    argv += ["--stats", *extra, "-e", shlex.join(ssh_command(ssh))]
+    argv += [source_dir.rstrip("/") + "/", f"{peer}:{target_dir.rstrip('/')}/"]
+    return tuple(argv)

@@ -1,0 +1,282 @@
+"""Configuration: TOML, validated into plain frozen dataclasses.
+
+`parse_config` is pure (text in, Config out); `load_config` reads the file. Every error is a
+ConfigError whose message names the file, the key (and the line where TOML gives one) and what is
+expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/domubackup/domubackup.toml"
+
+CONSISTENCY_MODES = ("none", "agent", "hooks", "hooks+agent")
+SIZE_RE = re.compile(r"^(\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?|\d+%(ORIGIN|VG|FREE))$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # DomU, host, VG/LV-like names
+
+
+@dataclass(frozen=True)
+class SSHSettings:
+    user: str = "root"
+    identity_file: str = "/root/.ssh/id_ed25519"
+    known_hosts: str = "/etc/domubackup/known_hosts"
+    port: int = 22
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class RsyncSettings:
+    options: tuple[str, ...] = ("-aHAX", "--numeric-ids", "--delete")
+    extra_options: tuple[str, ...] = ()
+    compress: bool = False
+    bwlimit: str = ""  # rsync --bwlimit value, e.g. "50M"; empty = none
+    timeout: float = 0.0  # 0 = no limit on the whole transfer
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that may differ per DomU (global values, overridden by [domu.NAME])."""
+
+    libvirt_uri: str = ""
+    peers: tuple[str, ...] = ()  # empty: DOM0S minus this host
+    disks: tuple[str, ...] = ()  # only these target devs (empty: all)
+    exclude_disks: tuple[str, ...] = ()
+    mounts: tuple[tuple[str, str], ...] = ()  # (disk[SEP]N or disk, guest mount point)
+    snapshot_size: str = "1G"
+    snapshot_suffix: str = "-snap"
+    snapshot_extend_at: float = 80.0  # percent full at which the snapshot is extended
+    snapshot_extend_by: str = "256M"
+    source_prefix: str = "/mnt/domubackup/source"
+    target_prefix: str = "/mnt/domubackup/target"
+    kpartx_separator: str = "p"
+    command_timeout: float = 600.0
+    consistency: str = "none"
+    freeze_hook_dir: str = "/etc/domubackup/freeze.d"
+    freeze_hook_timeout: float = 30.0
+    freeze_max_window: float = 10.0
+    freeze_agent_timeout: int = 10
+    freeze_mountpoints: tuple[str, ...] = ()
+    freeze_on_failure: str = "fail"
+    ssh: SSHSettings = field(default_factory=SSHSettings)
+    rsync: RsyncSettings = field(default_factory=RsyncSettings)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    dom0s: tuple[str, ...]
+    this_host: str
+    state_dir: str
+    backup_all_running: bool
+    catalog_keep_days: int
+    metrics_textfile: str
+    defaults: Settings
+    domus: dict[str, Settings]
+
+    def settings_for(self, domu: str) -> Settings:
+        return self.domus.get(domu, self.defaults)
+
+    def peers_for(self, domu: str) -> tuple[str, ...]:
+        peers = self.settings_for(domu).peers
+        return peers or tuple(h for h in self.dom0s if h != self.this_host)
+
+
+GLOBAL_ONLY = {
+    "dom0s": list,
+    "this_host": str,
+    "state_dir": str,
+    "backup_all_running": bool,
+    "catalog_keep_days": int,
+    "metrics_textfile": str,
+}
+
+
+def _expect(cls) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            list: "a list of strings", tuple: "a list of strings", dict: "a table"}.get(cls, cls.__name__)
+
+
+class _Checker:
+    def __init__(self, path: str):
+        self.path = path
+
+    def fail(self, key: str, what: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {what}")
+
+    def value(self, key: str, raw, kind):
+        """Check one scalar/list value against the type of the dataclass default."""
+        if kind is bool:
+            if not isinstance(raw, bool):
+                raise self.fail(key, f"expected true or false, got {raw!r}")
+            return raw
+        if kind is int:
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                raise self.fail(key, f"expected an integer, got {raw!r}")
+            return raw
+        if kind is float:
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+                raise self.fail(key, f"expected a number, got {raw!r}")
+            return float(raw)
+        if kind is str:
+            if not isinstance(raw, str):
+                raise self.fail(key, f"expected a string, got {raw!r}")
+            return raw
+        if kind in (tuple, list):
+            if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+                raise self.fail(key, f"expected a list of strings, got {raw!r}")
+            return tuple(raw)
+        raise AssertionError(kind)
+
+    def dataclass_from(self, prefix: str, table, base):
+        """Override fields of dataclass instance `base` from TOML table `table`."""
+        if not isinstance(table, dict):
+            raise self.fail(prefix, f"expected a table, got {table!r}")
+        known = {f.name: f for f in fields(base)}
+        changes = {}
+        for key, raw in table.items():
+            name = f"{prefix}.{key}" if prefix else key
+            if key not in known:
+                raise self.fail(name, f"unknown key (known: {', '.join(sorted(known))})")
+            current = getattr(base, key)
+            if key == "mounts":
+                changes[key] = self.mounts(name, raw)
+            elif isinstance(current, (SSHSettings, RsyncSettings)):
+                changes[key] = self.dataclass_from(name, raw, current)
+            else:
+                kind = type(current)
+                changes[key] = self.value(name, raw, kind)
+        return replace(base, **changes)
+
+    def mounts(self, key: str, raw) -> tuple[tuple[str, str], ...]:
+        if not isinstance(raw, dict):
+            raise self.fail(key, 'expected a table like { xvda1 = "/", xvdb = "/srv" }')
+        out = []
+        for dev, mp in raw.items():
+            if not isinstance(mp, str) or not mp.startswith("/") or "\0" in mp:
+                raise self.fail(f"{key}.{dev}", f"expected an absolute guest path, got {mp!r}")
+            if ".." in mp.split("/"):
+                raise self.fail(f"{key}.{dev}", f"'..' is not allowed in a mount point: {mp!r}")
+            out.append((dev, os.path.normpath(mp)))
+        return tuple(out)
+
+    def settings(self, prefix: str, s: Settings) -> Settings:
+        """Value checks that go beyond the type."""
+        if not SIZE_RE.match(s.snapshot_size):
+            raise self.fail(f"{prefix}snapshot_size",
+                            f"expected a size like '1G', '512M' or '20%ORIGIN', got {s.snapshot_size!r}")
+        if not SIZE_RE.match(s.snapshot_extend_by):
+            raise self.fail(f"{prefix}snapshot_extend_by",
+                            f"expected a size like '256M', got {s.snapshot_extend_by!r}")
+        if not 0 < s.snapshot_extend_at <= 100:
+            raise self.fail(f"{prefix}snapshot_extend_at", "expected a percentage between 1 and 100")
+        if s.consistency not in CONSISTENCY_MODES:
+            raise self.fail(f"{prefix}consistency", f"expected one of {', '.join(CONSISTENCY_MODES)}, "
+                            f"got {s.consistency!r}")
+        if s.freeze_on_failure not in ("fail", "continue"):
+            raise self.fail(f"{prefix}freeze_on_failure", f"expected 'fail' or 'continue', got {s.freeze_on_failure!r}")
+        for key in ("source_prefix", "target_prefix"):
+            value = getattr(s, key)
+            if not value.startswith("/") or os.path.normpath(value) == "/":
+                raise self.fail(f"{prefix}{key}", f"expected an absolute directory other than /, got {value!r}")
+        if not re.fullmatch(r"[A-Za-z_-]{0,4}", s.kpartx_separator):
+            raise self.fail(f"{prefix}kpartx_separator", f"expected a short separator like 'p', got {s.kpartx_separator!r}")
+        if not re.fullmatch(r"[A-Za-z0-9._+-]{1,32}", s.snapshot_suffix):
+            raise self.fail(f"{prefix}snapshot_suffix", f"expected a suffix of LV name characters, got {s.snapshot_suffix!r}")
+        if not 0 < s.ssh.port < 65536:
+            raise self.fail(f"{prefix}ssh.port", f"expected a TCP port, got {s.ssh.port}")
+        for host in s.peers:
+            if not NAME_RE.match(host):
+                raise self.fail(f"{prefix}peers", f"not a host name: {host!r}")
+        return s
+
+
+def short_hostname() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def default_libvirt_uri() -> str:
+    return "xen:///system" if os.path.exists("/proc/xen") else "qemu:///system"
+
+
+def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = None,
+                 default_uri: str | None = None) -> Config:
+    check = _Checker(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}", hint="fix the syntax at that line") from None
+
+    globals_ = {}
+    for key, kind in GLOBAL_ONLY.items():
+        if key in data:
+            globals_[key] = check.value(key, data.pop(key), kind)
+    domu_tables = data.pop("domu", {})
+    if not isinstance(domu_tables, dict):
+        raise check.fail("domu", "expected tables like [domu.web1]")
+
+    defaults = check.dataclass_from("", data, Settings(libvirt_uri=default_uri or default_libvirt_uri()))
+    defaults = check.settings("", defaults)
+
+    if "dom0s" not in globals_:
+        raise check.fail("dom0s", 'missing required key: the list of Dom0 host names, e.g. dom0s = ["dom0a", "dom0b"]')
+    dom0s = globals_["dom0s"]
+    if not dom0s:
+        raise check.fail("dom0s", "must name at least one Dom0")
+    for host in dom0s:
+        if not NAME_RE.match(host):
+            raise check.fail("dom0s", f"not a host name: {host!r}")
+    this_host = globals_.get("this_host") or (hostname or short_hostname())
+
+    domus = {}
+    for name, table in domu_tables.items():
+        if not NAME_RE.match(name):
+            raise check.fail(f"domu.{name}", "not a valid DomU name")
+        if isinstance(table, dict):
+            bad = set(table) & set(GLOBAL_ONLY)
+            if bad:
+                raise check.fail(f"domu.{name}.{sorted(bad)[0]}", "is a global key and cannot be set per DomU")
+        s = check.dataclass_from(f"domu.{name}", table, defaults)
+        s = check.settings(f"domu.{name}.", s)
+        for peer in s.peers:
+            if peer not in dom0s:
+                raise check.fail(f"domu.{name}.peers", f"peer {peer!r} is not in dom0s {list(dom0s)}")
+            if peer == this_host:
+                raise check.fail(f"domu.{name}.peers", f"peer {peer!r} is this host itself")
+        domus[name] = s
+    for peer in defaults.peers:
+        if peer not in dom0s:
+            raise check.fail("peers", f"peer {peer!r} is not in dom0s {list(dom0s)}")
+
+    keep = globals_.get("catalog_keep_days", 90)
+    if keep < 1:
+        raise check.fail("catalog_keep_days", "expected a number of days >= 1")
+    state_dir = globals_.get("state_dir", "/var/lib/domubackup")
+    if not state_dir.startswith("/"):
+        raise check.fail("state_dir", f"expected an absolute path, got {state_dir!r}")
+    return Config(path=path, dom0s=dom0s, this_host=this_host, state_dir=state_dir,
+                  backup_all_running=globals_.get("backup_all_running", False),
+                  catalog_keep_days=keep, metrics_textfile=globals_.get("metrics_textfile", ""),
+                  defaults=defaults, domus=domus)
+
+
+def config_path(cli_value: str | None, environ=os.environ) -> str:
+    return cli_value or environ.get("DOMUBACKUP_CONFIG") or DEFAULT_PATH
+
+
+def load_config(path: str, **kw) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file",
+                          hint="create it from conf/domubackup.toml or pass -c/--config") from None
+    except (PermissionError, IsADirectoryError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror or e}") from None
+    return parse_config(text, path, **kw)

@@ -1,0 +1,313 @@
+"""The planner: facts + settings -> ordered Steps, each with its undo. Pure.
+
+A backup opens, in this order: snapshots of every disk (the freeze window covers only these),
+partition mappings, read-only mounts under SOURCE_PREFIX/DOMU (root first, parents before
+children), then on each peer the same mappings and read-write mounts of the replica LVs under
+TARGET_PREFIX/DOMU, then one rsync per peer. Teardown runs the undos in exact reverse.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from . import commands as cmd
+from .config import Settings
+from .errors import InspectError
+from .model import LOCAL, DiskFacts, FstabEntry, Filesystem, Mount, Step
+
+MOUNTABLE = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat")
+ROOT_TYPES = ("ext2", "ext3", "ext4", "xfs", "btrfs")
+LOCAL_OPTIONS = ("ro", "nodev", "nosuid", "noexec")
+PEER_OPTIONS = ("rw", "nodev", "nosuid", "noexec")
+
+
+@dataclass
+class Plan:
+    domu: str
+    steps: list[Step] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "xvdc: reason"
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> list[dict]:
+        return [s.to_json() for s in self.steps]
+
+
+# --- filesystems and mount points ---------------------------------------------------------
+
+def classify(fs: Filesystem) -> Filesystem:
+    """Set skip_reason for filesystems that are not copied; refuse a guest LVM PV."""
+    from dataclasses import replace
+
+    if fs.fstype == "LVM2_member":
+        raise InspectError(
+            f"{fs.name}: holds a guest LVM physical volume; guest volume groups are not supported "
+            "(mapping it on the Dom0 would activate the guest's VG next to the host's)",
+            hint="exclude this disk with exclude_disks, or back the guest up from inside")
+    if fs.fstype == "swap":
+        return replace(fs, skip_reason="swap is not copied")
+    if not fs.fstype:
+        return replace(fs, skip_reason="no filesystem found")
+    if fs.fstype not in MOUNTABLE:
+        return replace(fs, skip_reason=f"filesystem type {fs.fstype!r} is not supported")
+    return fs
+
+
+def mountable(facts: list[DiskFacts]) -> list[Filesystem]:
+    return [fs for f in facts for fs in f.filesystems if fs.skip_reason is None]
+
+
+def root_candidate(facts: list[DiskFacts], settings: Settings) -> Filesystem | None:
+    """The filesystem mounted first: the config's "/" or the first Linux filesystem of the first disk."""
+    filesystems = mountable(facts)
+    for name, mp in settings.mounts:
+        if mp == "/":
+            return next((fs for fs in filesystems if fs.name == name), None)
+    return next((fs for fs in filesystems if fs.fstype in ROOT_TYPES), None)
+
+
+def mounts_from_config(facts: list[DiskFacts], settings: Settings) -> list[Mount]:
+    by_name = {fs.name: fs for fs in mountable(facts)}
+    mounts = []
+    for name, mp in settings.mounts:
+        if name not in by_name:
+            raise InspectError(f"config mounts names {name!r}, which is not a mountable filesystem of "
+                               f"this DomU (found: {', '.join(sorted(by_name)) or 'none'})")
+        mounts.append(Mount(by_name[name], mp))
+    return sort_mounts(mounts)
+
+
+def resolve_spec(spec: str, filesystems: list[Filesystem]) -> Filesystem | None:
+    """Find the filesystem an fstab spec names: UUID=, LABEL=, /dev/disk/by-*, or a device name."""
+    key, _, value = spec.partition("=")
+    if spec.startswith("/dev/disk/by-uuid/"):
+        key, value = "UUID", spec.rsplit("/", 1)[1]
+    elif spec.startswith("/dev/disk/by-label/"):
+        key, value = "LABEL", spec.rsplit("/", 1)[1].replace("\\x20", " ")
+    for fs in filesystems:
+        if key == "UUID" and value and fs.uuid.lower() == value.lower():
+            return fs
+        if key == "LABEL" and value and fs.label == value:
+            return fs
+        if spec.startswith("/dev/") and os.path.basename(spec) == fs.name:
+            return fs
+    return None
+
+
+def mounts_from_fstab(entries: list[FstabEntry], root: Filesystem,
+                      facts: list[DiskFacts]) -> tuple[list[Mount], list[str]]:
+    """Mounts for the filesystems the guest's fstab names; notes for the ones it does not."""
+    filesystems = mountable(facts)
+    mounts = [Mount(root, "/")]
+    used = {root.name}
+    notes = []
+    for e in entries:
+        if e.vfstype == "swap" or not e.file.startswith("/"):
+            continue
+        mp = os.path.normpath(e.file)
+        if ".." in mp.split("/"):
+            notes.append(f"fstab entry {e.spec} {e.file}: refused ('..' in the mount point)")
+            continue
+        fs = resolve_spec(e.spec, filesystems)
+        if fs is None:
+            continue  # not on this DomU's disks (tmpfs, nfs, a disk not backed up)
+        if mp == "/":
+            if fs.name != root.name:
+                raise InspectError(
+                    f"the guest's /etc/fstab mounts {fs.name} at /, but {root.name} was mounted as root",
+                    hint=f'set mounts = {{ {fs.name} = "/" }} in the [domu] section')
+            continue
+        if fs.name in used:
+            continue
+        used.add(fs.name)
+        mounts.append(Mount(fs, mp))
+    for fs in filesystems:
+        if fs.name not in used:
+            notes.append(f"{fs.name} ({fs.fstype}): not in the guest's /etc/fstab, not copied "
+                         f"(name it in the config's mounts to copy it)")
+    return sort_mounts(mounts), notes
+
+
+def fallback_mounts(facts: list[DiskFacts]) -> list[Mount]:
+    """No fstab and no config: every filesystem under a directory named after it (/xvda1, /xvdb)."""
+    return [Mount(fs, "/" + fs.name) for fs in mountable(facts)]
+
+
+def sort_mounts(mounts: list[Mount]) -> list[Mount]:
+    """Parents before children: "/" first, then by depth, then by path."""
+    def depth(m: Mount) -> tuple[int, str]:
+        return (0 if m.mountpoint == "/" else m.mountpoint.count("/"), m.mountpoint)
+    return sorted(mounts, key=depth)
+
+
+# --- steps --------------------------------------------------------------------------------
+
+def snapshot_name(settings: Settings, lv: str) -> str:
+    return lv + settings.snapshot_suffix
+
+
+def snapshot_steps(facts: list[DiskFacts], settings: Settings) -> list[Step]:
+    steps = []
+    for f in facts:
+        snap = snapshot_name(settings, f.lv.lv)
+        steps.append(Step("snapshot", LOCAL, cmd.lvcreate_snapshot(f.lv.vg, f.lv.lv, snap, settings.snapshot_size),
+                          cmd.lvremove(f.lv.vg, snap), note=f"{f.disk.target}: snapshot of {f.lv.path or f.lv.lv}"))
+    return steps
+
+
+def _lv_name(f: DiskFacts, settings: Settings, snapshot: bool) -> str:
+    return snapshot_name(settings, f.lv.lv) if snapshot else f.lv.lv
+
+
+def map_steps(facts: list[DiskFacts], settings: Settings, host: str, *, snapshot: bool) -> list[Step]:
+    steps = []
+    phase = "map" if host == LOCAL else "peer-map"
+    for f in facts:
+        if not f.partitioned or not any(fs.skip_reason is None for fs in f.filesystems):
+            continue
+        dev = cmd.lv_path(f.lv.vg, _lv_name(f, settings, snapshot))
+        sep = settings.kpartx_separator
+        steps.append(Step(phase, host, cmd.kpartx_add(dev, sep), cmd.kpartx_delete(dev, sep),
+                          note=f"{f.disk.target}: map partitions of {dev}"))
+    if steps:
+        steps.append(Step(phase, host, cmd.SETTLE, None, note="wait for udev to create the partition devices"))
+    return steps
+
+
+def device_of(fs: Filesystem, facts: list[DiskFacts], settings: Settings, *, snapshot: bool) -> str:
+    f = next(f for f in facts if f.disk.target == fs.disk)
+    lv = _lv_name(f, settings, snapshot)
+    if fs.partition is None:
+        return cmd.lv_path(f.lv.vg, lv)
+    return cmd.partition_device(f.lv.vg, lv, settings.kpartx_separator, fs.partition)
+
+
+def tree_root(settings: Settings, domu: str, host: str) -> str:
+    prefix = settings.source_prefix if host == LOCAL else settings.target_prefix
+    return os.path.join(prefix, domu)
+
+
+def mount_steps(mounts: list[Mount], facts: list[DiskFacts], settings: Settings, domu: str, host: str,
+                *, with_root_dir: bool = True) -> list[Step]:
+    """mkdir of the tree root (undo rmdir), then one mount per filesystem in the given order."""
+    local = host == LOCAL
+    root = tree_root(settings, domu, host)
+    phase = "mount" if local else "peer-mount"
+    steps = []
+    if with_root_dir:
+        steps.append(Step(phase, host, cmd.mkdir(root), cmd.rmdir(root), note=f"tree root of {domu}"))
+    for m in mounts:
+        target = root if m.mountpoint == "/" else root + m.mountpoint
+        options = LOCAL_OPTIONS if local else PEER_OPTIONS
+        if m.filesystem.fstype == "xfs" and local:
+            options += ("nouuid",)  # a snapshot shares its origin's UUID
+        dev = device_of(m.filesystem, facts, settings, snapshot=local)
+        steps.append(Step(phase, host, cmd.mount(dev, target, m.filesystem.fstype, options), cmd.umount(target),
+                          note=f"{m.filesystem.name} ({m.filesystem.fstype}) at {m.mountpoint}"))
+    return steps
+
+
+def transfer_steps(settings: Settings, domu: str, peers: tuple[str, ...], *, progress=False) -> list[Step]:
+    return [Step("transfer", LOCAL, cmd.rsync(tree_root(settings, domu, LOCAL), peer,
+                                              tree_root(settings, domu, peer), settings.rsync, settings.ssh,
+                                              progress=progress), None, note=f"mirror to {peer}")
+            for peer in peers]
+
+
+def needs_fallback_dirs(mounts: list[Mount]) -> bool:
+    return not any(m.mountpoint == "/" for m in mounts)
+
+
+def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tuple[str, ...], *,
+                mounts: list[Mount] | None = None, skipped: list[str] = (), progress=False) -> Plan:
+    """The whole backup. Without `mounts` (and without config mounts) the plan mounts the root
+    candidate, reads the guest's /etc/fstab, and says the rest is decided at run time."""
+    plan = Plan(domu, skipped=list(skipped))
+    for f in facts:
+        for fs in f.filesystems:
+            if fs.skip_reason:
+                plan.skipped.append(f"{fs.name}: {fs.skip_reason}")
+    if not mountable(facts):
+        raise InspectError(f"{domu}: no filesystem to copy on any disk",
+                           hint="check the disks in the plan's skipped list")
+    plan.steps += snapshot_steps(facts, settings)
+    plan.steps += map_steps(facts, settings, LOCAL, snapshot=True)
+    if mounts is None and settings.mounts:
+        mounts = mounts_from_config(facts, settings)
+    if mounts is None:
+        root = root_candidate(facts, settings)
+        if root is None:
+            mounts = fallback_mounts(facts)
+            plan.notes.append("no Linux root filesystem found: each filesystem goes under a directory "
+                              "named after its disk and partition")
+        else:
+            plan.steps += mount_steps([Mount(root, "/")], facts, settings, domu, LOCAL)
+            fstab = os.path.join(tree_root(settings, domu, LOCAL), "etc/fstab")
+            plan.steps.append(Step("inspect", LOCAL, cmd.read_file(fstab), None,
+                                   note="read the guest's /etc/fstab; the remaining mounts on both hosts "
+                                        "are decided at run time from it"))
+            rest = [fs.name + f" ({fs.fstype})" for fs in mountable(facts) if fs.name != root.name]
+            plan.notes.append(f"root candidate {root.name} ({root.fstype}); mount points of "
+                              f"{', '.join(rest) or 'no other filesystem'} come from the guest's /etc/fstab "
+                              "at run time (without one, each goes under /<disk><partition>)")
+            for peer in peers:
+                plan.steps += map_steps(facts, settings, peer, snapshot=False)
+                plan.steps += mount_steps([Mount(root, "/")], facts, settings, domu, peer)
+            plan.steps += transfer_steps(settings, domu, peers, progress=progress)
+            return plan
+    plan.steps += local_mount_plan(mounts, facts, settings, domu)
+    for peer in peers:
+        plan.steps += map_steps(facts, settings, peer, snapshot=False)
+        plan.steps += peer_mount_plan(mounts, facts, settings, domu, peer)
+    plan.steps += transfer_steps(settings, domu, peers, progress=progress)
+    return plan
+
+
+def local_mount_plan(mounts, facts, settings, domu) -> list[Step]:
+    return _tree_steps(mounts, facts, settings, domu, LOCAL)
+
+
+def peer_mount_plan(mounts, facts, settings, domu, peer) -> list[Step]:
+    return _tree_steps(mounts, facts, settings, domu, peer)
+
+
+def _tree_steps(mounts, facts, settings, domu, host) -> list[Step]:
+    """Mounts with a root fs go straight into the tree root; fallback mounts get their own dirs."""
+    if not needs_fallback_dirs(mounts):
+        return mount_steps(sort_mounts(mounts), facts, settings, domu, host)
+    root = tree_root(settings, domu, host)
+    steps = [Step("mount" if host == LOCAL else "peer-mount", host, cmd.mkdir(root), cmd.rmdir(root),
+                  note=f"tree root of {domu}")]
+    for m in sort_mounts(mounts):
+        d = root + m.mountpoint
+        steps.append(Step(steps[0].phase, host, cmd.mkdir(d), cmd.rmdir(d), note=f"directory for {m.filesystem.name}"))
+        steps += mount_steps([m], facts, settings, domu, host, with_root_dir=False)
+    return steps
+
+
+def teardown_order(steps: list[Step]) -> list[tuple[str, ...]]:
+    """The undo argvs in the order teardown runs them: exact reverse of the open steps."""
+    return [s.undo for s in reversed(steps) if s.undo is not None]
+
+
+def describe(plan: Plan) -> str:
+    """The plan for a person."""
+    import shlex
+
+    lines = [f"Plan for {plan.domu}:"]
+    for i, s in enumerate(plan.steps, 1):
+        lines.append(f"{i:3}. [{s.phase}] on {s.host}: {shlex.join(s.argv)}")
+        if s.note:
+            lines.append(f"       # {s.note}")
+        if s.undo:
+            lines.append(f"       undo: {shlex.join(s.undo)}")
+    for s in plan.skipped:
+        lines.append(f"  skipped: {s}")
+    for n in plan.notes:
+        lines.append(f"  note: {n}")
+    undo = [(s.host, s.undo) for s in reversed(plan.steps) if s.undo]
+    if undo:
+        lines.append("Teardown (reverse order):")
+        for host, u in undo:
+            lines.append(f"     on {host}: {shlex.join(u)}")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""libvirt adapter: connect, look a DomU up, read its state and XML. Thin; parsing is in domxml."""
+
+from __future__ import annotations
+
+import libvirt
+
+from .errors import DomuBackupError, NotEligibleError
+from .model import Domain
+from .domxml import parse_domain_xml
+
+STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+# Xen reports an idle guest as "blocked": it is running.
+RUNNING_STATES = ("running", "blocked")
+
+libvirt.registerErrorHandler(lambda ctx, err: None, None)  # errors are raised, not printed
+
+
+class LibvirtError(DomuBackupError):
+    """libvirt cannot be reached or answered with an error."""
+
+
+def connect(uri: str):
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"cannot connect to libvirt at {uri}: {e.get_error_message()}",
+                           hint="check libvirt_uri in the config and that libvirtd is running") from None
+
+
+def lookup(conn, name: str):
+    """The virDomain for `name`, or NotEligibleError when it is not defined here."""
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            raise NotEligibleError(f"{name}: no such domain on this host's libvirt ({conn.getURI()})",
+                                   hint="check the name with `virsh list --all`") from None
+        raise LibvirtError(f"{name}: libvirt lookup failed: {e.get_error_message()}") from None
+
+
+def describe(dom, *, include=(), exclude=()) -> Domain:
+    try:
+        state, reason = dom.state()
+        xml = dom.XMLDesc(0)
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"{dom.name()}: cannot read state or XML: {e.get_error_message()}") from None
+    name, hypervisor, disks = parse_domain_xml(xml, include=include, exclude=exclude)
+    return Domain(name=name or dom.name(), state=STATES.get(state, f"state {state}"),
+                  state_reason=reason, hypervisor=hypervisor, disks=disks)
+
+
+def running_domains(conn) -> list[str]:
+    try:
+        return sorted(d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"cannot list domains: {e.get_error_message()}") from None

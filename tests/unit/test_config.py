@@ -1,0 +1,73 @@
+import pytest
+
+from domubackup.config import load_config, parse_config
+from domubackup.errors import ConfigError
+
+BASE = 'dom0s = ["dom0a", "dom0b"]\n'
+
+
+def parse(text, **kw):
+    return parse_config(text, "/etc/db.toml", hostname=kw.pop("hostname", "dom0a"), default_uri="xen:///system", **kw)
+
+
+def error_of(text):
+    with pytest.raises(ConfigError) as e:
+        parse(text)
+    assert e.value.exit_code == 78
+    return str(e.value)
+
+
+def test_example_config_parses(fixtures):
+    c = load_config(str(fixtures.parent / "conf" / "domubackup.toml"), hostname="dom0a")
+    assert c.dom0s == ("dom0a", "dom0b")
+    assert c.peers_for("web1") == ("dom0b",)
+    assert c.defaults.rsync.options == ("-aHAX", "--numeric-ids", "--delete")
+    assert c.defaults.rsync.compress is False
+
+
+def test_defaults_and_peer_is_dom0s_minus_this_host():
+    c = parse('dom0s = ["dom0a", "dom0b", "dom0c"]\n')
+    assert c.this_host == "dom0a"
+    assert c.peers_for("anything") == ("dom0b", "dom0c")
+    assert c.defaults.libvirt_uri == "xen:///system"
+    assert c.defaults.kpartx_separator == "p"
+    assert c.state_dir == "/var/lib/domubackup"
+
+
+def test_domu_section_overrides_global_and_nested_tables():
+    c = parse(BASE + 'snapshot_size = "2G"\n[ssh]\nport = 2222\n'
+              '[domu.db1]\nsnapshot_size = "20%ORIGIN"\nmounts = { vda1 = "/", vdb = "/srv/" }\n'
+              '[domu.db1.ssh]\nuser = "backup"\n')
+    db1 = c.settings_for("db1")
+    assert db1.snapshot_size == "20%ORIGIN"
+    assert db1.ssh.user == "backup" and db1.ssh.port == 2222
+    assert db1.mounts == (("vda1", "/"), ("vdb", "/srv"))
+    assert c.settings_for("other").snapshot_size == "2G"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('dom0s = ["a"]\nport = = 2\n', "/etc/db.toml: not valid TOML: Invalid value (at line 2, column 8)"),
+    (BASE + 'snapshot_sise = "1G"\n', "/etc/db.toml: snapshot_sise: unknown key (known: "),
+    (BASE + "snapshot_size = 1\n", "/etc/db.toml: snapshot_size: expected a string, got 1"),
+    (BASE + 'snapshot_size = "lots"\n', "/etc/db.toml: snapshot_size: expected a size like '1G', '512M' or '20%ORIGIN', got 'lots'"),
+    ("state_dir = '/x'\n", "/etc/db.toml: dom0s: missing required key"),
+    ('dom0s = "dom0a"\n', "/etc/db.toml: dom0s: expected a list of strings, got 'dom0a'"),
+    (BASE + '[domu.web1]\npeers = ["dom0z"]\n', "/etc/db.toml: domu.web1.peers: peer 'dom0z' is not in dom0s ['dom0a', 'dom0b']"),
+    (BASE + '[domu.web1]\npeers = ["dom0a"]\n', "/etc/db.toml: domu.web1.peers: peer 'dom0a' is this host itself"),
+    (BASE + '[ssh]\nport = "22"\n', "/etc/db.toml: ssh.port: expected an integer, got '22'"),
+    (BASE + '[rsync]\ncompress = "yes"\n', "/etc/db.toml: rsync.compress: expected true or false, got 'yes'"),
+    (BASE + '[domu.web1]\nstate_dir = "/x"\n', "/etc/db.toml: domu.web1.state_dir: is a global key and cannot be set per DomU"),
+    (BASE + 'consistency = "magic"\n', "/etc/db.toml: consistency: expected one of none, agent, hooks, hooks+agent, got 'magic'"),
+    (BASE + '[domu.web1]\nmounts = { xvda1 = "var" }\n', "/etc/db.toml: domu.web1.mounts.xvda1: expected an absolute guest path, got 'var'"),
+    (BASE + 'source_prefix = "/"\n', "/etc/db.toml: source_prefix: expected an absolute directory other than /, got '/'"),
+    (BASE + '[domu.web1]\nsnapshot_sise = "1G"\n', "/etc/db.toml: domu.web1.snapshot_sise: unknown key"),
+])
+def test_bad_config_names_file_key_and_expectation(text, message):
+    assert error_of(text).startswith(message)
+
+
+def test_missing_and_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"no-such\.toml: no such configuration file"):
+        load_config(str(tmp_path / "no-such.toml"))
+    with pytest.raises(ConfigError, match=r": cannot read the configuration file: Is a directory"):
+        load_config(str(tmp_path))

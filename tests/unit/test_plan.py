@@ -1,0 +1,153 @@
+import pytest
+
+from domubackup.config import parse_config
+from domubackup.errors import InspectError
+from domubackup.model import (LOCAL, Disk, DiskFacts, Filesystem, FstabEntry, LogicalVolume, Mount,
+                              Partition, PartitionTable)
+from domubackup.plan import classify, mounts_from_fstab, plan_backup, sort_mounts, teardown_order
+
+MiB = 1024 * 1024
+ROOT = Filesystem("xvda", 1, "ext4", uuid="1111-aaaa", label="web1-root")
+VAR = Filesystem("xvda", 5, "xfs", uuid="2222-bbbb", label="web1-var")
+SWAP = classify(Filesystem("xvda", 6, "swap", uuid="3333-cccc"))
+SRV = Filesystem("xvdb", None, "ext4", uuid="4444-dddd", label="web1-srv")
+
+
+def web1_facts():
+    d1 = Disk("block", "disk", "/dev/vg0/web1-disk", "xvda", "xen", "phy")
+    d2 = Disk("block", "disk", "/dev/vg0/web1-srv", "xvdb", "xen", "phy")
+    t1 = PartitionTable("msdos", 1200 * MiB, (
+        Partition(1, MiB, 401 * MiB - 1, 400 * MiB, "ext4"),
+        Partition(2, 401 * MiB, 1200 * MiB - 1, 799 * MiB, "", flags=("extended",)),
+        Partition(5, 402 * MiB, 802 * MiB - 1, 400 * MiB, "xfs"),
+        Partition(6, 803 * MiB, 867 * MiB - 1, 64 * MiB, "linux-swap(v1)"),
+    ))
+    t2 = PartitionTable("loop", 1536 * MiB, (Partition(1, 0, 1536 * MiB - 1, 1536 * MiB, "ext4"),))
+    return [
+        DiskFacts(d1, LogicalVolume("vg0", "web1-disk", 1200 * MiB, "-wi-ao----", path="/dev/vg0/web1-disk"), t1,
+                  (ROOT, VAR, SWAP)),
+        DiskFacts(d2, LogicalVolume("vg0", "web1-srv", 1536 * MiB, "-wi-ao----", path="/dev/vg0/web1-srv"), t2,
+                  (SRV,)),
+    ]
+
+
+def settings(extra=""):
+    return parse_config('dom0s = ["dom0a", "dom0b"]\nsnapshot_size = "256M"\n' + extra,
+                        hostname="dom0a", default_uri="xen:///system")
+
+
+MOUNTS = '[domu.web1]\nmounts = { xvdb = "/srv", xvda5 = "/var", xvda1 = "/" }\n'
+SSH_E = ("ssh -p 22 -i /root/.ssh/id_ed25519 -o UserKnownHostsFile=/etc/domubackup/known_hosts "
+         "-o StrictHostKeyChecking=yes -o BatchMode=yes -o IdentitiesOnly=yes -o ConnectTimeout=10 -l root")
+EXPECTED = [
+    ("snapshot", "local", "lvcreate --snapshot --size 256M --name web1-disk-snap /dev/vg0/web1-disk",
+     "lvremove -f /dev/vg0/web1-disk-snap"),
+    ("snapshot", "local", "lvcreate --snapshot --size 256M --name web1-srv-snap /dev/vg0/web1-srv",
+     "lvremove -f /dev/vg0/web1-srv-snap"),
+    ("map", "local", "kpartx -a -s -p p /dev/vg0/web1-disk-snap", "kpartx -d -p p /dev/vg0/web1-disk-snap"),
+    ("map", "local", "udevadm settle --timeout=30", None),
+    ("mount", "local", "mkdir -p -- /mnt/domubackup/source/web1", "rmdir -- /mnt/domubackup/source/web1"),
+    ("mount", "local", "mount -t ext4 -o ro,nodev,nosuid,noexec -- /dev/mapper/vg0-web1--disk--snapp1 "
+     "/mnt/domubackup/source/web1", "umount -- /mnt/domubackup/source/web1"),
+    ("mount", "local", "mount -t ext4 -o ro,nodev,nosuid,noexec -- /dev/vg0/web1-srv-snap "
+     "/mnt/domubackup/source/web1/srv", "umount -- /mnt/domubackup/source/web1/srv"),
+    ("mount", "local", "mount -t xfs -o ro,nodev,nosuid,noexec,nouuid -- /dev/mapper/vg0-web1--disk--snapp5 "
+     "/mnt/domubackup/source/web1/var", "umount -- /mnt/domubackup/source/web1/var"),
+    ("peer-map", "dom0b", "kpartx -a -s -p p /dev/vg0/web1-disk", "kpartx -d -p p /dev/vg0/web1-disk"),
+    ("peer-map", "dom0b", "udevadm settle --timeout=30", None),
+    ("peer-mount", "dom0b", "mkdir -p -- /mnt/domubackup/target/web1", "rmdir -- /mnt/domubackup/target/web1"),
+    ("peer-mount", "dom0b", "mount -t ext4 -o rw,nodev,nosuid,noexec -- /dev/mapper/vg0-web1--diskp1 "
+     "/mnt/domubackup/target/web1", "umount -- /mnt/domubackup/target/web1"),
+    ("peer-mount", "dom0b", "mount -t ext4 -o rw,nodev,nosuid,noexec -- /dev/vg0/web1-srv "
+     "/mnt/domubackup/target/web1/srv", "umount -- /mnt/domubackup/target/web1/srv"),
+    ("peer-mount", "dom0b", "mount -t xfs -o rw,nodev,nosuid,noexec -- /dev/mapper/vg0-web1--diskp5 "
+     "/mnt/domubackup/target/web1/var", "umount -- /mnt/domubackup/target/web1/var"),
+    ("transfer", "local", f"rsync -aHAX --numeric-ids --delete --stats -e '{SSH_E}' "
+     "/mnt/domubackup/source/web1/ dom0b:/mnt/domubackup/target/web1/", None),
+]
+
+
+def flat(plan):
+    import shlex
+    return [(s.phase, s.host, shlex.join(s.argv), shlex.join(s.undo) if s.undo else None) for s in plan.steps]
+
+
+def test_full_plan_with_config_mounts():
+    c = settings(MOUNTS)
+    plan = plan_backup("web1", web1_facts(), c.settings_for("web1"), c.peers_for("web1"))
+    assert flat(plan) == EXPECTED
+    assert plan.skipped == ["xvda6: swap is not copied"]
+
+
+def test_teardown_is_exact_reverse():
+    c = settings(MOUNTS)
+    plan = plan_backup("web1", web1_facts(), c.settings_for("web1"), c.peers_for("web1"))
+    undos = [e[3] for e in EXPECTED if e[3]]
+    assert [" ".join(u) for u in teardown_order(plan.steps)] == [u.replace("-- ", "-- ") for u in reversed(undos)]
+
+
+def test_without_fstab_the_plan_says_the_rest_is_decided_at_run_time():
+    c = settings()
+    plan = plan_backup("web1", web1_facts(), c.settings_for("web1"), c.peers_for("web1"))
+    phases = [(s.phase, s.host) for s in plan.steps]
+    assert ("inspect", LOCAL) in phases
+    inspect = next(s for s in plan.steps if s.phase == "inspect")
+    assert inspect.argv == ("cat", "--", "/mnt/domubackup/source/web1/etc/fstab")
+    assert any("come from the guest's /etc/fstab at run time" in n and "xvda5 (xfs), xvdb (ext4)" in n
+               for n in plan.notes)
+    mounts = [s for s in plan.steps if s.argv[0] == "mount"]
+    assert [m.argv[-1] for m in mounts] == ["/mnt/domubackup/source/web1", "/mnt/domubackup/target/web1"]
+
+
+def test_fstab_by_uuid_label_and_device():
+    entries = [FstabEntry("UUID=1111-AAAA", "/", "ext4"), FstabEntry("LABEL=web1-var", "/var", "xfs"),
+               FstabEntry("UUID=3333-cccc", "none", "swap"), FstabEntry("/dev/xvdb", "/srv/", "ext4"),
+               FstabEntry("tmpfs", "/tmp", "tmpfs"), FstabEntry("LABEL=gone", "/data", "ext4")]
+    mounts, notes = mounts_from_fstab(entries, ROOT, web1_facts())
+    assert [(m.filesystem.name, m.mountpoint) for m in mounts] == [("xvda1", "/"), ("xvdb", "/srv"), ("xvda5", "/var")]
+    assert notes == []
+
+
+def test_fstab_missing_filesystem_is_reported_and_wrong_root_refused():
+    mounts, notes = mounts_from_fstab([FstabEntry("LABEL=web1-var", "/var", "xfs")], ROOT, web1_facts())
+    assert notes == ["xvdb (ext4): not in the guest's /etc/fstab, not copied (name it in the config's mounts to copy it)"]
+    with pytest.raises(InspectError, match="the guest's /etc/fstab mounts xvdb at /, but xvda1 was mounted as root"):
+        mounts_from_fstab([FstabEntry("LABEL=web1-srv", "/", "ext4")], ROOT, web1_facts())
+
+
+def test_mount_order_parents_before_children():
+    ms = [Mount(VAR, "/var/lib/mysql"), Mount(SRV, "/srv"), Mount(VAR, "/var"), Mount(ROOT, "/")]
+    assert [m.mountpoint for m in sort_mounts(ms)] == ["/", "/srv", "/var", "/var/lib/mysql"]
+
+
+def test_guest_lvm_is_refused():
+    with pytest.raises(InspectError, match="xvda2: holds a guest LVM physical volume"):
+        classify(Filesystem("xvda", 2, "LVM2_member"))
+
+
+def test_no_root_fs_falls_back_to_named_directories():
+    from dataclasses import replace
+    f = web1_facts()[1]
+    only_vfat = [replace(f, filesystems=(replace(SRV, fstype="vfat"),))]
+    c = settings()
+    plan = plan_backup("web1", only_vfat, c.settings_for("web1"), ("dom0b",))
+    assert [s.argv[-1] for s in plan.steps if s.phase == "mount"] == [
+        "/mnt/domubackup/source/web1", "/mnt/domubackup/source/web1/xvdb", "/mnt/domubackup/source/web1/xvdb"]
+    assert plan.notes[0].startswith("no Linux root filesystem found")
+
+
+def test_peers_get_one_rsync_each_and_bwlimit():
+    c = parse_config('dom0s = ["a", "b", "c"]\n[rsync]\nbwlimit = "10M"\ncompress = true\n', hostname="a",
+                     default_uri="x")
+    plan = plan_backup("web1", web1_facts(), c.settings_for("web1"), c.peers_for("web1"))
+    rsyncs = [s.argv for s in plan.steps if s.phase == "transfer"]
+    assert [r[-1] for r in rsyncs] == ["b:/mnt/domubackup/target/web1/", "c:/mnt/domubackup/target/web1/"]
+    assert "--compress" in rsyncs[0] and "--bwlimit=10M" in rsyncs[0]
+
+
+def test_hostile_names_stay_single_argv_words():
+    facts = web1_facts()
+    c = settings("source_prefix = \"/mnt/a b/$(reboot)\"\n" + MOUNTS)
+    plan = plan_backup("web1", facts, c.settings_for("web1"), ("dom0b",))
+    mkdir = next(s for s in plan.steps if s.argv[0] == "mkdir")
+    assert mkdir.argv == ("mkdir", "-p", "--", "/mnt/a b/$(reboot)/web1")
