@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("domus", nargs="*", metavar="DOMU")
     sr.add_argument("--dry-run", action="store_true", help="print the plan of each DomU instead of running it")
     sr.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
+    sc = sub.add_parser("cleanup", help="undo what a dead run left behind (its journal), on both hosts")
+    sc.add_argument("domus", nargs="*", metavar="DOMU", help="default: every DomU with a journal")
     return p
 
 
@@ -76,6 +78,8 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
             return cmd_plan(config, args, runner)
         if args.command == "run":
             return cmd_run(config, args, runner)
+        if args.command == "cleanup":
+            return cmd_cleanup(config, args, runner)
         raise UsageError(f"unknown command {args.command}")
     except KeyboardInterrupt:
         print("domubackup: interrupted", file=sys.stderr)
@@ -115,8 +119,7 @@ def selected_domus(config, names, conn) -> list[str]:
 
 def cmd_run(config, args, runner) -> int:
     if not args.dry_run:
-        raise UsageError("`run` without --dry-run is not implemented yet: only the plan exists so far",
-                         hint="use `domubackup run --dry-run` or `domubackup plan DOMU`")
+        return run_backups(config, args, runner)
     conn = virt.connect(config.defaults.libvirt_uri)
     codes, out = [], []
     try:
@@ -136,6 +139,56 @@ def cmd_run(config, args, runner) -> int:
         conn.close()
     if args.json:
         print(json.dumps(out, indent=2))
+    return worst(codes)
+
+
+def run_backups(config, args, runner) -> int:
+    conn = virt.connect(config.defaults.libvirt_uri)
+    outcomes = []
+    try:
+        for name in selected_domus(config, args.domus, conn):
+            log.info("%s: backup starts", name)
+            outcome = pipeline.backup(config, name, conn, runner, progress=sys.stdout.isatty() and args.verbose > 0)
+            outcomes.append(outcome)
+            if outcome.undone:
+                print(f"domubackup: {name}: undid what a dead run left: " + "; ".join(outcome.undone), file=sys.stderr)
+            if outcome.exit_code:
+                print(f"domubackup: {name}: {outcome.status}: {outcome.error}", file=sys.stderr)
+    finally:
+        conn.close()
+    if not outcomes:
+        print("domubackup: no DomU to back up (none named, none configured)", file=sys.stderr)
+        return EXIT_NOT_ELIGIBLE
+    code = worst(o.exit_code for o in outcomes)
+    if code or args.verbose:
+        for o in outcomes:
+            print(o.summary())
+    return code
+
+
+def cmd_cleanup(config, args, runner) -> int:
+    from .journal import Journal
+    from .lock import DomuLock
+
+    names = args.domus or Journal.domus(config.state_dir)
+    codes = []
+    for name in names:
+        try:
+            with DomuLock(config.state_dir, name):
+                undone = pipeline.recover(config, name, runner)
+        except DomuBackupError as e:
+            print(f"domubackup: {name}: {e}", file=sys.stderr)
+            codes.append(e.exit_code)
+            continue
+        codes.append(EXIT_OK)
+        if undone:
+            print(f"{name}: undid {len(undone)} step(s):")
+            for u in undone:
+                print(f"  {u}")
+        else:
+            print(f"{name}: nothing to clean up")
+    if not names:
+        print("nothing to clean up")
     return worst(codes)
 
 

@@ -53,3 +53,356 @@ def inspect(config: Config, name: str, conn, runner) -> Inspection:
 def make_plan(config: Config, insp: Inspection, *, progress=False) -> Plan:
     return plan_backup(insp.domain.name, insp.facts, config.settings_for(insp.domain.name), insp.peers,
                        skipped=insp.skipped, progress=progress)
+
+
+# --- execution ----------------------------------------------------------------------------
+
+import os
+import re
+import threading
+import time
+from dataclasses import field
+
+from . import commands as cmd
+from . import parsers
+from . import plan as planner
+from .errors import CommandError, DomuBackupError, InspectError, PeerError, SnapshotError
+from .facts import layout_differences
+from .journal import Journal
+from .lock import DomuLock
+from .model import LOCAL, RsyncStats, Step
+
+UNITS = {"b": 1, "s": 512, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5, "e": 1024**6}
+
+
+def size_bytes(size: str, origin: int, vg_size: int | None = None) -> int:
+    """Bytes that `lvcreate --size SIZE` (default unit MiB) or `--extents N%ORIGIN` takes."""
+    m = re.fullmatch(r"(\d+)%ORIGIN", size)
+    if m:
+        return origin * int(m.group(1)) // 100
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([bBsSkKmMgGtTpPeE]?)", size)
+    if not m:  # %VG / %FREE: LVM checks the space itself
+        return 0
+    return int(float(m.group(1)) * UNITS[(m.group(2) or "m").lower()])
+
+
+def mib(n: int) -> str:
+    return f"{n / 1024**2:.1f} MiB"
+
+
+@dataclass
+class Outcome:
+    domu: str
+    status: str = "ERROR"  # OK, ERROR, CORRUPT, SKIPPED, BUSY
+    exit_code: int = 1
+    duration: float = 0.0
+    stats: RsyncStats = field(default_factory=RsyncStats)
+    snapshot_peak: float | None = None
+    error: str = ""
+    undone: list[str] = field(default_factory=list)
+    freeze: object = None  # freeze report, when a freeze mode is configured
+
+    def summary(self) -> str:
+        from .report import human_bytes
+
+        line = f"{self.domu}: {self.status} in {self.duration:.1f}s"
+        if self.status in ("OK", "CORRUPT", "ERROR") and self.stats.files:
+            line += (f", {self.stats.files} files, {human_bytes(self.stats.total_size)} total, "
+                     f"{human_bytes(self.stats.bytes_sent)} sent")
+        if self.snapshot_peak:
+            line += f", snapshot peak {self.snapshot_peak:.1f}%"
+        if self.error:
+            line += f": {self.error}"
+        return line
+
+
+class Session:
+    """Runs open steps through the journal: recorded pending before they run, done after."""
+
+    def __init__(self, journal: Journal, runners: dict, timeout: float):
+        self.journal = journal
+        self.runners = runners
+        self.timeout = timeout
+
+    def open(self, step: Step, *, timeout: float | None = None):
+        runner = self.runners[step.host]
+        limit = timeout if timeout is not None else self.timeout
+        if step.undo is None:
+            return runner.run(step.argv, timeout=limit)
+        i = self.journal.begin(step)
+        result = runner.run(step.argv, timeout=limit)
+        self.journal.done(i)
+        return result
+
+    def open_all(self, steps):
+        for s in steps:
+            self.open(s)
+
+    def undo_last(self):
+        """Undo and forget the newest entry (used to take back a tentative root mount)."""
+        entry = self.journal.entries[-1]
+        self.runners[entry.host].run(entry.undo, timeout=self.timeout)
+        self.journal.entries.pop()
+        self.journal._save()
+
+
+def peer_runners(config, domu: str, peers, factory):
+    ssh = config.settings_for(domu).ssh
+    return {p: factory(p, ssh) for p in peers}
+
+
+def ssh_runner(host, ssh):
+    from .runner import SSHRunner
+
+    return SSHRunner(host, user=ssh.user, port=ssh.port, identity_file=ssh.identity_file,
+                     known_hosts=ssh.known_hosts, connect_timeout=ssh.connect_timeout)
+
+
+def recover(config, domu: str, local, factory=ssh_runner) -> list[str]:
+    """Finish the teardown of a journal left by a dead run (the caller holds the lock)."""
+    journal = Journal.load(config.state_dir, domu)
+    if journal is None:
+        return []
+    hosts = {e.host for e in journal.entries if e.host != LOCAL}
+    runners = {LOCAL: local, **peer_runners(config, domu, hosts, factory)}
+    undone = [f"{e.host}: {' '.join(e.undo)}" for e in reversed(journal.entries) if e.undo]
+    log.warning("%s: found the journal of a dead run (PID %s, started %s): undoing %d step(s)",
+                domu, journal.pid, journal.started, len(undone))
+    try:
+        journal.teardown(runners)
+    finally:
+        for r in runners.values():
+            if r is not local:
+                r.close()
+    return undone
+
+
+def check_vg_space(facts, settings) -> None:
+    need: dict[str, int] = {}
+    free: dict[str, int] = {}
+    for f in facts:
+        need[f.lv.vg] = need.get(f.lv.vg, 0) + size_bytes(settings.snapshot_size, f.lv.size)
+        if f.lv.vg_free is not None:
+            free[f.lv.vg] = f.lv.vg_free
+    for vg, n in need.items():
+        if vg in free and free[vg] < n:
+            raise SnapshotError(f"volume group {vg} has {mib(free[vg])} free, the snapshots need {mib(n)}: "
+                                f"{mib(n - free[vg])} missing",
+                                hint="free space in the VG or lower snapshot_size")
+
+
+def check_no_stale(facts, settings, local, domu) -> None:
+    for f in facts:
+        snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv))
+        res = local.run(parsers.lvs_argv(snap), check=False)
+        if res.exit_code == 0:
+            raise SnapshotError(f"{domu}: a snapshot {snap} already exists and no journal explains it",
+                                hint=f"check it is not in use, then remove it with `lvremove {snap}`")
+    root = planner.tree_root(settings, domu, LOCAL)
+    mounted = [m.target for m in parsers.parse_findmnt(local.run(parsers.findmnt_argv()).stdout)
+               if m.target == root or m.target.startswith(root + "/")]
+    if mounted:
+        raise InspectError(f"{domu}: something is already mounted under {root}: {', '.join(mounted)}",
+                           hint=f"unmount it or run `domubackup cleanup {domu}`")
+
+
+def check_peer(config, domu, facts, settings, peer, runner) -> list:
+    """The DomU must not run on the peer; the replica LVs must exist, be closed and match."""
+    res = runner.run(cmd.virsh_domstate(settings.libvirt_uri, domu), check=False)
+    state = res.stdout.strip()
+    if res.exit_code == 0 and state not in ("shut off", "crashed"):
+        raise PeerError(f"{domu} is {state} on {peer}: refusing to overwrite the disks of a live DomU",
+                        hint=f"make sure {domu} runs on one Dom0 only")
+    from .facts import probe_disk
+
+    peer_facts, diffs = [], []
+    for f in facts:
+        path = cmd.lv_path(f.lv.vg, f.lv.lv)
+        try:
+            pf = probe_disk(runner, f.disk, path=path)
+        except InspectError as e:
+            raise PeerError(f"{domu}: replica {path} on {peer}: {e.message}",
+                            hint=f"create and seed it: `domubackup seed {domu}`") from None
+        if pf.lv.is_open:
+            raise PeerError(f"{domu}: replica {path} is open on {peer} (in use by a guest or a mount)",
+                            hint="find the user with `lsblk` / `dmsetup info` there")
+        diffs += layout_differences(f, pf)
+        peer_facts.append(pf)
+    if diffs:
+        raise PeerError(f"{domu}: the replica on {peer} does not match: " + "; ".join(diffs),
+                        hint=f"re-seed it with `domubackup seed {domu}`")
+    return peer_facts
+
+
+class SnapshotWatch:
+    """Polls the snapshots' fill level while the transfer runs; extends them or stops the run."""
+
+    def __init__(self, runner, paths, settings, interval=2.0, on_abort=None):
+        self.runner, self.paths, self.settings = runner, paths, settings
+        self.interval, self.on_abort = interval, on_abort
+        self.peak = 0.0
+        self.problem: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def check(self):
+        """One look at every snapshot; returns a problem or None. Also usable after the transfer."""
+        for path in self.paths:
+            res = self.runner.run(parsers.lvs_argv(path), check=False, timeout=60)
+            if res.exit_code != 0:
+                return f"snapshot {path} disappeared ({res.stderr.strip()})"
+            lv = parsers.parse_lvs(res.stdout)[0]
+            pct = lv.snap_percent or 0.0
+            self.peak = max(self.peak, pct)
+            if len(lv.attr) > 4 and lv.attr[4] == "I" or pct >= 100.0:
+                return f"snapshot {path} became invalid (100% full): its copy cannot be trusted"
+            if pct >= self.settings.snapshot_extend_at:
+                need = size_bytes(self.settings.snapshot_extend_by, lv.size)
+                if lv.vg_free is not None and lv.vg_free >= need:
+                    log.warning("snapshot %s is %.1f%% full: extending by %s", path, pct,
+                                self.settings.snapshot_extend_by)
+                    self.runner.run(cmd.lvextend(lv.vg, lv.lv, self.settings.snapshot_extend_by), timeout=120)
+                else:
+                    return (f"snapshot {path} is {pct:.1f}% full and volume group {lv.vg} has no room "
+                            f"to extend it by {self.settings.snapshot_extend_by}")
+        return None
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            try:
+                problem = self.check()
+            except DomuBackupError as e:
+                problem = f"cannot watch the snapshots: {e}"
+            if problem:
+                self.problem = problem
+                if self.on_abort:
+                    self.on_abort()
+                return
+
+
+def open_local_tree(session, config, domu, insp, settings):
+    """Map and mount the snapshots read-only; return the mounts (decided from fstab if needed)."""
+    facts = insp.facts
+    session.open_all(planner.map_steps(facts, settings, LOCAL, snapshot=True))
+    if settings.mounts:
+        mounts = planner.mounts_from_config(facts, settings)
+        session.open_all(planner.local_mount_plan(mounts, facts, settings, domu))
+        return mounts
+    root = planner.root_candidate(facts, settings)
+    if root is None:
+        mounts = planner.fallback_mounts(facts)
+        session.open_all(planner.local_mount_plan(mounts, facts, settings, domu))
+        return mounts
+    session.open_all(planner.mount_steps([planner.Mount(root, "/")], facts, settings, domu, LOCAL))
+    fstab = os.path.join(planner.tree_root(settings, domu, LOCAL), "etc/fstab")
+    res = session.runners[LOCAL].run(cmd.read_file(fstab), check=False)
+    if res.exit_code != 0:
+        log.warning("%s: %s has no /etc/fstab: each filesystem goes under /<disk><partition>", domu, root.name)
+        session.undo_last()  # the root mount; the tree root directory stays
+        mounts = planner.fallback_mounts(facts)
+        rest = planner.local_mount_plan(mounts, facts, settings, domu)[1:]  # tree root exists already
+        session.open_all(rest)
+        return mounts
+    mounts, notes = planner.mounts_from_fstab(parsers.parse_fstab(res.stdout), root, facts)
+    for n in notes:
+        log.warning("%s: %s", domu, n)
+    session.open_all(planner.mount_steps(mounts[1:], facts, settings, domu, LOCAL, with_root_dir=False))
+    return mounts
+
+
+def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False, freeze=None) -> Outcome:
+    """One DomU: lock, recover, inspect, check, open, transfer, teardown. Never raises
+    DomuBackupError: the outcome says what happened."""
+    out = Outcome(domu)
+    start = time.monotonic()
+    try:
+        with DomuLock(config.state_dir, domu):
+            out.undone = recover(config, domu, local, factory)
+            _backup_locked(config, domu, conn, local, factory, progress, freeze, out)
+    except DomuBackupError as e:
+        out.error = str(e)
+        out.exit_code = e.exit_code
+        if out.status != "CORRUPT":
+            out.status = {75: "BUSY", 3: "SKIPPED"}.get(e.exit_code, "ERROR")
+    out.duration = time.monotonic() - start
+    return out
+
+
+def _backup_locked(config, domu, conn, local, factory, progress, freeze, out):
+    settings = config.settings_for(domu)
+    insp = inspect(config, domu, conn, local)
+    check_vg_space(insp.facts, settings)
+    check_no_stale(insp.facts, settings, local, domu)
+    peers = {p: r for p, r in peer_runners(config, domu, insp.peers, factory).items()}
+    try:
+        for p, r in peers.items():
+            check_peer(config, domu, insp.facts, settings, p, r)
+        journal = Journal.create(config.state_dir, domu, ",".join(insp.peers))
+        session = Session(journal, {LOCAL: local, **peers}, settings.command_timeout)
+        try:
+            _open_and_transfer(session, config, domu, insp, settings, local, progress, freeze, out)
+        finally:
+            teardown_errors = None
+            try:
+                journal.teardown(session.runners)
+            except DomuBackupError as e:
+                teardown_errors = e
+            if teardown_errors is not None:
+                raise teardown_errors
+    finally:
+        for r in peers.values():
+            r.close()
+
+
+def _open_and_transfer(session, config, domu, insp, settings, local, progress, freeze, out):
+    snaps = planner.snapshot_steps(insp.facts, settings)
+    if freeze is not None:
+        out.freeze = freeze(lambda: session.open_all(snaps), session.journal)
+    else:
+        session.open_all(snaps)
+    mounts = open_local_tree(session, config, domu, insp, settings)
+    for peer in insp.peers:
+        session.open_all(planner.map_steps(insp.facts, settings, peer, snapshot=False))
+        session.open_all(planner.peer_mount_plan(mounts, insp.facts, settings, domu, peer))
+    snap_paths = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in insp.facts]
+    watch = SnapshotWatch(local, snap_paths, settings, on_abort=getattr(local, "cancel", None))
+    stats = RsyncStats()
+    with watch:
+        for step in planner.transfer_steps(settings, domu, insp.peers, progress=progress):
+            try:
+                res = session.open(step, timeout=settings.rsync.timeout or 7 * 24 * 3600)
+            except CommandError as e:
+                if watch.problem:
+                    break
+                raise CommandError(e.host, e.argv, e.returncode, e.stderr, timeout=e.timeout,
+                                   hint=rsync_hint(e.returncode)) from None
+            s = parsers.parse_rsync_stats(res.stdout)
+            stats = RsyncStats(files=s.files, files_transferred=stats.files_transferred + s.files_transferred,
+                               total_size=s.total_size, transferred_size=stats.transferred_size + s.transferred_size,
+                               bytes_sent=stats.bytes_sent + s.bytes_sent,
+                               bytes_received=stats.bytes_received + s.bytes_received,
+                               deleted=stats.deleted + s.deleted)
+    problem = watch.problem or watch.check()
+    out.snapshot_peak = watch.peak
+    out.stats = stats
+    if problem:
+        if "invalid" in problem:
+            out.status = "CORRUPT"
+        raise SnapshotError(f"{domu}: {problem}", hint="raise snapshot_size, or back up at a quieter time")
+    out.status, out.exit_code = "OK", 0
+
+
+def rsync_hint(code) -> str | None:
+    return {24: "files vanished from a snapshot, which cannot happen: something else changed the source tree",
+            23: "some files could not be transferred: see rsync's messages above",
+            12: "the connection or the peer's rsync failed",
+            255: "ssh failed: check the peer, its host key and the identity file",
+            }.get(code)
