@@ -127,7 +127,7 @@ def cmd_run(config, args, runner) -> int:
             try:
                 plan = pipeline.make_plan(config, pipeline.inspect(config, name, conn, runner))
             except DomuBackupError as e:
-                print(f"domubackup: {name}: {e}", file=sys.stderr)
+                print(f"domubackup: {e}", file=sys.stderr)
                 codes.append(e.exit_code)
                 continue
             codes.append(EXIT_OK)

@@ -1,0 +1,125 @@
+"""Prometheus metrics for node_exporter's textfile collector.
+
+``render_metrics`` is pure; ``write_textfile`` replaces the file atomically (node_exporter reads
+only ``*.prom`` files of its ``--collector.textfile.directory``, so the temporary file it writes
+first is named ``.NAME.*.tmp`` and never half-read).
+
+Every series of a DomU carries the labels of its newest finished run (``domu``, ``peer``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .catalog import OK, RUNNING, Catalog, RunRow
+
+# (name, help); all gauges, rendered in this order.
+METRICS = (
+    ("domubackup_last_run_status",
+     "Whether the last finished run of the DomU succeeded (1) or failed (0)."),
+    ("domubackup_last_run_start_timestamp_seconds",
+     "Start of the last finished run, seconds since the epoch."),
+    ("domubackup_last_run_duration_seconds",
+     "Duration of the last finished run (absent when the run died and its end is unknown)."),
+    ("domubackup_last_run_bytes_sent",
+     "Bytes rsync sent to the peer during the last finished run."),
+    ("domubackup_last_run_freeze_window_seconds",
+     "How long the guest's filesystems stayed frozen in the last finished run (0: not frozen)."),
+    ("domubackup_last_success_timestamp_seconds",
+     "End of the last successful run, seconds since the epoch (0: never succeeded)."),
+)
+
+
+def escape_label_value(value: str) -> str:
+    """Escape a label value per the text exposition format: backslash, double quote, newline."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float | int) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _newest(rows: Sequence[RunRow], ok_only: bool) -> RunRow | None:
+    candidates = [r for r in rows if r.status != RUNNING and (r.status == OK or not ok_only)]
+    return max(candidates, key=lambda r: (r.started, r.id), default=None)
+
+
+def _values(rows: Sequence[RunRow]) -> dict[str, float | int] | None:
+    last = _newest(rows, ok_only=False)
+    if last is None:
+        return None
+    ok = _newest(rows, ok_only=True)
+    values = {
+        "domubackup_last_run_status": 1 if last.status == OK else 0,
+        "domubackup_last_run_start_timestamp_seconds": last.started,
+        "domubackup_last_run_bytes_sent": last.bytes_sent,
+        "domubackup_last_run_freeze_window_seconds": (last.freeze_window_ms or 0) / 1000,
+        # A success with no end time cannot exist (finish() sets it); fall back to its start.
+        "domubackup_last_success_timestamp_seconds":
+            0 if ok is None else (ok.ended if ok.ended is not None else ok.started),
+    }
+    if last.duration is not None:
+        values["domubackup_last_run_duration_seconds"] = last.duration
+    return values
+
+
+def render_metrics(rows_by_domu: Mapping[str, Sequence[RunRow]]) -> str:
+    """The textfile for ``{domu: rows}`` (e.g. ``Catalog.latest_per_domu()``).
+
+    For each DomU, its newest finished row gives the ``last_run`` series and its newest OK row
+    the ``last_success`` one (0 when there is none, so a "too long since success" alert fires).
+    RUNNING rows are ignored; a DomU without a finished row is left out. DomUs are sorted.
+    """
+    per_domu = []
+    for domu in sorted(rows_by_domu):
+        values = _values(rows_by_domu[domu])
+        if values is None:
+            continue
+        last = _newest(rows_by_domu[domu], ok_only=False)
+        labels = f'domu="{escape_label_value(domu)}",peer="{escape_label_value(last.peer)}"'
+        per_domu.append((labels, values))
+    lines = []
+    for name, help_text in METRICS:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} gauge")
+        for labels, values in per_domu:
+            if name in values:
+                lines.append(f"{name}{{{labels}}} {_number(values[name])}")
+    return "\n".join(lines) + "\n"
+
+
+def write_textfile(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: temp file in the same directory, fsync,
+    mode 0644, rename, fsync of the directory. The temp file is removed on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_metrics(catalog: Catalog, path: str | os.PathLike) -> str:
+    """Render the catalog's latest backup/seed runs into ``path``; return the text written."""
+    text = render_metrics(catalog.latest_per_domu())
+    write_textfile(path, text)
+    return text

@@ -1,0 +1,472 @@
+"""Pure parsers of tool output, and the argv builders that go with them.
+
+A "fact" here is an argv plus a pure parser of its stdout (pyinfra style): the caller runs
+the argv (with LC_ALL=C), checks the exit code, and hands stdout to the parser.  Nothing in
+this module does I/O.  Malformed input raises ``ValueError`` whose message contains the
+offending line (``repr``), for the caller to wrap.
+
+The formats were checked against real captures in ``fixtures/tools/`` (see its README).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+
+from .model import FstabEntry, LogicalVolume, MountInfo, Partition, PartitionTable, RsyncStats
+
+__all__ = [
+    "LVS_FIELDS", "LVS_SEPARATOR", "lvs_argv", "parse_lvs",
+    "parted_argv", "parted_human_argv", "parse_parted", "parse_parted_types", "parted_unrecognised",
+    "blkid_argv", "parse_blkid", "fs_of",
+    "parse_fstab",
+    "FINDMNT_COLUMNS", "findmnt_argv", "parse_findmnt",
+    "parse_rsync_stats", "parse_rsync_itemize",
+]
+
+
+def _bad(what: str, line: str, why: str = "") -> ValueError:
+    return ValueError(f"malformed {what} line {line!r}" + (f": {why}" if why else ""))
+
+
+def _unescape_bytes(text: str, pattern: re.Pattern[str], base: int) -> str:
+    """Replace escapes matched by pattern (group 1 = the number) by the raw byte, then decode.
+
+    Escapes encode bytes (an UTF-8 "é" is two escapes), so work on bytes; undecodable bytes
+    survive as surrogates (surrogateescape), like os.fsdecode.
+    """
+    if "\\" not in text:
+        return text
+    raw = text.encode("utf-8", "surrogateescape")
+    bpat = re.compile(pattern.pattern.encode())
+    raw = bpat.sub(lambda m: bytes([int(m.group(1), base)]), raw)
+    return raw.decode("utf-8", "surrogateescape")
+
+
+# --------------------------------------------------------------------------------------- lvs
+
+LVS_FIELDS: tuple[str, ...] = (
+    "vg_name", "lv_name", "lv_size", "lv_attr", "origin", "snap_percent", "vg_free", "lv_path",
+)
+LVS_SEPARATOR = "|"  # not allowed in VG/LV names ([A-Za-z0-9+_.-])
+
+
+def lvs_argv(path: str | None = None) -> list[str]:
+    """argv of ``lvs`` whose output parse_lvs reads; path: "vg", "vg/lv" or "/dev/vg/lv".
+
+    lvs exits 5 when a named VG/LV does not exist ("Failed to find logical volume" on stderr).
+    """
+    argv = ["lvs", "--noheadings", "--nosuffix", "--units", "b", "--separator", LVS_SEPARATOR,
+            "-o", ",".join(LVS_FIELDS)]
+    if path is not None:
+        argv.append(path)
+    return argv
+
+
+def _int_bytes(value: str, line: str, what: str) -> int:
+    # --units b --nosuffix prints plain integers; tolerate "123.00" from other LVM versions.
+    m = re.fullmatch(r"(\d+)(?:\.0+)?", value)
+    if not m:
+        raise _bad(what, line, f"not a byte count: {value!r}")
+    return int(m.group(1))
+
+
+def parse_lvs(text: str) -> list[LogicalVolume]:
+    """Parse the output of ``lvs_argv()``: one LV per non-blank line, fields stripped."""
+    out = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split(LVS_SEPARATOR)]
+        if len(fields) != len(LVS_FIELDS):
+            raise _bad("lvs", line, f"expected {len(LVS_FIELDS)} fields, got {len(fields)}")
+        vg, lv, size, attr, origin, snap, vg_free, path = fields
+        if not vg or not lv:
+            raise _bad("lvs", line, "empty vg_name or lv_name")
+        if snap:
+            try:
+                snap_percent: float | None = float(snap)
+            except ValueError:
+                raise _bad("lvs", line, f"bad snap_percent {snap!r}") from None
+        else:
+            snap_percent = None
+        out.append(LogicalVolume(
+            vg=vg, lv=lv, size=_int_bytes(size, line, "lvs"), attr=attr, origin=origin,
+            snap_percent=snap_percent,
+            vg_free=_int_bytes(vg_free, line, "lvs") if vg_free else None,
+            path=path,
+        ))
+    return out
+
+
+# ------------------------------------------------------------------------------------ parted
+
+def parted_argv(dev: str) -> list[str]:
+    """argv of parted's machine-readable print in bytes.
+
+    Exit codes seen (parted 3.5): 0 ok; 1 with "Error: DEV: unrecognised disk label" on stderr
+    for a blank disk or a whole-disk LVM PV -- stdout still holds "BYT;" and the device line
+    with label "unknown", which parse_parted reads.  Warnings (e.g. GPT not using all of a
+    grown disk) go to stderr with exit 0.
+    """
+    return ["parted", "-s", "-m", dev, "unit", "B", "print"]
+
+
+def parted_human_argv(dev: str) -> list[str]:
+    """argv of the human print whose Type column (primary/extended/logical) parse_parted_types
+    reads: the only place parted names an msdos extended partition."""
+    return ["parted", "-s", dev, "unit", "B", "print"]
+
+
+def parted_unrecognised(stderr: str) -> bool:
+    """True when parted's stderr says the disk has no partition table it knows."""
+    return "unrecognised disk label" in stderr
+
+
+def _split_machine(body: str) -> list[str]:
+    """Split a parted -m record (trailing ';' already removed) on ':' not escaped by '\\'.
+
+    parted escapes ':' and '\\' in strings with a backslash; ';' is not escaped.
+    """
+    fields, cur, it = [], [], iter(body)
+    for ch in it:
+        if ch == "\\":
+            nxt = next(it, None)
+            if nxt is None:
+                raise ValueError("dangling backslash")
+            cur.append(nxt)
+        elif ch == ":":
+            fields.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    fields.append("".join(cur))
+    return fields
+
+
+def _bytes_field(value: str, line: str) -> int:
+    m = re.fullmatch(r"(\d+)B", value)
+    if not m:
+        raise _bad("parted", line, f"not a byte value {value!r} (use 'unit B')")
+    return int(m.group(1))
+
+
+def parse_parted_types(text: str) -> dict[int, str]:
+    """Partition number -> Type ("primary"/"extended"/"logical") from parted's human print
+    (``parted_human_argv``); {} for labels without a Type column (gpt, loop)."""
+    types: dict[int, str] = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(\d+)\s+\d+B\s+\d+B\s+\d+B\s+(primary|extended|logical)\b", line)
+        if m:
+            types[int(m.group(1))] = m.group(2)
+    return types
+
+
+def parse_parted(text: str, types: Mapping[int, str] | None = None) -> PartitionTable:
+    """Parse ``parted -s -m DEV unit B print`` stdout.
+
+    Labels: msdos, gpt, ..., "loop" (a filesystem on the whole disk: one partition 1 from 0B)
+    and "unknown" (no table; parted exits 1 but still prints the device line).
+
+    parted -m never says "extended": an msdos extended partition shows up with an empty fs and
+    flags "lba" (type 0x0f, what parted itself creates) or nothing (type 0x05).  It is marked
+    by adding "extended" to its flags when a logical partition (number >= 5) lies inside it,
+    or when ``types`` (from parse_parted_types) says so -- needed for an extended partition
+    holding no logical partition.
+    """
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError("empty parted output")
+    if lines[0].strip() != "BYT;":
+        raise _bad("parted", lines[0], "expected 'BYT;' (machine mode, unit B)")
+    if len(lines) < 2:
+        raise ValueError("parted output has no device line")
+    records = []
+    for line in lines[1:]:
+        body = line.rstrip()
+        if not body.endswith(";"):
+            raise _bad("parted", line, "record does not end with ';'")
+        try:
+            records.append((line, _split_machine(body[:-1])))
+        except ValueError as e:
+            raise _bad("parted", line, str(e)) from None
+
+    dline, dev = records[0]
+    if len(dev) < 8:
+        raise _bad("parted", dline, "device line needs 8 fields")
+    size, label = _bytes_field(dev[1], dline), dev[5]
+    if not label:
+        raise _bad("parted", dline, "empty disk label")
+
+    parts = []
+    for line, f in records[1:]:
+        if len(f) == 5 and f[4] == "free":  # only with "print free"
+            continue
+        if len(f) != 7 or not f[0].isdigit():
+            raise _bad("parted", line, "expected num:start:end:size:fs:name:flags")
+        flags = tuple(x.strip() for x in f[6].split(",") if x.strip())
+        parts.append(Partition(number=int(f[0]), start=_bytes_field(f[1], line),
+                               end=_bytes_field(f[2], line), size=_bytes_field(f[3], line),
+                               fs=f[4], name=f[5], flags=flags))
+
+    if label == "msdos":
+        types = types or {}
+        marked = []
+        for p in parts:
+            ext = types.get(p.number) == "extended" or (p.number <= 4 and any(
+                q.number >= 5 and p.start <= q.start and q.end <= p.end for q in parts))
+            if ext and "extended" not in p.flags:
+                p = Partition(p.number, p.start, p.end, p.size, p.fs, p.name,
+                              p.flags + ("extended",))
+            marked.append(p)
+        parts = marked
+    return PartitionTable(label=label, size=size, partitions=tuple(parts))
+
+
+# ------------------------------------------------------------------------------------- blkid
+
+def blkid_argv(dev: str, offset: int | None = None, size: int | None = None) -> list[str]:
+    """argv of a low-level probe of DEV, or of the range [offset, offset+size) of it.
+
+    ``-d`` (--no-encoding) makes blkid print values raw: without it ``-o export`` escapes
+    shell characters with a backslash ("LABEL=data\\ vol") and non-ASCII bytes in cat -v
+    notation ("M-CM-)" for "é"), which cannot be undone (a literal "M-A" is not escaped).
+    The raw form only breaks on a label containing a newline, which parse_blkid rejects.
+
+    Exit codes: 0 found; 2 nothing found (empty stdout); 8 ambivalent result (several
+    signatures); 4 usage/other error.  The caller handles them.
+    """
+    argv = ["blkid", "-p", "-d", "-o", "export"]
+    if offset is not None:
+        argv += ["-O", str(offset)]
+    if size is not None:
+        argv += ["-S", str(size)]
+    argv.append(dev)
+    return argv
+
+
+_BLKID_ESCAPE = re.compile(r"\\(.)", re.S)
+
+
+def parse_blkid(text: str, escaped: bool = False) -> dict[str, str]:
+    """Parse ``blkid -p -o export`` output: KEY=value lines -> dict.
+
+    Empty text gives {}: that is what ``blkid -p`` prints when it finds nothing (exit 2).
+    Keys seen: TYPE, UUID, LABEL, VERSION, BLOCK_SIZE, USAGE (filesystem/other/raid), SEC_TYPE,
+    LABEL_FATBOOT, DEVNAME; PTTYPE/PTUUID when the range holds a partition table (an msdos
+    extended partition probes as PTTYPE=dos).
+    escaped=True undoes the backslash escaping of output made without ``-d`` (M-x notation
+    for non-ASCII bytes is left as is: it is ambiguous).
+    """
+    out: dict[str, str] = {}
+    for line in text.split("\n"):  # values are raw with -d: only "\n" ends a line
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
+            raise _bad("blkid", line, "expected KEY=value")
+        if key in out:
+            raise _bad("blkid", line, f"duplicate key {key}")
+        out[key] = _BLKID_ESCAPE.sub(r"\1", value) if escaped else value
+    return out
+
+
+def fs_of(probe: Mapping[str, str]) -> tuple[str, str, str]:
+    """(fstype, uuid, label) of a parse_blkid result; "" for what is missing.
+
+    fstype is blkid's TYPE: ext4, xfs, vfat, swap, LVM2_member, ...; "" when nothing was found
+    or the range holds a partition table (PTTYPE) rather than a filesystem.
+    """
+    return probe.get("TYPE", ""), probe.get("UUID", ""), probe.get("LABEL", "")
+
+
+# ------------------------------------------------------------------------------------- fstab
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def parse_fstab(text: str) -> list[FstabEntry]:
+    """Parse an fstab(5) as libmount does.
+
+    Blank lines and lines whose first non-blank char is '#' are skipped; fields are split on
+    spaces/tabs; octal escapes (\\040 space, \\011 tab, \\134 backslash, \\043 '#') are decoded
+    in every field; missing options -> (), missing freq/passno -> 0; fields after passno are
+    ignored (libmount does too).  Fewer than 3 fields or a non-numeric freq/passno raise
+    ValueError.  Specs are kept as written (UUID=..., LABEL=..., PARTUUID=..., /dev/...);
+    swap entries have vfstype "swap" and file "none" or "swap".
+    """
+    out = []
+    for line in text.split("\n"):  # as libmount: "\n" ends a line, other controls do not
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        f = [_unescape_bytes(x, _OCTAL, 8) for x in s.split()]
+        if len(f) < 3:
+            raise _bad("fstab", line, "needs at least spec, file and vfstype")
+        nums = []
+        for x in f[4:6]:
+            if not x.isdigit():
+                raise _bad("fstab", line, f"freq/passno not a number: {x!r}")
+            nums.append(int(x))
+        nums += [0] * (2 - len(nums))
+        options = tuple(o for o in f[3].split(",") if o) if len(f) > 3 else ()
+        out.append(FstabEntry(spec=f[0], file=f[1], vfstype=f[2], options=options,
+                              freq=nums[0], passno=nums[1]))
+    return out
+
+
+# ----------------------------------------------------------------------------------- findmnt
+
+FINDMNT_COLUMNS = ("TARGET", "SOURCE", "FSTYPE", "OPTIONS")
+_HEX = re.compile(r"\\x([0-9a-fA-F]{2})")
+
+
+def findmnt_argv(*, json_output: bool = False) -> list[str]:
+    """argv listing all mounts, one per line (-r: raw; spaces, tabs, backslashes and
+    non-ASCII bytes escaped as \\xHH, so a line splits on single spaces into exactly 4 fields).
+
+    The -r form is the default: it exists in every findmnt; -J needs util-linux >= 2.27.
+    parse_findmnt reads both.  findmnt exits 1 when nothing matches (with -M/-T/-t filters).
+    """
+    cols = ",".join(FINDMNT_COLUMNS)
+    if json_output:
+        return ["findmnt", "-J", "-l", "-o", cols]
+    return ["findmnt", "-rn", "-o", cols]
+
+
+def _mountinfo(target: str, source: str, fstype: str, options: str) -> MountInfo:
+    return MountInfo(target=target, source=source, fstype=fstype,
+                     options=tuple(o for o in options.split(",") if o))
+
+
+def _findmnt_json(text: str) -> list[MountInfo]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        line = text.splitlines()[e.lineno - 1] if e.lineno - 1 < len(text.splitlines()) else ""
+        raise _bad("findmnt JSON", line, str(e)) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("filesystems"), list):
+        raise ValueError(f"findmnt JSON without a 'filesystems' list: {text[:80]!r}")
+    out: list[MountInfo] = []
+
+    def walk(fss: list) -> None:  # tree output (without -l) nests "children"
+        for fs in fss:
+            try:
+                out.append(_mountinfo(fs["target"], fs["source"] or "", fs["fstype"] or "",
+                                      fs["options"] or ""))
+            except (KeyError, TypeError, AttributeError):
+                raise _bad("findmnt JSON", json.dumps(fs), "needs target, source, fstype, "
+                           "options") from None
+            walk(fs.get("children", []))
+
+    walk(doc["filesystems"])
+    return out
+
+
+def parse_findmnt(text: str) -> list[MountInfo]:
+    """Parse the output of ``findmnt_argv()`` (-rn, \\xHH escapes decoded) or of its JSON form."""
+    if text.lstrip().startswith("{"):
+        return _findmnt_json(text)
+    out = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        f = line.split(" ")
+        if len(f) != len(FINDMNT_COLUMNS):
+            raise _bad("findmnt", line, f"expected {len(FINDMNT_COLUMNS)} space-separated fields")
+        target, source, fstype, options = (_unescape_bytes(x, _HEX, 16) for x in f)
+        if not target:
+            raise _bad("findmnt", line, "empty TARGET")
+        out.append(_mountinfo(target, source, fstype, options))
+    return out
+
+
+# ------------------------------------------------------------------------------------- rsync
+
+_RSYNC_KEYS = {
+    "Number of files": "files",
+    "Number of regular files transferred": "files_transferred",
+    "Number of files transferred": "files_transferred",  # rsync < 3.1
+    "Total file size": "total_size",
+    "Total transferred file size": "transferred_size",
+    "Total bytes sent": "bytes_sent",
+    "Total bytes received": "bytes_received",
+    "Number of deleted files": "deleted",
+}
+_RSYNC_REQUIRED = ("files", "total_size", "bytes_sent", "bytes_received")
+
+
+def parse_rsync_stats(text: str) -> RsyncStats:
+    """Parse the ``--stats`` block of rsync's stdout (other lines -- itemize lines, the
+    "sent ... received ..." summary -- are ignored).
+
+    Numbers may carry thousands commas (rsync >= 3.1 default) or not (``--no-h``).  Numbers
+    with a unit suffix or decimals (``-h``: "2.01M bytes") are lossy and raise ValueError:
+    run rsync without -h (or with --no-h).  "Number of deleted files" is absent before rsync
+    3.1 and then defaults to 0.
+    """
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(": ")
+        field = _RSYNC_KEYS.get(key) if sep else None
+        if field is None:
+            continue
+        m = re.fullmatch(r"(\d{1,3}(?:,\d{3})+|\d+)(?: bytes)?(?: \(.*\))?", rest.strip())
+        if not m:
+            raise _bad("rsync --stats", line, "number not plain (rsync -h output? use --no-h)")
+        if field in values:
+            raise _bad("rsync --stats", line, "repeated")
+        values[field] = int(m.group(1).replace(",", ""))
+    missing = [k for k in _RSYNC_REQUIRED if k not in values]
+    if missing:
+        first = next((ln for ln in text.splitlines() if ln.strip()), "")
+        raise ValueError(f"no complete rsync --stats block (missing {', '.join(missing)}); "
+                         f"first line {first!r}")
+    return RsyncStats(**values)
+
+
+_ITEM = re.compile(r"([<>ch.][fdLDS][ .+?a-zA-Z]{9}) (.*)")
+_ITEM_MSG = re.compile(r"(\*[a-z]+) +(.*)")
+_RSYNC_ESC = re.compile(r"\\#([0-7]{3})")
+_RSYNC_INFO = ("sending incremental file list", "receiving incremental file list",
+               "building file list", "created directory ")
+
+
+def parse_rsync_itemize(text: str, link_targets: bool = True) -> list[tuple[str, str]]:
+    """(code, path) pairs from ``rsync -i`` (``--itemize-changes``) stdout.
+
+    code is the 11-char %i field (">f.st......", "cd+++++++++", ".d..t......") or the message
+    ("*deleting"); path is as rsync prints it, relative to the transfer root, directories
+    with a trailing "/", non-printable bytes' \\#ooo escapes decoded.
+    With link_targets, the " -> target" that -i appends to a symlink (code[1] == "L") and
+    the " => target" of a hard link (code[0] == "h") are cut at their last occurrence (a
+    name containing " -> " is ambiguous; use --out-format='%i %n' and link_targets=False to
+    avoid it).  Parsing stops at a --stats block or at rsync's "sent ... bytes" summary; the
+    "sending incremental file list"/"created directory" lines of -v are skipped; any other
+    line raises ValueError.  An empty output (a clean --dry-run --checksum) gives [].
+    """
+    out = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith(("Number of files: ", "sent ")) and not _ITEM.fullmatch(line):
+            break
+        m = _ITEM.fullmatch(line)
+        if m:
+            code, path = m.group(1), m.group(2)
+            if link_targets and code[1] == "L" and " -> " in path:
+                path = path.rsplit(" -> ", 1)[0]
+            elif link_targets and code[0] == "h" and " => " in path:
+                path = path.rsplit(" => ", 1)[0]
+        else:
+            m = _ITEM_MSG.fullmatch(line)
+            if not m:
+                if line.startswith(_RSYNC_INFO):
+                    continue
+                raise _bad("rsync itemize", line)
+            code, path = m.group(1), m.group(2)
+        if not path:
+            raise _bad("rsync itemize", line, "empty path")
+        out.append((code, _unescape_bytes(path, _RSYNC_ESC, 8)))
+    return out

@@ -1,0 +1,173 @@
+"""`domubackup plan` and `run --dry-run` against libvirt's test driver, probes replayed from
+captured outputs of parted and blkid (fixtures/tools)."""
+
+import json
+
+import pytest
+
+from domubackup import cli, parsers
+from replay import ReplayRunner
+
+MiB = 1024 * 1024
+
+
+def tool(fixtures, name):
+    return (fixtures / "tools" / name).read_text()
+
+
+def lvs_line(vg, lv, size, attr="-wi-ao----", origin="", pct="", free=2 * 1024 * MiB):
+    return f"  {vg}|{lv}|{size}|{attr}|{origin}|{pct}|{free}|/dev/{vg}/{lv}\n"
+
+
+def web1_probes(fixtures):
+    disk, srv = "/dev/vg0/web1-disk", "/dev/vg0/web1-srv"
+    table = {
+        tuple(parsers.lvs_argv(disk)): (0, lvs_line("vg0", "web1-disk", 1024 * MiB), ""),
+        tuple(parsers.lvs_argv(srv)): (0, lvs_line("vg0", "web1-srv", 128 * MiB), ""),
+        tuple(parsers.parted_argv(disk)): (0, tool(fixtures, "parted-msdos-logical.txt"), ""),
+        tuple(parsers.parted_argv(srv)): (0, tool(fixtures, "parted-loop-ext4.txt"), ""),
+        tuple(parsers.blkid_argv(disk, 1048576, 104857600)): (0, tool(fixtures, "blkid-ext4.txt"), ""),
+        tuple(parsers.blkid_argv(disk, 106954752, 417333248)): (0, tool(fixtures, "blkid-xfs.txt"), ""),
+        tuple(parsers.blkid_argv(disk, 525336576, 103809024)): (0, tool(fixtures, "blkid-swap.txt"), ""),
+        tuple(parsers.blkid_argv(srv)): (0, tool(fixtures, "blkid-whole-ext4.txt"), ""),
+    }
+    return table
+
+
+@pytest.fixture
+def conf(tmp_path, fixtures):
+    def make(extra="", uri=None):
+        uri = uri or f"test://{fixtures}/libvirt/node.xml"
+        p = tmp_path / "db.toml"
+        p.write_text(f'dom0s = ["dom0a", "dom0b"]\nthis_host = "dom0a"\nlibvirt_uri = "{uri}"\n'
+                     f'state_dir = "{tmp_path}/state"\nsnapshot_size = "256M"\n' + extra)
+        return str(p)
+    return make
+
+
+def run(argv, runner, capsys):
+    code = cli.main(argv, local_runner=runner)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_json_of_xen_pv_domu_with_two_lv_disks(conf, fixtures, capsys):
+    runner = ReplayRunner(web1_probes(fixtures))
+    cfg = conf('[domu.web1]\nmounts = { xvda1 = "/", xvda5 = "/var", xvdb = "/srv" }\n')
+    code, out, err = run(["-c", cfg, "plan", "web1", "--json"], runner, capsys)
+    assert (code, err) == (0, "")
+    steps = json.loads(out)
+    assert [(s["phase"], s["host"], s["argv"][0], s["argv"][-1]) for s in steps] == [
+        ("snapshot", "local", "lvcreate", "/dev/vg0/web1-disk"),
+        ("snapshot", "local", "lvcreate", "/dev/vg0/web1-srv"),
+        ("map", "local", "kpartx", "/dev/vg0/web1-disk-snap"),
+        ("map", "local", "udevadm", "--timeout=30"),
+        ("mount", "local", "mkdir", "/mnt/domubackup/source/web1"),
+        ("mount", "local", "mount", "/mnt/domubackup/source/web1"),
+        ("mount", "local", "mount", "/mnt/domubackup/source/web1/srv"),
+        ("mount", "local", "mount", "/mnt/domubackup/source/web1/var"),
+        ("peer-map", "dom0b", "kpartx", "/dev/vg0/web1-disk"),
+        ("peer-map", "dom0b", "udevadm", "--timeout=30"),
+        ("peer-mount", "dom0b", "mkdir", "/mnt/domubackup/target/web1"),
+        ("peer-mount", "dom0b", "mount", "/mnt/domubackup/target/web1"),
+        ("peer-mount", "dom0b", "mount", "/mnt/domubackup/target/web1/srv"),
+        ("peer-mount", "dom0b", "mount", "/mnt/domubackup/target/web1/var"),
+        ("transfer", "local", "rsync", "dom0b:/mnt/domubackup/target/web1/"),
+    ]
+    assert steps[0]["undo"] == ["lvremove", "-f", "/dev/vg0/web1-disk-snap"]
+    assert steps[7]["argv"][:4] == ["mount", "-t", "xfs", "-o"] and "nouuid" in steps[7]["argv"][4]
+    # only read-only probes ran
+    assert {c[0] for c in runner.calls} == {"lvs", "parted", "blkid"}
+
+
+def test_plan_text_shows_skips_and_deferred_fstab(conf, fixtures, capsys):
+    code, out, err = run(["-c", conf(), "plan", "web1"], ReplayRunner(web1_probes(fixtures)), capsys)
+    assert code == 0, err
+    assert "skipped: hdc: cdrom is not backed up" in out
+    assert "skipped: xvda6: swap is not copied" in out
+    assert "[inspect] on local: cat -- /mnt/domubackup/source/web1/etc/fstab" in out
+    assert "come from the guest's /etc/fstab at run time" in out
+    assert "Teardown (reverse order):" in out
+
+
+@pytest.mark.parametrize("domu, code, message", [
+    ("nosuch", 3, "domubackup: error: nosuch: no such domain on this host's libvirt"),
+    ("idle1", 3, "domubackup: error: idle1: is shut off on dom0a, not running; nothing to back up here"),
+    ("paused1", 3, "domubackup: error: paused1: is paused on dom0a, not running"),
+    ("files1", 3, "domubackup: error: files1: no disk that can be backed up (xvda: file-backed image: file images are not supported yet"),
+])
+def test_ineligible_domus(conf, fixtures, capsys, domu, code, message):
+    c, out, err = run(["-c", conf(), "plan", domu], ReplayRunner({}), capsys)
+    assert c == code
+    assert err.startswith(message)
+    assert out == ""
+
+
+def test_host_not_in_dom0s(tmp_path, fixtures, capsys):
+    p = tmp_path / "db.toml"
+    p.write_text(f'dom0s = ["x", "y"]\nthis_host = "dom0a"\nlibvirt_uri = "test://{fixtures}/libvirt/node.xml"\n')
+    c, out, err = run(["-c", str(p), "plan", "web1"], ReplayRunner({}), capsys)
+    assert c == 3
+    assert err.startswith("domubackup: error: this host 'dom0a' is not in dom0s ['x', 'y']")
+
+
+def test_disk_that_is_not_an_lv(conf, fixtures, capsys):
+    table = web1_probes(fixtures)
+    table[tuple(parsers.lvs_argv("/dev/vg0/web1-disk"))] = (
+        5, "", '  Failed to find logical volume "vg0/web1-disk"\n')
+    c, out, err = run(["-c", conf(), "plan", "web1"], ReplayRunner(table), capsys)
+    assert c == 1
+    assert err.startswith('domubackup: error: xvda: /dev/vg0/web1-disk on dom0a is not an LVM logical volume '
+                          '(Failed to find logical volume "vg0/web1-disk")')
+
+
+def test_disk_that_is_a_snapshot(conf, fixtures, capsys):
+    table = web1_probes(fixtures)
+    table[tuple(parsers.lvs_argv("/dev/vg0/web1-disk"))] = (
+        0, lvs_line("vg0", "web1-disk", 1024 * MiB, "swi-a-s---", "web1-orig", "0.52"), "")
+    c, out, err = run(["-c", conf(), "plan", "web1"], ReplayRunner(table), capsys)
+    assert c == 1
+    assert "xvda: /dev/vg0/web1-disk is itself an LVM snapshot (of web1-orig)" in err
+
+
+def test_guest_lvm_pv_refused(conf, fixtures, capsys):
+    table = web1_probes(fixtures)
+    table[tuple(parsers.blkid_argv("/dev/vg0/web1-disk", 106954752, 417333248))] = (
+        0, tool(fixtures, "blkid-lvm2-pv.txt"), "")
+    c, out, err = run(["-c", conf(), "plan", "web1"], ReplayRunner(table), capsys)
+    assert c == 1
+    assert "xvda5: holds a guest LVM physical volume" in err
+
+
+def test_bad_config_exit_78_one_line(tmp_path, capsys):
+    p = tmp_path / "db.toml"
+    p.write_text('dom0s = ["a"]\nsnapshot_size = [1]\n')
+    c, out, err = run(["-c", str(p), "plan", "web1"], ReplayRunner({}), capsys)
+    assert c == 78
+    assert err == f"domubackup: error: {p}: snapshot_size: expected a string, got [1]\n"
+
+
+def test_config_from_environment(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DOMUBACKUP_CONFIG", str(tmp_path / "missing.toml"))
+    c, out, err = run(["plan", "web1"], ReplayRunner({}), capsys)
+    assert c == 78
+    assert "missing.toml: no such configuration file" in err
+
+
+def test_unreachable_libvirt(conf, capsys):
+    c, out, err = run(["-c", conf(uri="test:///nonexistent/node.xml"), "plan", "web1"], ReplayRunner({}), capsys)
+    assert c == 1
+    assert err.startswith("domubackup: error: cannot connect to libvirt at test:///nonexistent/node.xml")
+
+
+def test_run_dry_run_goes_on_after_an_ineligible_domu(conf, fixtures, capsys):
+    cfg = conf('[domu.idle1]\n[domu.web1]\n')
+    c, out, err = run(["-c", cfg, "run", "--dry-run", "--json"], ReplayRunner(web1_probes(fixtures)), capsys)
+    assert c == 3  # idle1 is not running here
+    assert "domubackup: idle1: is shut off on dom0a" in err
+    assert [d["domu"] for d in json.loads(out)] == ["web1"]
+
+
+def test_usage_error_exit_2(capsys):
+    assert cli.main(["plan"]) == 2
+    assert cli.main([]) == 2

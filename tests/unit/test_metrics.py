@@ -1,0 +1,119 @@
+"""Prometheus textfile rendering (pure) and its atomic write."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from domubackup.catalog import Catalog, RunRow
+from domubackup.metrics import escape_label_value, render_metrics, write_metrics, write_textfile
+
+T0 = 1_790_000_000.0
+
+
+def _row(**kw) -> RunRow:
+    base = dict(id=1, kind="backup", domu="web1", peer="dom0b", host="dom0a", pid=100,
+                pid_start=None, started=T0, ended=T0 + 62.5, status="OK",
+                consistency="filesystem", freeze_window_ms=840, bytes_sent=36_700_160,
+                files=1200, total_size=1_288_490_189, snapshot_peak=12.5, error="",
+                log_path=None)
+    base.update(kw)
+    return RunRow(**base)
+
+
+ROWS = {
+    "web1": [_row(id=3)],
+    # the newest finished run failed; the OK one is older; a RUNNING one is ignored
+    'db"1\\x\n': [
+        _row(id=9, domu='db"1\\x\n', started=T0 + 9000, ended=None, status="RUNNING"),
+        _row(id=7, domu='db"1\\x\n', peer="dom0c", started=T0 + 3600, ended=T0 + 3700,
+             status="ERROR", consistency="crash", freeze_window_ms=None, bytes_sent=0),
+        _row(id=5, domu='db"1\\x\n', peer="dom0c", started=T0 - 86400, ended=T0 - 86000),
+    ],
+    "only-running": [_row(id=11, domu="only-running", ended=None, status="RUNNING")],
+}
+
+EXPECTED = """\
+# HELP domubackup_last_run_status Whether the last finished run of the DomU succeeded (1) or failed (0).
+# TYPE domubackup_last_run_status gauge
+domubackup_last_run_status{domu="db\\"1\\\\x\\n",peer="dom0c"} 0
+domubackup_last_run_status{domu="web1",peer="dom0b"} 1
+# HELP domubackup_last_run_start_timestamp_seconds Start of the last finished run, seconds since the epoch.
+# TYPE domubackup_last_run_start_timestamp_seconds gauge
+domubackup_last_run_start_timestamp_seconds{domu="db\\"1\\\\x\\n",peer="dom0c"} 1790003600
+domubackup_last_run_start_timestamp_seconds{domu="web1",peer="dom0b"} 1790000000
+# HELP domubackup_last_run_duration_seconds Duration of the last finished run (absent when the run died and its end is unknown).
+# TYPE domubackup_last_run_duration_seconds gauge
+domubackup_last_run_duration_seconds{domu="db\\"1\\\\x\\n",peer="dom0c"} 100
+domubackup_last_run_duration_seconds{domu="web1",peer="dom0b"} 62.5
+# HELP domubackup_last_run_bytes_sent Bytes rsync sent to the peer during the last finished run.
+# TYPE domubackup_last_run_bytes_sent gauge
+domubackup_last_run_bytes_sent{domu="db\\"1\\\\x\\n",peer="dom0c"} 0
+domubackup_last_run_bytes_sent{domu="web1",peer="dom0b"} 36700160
+# HELP domubackup_last_run_freeze_window_seconds How long the guest's filesystems stayed frozen in the last finished run (0: not frozen).
+# TYPE domubackup_last_run_freeze_window_seconds gauge
+domubackup_last_run_freeze_window_seconds{domu="db\\"1\\\\x\\n",peer="dom0c"} 0
+domubackup_last_run_freeze_window_seconds{domu="web1",peer="dom0b"} 0.84
+# HELP domubackup_last_success_timestamp_seconds End of the last successful run, seconds since the epoch (0: never succeeded).
+# TYPE domubackup_last_success_timestamp_seconds gauge
+domubackup_last_success_timestamp_seconds{domu="db\\"1\\\\x\\n",peer="dom0c"} 1789914000
+domubackup_last_success_timestamp_seconds{domu="web1",peer="dom0b"} 1790000062.5
+"""
+
+
+def test_render_exact():
+    assert render_metrics(ROWS) == EXPECTED
+
+
+def test_escape_label_value():
+    assert escape_label_value('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
+
+
+def test_never_succeeded_and_died_run():
+    text = render_metrics({"w": [_row(domu="w", status="ERROR", ended=None)]})
+    assert 'domubackup_last_success_timestamp_seconds{domu="w",peer="dom0b"} 0\n' in text
+    assert 'domubackup_last_run_duration_seconds{' not in text  # end unknown: no sample
+    assert 'domubackup_last_run_status{domu="w",peer="dom0b"} 0\n' in text
+
+
+def test_empty():
+    text = render_metrics({})
+    assert text.count("# TYPE") == 6 and "{" not in text
+
+
+def _listing(d):
+    return sorted(os.listdir(d))
+
+
+def test_atomic_write_mode_and_no_temp(tmp_path):
+    target = tmp_path / "domubackup.prom"
+    old_umask = os.umask(0o077)  # the mode must not depend on the umask
+    try:
+        write_textfile(target, "first\n")
+        write_textfile(target, EXPECTED)
+    finally:
+        os.umask(old_umask)
+    assert target.read_text() == EXPECTED
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert _listing(tmp_path) == ["domubackup.prom"]
+
+
+def test_failed_write_keeps_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "domubackup.prom"
+    write_textfile(target, "old\n")
+    with pytest.raises(UnicodeEncodeError):
+        write_textfile(target, "bad \udcff surrogate\n")
+    assert target.read_text() == "old\n"
+    assert _listing(tmp_path) == ["domubackup.prom"]
+
+
+def test_write_metrics_from_catalog(tmp_path):
+    clock = iter([T0, T0 + 10]).__next__
+    with Catalog(tmp_path / "catalog.sqlite", clock=clock) as cat:
+        cat.finish(cat.start("backup", "web1", "dom0b", os.getpid()), "OK", bytes_sent=42)
+        text = write_metrics(cat, tmp_path / "m.prom")
+    assert (tmp_path / "m.prom").read_text() == text
+    assert 'domubackup_last_run_bytes_sent{domu="web1",peer="dom0b"} 42\n' in text
+    assert 'domubackup_last_success_timestamp_seconds{domu="web1",peer="dom0b"} 1790000010\n' in text
