@@ -69,6 +69,8 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
                         format="domubackup: %(message)s", stream=sys.stderr)
+    logging.getLogger("sh").setLevel(logging.WARNING)
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     try:

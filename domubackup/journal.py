@@ -1,0 +1,252 @@
+"""The crash-safe close stack: ``STATE_DIR/journal/DOMU.json``.
+
+Before a step runs, its entry (argv and the undo argv: data, never code) is written as
+``pending``; after it succeeded it is marked ``done``. ``teardown`` runs the undo of every
+entry, pending or done, in reverse order, also in a later process after a crash
+(``Journal.load``). Every write is atomic: temp file in the same directory, fsync, rename,
+fsync of the directory. A reader sees the old journal or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shlex
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from .errors import DomuBackupError, TeardownError
+from .lock import state_file
+from .model import PEER, Result, Step
+
+if TYPE_CHECKING:
+    from .runner import Runner
+
+log = logging.getLogger("domubackup.journal")
+
+PENDING = "pending"
+DONE = "done"
+
+
+# already_gone: when an undo fails only because its object does not exist (any more), the undo
+# has nothing left to do and counts as a success. One row per undo program:
+#   (program, word that must be in argv (or None), exit codes (or None = any non-zero),
+#    patterns searched in stderr + stdout).
+# Messages under LC_ALL=C, as captured on Debian 12 (util-linux 2.38, lvm2 2.03.16,
+# multipath-tools kpartx, dmsetup 1.02.185, libvirt 9.0) unless marked "from source".
+GONE_TABLE: tuple[tuple[str, str | None, tuple[int, ...] | None, tuple[str, ...]], ...] = (
+    # umount DIR        -> "umount: /x: not mounted."               exit 32 (mount point, nothing on it)
+    # umount MISSINGDIR -> "umount: /x: no mount point specified."  exit 32 (path does not exist)
+    # older util-linux  -> "umount: /x: not mounted" / "mountpoint not found"
+    ("umount", None, (32,), (r": not mounted\b", r": no mount point specified",
+                             r": mountpoint not found")),
+    # lvremove VG/LV, LV missing -> '  Failed to find logical volume "vg/lv"' exit 5
+    # whole VG missing           -> '  Volume group "vg" not found' exit 5 (its LVs cannot exist)
+    ("lvremove", None, (5,), (r"Failed to find logical volume", r'Volume group "[^"]*" not found')),
+    # kpartx -d MISSINGDEV -> "failed to stat() /dev/x" exit 1, printed on STDOUT (from source,
+    # kpartx.c main(); here the device-mapper check fails first: no dm in this kernel).
+    # kpartx -d on an existing device without mappings exits 0.
+    ("kpartx", "-d", (1,), (r"failed to stat\(\)",)),
+    # dmsetup remove MISSING -> "device-mapper: remove ioctl on NAME  failed: No such device or
+    # address" + "Command failed." exit 1 (ENXIO; seen in xfstests output). "Device or resource
+    # busy" is a real failure and does not match.
+    ("dmsetup", "remove", (1,), (r"remove ioctl on .* failed: No such device or address",)),
+    # rmdir MISSING -> "rmdir: failed to remove '/x': No such file or directory" exit 1
+    ("rmdir", None, (1,), (r": No such file or directory",)),
+    # virsh domfsthaw: a domain that is not running cannot be frozen ->
+    #   "error: Requested operation is not valid: domain is not running" exit 1;
+    # a domain that does not exist (any more) -> "error: failed to get domain 'x'" exit 1;
+    # a driver without fsfreeze (e.g. libxl) could never have frozen it ->
+    #   "this function is not supported by the connection driver".
+    # On a running, not-frozen domain the agent thaws nothing: "Thawed 0 filesystem(s)" exit 0.
+    ("virsh", "domfsthaw", (1,), (r"domain is not running", r"failed to get domain",
+                                  r"Domain not found", r"not supported by the connection driver")),
+)
+
+
+def already_gone(argv: Sequence[str], result: Result) -> bool:
+    """True when the failed undo ``argv`` only failed because its object is already gone."""
+    if not argv or result.exit_code == 0:
+        return False
+    program = os.path.basename(argv[0])
+    text = result.stderr + "\n" + result.stdout
+    for name, word, codes, patterns in GONE_TABLE:
+        if program != name or (word is not None and word not in argv[1:]):
+            continue
+        if codes is not None and result.exit_code not in codes:
+            continue
+        if any(re.search(p, text, re.MULTILINE) for p in patterns):
+            return True
+    return False
+
+
+@dataclass
+class Entry:
+    phase: str
+    host: str  # model.LOCAL or model.PEER
+    argv: tuple[str, ...]
+    undo: tuple[str, ...] | None
+    note: str = ""
+    state: str = PENDING
+
+    def to_json(self) -> dict:
+        return {"phase": self.phase, "host": self.host, "argv": list(self.argv),
+                "undo": list(self.undo) if self.undo is not None else None,
+                "note": self.note, "state": self.state}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Entry":
+        undo = d.get("undo")
+        return cls(phase=d["phase"], host=d["host"], argv=tuple(d["argv"]),
+                   undo=tuple(undo) if undo is not None else None,
+                   note=d.get("note", ""), state=d.get("state", PENDING))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Replace ``path`` with ``text``: temp file in the same dir, fsync, rename, fsync dir."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+class Journal:
+    def __init__(self, path: str, domu: str, peer: str, pid: int, started: str,
+                 entries: list[Entry] | None = None):
+        self.path = path
+        self.domu = domu
+        self.peer = peer
+        self.pid = pid
+        self.started = started
+        self.entries: list[Entry] = entries or []
+
+    @classmethod
+    def create(cls, state_dir, domu: str, peer: str) -> "Journal":
+        """Start the journal of a run; refuses when an earlier run left one behind."""
+        path = state_file(state_dir, "journal", domu, "json")
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        old = cls.load(state_dir, domu)
+        if old is not None:
+            raise TeardownError(
+                f"an earlier run of {domu} (PID {old.pid}, started {old.started}) left "
+                f"{len(old.entries)} step(s) to undo in {path}",
+                hint=f"run `domubackup cleanup {domu}` first")
+        journal = cls(path, domu, peer, os.getpid(),
+                      time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        journal._save()
+        return journal
+
+    @classmethod
+    def load(cls, state_dir, domu: str) -> "Journal | None":
+        path = state_file(state_dir, "journal", domu, "json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            entries = [Entry.from_json(e) for e in data["entries"]]
+            return cls(path, data["domu"], data.get("peer", ""), data.get("pid", 0),
+                       data.get("started", ""), entries)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DomuBackupError(f"the journal {path} is unreadable: {exc}",
+                                  hint="undo its steps by hand, then remove it") from exc
+
+    @staticmethod
+    def domus(state_dir) -> list[str]:
+        """Names of the DomUs that have a journal (runs that did not finish their teardown)."""
+        directory = os.path.join(os.fspath(state_dir), "journal")
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
+
+    def _save(self) -> None:
+        data = {"domu": self.domu, "pid": self.pid, "started": self.started, "peer": self.peer,
+                "entries": [e.to_json() for e in self.entries]}
+        atomic_write(self.path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+    def begin(self, step: Step) -> int:
+        """Record ``step`` as pending (on disk) before it runs; return its index."""
+        self.entries.append(Entry(step.phase, step.host, tuple(step.argv),
+                                  tuple(step.undo) if step.undo is not None else None,
+                                  step.note))
+        self._save()
+        return len(self.entries) - 1
+
+    def done(self, index: int) -> None:
+        self.entries[index].state = DONE
+        self._save()
+
+    def teardown(self, runners: Mapping[str, "Runner"]) -> list[Result]:
+        """Run every undo in reverse order, carrying on after failures.
+
+        All undone (or already gone): the journal file is removed. Otherwise the journal is
+        rewritten with only the failed entries and TeardownError lists every failure.
+        """
+        results: list[Result] = []
+        failed: list[Entry] = []
+        failures: list[str] = []
+        for entry in reversed(self.entries):
+            if entry.undo is None:
+                continue
+            cmd = shlex.join(entry.undo)
+            runner = runners.get(entry.host)
+            if runner is None:
+                failed.append(entry)
+                who = f"{entry.host} {self.peer}" if entry.host == PEER and self.peer else entry.host
+                failures.append(f"{entry.host}: `{cmd}` not run: no connection to {who}")
+                continue
+            try:
+                result = runner.run(entry.undo, check=False)
+            except DomuBackupError as exc:  # CommandError (timeout, missing), PeerError
+                failed.append(entry)
+                failures.append(f"{runner.host}: `{cmd}`: {exc.message}")
+                continue
+            results.append(result)
+            if result.exit_code == 0:
+                continue
+            if already_gone(entry.undo, result):
+                log.info("%s: `%s`: already gone", runner.host, cmd)
+                continue
+            failed.append(entry)
+            tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+            failures.append(f"{runner.host}: `{cmd}` exited {result.exit_code}"
+                            + (f": {tail}" if tail else ""))
+        if not failed:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            _fsync_dir(os.path.dirname(self.path))
+            self.entries = []
+            return results
+        self.entries = list(reversed(failed))
+        self._save()
+        raise TeardownError(f"teardown of {self.domu}: {len(failures)} undo step(s) failed, "
+                            f"kept in {self.path}", failures,
+                            hint=f"fix the cause, then run `domubackup cleanup {self.domu}`")

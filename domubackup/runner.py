@@ -1,0 +1,337 @@
+"""The one command runner: argv lists in, ``model.Result`` out, locally (sh) or on the peer (paramiko).
+
+Every command, on either side, runs with the same base environment (``BASE_ENV`` plus the
+caller's ``env`` on top), without a TTY and without a shell on our side. On the peer the
+remote command string is built in exactly one place, ``SSHRunner.remote_command``, by
+``shlex.join``: every word is quoted, nothing the caller passes is ever parsed by a shell.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shlex
+import shutil
+import signal
+import socket
+import threading
+import time
+from typing import Mapping, Sequence
+
+import paramiko
+import sh
+
+from .errors import CommandError, PeerError
+from .model import Result
+
+log = logging.getLogger("domubackup.run")
+
+BASE_ENV = {
+    "LC_ALL": "C",
+    "LANG": "C",
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "LVM_SUPPRESS_FD_WARNINGS": "1",
+}
+
+# Seconds the remote `timeout` waits after SIGTERM before it sends SIGKILL.
+KILL_AFTER = 5
+# Extra seconds we wait locally for the remote side to report the timeout before giving up.
+REMOTE_GRACE = 10
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, str):
+        return data
+    return data.decode("utf-8", errors="replace")
+
+
+def _seconds(value: float) -> str:
+    """A duration for coreutils `timeout`: plain decimal, never 1e+06."""
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
+def _not_installed(host: str, argv: tuple[str, ...]) -> CommandError:
+    return CommandError(host, argv, 127, f"{argv[0]}: not installed on {host}",
+                        hint=f"install the package that provides {argv[0]} on {host}")
+
+
+class Runner:
+    """Runs argv lists on one host. Subclasses implement ``_execute``."""
+
+    host: str
+    default_timeout: float
+
+    def __init__(self, host: str, default_timeout: float = 600):
+        self.host = host
+        self.default_timeout = default_timeout
+        self.history: list[Result] = []
+
+    def run(self, argv: Sequence[str], *, timeout: float | None = None, ok_codes=(0,),
+            env: Mapping[str, str] | None = None, input: bytes | str | None = None,
+            check: bool = True) -> Result:
+        """Run ``argv``; return its Result.
+
+        Raises CommandError when the exit code is not in ``ok_codes`` (unless ``check`` is
+        false), always on a timeout, and always when the program is not installed (127).
+        SSHRunner raises PeerError when the peer cannot be reached or the connection drops.
+        """
+        if isinstance(argv, (str, bytes)):
+            raise TypeError(f"argv must be a list of words, not a string: {argv!r}")
+        argv = tuple(argv)
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise TypeError(f"argv must be a non-empty sequence of str, got {argv!r}")
+        if argv[0].startswith("-") or "=" in argv[0]:
+            raise ValueError(f"not a program name: {argv[0]!r}")
+        limit = self.default_timeout if timeout is None else timeout
+        full_env = {**BASE_ENV, **(env or {})}
+        data = input.encode("utf-8") if isinstance(input, str) else input
+        cmd = shlex.join(argv)
+        extra = f" (env {' '.join(sorted(env))})" if env else ""  # names only: values may be secret
+        log.debug("%s: $ %s%s", self.host, cmd, extra)
+        start = time.monotonic()
+        try:
+            code, out, err = self._execute(argv, full_env, data, limit)
+        except CommandError as exc:
+            duration = time.monotonic() - start
+            code = exc.returncode if exc.returncode is not None else -1
+            self.history.append(Result(self.host, argv, code, "", exc.stderr, duration))
+            log.warning("%s: `%s` failed after %.2fs: %s", self.host, cmd, duration, exc.message)
+            raise
+        result = Result(self.host, argv, code, _text(out), _text(err), time.monotonic() - start)
+        self.history.append(result)
+        if code in ok_codes:
+            log.info("%s: `%s` exit %d in %.2fs", self.host, cmd, code, result.duration)
+        else:
+            log.warning("%s: `%s` exit %d in %.2fs: %s", self.host, cmd, code, result.duration,
+                        " | ".join(result.stderr.strip().splitlines()[-3:]))
+            if check:
+                raise CommandError(self.host, argv, code, result.stderr)
+        return result
+
+    def _execute(self, argv: tuple[str, ...], env: dict[str, str], input: bytes | None,
+                 timeout: float) -> tuple[int, bytes | str, bytes | str]:
+        """Run one command: return (exit_code, stdout, stderr); raise CommandError on a
+        timeout (``timeout=``) or a missing program (127)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LocalRunner(Runner):
+    """Runs commands on this host with the ``sh`` package, each in its own session so that a
+    timeout kills the whole process group (sh's own ``_timeout`` signals only the child)."""
+
+    def __init__(self, host: str = "localhost", default_timeout: float = 600):
+        super().__init__(host, default_timeout)
+        self._running: dict[int, object] = {}
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Kill every command this runner is running now (from another thread)."""
+        self._cancelled.set()
+        for kill in list(self._running.values()):
+            kill()
+
+    def _execute(self, argv, env, input, timeout):
+        program = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env["PATH"])
+        if program is None or not os.access(program, os.X_OK):
+            raise _not_installed(self.host, argv)
+        proc = sh.Command(program)(
+            *argv[1:], _tty_out=False, _bg=True, _bg_exc=False, _new_session=True,
+            _env=env, _in=input, _ok_code=range(256), _truncate_exc=False)
+        fired = threading.Event()
+
+        def kill_group():
+            fired.set()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # _new_session: the child leads its group
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout, kill_group)
+        timer.daemon = True
+        timer.start()
+        self._running[proc.pid] = kill_group
+        try:
+            proc.wait()
+            code, out, err = proc.exit_code, proc.stdout, proc.stderr
+        except sh.ErrorReturnCode as exc:  # killed by a signal: sh reports -N
+            code, out, err = exc.exit_code, exc.stdout, exc.stderr
+        except BaseException:
+            # A signal turned into an exception (SIGTERM, Ctrl-C) while we waited: the child
+            # runs in its own session and would outlive us, holding mounts busy. Kill it.
+            kill_group()
+            raise
+        finally:
+            timer.cancel()
+            self._running.pop(proc.pid, None)
+        if self._cancelled.is_set() and code < 0:
+            raise CommandError(self.host, argv, code, _text(err) + "\ncancelled", hint="the run was stopped")
+        if fired.is_set() and code < 0:
+            raise CommandError(self.host, argv, code, _text(err), timeout=timeout)
+        return code, out, err
+
+
+class SSHRunner(Runner):
+    """Runs commands on the peer over one paramiko connection, opened on first use.
+
+    The host key must already be in ``known_hosts`` (RejectPolicy); no agent, no key search.
+    Each command is wrapped in coreutils ``timeout -k KILL_AFTER T`` on the peer so that a
+    timeout or a dropped connection never leaves the remote process running for long.
+    """
+
+    def __init__(self, host: str, *, user: str = "root", port: int = 22,
+                 identity_file: str | None = None, known_hosts: str,
+                 connect_timeout: float = 10, default_timeout: float = 600):
+        super().__init__(host, default_timeout)
+        self.user = user
+        self.port = port
+        self.identity_file = identity_file
+        self.known_hosts = known_hosts
+        self.connect_timeout = connect_timeout
+        self._client: paramiko.SSHClient | None = None
+
+    @property
+    def _where(self) -> str:
+        return self.host if self.port == 22 else f"{self.host}:{self.port}"
+
+    @property
+    def _key_name(self) -> str:
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+    def connect(self) -> None:
+        """Open the connection (done by the first run()); raise PeerError with the cause."""
+        if self._client is not None:
+            transport = self._client.get_transport()
+            if transport is not None and transport.is_active():
+                return
+            self.close()
+        client = paramiko.SSHClient()
+        try:
+            client.load_host_keys(self.known_hosts)
+        except OSError as exc:
+            raise PeerError(f"cannot read known_hosts file {self.known_hosts}: {exc.strerror or exc}",
+                            hint="check the peer's known_hosts setting") from exc
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            client.connect(self.host, port=self.port, username=self.user,
+                           key_filename=self.identity_file, look_for_keys=False,
+                           allow_agent=False, timeout=self.connect_timeout,
+                           banner_timeout=self.connect_timeout,
+                           auth_timeout=self.connect_timeout)
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise PeerError(
+                f"the host key of {self._where} has CHANGED: it does not match the entry for "
+                f"{self._key_name} in {self.known_hosts} (possible man-in-the-middle attack, or "
+                f"the host was reinstalled)",
+                hint=f"verify the new fingerprint out of band, then fix the entry for "
+                     f"{self._key_name} in {self.known_hosts}") from exc
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise PeerError(f"authentication to {self.user}@{self._where} failed: {exc}",
+                            hint=f"check that the public key of {self.identity_file or 'the identity file'}"
+                                 f" is in {self.user}'s authorized_keys on {self.host}") from exc
+        except paramiko.SSHException as exc:
+            client.close()
+            if "not found in known_hosts" in str(exc):
+                raise PeerError(
+                    f"the host key of {self._where} is unknown: no entry for {self._key_name} "
+                    f"in {self.known_hosts}",
+                    hint=f"verify the fingerprint, then add it, e.g. "
+                         f"`ssh-keyscan -p {self.port} {self.host} >> {self.known_hosts}`") from exc
+            raise PeerError(f"SSH to {self._where} failed: {exc}") from exc
+        except socket.gaierror as exc:
+            client.close()
+            raise PeerError(f"cannot resolve peer host name {self.host}: {exc.strerror}") from exc
+        except (TimeoutError, socket.timeout) as exc:
+            client.close()
+            raise PeerError(f"connection to {self._where} timed out after "
+                            f"{self.connect_timeout:g}s") from exc
+        except paramiko.ssh_exception.NoValidConnectionsError as exc:
+            client.close()
+            cause = "; ".join(sorted({e.strerror or str(e) for e in exc.errors.values()}))
+            raise PeerError(f"cannot connect to {self._where}: {cause}",
+                            hint="is sshd running there and the port right?") from exc
+        except OSError as exc:
+            client.close()
+            raise PeerError(f"cannot connect to {self._where}: {exc.strerror or exc}") from exc
+        self._client = client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def remote_command(self, argv: Sequence[str], env: Mapping[str, str],
+                       timeout: float) -> str:
+        """The only place where a remote command string is made."""
+        assigns = [f"{k}={v}" for k, v in env.items()]
+        return shlex.join(["env", "--", *assigns,
+                           "timeout", "-k", str(KILL_AFTER), _seconds(timeout), *argv])
+
+    def _execute(self, argv, env, input, timeout):
+        self.connect()
+        transport = self._client.get_transport()
+        cmd = shlex.join(argv)
+        start = time.monotonic()  # before the remote start: our elapsed >= the remote one
+        try:
+            chan = transport.open_session(timeout=self.connect_timeout)
+            chan.exec_command(self.remote_command(argv, env, timeout))
+        except (paramiko.SSHException, OSError) as exc:
+            self.close()
+            raise PeerError(f"connection to {self._where} failed while starting `{cmd}`: {exc}") from exc
+
+        def feed():  # in a thread: a command that writes while it reads must not deadlock us
+            try:
+                if input:
+                    chan.sendall(input)
+                chan.shutdown_write()
+            except (paramiko.SSHException, OSError):
+                pass  # the read loop below reports a dropped connection
+
+        threading.Thread(target=feed, daemon=True).start()
+        deadline = start + timeout + KILL_AFTER + REMOTE_GRACE
+        out, err = [], []
+        try:
+            while True:
+                select.select([chan], [], [], 0.5)
+                while chan.recv_ready():
+                    out.append(chan.recv(65536))
+                while chan.recv_stderr_ready():
+                    err.append(chan.recv_stderr(65536))
+                if chan.closed or (chan.exit_status_ready() and chan.eof_received):
+                    break
+                if not transport.is_active():
+                    break
+                if time.monotonic() > deadline:
+                    chan.close()
+                    raise CommandError(self.host, argv, None, _text(b"".join(err)),
+                                       timeout=timeout)
+            while chan.recv_ready():
+                out.append(chan.recv(65536))
+            while chan.recv_stderr_ready():
+                err.append(chan.recv_stderr(65536))
+            code = chan.exit_status if chan.exit_status_ready() else -1
+        finally:
+            chan.close()
+        if code == -1 and not transport.is_active():
+            self.close()
+            raise PeerError(f"connection to {self._where} lost while running `{cmd}`: the command "
+                            f"may or may not have completed there")
+        stderr = _text(b"".join(err))
+        if code in (124, 137) and time.monotonic() - start >= timeout:
+            raise CommandError(self.host, argv, code, stderr, timeout=timeout)
+        if code == 127 and stderr.startswith("timeout: failed to run command"):
+            raise _not_installed(self.host, argv)
+        return code, b"".join(out), stderr

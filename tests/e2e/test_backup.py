@@ -1,0 +1,112 @@
+"""The main job in the lab: `domubackup run web1` on dom0a mirrors web1 into dom0b's replica."""
+
+import json
+import pathlib
+
+import pytest
+
+TOOL = (pathlib.Path(__file__).parent / "treetool.py").read_text()
+
+
+def tree(lab, vm, cmd):
+    return lab.ssh(vm, ["python3", "-", cmd], input=TOOL, timeout=600)
+
+
+def manifest(lab, vm):
+    tree(lab, vm, "mount")
+    try:
+        return json.loads(tree(lab, vm, "manifest").stdout)
+    finally:
+        tree(lab, vm, "umount")
+
+
+def domubackup(lab, *args, vm="dom0a", check=False, timeout=900):
+    return lab.ssh(vm, ["domubackup", *args], check=check, timeout=timeout)
+
+
+@pytest.fixture
+def fresh(lab):
+    lab.reset()
+    return lab
+
+
+def test_run_mirrors_guest_tree_exactly(fresh):
+    lab = fresh
+    tree(lab, "dom0a", "mount")
+    try:
+        tree(lab, "dom0a", "change")
+    finally:
+        tree(lab, "dom0a", "umount")
+    r = domubackup(lab, "-v", "run", "web1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("web1: OK in "), r.stdout
+    a, b = manifest(lab, "dom0a"), manifest(lab, "dom0b")
+    assert "var/lib/lab/state" not in b  # deleted in the guest, deleted on the replica
+    assert b["srv/new dir/hardlink.txt"]["hardlink"] == "srv/new dir/added.txt"
+    assert b["srv/new dir/link-to-index"]["target"] == "../www/index.html"
+    assert b["srv/xattr.txt"]["xattrs"] == {"user.domubackup": b"kept".hex()}
+    assert (b["var/owned-by-4242"]["uid"], b["var/owned-by-4242"]["gid"]) == (4242, 4343)
+    assert b["srv/sparse.img"]["size"] == 64 * 1024 * 1024
+    assert a == b
+
+
+def test_second_run_sends_little_and_quiet_without_v(fresh):
+    lab = fresh
+    assert domubackup(lab, "run", "web1").returncode == 0
+    r = domubackup(lab, "run", "web1")
+    assert (r.returncode, r.stdout) == (0, "")  # quiet on success: cron mails only failures
+
+
+def test_refused_when_domu_runs_on_peer(fresh):
+    lab = fresh
+    lab.ssh("dom0b", ["sed", "-i", "s|<test:runstate>5</test:runstate>|<test:runstate>1</test:runstate>|",
+                      "/etc/domubackup/lab-node.xml"])
+    r = domubackup(lab, "run", "web1")
+    assert r.returncode == 1
+    assert "web1 is running on dom0b: refusing to overwrite the disks of a live DomU" in r.stderr
+    assert "web1: ERROR" in r.stdout
+
+
+def test_refused_when_replica_layout_differs(fresh):
+    lab = fresh
+    lab.ssh("dom0b", ["wipefs", "-a", "-q", "/dev/vg0/web1-srv"])
+    r = domubackup(lab, "run", "web1")
+    assert r.returncode == 1
+    assert "the replica on dom0b does not match: xvdb: ext4 here, no filesystem on the replica" in r.stderr
+    assert "domubackup seed web1" in r.stderr
+
+
+def test_unknown_peer_host_key_refused(fresh):
+    lab = fresh
+    lab.ssh("dom0a", ["sed", "-i", "/^dom0b/d;/^10\\./d", "/etc/domubackup/known_hosts"])
+    r = domubackup(lab, "run", "web1")
+    assert r.returncode == 1
+    assert "the host key of dom0b is unknown" in r.stderr
+
+
+def test_two_concurrent_runs_one_exits_75(fresh):
+    lab = fresh
+    script = ("domubackup run web1 > /tmp/first.out 2>&1 & first=$!; sleep 0.5; "
+              "domubackup run web1; echo second=$?; wait $first; echo first=$?")
+    r = lab.ssh("dom0a", script, check=False, timeout=900)
+    assert "second=75" in r.stdout, r.stdout + r.stderr
+    assert "web1 is already being backed up by PID" in r.stderr
+    assert "first=0" in r.stdout
+
+
+def test_kill_9_then_cleanup_clears_both_hosts(fresh):
+    lab = fresh
+    # Stop the run with SIGKILL while rsync runs (after the peer mounts), then clean up.
+    script = ("domubackup run web1 & pid=$!; "
+              "for i in $(seq 1 600); do pgrep -x rsync >/dev/null && break; sleep 0.1; done; "
+              "kill -9 $pid; pkill -9 -x rsync; wait $pid; echo killed=$?")
+    r = lab.ssh("dom0a", script, check=False, timeout=900)
+    assert "killed=137" in r.stdout, r.stdout + r.stderr
+    rc, text = lab.leftovers()
+    assert rc != 0 and "web1" in text  # the dead run left its stack and journal
+    c = domubackup(lab, "cleanup", "web1")
+    assert c.returncode == 0, c.stderr
+    assert "web1: undid" in c.stdout
+    rc, text = lab.leftovers()
+    assert rc == 0, text
+    assert domubackup(lab, "run", "web1").returncode == 0

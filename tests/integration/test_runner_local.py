@@ -1,0 +1,109 @@
+import logging
+import subprocess
+import time
+
+import pytest
+
+from domubackup.errors import CommandError
+from domubackup.runner import LocalRunner
+
+
+@pytest.fixture
+def runner():
+    return LocalRunner("dom0a", default_timeout=30)
+
+
+def pgrep(pattern):
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+
+
+def test_true_and_result_fields(runner):
+    r = runner.run(["true"])
+    assert (r.host, r.argv, r.exit_code, r.stdout, r.stderr) == ("dom0a", ("true",), 0, "", "")
+    assert 0 <= r.duration < 5
+    assert runner.history == [r]
+
+
+def test_false_raises_with_exit_code(runner):
+    with pytest.raises(CommandError) as e:
+        runner.run(["false"])
+    assert e.value.returncode == 1
+    assert e.value.message == "on dom0a: `false` exited 1"
+    assert [h.exit_code for h in runner.history] == [1]
+
+
+def test_check_false_and_ok_codes(runner):
+    assert runner.run(["sh", "-c", "echo oops >&2; exit 3"], check=False).exit_code == 3
+    r = runner.run(["sh", "-c", "exit 5"], ok_codes=(0, 5))
+    assert r.exit_code == 5
+    with pytest.raises(CommandError) as e:
+        runner.run(["sh", "-c", "echo first >&2; echo 'no space left' >&2; exit 2"], ok_codes=(0, 5))
+    assert e.value.message == "on dom0a: `sh -c 'echo first >&2; echo '\"'\"'no space left'\"'\"' >&2; exit 2'` exited 2: first | no space left"
+
+
+def test_printf_words_arrive_unchanged(runner):
+    words = ["a b", "'", '"', "$(touch /tmp/domubackup-pwned)", "`id`", ";", "&&", "x\ny", "*", "-n", "é€"]
+    r = runner.run(["printf", "%s\\0", *words])
+    assert r.stdout.split("\0")[:-1] == words
+
+
+def test_environment_is_fixed_and_merged(runner):
+    r = runner.run(["env"], env={"EXTRA": "1", "LANG": "C.UTF-8"})
+    assert sorted(r.stdout.splitlines()) == sorted([
+        "LC_ALL=C", "LANG=C.UTF-8", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        "LVM_SUPPRESS_FD_WARNINGS=1", "EXTRA=1"])
+
+
+def test_no_tty(runner):
+    assert runner.run(["sh", "-c", "test -t 1 && echo tty || echo notty"]).stdout == "notty\n"
+
+
+def test_stdin_input_bytes_and_str(runner):
+    assert runner.run(["cat"], input="héllo\n").stdout == "héllo\n"
+    assert runner.run(["cat"], input=b"a\x00b").stdout == "a\x00b"
+    assert runner.run(["cat"]).stdout == ""  # no input: EOF at once, no hang
+
+
+def test_undecodable_output_is_replaced(runner):
+    assert runner.run(["printf", "a\\377b"]).stdout == "a\ufffdb"
+
+
+def test_missing_program(runner):
+    with pytest.raises(CommandError) as e:
+        runner.run(["kpartx-not-here", "-a", "/dev/x"])
+    assert e.value.returncode == 127
+    assert str(e.value) == ("on dom0a: `kpartx-not-here -a /dev/x` exited 127: kpartx-not-here: not "
+                            "installed on dom0a (install the package that provides kpartx-not-here on dom0a)")
+    with pytest.raises(CommandError):  # also with check=False
+        runner.run(["kpartx-not-here"], check=False)
+
+
+def test_timeout_kills_the_whole_process_group(runner):
+    start = time.monotonic()
+    with pytest.raises(CommandError) as e:
+        runner.run(["sh", "-c", "sleep 31.41601 & sleep 31.41602 & wait"], timeout=0.5)
+    assert time.monotonic() - start < 3
+    assert e.value.timeout == 0.5
+    assert e.value.message == "on dom0a: `sh -c 'sleep 31.41601 & sleep 31.41602 & wait'` timed out after 0.5s"
+    assert pgrep("sleep 31.4160") == []
+
+
+def test_timeout_does_not_fire_for_quick_commands(runner):
+    assert runner.run(["sleep", "0.1"], timeout=5).exit_code == 0
+
+
+def test_logging(runner, caplog):
+    caplog.set_level(logging.DEBUG, logger="domubackup.run")
+    runner.run(["printf", "a b"])
+    runner.run(["false"], check=False)
+    msgs = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "domubackup.run"]
+    assert msgs[0] == ("DEBUG", "dom0a: $ printf 'a b'")
+    assert msgs[1][0] == "INFO" and msgs[1][1].startswith("dom0a: `printf 'a b'` exit 0 in ")
+    assert msgs[3][0] == "WARNING" and msgs[3][1].startswith("dom0a: `false` exit 1 in ")
+
+
+def test_argv_must_be_a_list_of_words(runner):
+    with pytest.raises(TypeError):
+        runner.run("echo hi")
+    with pytest.raises(ValueError):
+        runner.run(["-rf"])

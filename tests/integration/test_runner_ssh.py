@@ -1,0 +1,198 @@
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from domubackup.errors import CommandError, PeerError
+from domubackup.runner import SSHRunner
+
+ECHO_ARGV = ["python3", "-c", "import sys, json; print(json.dumps(sys.argv[1:]))"]
+
+
+def make_runner(sshd, **kw):
+    args = dict(port=sshd.port, identity_file=sshd.identity_file, known_hosts=sshd.known_hosts,
+                connect_timeout=5, default_timeout=30)
+    args.update(kw)
+    return SSHRunner(sshd.host, **args)
+
+
+@pytest.fixture(scope="module")
+def peer(sshd):
+    with make_runner(sshd) as runner:
+        yield runner
+
+
+def pgrep(pattern):
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+
+
+def wait_gone(pattern, seconds=2.0):
+    deadline = time.monotonic() + seconds
+    while pgrep(pattern) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pgrep(pattern)
+
+
+def test_hostile_words_arrive_unchanged_and_nothing_runs(peer, sshd):
+    marker = sshd.tmp / "pwned"
+    words = ["two words", "it's", 'say "hi"', f"$(touch {marker})", f"`touch {marker}`",
+             f"; touch {marker}", f"&& touch {marker}", "line1\nline2", "*", "-rf", "--",
+             "é ü 日本", "$HOME", "a\\b", "'\"'", "", " ", "\t"]
+    r = peer.run([*ECHO_ARGV, *words])
+    assert json.loads(r.stdout) == words
+    assert r.host == "127.0.0.1"
+    assert r.argv == (*ECHO_ARGV, *words)
+    assert not marker.exists()
+
+
+def test_environment_on_the_peer(peer):
+    r = peer.run(["env"], env={"EXTRA": "a b'c"})
+    lines = r.stdout.splitlines()
+    for want in ["LC_ALL=C", "LANG=C", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                 "LVM_SUPPRESS_FD_WARNINGS=1", "EXTRA=a b'c"]:
+        assert want in lines
+    assert peer.run(["sh", "-c", "test -t 0 || test -t 1 && echo tty || echo notty"]).stdout == "notty\n"
+
+
+def test_remote_command_is_one_quoted_string(peer):
+    assert peer.remote_command(["ls", "a b"], {"LC_ALL": "C"}, 7) == \
+        "env -- LC_ALL=C timeout -k 5 7 ls 'a b'"
+    assert peer.remote_command(["true"], {}, 1234567.5) == "env -- timeout -k 5 1234567.5 true"
+
+
+def test_exit_codes_and_stderr_come_back(peer):
+    r = peer.run(["sh", "-c", "echo out; echo err >&2; exit 3"], check=False)
+    assert (r.exit_code, r.stdout, r.stderr) == (3, "out\n", "err\n")
+    with pytest.raises(CommandError) as e:
+        peer.run(["sh", "-c", "echo 'Volume group \"vg0\" not found' >&2; exit 5"])
+    assert e.value.returncode == 5
+    assert e.value.stderr == 'Volume group "vg0" not found\n'
+    assert e.value.message.endswith('exited 5: Volume group "vg0" not found')
+    assert peer.run(["sh", "-c", "exit 32"], ok_codes=(0, 32)).exit_code == 32
+    assert peer.history[-1].exit_code == 32
+
+
+def test_stdin_and_large_output(peer):
+    assert peer.run(["cat"], input="héllo\n").stdout == "héllo\n"
+    data = os.urandom(2_500_000).hex()  # 5 MB through stdin and back: beyond the SSH windows
+    assert peer.run(["cat"], input=data).stdout == data
+    assert peer.run(["cat"]).stdout == ""
+    r = peer.run(["sh", "-c", "head -c 400000 /dev/zero | tr '\\0' e >&2; echo done"])
+    assert (len(r.stderr), r.stdout) == (400000, "done\n")
+
+
+def test_missing_program_on_the_peer(peer):
+    with pytest.raises(CommandError) as e:
+        peer.run(["kpartx-not-here", "-l"])
+    assert e.value.returncode == 127
+    assert str(e.value) == ("on 127.0.0.1: `kpartx-not-here -l` exited 127: kpartx-not-here: not "
+                            "installed on 127.0.0.1 (install the package that provides "
+                            "kpartx-not-here on 127.0.0.1)")
+
+
+def test_timeout_kills_the_remote_process_group(peer):
+    start = time.monotonic()
+    with pytest.raises(CommandError) as e:
+        peer.run(["sh", "-c", "sleep 31.41801 & sleep 31.41802 & wait"], timeout=1)
+    assert 1 <= time.monotonic() - start < 4
+    assert e.value.timeout == 1
+    assert e.value.message == "on 127.0.0.1: `sh -c 'sleep 31.41801 & sleep 31.41802 & wait'` timed out after 1s"
+    assert wait_gone("sleep 31.4180") == []
+    assert peer.run(["true"]).exit_code == 0  # the connection is still usable
+
+
+def test_unknown_host_key_is_refused(sshd, tmp_path):
+    kh = tmp_path / "known_hosts"
+    kh.write_text((open(sshd.known_hosts).read()).replace(f"[127.0.0.1]:{sshd.port}", "[127.0.0.1]:1"))
+    with pytest.raises(PeerError) as e:
+        make_runner(sshd, known_hosts=str(kh)).run(["true"])
+    assert e.value.message == (f"the host key of 127.0.0.1:{sshd.port} is unknown: no entry for "
+                               f"[127.0.0.1]:{sshd.port} in {kh}")
+    assert e.value.hint == (f"verify the fingerprint, then add it, e.g. `ssh-keyscan -p {sshd.port} "
+                            f"127.0.0.1 >> {kh}`")
+
+
+def test_changed_host_key_is_refused(sshd, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+    other = (tmp_path / "other.pub").read_text().split()[:2]
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{sshd.port} {other[0]} {other[1]}\n")
+    with pytest.raises(PeerError) as e:
+        make_runner(sshd, known_hosts=str(kh)).run(["true"])
+    assert e.value.message == (f"the host key of 127.0.0.1:{sshd.port} has CHANGED: it does not match the "
+                               f"entry for [127.0.0.1]:{sshd.port} in {kh} (possible man-in-the-middle "
+                               f"attack, or the host was reinstalled)")
+    assert e.value.hint == (f"verify the new fingerprint out of band, then fix the entry for "
+                            f"[127.0.0.1]:{sshd.port} in {kh}")
+
+
+def test_missing_known_hosts_file(sshd, tmp_path):
+    with pytest.raises(PeerError) as e:
+        make_runner(sshd, known_hosts=str(tmp_path / "nope")).run(["true"])
+    assert e.value.message == f"cannot read known_hosts file {tmp_path}/nope: No such file or directory"
+
+
+def test_wrong_client_key_is_an_auth_failure(sshd, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True)
+    with pytest.raises(PeerError) as e:
+        make_runner(sshd, identity_file=str(tmp_path / "stranger")).run(["true"])
+    assert e.value.message == f"authentication to root@127.0.0.1:{sshd.port} failed: Authentication failed."
+
+
+def test_connection_refused(sshd):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(PeerError) as e:
+        make_runner(sshd, port=port).run(["true"])
+    assert e.value.message == f"cannot connect to 127.0.0.1:{port}: Connection refused"
+
+
+def test_unknown_host_name(sshd):
+    with pytest.raises(PeerError) as e:
+        SSHRunner("no-such-host.invalid", known_hosts=sshd.known_hosts, connect_timeout=3).run(["true"])
+    assert e.value.message.startswith("cannot resolve peer host name no-such-host.invalid: ")
+
+
+def test_dropped_connection_is_a_peer_error_not_a_hang(sshd):
+    def children():
+        out = subprocess.run(["pgrep", "-P", str(sshd.pid)], capture_output=True, text=True).stdout
+        return set(out.split())
+
+    runner = make_runner(sshd)
+    before = children()
+    runner.connect()
+    ours = children() - before  # the per-connection sshd process of this runner
+    assert len(ours) == 1
+    outcome = {}
+
+    def run():
+        try:
+            runner.run(["sleep", "31.41901"], timeout=20)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["exc"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not pgrep("sleep 31.41901") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(int(ours.pop()), signal.SIGKILL)
+        t.join(5)
+        assert not t.is_alive()
+        exc = outcome["exc"]
+        assert isinstance(exc, PeerError)
+        assert exc.message == (f"connection to 127.0.0.1:{sshd.port} lost while running `sleep 31.41901`: "
+                               "the command may or may not have completed there")
+    finally:
+        for pid in pgrep("sleep 31.41901"):  # the orphaned remote command (our own process)
+            os.kill(int(pid), signal.SIGKILL)
+    # the next run() reconnects
+    assert runner.run(["true"]).exit_code == 0
+    runner.close()

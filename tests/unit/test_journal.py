@@ -1,0 +1,258 @@
+import json
+import os
+
+import pytest
+
+from domubackup.errors import CommandError, PeerError, TeardownError
+from domubackup.journal import Journal, already_gone
+from domubackup.model import LOCAL, PEER, Result, Step
+from domubackup.runner import Runner
+
+
+class FakeRunner(Runner):
+    """Records every argv; answers from a script {argv tuple: (code, stdout, stderr) | exception}."""
+
+    def __init__(self, host, role, script=None, calls=None):
+        super().__init__(host)
+        self.role = role
+        self.script = script or {}
+        self.calls = calls if calls is not None else []
+
+    def _execute(self, argv, env, input, timeout):
+        self.calls.append((self.role, argv))
+        answer = self.script.get(argv, (0, "", ""))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+STEPS = [
+    Step("snapshot", LOCAL, ("lvcreate", "-s", "-n", "web1-snap", "-L", "1G", "vg0/web1"),
+         ("lvremove", "-f", "vg0/web1-snap")),
+    Step("map", LOCAL, ("kpartx", "-a", "-r", "/dev/vg0/web1-snap"),
+         ("kpartx", "-d", "/dev/vg0/web1-snap")),
+    Step("mkdir", LOCAL, ("mkdir", "-p", "/run/domubackup/web1"), ("rmdir", "/run/domubackup/web1")),
+    Step("check", LOCAL, ("blkid", "/dev/mapper/web1-snap1"), None),
+    Step("mount", LOCAL, ("mount", "-o", "ro", "/dev/mapper/web1-snap1", "/run/domubackup/web1"),
+         ("umount", "/run/domubackup/web1")),
+    Step("peer-mount", PEER, ("mount", "/dev/mapper/vg1-web1p1", "/srv/replica/web1"),
+         ("umount", "/srv/replica/web1")),
+]
+UNDO_ORDER = [
+    (PEER, ("umount", "/srv/replica/web1")),
+    (LOCAL, ("umount", "/run/domubackup/web1")),
+    (LOCAL, ("rmdir", "/run/domubackup/web1")),
+    (LOCAL, ("kpartx", "-d", "/dev/vg0/web1-snap")),
+    (LOCAL, ("lvremove", "-f", "vg0/web1-snap")),
+]
+
+
+def on_disk(tmp_path, domu="web1"):
+    with open(tmp_path / "journal" / f"{domu}.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def runners(script=None):
+    calls = []
+    return {LOCAL: FakeRunner("dom0a", LOCAL, script, calls),
+            PEER: FakeRunner("dom0b", PEER, script, calls)}, calls
+
+
+def journal_with_all_steps(tmp_path):
+    j = Journal.create(tmp_path, "web1", "dom0b")
+    for step in STEPS:
+        j.done(j.begin(step))
+    return j
+
+
+def test_create_writes_header(tmp_path):
+    Journal.create(tmp_path, "web1", "dom0b")
+    data = on_disk(tmp_path)
+    assert data["domu"] == "web1"
+    assert data["peer"] == "dom0b"
+    assert data["pid"] == os.getpid()
+    assert data["started"]
+    assert data["entries"] == []
+    assert oct(os.stat(tmp_path / "journal").st_mode & 0o777) == "0o700"
+
+
+def test_begin_persists_pending_before_the_step_runs_then_done(tmp_path):
+    j = Journal.create(tmp_path, "web1", "dom0b")
+    i = j.begin(STEPS[0])
+    assert i == 0
+    assert on_disk(tmp_path)["entries"] == [{
+        "phase": "snapshot", "host": "local",
+        "argv": ["lvcreate", "-s", "-n", "web1-snap", "-L", "1G", "vg0/web1"],
+        "undo": ["lvremove", "-f", "vg0/web1-snap"], "note": "", "state": "pending"}]
+    j.done(i)
+    assert on_disk(tmp_path)["entries"][0]["state"] == "done"
+    assert j.begin(STEPS[3]) == 1
+    assert on_disk(tmp_path)["entries"][1]["undo"] is None
+
+
+def test_load_after_a_crash_between_steps(tmp_path):
+    j = Journal.create(tmp_path, "web1", "dom0b")
+    j.done(j.begin(STEPS[0]))
+    j.begin(STEPS[1])  # "crash" here: the map step never reported back
+    del j
+    loaded = Journal.load(tmp_path, "web1")
+    assert [(e.phase, e.state) for e in loaded.entries] == [("snapshot", "done"), ("map", "pending")]
+    assert loaded.entries[1].undo == ("kpartx", "-d", "/dev/vg0/web1-snap")
+    assert loaded.peer == "dom0b"
+    assert os.listdir(tmp_path / "journal") == ["web1.json"]  # no temp file left behind
+
+
+def test_load_missing_is_none(tmp_path):
+    assert Journal.load(tmp_path, "web1") is None
+    assert Journal.domus(tmp_path) == []
+
+
+def test_create_refuses_when_an_earlier_journal_is_left(tmp_path):
+    j = Journal.create(tmp_path, "web1", "dom0b")
+    j.begin(STEPS[0])
+    with pytest.raises(TeardownError) as e:
+        Journal.create(tmp_path, "web1", "dom0b")
+    assert e.value.message == (f"an earlier run of web1 (PID {os.getpid()}, started {j.started}) "
+                               f"left 1 step(s) to undo in {tmp_path}/journal/web1.json")
+    assert e.value.hint == "run `domubackup cleanup web1` first"
+    assert Journal.domus(tmp_path) == ["web1"]
+
+
+def test_teardown_runs_undos_in_exact_reverse_order_and_removes_the_journal(tmp_path):
+    j = journal_with_all_steps(tmp_path)
+    rs, calls = runners()
+    results = j.teardown(rs)
+    assert calls == UNDO_ORDER
+    assert [(r.host, r.argv) for r in results] == [
+        ("dom0b" if h == PEER else "dom0a", argv) for h, argv in UNDO_ORDER]
+    assert os.listdir(tmp_path / "journal") == []
+
+
+def test_pending_entries_are_undone_too(tmp_path):
+    j = Journal.create(tmp_path, "web1", "dom0b")
+    j.done(j.begin(STEPS[0]))
+    j.begin(STEPS[1])
+    rs, calls = runners()
+    Journal.load(tmp_path, "web1").teardown(rs)
+    assert calls == [(LOCAL, ("kpartx", "-d", "/dev/vg0/web1-snap")),
+                     (LOCAL, ("lvremove", "-f", "vg0/web1-snap"))]
+
+
+def test_failures_do_not_stop_teardown_and_are_all_listed_and_kept(tmp_path):
+    j = journal_with_all_steps(tmp_path)
+    rs, calls = runners({
+        ("umount", "/run/domubackup/web1"): (32, "", "umount: /run/domubackup/web1: target is busy.\n"),
+        ("lvremove", "-f", "vg0/web1-snap"): CommandError("dom0a", ("lvremove", "-f", "vg0/web1-snap"),
+                                                          None, "", timeout=600),
+    })
+    with pytest.raises(TeardownError) as e:
+        j.teardown(rs)
+    assert calls == UNDO_ORDER  # every undo was tried
+    assert e.value.message == (f"teardown of web1: 2 undo step(s) failed, kept in "
+                               f"{tmp_path}/journal/web1.json")
+    assert e.value.failures == [
+        "dom0a: `umount /run/domubackup/web1` exited 32: umount: /run/domubackup/web1: target is busy.",
+        "dom0a: `lvremove -f vg0/web1-snap`: on dom0a: `lvremove -f vg0/web1-snap` timed out after 600s",
+    ]
+    kept = on_disk(tmp_path)["entries"]
+    assert [e["undo"] for e in kept] == [["lvremove", "-f", "vg0/web1-snap"],
+                                         ["umount", "/run/domubackup/web1"]]  # original order
+    # the next cleanup retries only what failed, still in reverse order
+    rs2, calls2 = runners()
+    Journal.load(tmp_path, "web1").teardown(rs2)
+    assert calls2 == [(LOCAL, ("umount", "/run/domubackup/web1")),
+                      (LOCAL, ("lvremove", "-f", "vg0/web1-snap"))]
+    assert not (tmp_path / "journal" / "web1.json").exists()
+
+
+def test_already_gone_counts_as_success(tmp_path):
+    j = journal_with_all_steps(tmp_path)
+    rs, calls = runners({
+        ("umount", "/srv/replica/web1"): (32, "", "umount: /srv/replica/web1: not mounted.\n"),
+        ("rmdir", "/run/domubackup/web1"): (
+            1, "", "rmdir: failed to remove '/run/domubackup/web1': No such file or directory\n"),
+        ("lvremove", "-f", "vg0/web1-snap"): (5, "", '  Failed to find logical volume "vg0/web1-snap"\n'),
+    })
+    j.teardown(rs)
+    assert len(calls) == 5
+    assert not (tmp_path / "journal" / "web1.json").exists()
+
+
+def test_missing_peer_runner_fails_that_entry_only(tmp_path):
+    j = journal_with_all_steps(tmp_path)
+    calls = []
+    with pytest.raises(TeardownError) as e:
+        j.teardown({LOCAL: FakeRunner("dom0a", LOCAL, calls=calls)})
+    assert calls == UNDO_ORDER[1:]
+    assert e.value.failures == ["peer: `umount /srv/replica/web1` not run: no connection to peer dom0b"]
+    assert [x["host"] for x in on_disk(tmp_path)["entries"]] == ["peer"]
+
+
+def test_peer_error_during_undo_is_a_failure(tmp_path):
+    j = journal_with_all_steps(tmp_path)
+    rs, calls = runners({("umount", "/srv/replica/web1"): PeerError("cannot connect to dom0b: Connection refused")})
+    with pytest.raises(TeardownError) as e:
+        j.teardown(rs)
+    assert len(calls) == 5
+    assert e.value.failures == ["dom0b: `umount /srv/replica/web1`: cannot connect to dom0b: Connection refused"]
+
+
+def test_atomic_write_leaves_old_content_when_the_write_fails(tmp_path, monkeypatch):
+    j = Journal.create(tmp_path, "web1", "dom0b")
+    j.done(j.begin(STEPS[0]))
+    before = (tmp_path / "journal" / "web1.json").read_bytes()
+
+    def crash(*a):
+        raise OSError("simulated crash before rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        j.begin(STEPS[1])
+    monkeypatch.undo()
+    assert (tmp_path / "journal" / "web1.json").read_bytes() == before
+    assert os.listdir(tmp_path / "journal") == ["web1.json"]
+    assert len(json.loads(before)["entries"]) == 1
+
+
+def test_unreadable_journal_is_reported(tmp_path):
+    (tmp_path / "journal").mkdir()
+    (tmp_path / "journal" / "web1.json").write_text("{trunc")
+    with pytest.raises(Exception) as e:
+        Journal.load(tmp_path, "web1")
+    assert e.value.message.startswith(f"the journal {tmp_path}/journal/web1.json is unreadable: ")
+
+
+def test_bad_domu_name_is_refused(tmp_path):
+    with pytest.raises(ValueError):
+        Journal.create(tmp_path, "../etc", "dom0b")
+
+
+def r(code, stderr="", stdout=""):
+    return Result("h", (), code, stdout, stderr)
+
+
+@pytest.mark.parametrize("argv, result, gone", [
+    # real messages captured on this machine (LC_ALL=C)
+    (["umount", "/tmp/x"], r(32, "umount: /tmp/x: not mounted.\n"), True),
+    (["umount", "/tmp/nope"], r(32, "umount: /tmp/nope: no mount point specified.\n"), True),
+    (["umount", "-l", "/tmp/x"], r(32, "umount: /tmp/x: mountpoint not found\n"), True),
+    (["umount", "/tmp/x"], r(32, "umount: /tmp/x: target is busy.\n"), False),
+    (["rmdir", "/tmp/nope"], r(1, "rmdir: failed to remove '/tmp/nope': No such file or directory\n"), True),
+    (["rmdir", "/tmp/full"], r(1, "rmdir: failed to remove '/tmp/full': Directory not empty\n"), False),
+    (["lvremove", "-f", "vg/nolv"], r(5, '  Failed to find logical volume "vg/nolv"\n'), True),
+    (["lvremove", "-f", "vg0/nolv"], r(5, '  Volume group "vg0" not found\n  Cannot process volume group vg0\n'), True),
+    (["lvremove", "-f", "vg/snap"], r(5, '  Logical volume vg/snap contains a filesystem in use.\n'), False),
+    (["/usr/sbin/kpartx", "-d", "/dev/vg/x"], r(1, "", "failed to stat() /dev/vg/x\n"), True),
+    (["kpartx", "-a", "/dev/vg/x"], r(1, "", "failed to stat() /dev/vg/x\n"), False),
+    (["kpartx", "-d", "/dev/vg/x"], r(1, "device mapper prerequisites not met\n"), False),
+    (["dmsetup", "remove", "x"], r(1, "device-mapper: remove ioctl on x  failed: No such device or address\nCommand failed.\n"), True),
+    (["dmsetup", "remove", "x"], r(1, "device-mapper: remove ioctl on x  failed: Device or resource busy\nCommand failed.\n"), False),
+    (["virsh", "domfsthaw", "web1"], r(1, "error: Unable to thaw filesystems\nerror: Requested operation is not valid: domain is not running\n"), True),
+    (["virsh", "domfsthaw", "web1"], r(1, "error: failed to get domain 'web1'\n"), True),
+    (["virsh", "domfsthaw", "web1"], r(1, "error: Guest agent is not responding: QEMU guest agent is not connected\n"), False),
+    (["virsh", "domfsfreeze", "web1"], r(1, "error: Requested operation is not valid: domain is not running\n"), False),
+    (["umount", "/tmp/x"], r(0), False),
+    (["rm", "/tmp/nope"], r(1, "rm: cannot remove '/tmp/nope': No such file or directory\n"), False),
+])
+def test_already_gone(argv, result, gone):
+    assert already_gone(argv, result) is gone
