@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from . import __version__, config as cfg, pipeline, virt
+from . import __version__, config as cfg, logs, pipeline, virt
 from .errors import DomuBackupError, UsageError
 from .plan import describe
 
@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("domus", nargs="*", metavar="DOMU")
     sr.add_argument("--dry-run", action="store_true", help="print the plan of each DomU instead of running it")
     sr.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
+    sh_ = sub.add_parser("history", help="the runs recorded in the catalog, newest first")
+    sh_.add_argument("domu", nargs="?")
+    sh_.add_argument("--json", action="store_true")
+    sh_.add_argument("--since", help="e.g. 2026-11-20, 2026-11-20T10:00, 24h, 7d, 2w")
+    sh_.add_argument("--limit", type=int)
     sc = sub.add_parser("cleanup", help="undo what a dead run left behind (its journal), on both hosts")
     sc.add_argument("domus", nargs="*", metavar="DOMU", help="default: every DomU with a journal")
     return p
@@ -67,10 +72,7 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
     if not args.command:
         parser.print_usage(sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
-                        format="domubackup: %(message)s", stream=sys.stderr)
-    logging.getLogger("sh").setLevel(logging.WARNING)
-    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    logs.setup(args.verbose, syslog=local_runner is None)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     try:
@@ -82,6 +84,8 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
             return cmd_run(config, args, runner)
         if args.command == "cleanup":
             return cmd_cleanup(config, args, runner)
+        if args.command == "history":
+            return cmd_history(config, args)
         raise UsageError(f"unknown command {args.command}")
     except KeyboardInterrupt:
         print("domubackup: interrupted", file=sys.stderr)
@@ -144,20 +148,39 @@ def cmd_run(config, args, runner) -> int:
     return worst(codes)
 
 
+def open_catalog(config):
+    from .catalog import Catalog
+
+    catalog = Catalog.in_state_dir(config.state_dir)
+    for run_id in catalog.reap_dead():
+        log.warning("run %d of the catalog died before it finished: marked ERROR", run_id)
+    return catalog
+
+
 def run_backups(config, args, runner) -> int:
+    from .metrics import write_metrics
+
     conn = virt.connect(config.defaults.libvirt_uri)
+    catalog = open_catalog(config)
     outcomes = []
     try:
         for name in selected_domus(config, args.domus, conn):
-            log.info("%s: backup starts", name)
-            outcome = pipeline.backup(config, name, conn, runner, progress=sys.stdout.isatty() and args.verbose > 0)
+            with logs.run_log(config.state_dir, name) as log_path:
+                log.info("backup starts")
+                outcome = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path,
+                                          progress=sys.stdout.isatty() and args.verbose > 0)
+                log.info("%s", outcome.summary())
             outcomes.append(outcome)
             if outcome.undone:
                 print(f"domubackup: {name}: undid what a dead run left: " + "; ".join(outcome.undone), file=sys.stderr)
             if outcome.exit_code:
                 print(f"domubackup: {name}: {outcome.status}: {outcome.error}", file=sys.stderr)
+        catalog.prune(config.catalog_keep_days)
+        if config.metrics_textfile:
+            write_metrics(catalog, config.metrics_textfile)
     finally:
         conn.close()
+        catalog.close()
     if not outcomes:
         print("domubackup: no DomU to back up (none named, none configured)", file=sys.stderr)
         return EXIT_NOT_ELIGIBLE
@@ -166,6 +189,29 @@ def run_backups(config, args, runner) -> int:
         for o in outcomes:
             print(o.summary())
     return code
+
+
+def cmd_history(config, args) -> int:
+    import time
+
+    from .report import format_history, history_json, parse_since
+
+    since = None
+    if args.since:
+        try:
+            since = parse_since(args.since, time.time())
+        except ValueError as e:
+            raise UsageError(f"--since: {e}") from None
+    catalog = open_catalog(config)
+    try:
+        rows = catalog.runs(domu=args.domu, since=since, limit=args.limit)
+    finally:
+        catalog.close()
+    if args.json:
+        print(json.dumps(history_json(rows), indent=2))
+    else:
+        print(format_history(rows))
+    return EXIT_OK
 
 
 def cmd_cleanup(config, args, runner) -> int:

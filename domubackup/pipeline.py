@@ -318,27 +318,42 @@ def open_local_tree(session, config, domu, insp, settings):
     return mounts
 
 
-def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False, freeze=None) -> Outcome:
+def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False, freeze=None,
+           catalog=None, log_path=None) -> Outcome:
     """One DomU: lock, recover, inspect, check, open, transfer, teardown. Never raises
-    DomuBackupError: the outcome says what happened."""
+    DomuBackupError: the outcome says what happened. A DomU that is not eligible here or whose
+    lock is held leaves no catalog record; every other run is recorded RUNNING, then final."""
     out = Outcome(domu)
     start = time.monotonic()
+    run_id = None
+    peers = ",".join(config.peers_for(domu))
     try:
         with DomuLock(config.state_dir, domu):
             out.undone = recover(config, domu, local, factory)
-            _backup_locked(config, domu, conn, local, factory, progress, freeze, out)
+            insp = inspect(config, domu, conn, local)
+            if catalog is not None:
+                run_id = catalog.start("backup", domu, peers, os.getpid(), log_path)
+            _backup_locked(config, domu, insp, local, factory, progress, freeze, out)
     except DomuBackupError as e:
         out.error = str(e)
         out.exit_code = e.exit_code
         if out.status != "CORRUPT":
             out.status = {75: "BUSY", 3: "SKIPPED"}.get(e.exit_code, "ERROR")
+        log.error("%s", e)
     out.duration = time.monotonic() - start
+    if catalog is not None and out.status in ("OK", "ERROR", "CORRUPT"):
+        if run_id is None:
+            run_id = catalog.start("backup", domu, peers, os.getpid(), log_path)
+        report = out.freeze
+        catalog.finish(run_id, out.status, bytes_sent=out.stats.bytes_sent, files=out.stats.files,
+                       total_size=out.stats.total_size, snapshot_peak=out.snapshot_peak,
+                       error=out.error[:2000], consistency=getattr(report, "level", None) or "crash",
+                       freeze_window_ms=getattr(report, "window_ms", None))
     return out
 
 
-def _backup_locked(config, domu, conn, local, factory, progress, freeze, out):
+def _backup_locked(config, domu, insp, local, factory, progress, freeze, out):
     settings = config.settings_for(domu)
-    insp = inspect(config, domu, conn, local)
     check_vg_space(insp.facts, settings)
     check_no_stale(insp.facts, settings, local, domu)
     peers = {p: r for p, r in peer_runners(config, domu, insp.peers, factory).items()}

@@ -105,8 +105,9 @@ class Runner:
         if code in ok_codes:
             log.info("%s: `%s` exit %d in %.2fs", self.host, cmd, code, result.duration)
         else:
-            log.warning("%s: `%s` exit %d in %.2fs: %s", self.host, cmd, code, result.duration,
-                        " | ".join(result.stderr.strip().splitlines()[-3:]))
+            # With check=False the caller judges the exit code: no warning of ours.
+            log.log(logging.WARNING if check else logging.INFO, "%s: `%s` exit %d in %.2fs: %s",
+                    self.host, cmd, code, result.duration, " | ".join(result.stderr.strip().splitlines()[-3:]))
             if check:
                 raise CommandError(self.host, argv, code, result.stderr)
         return result

@@ -96,10 +96,14 @@ def test_logging(runner, caplog):
     caplog.set_level(logging.DEBUG, logger="domubackup.run")
     runner.run(["printf", "a b"])
     runner.run(["false"], check=False)
+    with pytest.raises(CommandError):
+        runner.run(["false"])
     msgs = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "domubackup.run"]
     assert msgs[0] == ("DEBUG", "dom0a: $ printf 'a b'")
     assert msgs[1][0] == "INFO" and msgs[1][1].startswith("dom0a: `printf 'a b'` exit 0 in ")
-    assert msgs[3][0] == "WARNING" and msgs[3][1].startswith("dom0a: `false` exit 1 in ")
+    # check=False: the caller judges the exit code, so no warning
+    assert msgs[3][0] == "INFO" and msgs[3][1].startswith("dom0a: `false` exit 1 in ")
+    assert msgs[5][0] == "WARNING" and msgs[5][1].startswith("dom0a: `false` exit 1 in ")
 
 
 def test_argv_must_be_a_list_of_words(runner):
