@@ -1,0 +1,185 @@
+"""The pipeline against scripted hosts: failure injection at every open step, teardown order,
+refusals before anything is opened. The real thing runs in the lab (tests/e2e)."""
+
+import shlex
+
+import pytest
+
+from domubackup import parsers, pipeline
+from domubackup.config import parse_config
+from domubackup.journal import Journal
+from domubackup.model import LOCAL
+from domubackup.runner import Runner
+from domubackup.pipeline import Inspection
+from domubackup.model import Domain
+
+import sys, pathlib  # noqa: E401
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "integration"))
+from test_plan_cli import web1_probes  # noqa: E402
+
+FSTAB = ("UUID=3f1b2c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d / ext4 defaults 0 1\n"
+         "LABEL=data\\040vol /var xfs defaults 0 2\n"
+         "LABEL=whole /srv ext4 defaults 0 2\n")
+MUTATING = ("lvcreate", "kpartx", "mkdir", "mount")
+
+
+class Host(Runner):
+    """A scripted host: read-only probes answered from captured outputs, every other command
+    succeeds unless it is the one chosen to fail. Records what ran."""
+
+    def __init__(self, name, probes, fail_at=None, fail_undo=None, log=None):
+        super().__init__(name)
+        self.probes = {tuple(k): v for k, v in probes.items()}
+        self.fail_at = fail_at  # shared counter dict {"n": k}: the k-th mutating command fails
+        self.fail_undo = fail_undo
+        self.log = log if log is not None else []
+        self.mounted = set()
+        self.created = set()
+
+    def _execute(self, argv, env, input, timeout):
+        self.log.append((self.host, argv))
+        if argv in self.probes:
+            return self.probes[argv]
+        prog = argv[0]
+        if prog == "lvs" and argv[-1] not in self.created:
+            return 5, "", f'  Failed to find logical volume "{argv[-1][5:]}"\n'
+        if prog == "lvs":  # the snapshot, once created: 1.5 % full
+            return 0, f"  vg0|{argv[-1].split('/')[-1]}|268435456|swi-a-s---|x|1.50|1073741824|{argv[-1]}\n", ""
+        if prog == "findmnt":
+            return 0, "", ""
+        if prog == "virsh":
+            return 0, "shut off\n", ""
+        if prog == "cat":
+            return 0, FSTAB, ""
+        if prog == "rsync":
+            return 0, (pathlib.Path(__file__).parents[2] / "fixtures/tools/rsync-stats-delete.txt").read_text(), ""
+        if prog in MUTATING and self.fail_at is not None:
+            self.fail_at["n"] -= 1
+            if self.fail_at["n"] == 0:
+                return 1, "", f"{prog}: injected failure"
+        if prog == "mount":
+            self.mounted.add(argv[-1])
+        if prog == "lvcreate":
+            self.created.add(f"{argv[-1]}-snap")
+        if prog == "umount":
+            if argv[-1] not in self.mounted:
+                return 32, "", f"umount: {argv[-1]}: not mounted."
+            if self.fail_undo and argv == self.fail_undo:
+                return 32, "", f"umount: {argv[-1]}: target is busy."
+            self.mounted.discard(argv[-1])
+        return 0, "", ""
+
+
+def setup(tmp_path, fixtures, fail_at=None, fail_undo=None):
+    config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n',
+                          hostname="dom0a", default_uri="test:///x")
+    probes = web1_probes(fixtures)
+    log = []
+    counter = {"n": fail_at} if fail_at else None
+    local = Host("dom0a", probes, counter, fail_undo, log)
+    # the replica is not open on the peer (the DomU is shut off there)
+    peer_probes = {k: (v[0], v[1].replace("-wi-ao----", "-wi-a-----"), v[2]) for k, v in web1_probes(fixtures).items()}
+    peer = Host("dom0b", peer_probes, counter, fail_undo, log)
+    return config, local, peer, log
+
+
+def run_backup(config, local, peer, monkeypatch):
+    from domubackup import virt
+    monkeypatch.setattr(pipeline, "inspect", lambda c, n, conn, r: _inspect(c, n, r))
+    return pipeline.backup(config, "web1", None, local, factory=lambda host, ssh: peer)
+
+
+def _inspect(config, name, runner):
+    from domubackup.domxml import parse_domain_xml
+    from domubackup.facts import probe_disk
+    xml = (pathlib.Path(__file__).parents[2] / "fixtures/domxml/xen-pv.xml").read_text()
+    _, hv, disks = parse_domain_xml(xml)
+    return Inspection(Domain("web1", "running", disks=disks), [probe_disk(runner, d) for d in disks], [], ("dom0b",))
+
+
+def opens_and_undos(log):
+    opens = [(h, a) for h, a in log if a[0] in MUTATING and a[:2] != ("kpartx", "-d")]
+    undos = [(h, a) for h, a in log if a[0] in ("lvremove", "umount", "rmdir") or a[:2] == ("kpartx", "-d")]
+    return opens, undos
+
+
+UNDO = {"lvcreate": lambda a: ("lvremove", "-f", f"{a[-1]}-snap"),
+        "kpartx": lambda a: ("kpartx", "-d", "-p", a[4], a[-1]),
+        "mkdir": lambda a: ("rmdir", "--", a[-1]),
+        "mount": lambda a: ("umount", "--", a[-1])}
+
+
+def test_success_opens_then_closes_in_exact_reverse(tmp_path, fixtures, monkeypatch):
+    config, local, peer, log = setup(tmp_path, fixtures)
+    out = run_backup(config, local, peer, monkeypatch)
+    assert (out.status, out.exit_code, out.error) == ("OK", 0, "")
+    assert out.stats.files == 1205 and out.stats.bytes_sent == 22970
+    opens, undos = opens_and_undos(log)
+    assert len(opens) == 12
+    assert undos == [(h, UNDO[a[0]](a)) for h, a in reversed(opens)]
+    assert Journal.load(tmp_path, "web1") is None
+    assert [a[-1] for h, a in opens if a[0] == "mount"] == [
+        "/mnt/domubackup/source/web1", "/mnt/domubackup/source/web1/srv", "/mnt/domubackup/source/web1/var",
+        "/mnt/domubackup/target/web1", "/mnt/domubackup/target/web1/srv", "/mnt/domubackup/target/web1/var"]
+
+
+@pytest.mark.parametrize("k", range(1, 13))
+def test_failure_at_each_open_step_undoes_exactly_what_was_opened(tmp_path, fixtures, monkeypatch, k):
+    config, local, peer, log = setup(tmp_path, fixtures, fail_at=k)
+    out = run_backup(config, local, peer, monkeypatch)
+    assert out.status == "ERROR" and out.exit_code == 1
+    assert "injected failure" in out.error
+    opens, undos = opens_and_undos(log)
+    assert len(opens) == k  # nothing opened after the failure
+    # The failed step's own undo is tried first (it may have half-happened) and finds nothing
+    # or succeeds; then exactly the undos of steps 1..k-1, in reverse.
+    assert undos == [(h, UNDO[a[0]](a)) for h, a in reversed(opens)]
+    assert not any(a[0] == "rsync" for h, a in log)
+    assert Journal.load(tmp_path, "web1") is None  # everything closed: journal gone
+
+
+def test_failing_undo_keeps_journal_and_runs_the_rest(tmp_path, fixtures, monkeypatch):
+    busy = ("umount", "--", "/mnt/domubackup/source/web1/var")
+    config, local, peer, log = setup(tmp_path, fixtures, fail_undo=busy)
+    out = run_backup(config, local, peer, monkeypatch)
+    assert (out.status, out.exit_code) == ("ERROR", 4)
+    assert "teardown of web1: 1 undo step(s) failed" in out.error and "target is busy" in out.error
+    opens, undos = opens_and_undos(log)
+    assert undos[-1][1] == ("lvremove", "-f", "/dev/vg0/web1-disk-snap")  # the rest still ran
+    j = Journal.load(tmp_path, "web1")
+    assert [e.undo for e in j.entries] == [busy]
+
+
+def test_peer_running_refused_before_anything_opens(tmp_path, fixtures, monkeypatch):
+    config, local, peer, log = setup(tmp_path, fixtures)
+    peer.probes[("virsh", "-c", "test:///x", "domstate", "web1")] = (0, "running\n", "")
+    out = run_backup(config, local, peer, monkeypatch)
+    assert out.error == ("web1 is running on dom0b: refusing to overwrite the disks of a live DomU "
+                         "(make sure web1 runs on one Dom0 only)")
+    assert opens_and_undos(log) == ([], [])
+
+
+def test_not_enough_vg_space(tmp_path, fixtures, monkeypatch):
+    config, local, peer, log = setup(tmp_path, fixtures)
+    from test_plan_cli import lvs_line
+    MiB = 1024 * 1024
+    local.probes[tuple(parsers.lvs_argv("/dev/vg0/web1-disk"))] = (0, lvs_line("vg0", "web1-disk", 1024 * MiB, free=300 * MiB), "")
+    local.probes[tuple(parsers.lvs_argv("/dev/vg0/web1-srv"))] = (0, lvs_line("vg0", "web1-srv", 128 * MiB, free=300 * MiB), "")
+    out = run_backup(config, local, peer, monkeypatch)
+    assert out.error.startswith("volume group vg0 has 300.0 MiB free, the snapshots need 512.0 MiB: 212.0 MiB missing")
+    assert opens_and_undos(log) == ([], [])
+
+
+def test_invalid_snapshot_is_corrupt_never_ok(tmp_path, fixtures, monkeypatch):
+    config, local, peer, log = setup(tmp_path, fixtures)
+    real = local._execute
+
+    def execute(argv, env, input, timeout):
+        if argv[0] == "lvs" and argv[-1] == "/dev/vg0/web1-srv-snap" and any(a[0] == "rsync" for h, a in log):
+            return 0, "  vg0|web1-srv-snap|268435456|swi-I-s---|web1-srv|100.00|0|/dev/vg0/web1-srv-snap\n", ""
+        return real(argv, env, input, timeout)
+    local._execute = execute
+    out = run_backup(config, local, peer, monkeypatch)
+    assert (out.status, out.exit_code) == ("CORRUPT", 1)
+    assert "snapshot /dev/vg0/web1-srv-snap became invalid (100% full)" in out.error
+    assert Journal.load(tmp_path, "web1") is None
