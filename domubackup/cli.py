@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("domus", nargs="*", metavar="DOMU")
     sr.add_argument("--dry-run", action="store_true", help="print the plan of each DomU instead of running it")
     sr.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
+    se = sub.add_parser("seed", help="first full block copy of DOMU's disks to the replica LVs on the peer(s)")
+    se.add_argument("domu")
+    se.add_argument("--force", action="store_true", help="overwrite a replica LV that already holds data")
     sh_ = sub.add_parser("history", help="the runs recorded in the catalog, newest first")
     sh_.add_argument("domu", nargs="?")
     sh_.add_argument("--json", action="store_true")
@@ -84,6 +87,8 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
             return cmd_run(config, args, runner)
         if args.command == "cleanup":
             return cmd_cleanup(config, args, runner)
+        if args.command == "seed":
+            return cmd_seed(config, args, runner)
         if args.command == "history":
             return cmd_history(config, args)
         raise UsageError(f"unknown command {args.command}")
@@ -189,6 +194,39 @@ def run_backups(config, args, runner) -> int:
         for o in outcomes:
             print(o.summary())
     return code
+
+
+def cmd_seed(config, args, runner) -> int:
+    import os
+
+    from .lock import DomuLock
+    from .seed import seed
+
+    name = args.domu
+    conn = virt.connect(config.settings_for(name).libvirt_uri)
+    catalog = open_catalog(config)
+    peers = {}
+    run_id = None
+    try:
+        with DomuLock(config.state_dir, name), logs.run_log(config.state_dir, name, "seed") as log_path:
+            pipeline.recover(config, name, runner)
+            insp = pipeline.inspect(config, name, conn, runner)
+            peers = pipeline.peer_runners(config, name, insp.peers, pipeline.ssh_runner)
+            run_id = catalog.start("seed", name, ",".join(insp.peers), os.getpid(), log_path)
+            try:
+                lines = seed(config, name, insp, runner, peers, force=args.force)
+            except DomuBackupError as e:
+                catalog.finish(run_id, "ERROR", error=str(e)[:2000])
+                raise
+            catalog.finish(run_id, "OK", total_size=sum(f.lv.size for f in insp.facts))
+    finally:
+        for r in peers.values():
+            r.close()
+        conn.close()
+        catalog.close()
+    for line in lines:
+        print(f"{name}: {line}")
+    return EXIT_OK
 
 
 def cmd_history(config, args) -> int:

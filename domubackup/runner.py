@@ -295,8 +295,11 @@ class SSHRunner(Runner):
 
         def feed():  # in a thread: a command that writes while it reads must not deadlock us
             try:
-                if input:
+                if isinstance(input, (bytes, bytearray)):
                     chan.sendall(input)
+                elif input is not None:  # an iterable of chunks: streamed (seed)
+                    for chunk in input:
+                        chan.sendall(chunk)
                 chan.shutdown_write()
             except (paramiko.SSHException, OSError):
                 pass  # the read loop below reports a dropped connection

@@ -1,0 +1,177 @@
+"""`domubackup seed DOMU`: the first full copy of each disk to the replica LV on the peer.
+
+Create the replica LV if missing (same VG/LV name and size), snapshot the origin, stream the
+snapshot block for block over the peer's SSH connection (zero blocks are sent as a 13-byte
+header, not as data), then compare a SHA-256 of both ends. The snapshots are journaled like a
+backup's, so a crash is cleaned by `cleanup`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import time
+
+from . import commands as cmd
+from . import parsers
+from . import plan as planner
+from .errors import PeerError, SnapshotError
+from .journal import Journal
+from .model import LOCAL
+
+log = logging.getLogger("domubackup")
+
+CHUNK = 4 * 1024 * 1024
+HEADER = struct.Struct(">cQI")  # kind (D data / Z zeros), offset, length
+
+# Runs on the peer as `python3 -c RECEIVER DEV SIZE`: writes what arrives on stdin at its
+# offsets, fsyncs, then prints the SHA-256 of the first SIZE bytes of DEV.
+RECEIVER = r"""
+import hashlib, os, struct, sys
+dev, size = sys.argv[1], int(sys.argv[2])
+H = struct.Struct(">cQI")
+inp = sys.stdin.buffer
+zero = bytes(4 << 20)
+def read(n):
+    b = bytearray()
+    while len(b) < n:
+        part = inp.read(n - len(b))
+        if not part:
+            sys.exit("stream ended early")
+        b += part
+    return bytes(b)
+fd = os.open(dev, os.O_WRONLY)
+while True:
+    h = inp.read(H.size)
+    if not h:
+        break
+    if len(h) < H.size:
+        h += read(H.size - len(h))
+    kind, off, n = H.unpack(h)
+    if off + n > size:
+        sys.exit("write past the end of the replica")
+    os.pwrite(fd, read(n) if kind == b"D" else zero[:n], off)
+os.fsync(fd)
+os.close(fd)
+sha = hashlib.sha256()
+with open(dev, "rb") as f:
+    left = size
+    while left:
+        b = f.read(min(4 << 20, left))
+        if not b:
+            break
+        sha.update(b)
+        left -= len(b)
+print(sha.hexdigest())
+"""
+
+
+def vg_free(runner, vg: str) -> int:
+    res = runner.run(["vgs", "--noheadings", "--nosuffix", "--units", "b", "-o", "vg_free", vg], check=False)
+    if res.exit_code != 0:
+        raise PeerError(f"volume group {vg} does not exist on {runner.host}",
+                        hint=f"create {vg} on {runner.host} first (the replica uses the same VG/LV names)")
+    return int(float(res.stdout.strip()))
+
+
+def prepare_replica(runner, f, *, force: bool) -> str:
+    """Make sure the replica LV of disk facts `f` exists, is closed, big enough, and may be
+    overwritten. Returns what was done, for the log."""
+    vg, lv, size = f.lv.vg, f.lv.lv, f.lv.size
+    path = cmd.lv_path(vg, lv)
+    res = runner.run(parsers.lvs_argv(path), check=False)
+    if res.exit_code != 0:
+        free = vg_free(runner, vg)
+        if free < size:
+            raise PeerError(f"volume group {vg} on {runner.host} has {free} bytes free, the replica of "
+                            f"{vg}/{lv} needs {size}: {size - free} bytes missing",
+                            hint=f"free space in {vg} on {runner.host}")
+        runner.run(["lvcreate", "--yes", "--size", f"{size}b", "--name", lv, vg])
+        return f"created {path} ({size} bytes) on {runner.host}"
+    replica = parsers.parse_lvs(res.stdout)[0]
+    if replica.is_open:
+        raise PeerError(f"replica {path} is open on {runner.host} (a running guest or a mount)",
+                        hint="stop whatever uses it first")
+    if replica.size < size:
+        raise PeerError(f"replica {path} on {runner.host} has {replica.size} bytes, the origin {size}",
+                        hint=f"lvextend it to at least {size} bytes, or remove it and seed again")
+    probe = runner.run(["blkid", "-p", "-o", "export", path], ok_codes=(0, 2))
+    if probe.exit_code == 0 and not force:
+        found = parsers.parse_blkid(probe.stdout)
+        what = found.get("TYPE") or found.get("PTTYPE") or "data"
+        raise PeerError(f"replica {path} on {runner.host} exists and is not empty (it holds {what})",
+                        hint="seed overwrites it whole: pass --force if that is what you want")
+    return f"overwriting {path} on {runner.host}"
+
+
+class BlockStream:
+    """Iterates framed chunks of the block device `path` and hashes what it read (.sha256)."""
+
+    def __init__(self, path: str, size: int, progress=None):
+        self.path, self.size, self.progress = path, size, progress
+        self.sha256 = None
+
+    def __iter__(self):
+        sha = hashlib.sha256()
+        sent = offset = 0
+        with open(self.path, "rb", buffering=0) as dev:
+            while offset < self.size:
+                block = dev.read(min(CHUNK, self.size - offset))
+                if not block:
+                    raise SnapshotError(f"{self.path}: read ended at {offset} of {self.size} bytes")
+                sha.update(block)
+                if block.count(0) == len(block):
+                    yield HEADER.pack(b"Z", offset, len(block))
+                else:
+                    yield HEADER.pack(b"D", offset, len(block)) + block
+                    sent += len(block)
+                offset += len(block)
+                if self.progress:
+                    self.progress(offset, self.size, sent)
+        self.sha256 = sha.hexdigest()
+
+
+def seed(config, domu: str, insp, local, peers: dict, *, force=False) -> list[str]:
+    """Seed every disk of `insp` to every peer runner. Returns lines for the report."""
+    settings = config.settings_for(domu)
+    report = []
+    for peer, runner in peers.items():
+        res = runner.run(cmd.virsh_domstate(settings.libvirt_uri, domu), check=False)
+        if res.exit_code == 0 and res.stdout.strip() not in ("shut off", "crashed"):
+            raise PeerError(f"{domu} is {res.stdout.strip()} on {peer}: refusing to overwrite its disks")
+        for f in insp.facts:
+            report.append(prepare_replica(runner, f, force=force))
+    # the caller holds the DomU's lock
+    journal = Journal.create(config.state_dir, domu, ",".join(peers))
+    try:
+        for step in planner.snapshot_steps(insp.facts, settings):
+            i = journal.begin(step)
+            local.run(step.argv, timeout=settings.command_timeout)
+            journal.done(i)
+        for f in insp.facts:
+            snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv))
+            target = cmd.lv_path(f.lv.vg, f.lv.lv)
+            for peer, runner in peers.items():
+                start = time.monotonic()
+                last = [0.0]
+
+                def progress(done, total, sent, peer=peer):
+                    if done == total or time.monotonic() - last[0] > 5:
+                        last[0] = time.monotonic()
+                        log.info("seed %s -> %s:%s: %d%% (%d MiB sent)", snap, peer, target,
+                                 done * 100 // total, sent >> 20)
+
+                blocks = BlockStream(snap, f.lv.size, progress)
+                res = runner.run(["python3", "-c", RECEIVER, target, str(f.lv.size)],
+                                 input=blocks, timeout=24 * 3600)
+                theirs = res.stdout.strip()
+                ours = blocks.sha256
+                if theirs != ours:
+                    raise SnapshotError(f"seed of {target} on {peer}: checksum differs "
+                                        f"(here {ours}, there {theirs})", hint="seed again")
+                report.append(f"{f.disk.target}: {snap} -> {peer}:{target}: {f.lv.size} bytes in "
+                              f"{time.monotonic() - start:.1f}s, sha256 {ours[:16]}... matches")
+    finally:
+        journal.teardown({LOCAL: local, **peers})
+    return report
