@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("seed", help="first full block copy of DOMU's disks to the replica LVs on the peer(s)")
     se.add_argument("domu")
     se.add_argument("--force", action="store_true", help="overwrite a replica LV that already holds data")
+    sv = sub.add_parser("verify", help="compare the replica with a fresh snapshot by checksum (changes nothing)")
+    sv.add_argument("domu")
     sh_ = sub.add_parser("history", help="the runs recorded in the catalog, newest first")
     sh_.add_argument("domu", nargs="?")
     sh_.add_argument("--json", action="store_true")
@@ -89,6 +91,8 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
             return cmd_cleanup(config, args, runner)
         if args.command == "seed":
             return cmd_seed(config, args, runner)
+        if args.command == "verify":
+            return cmd_verify(config, args, runner)
         if args.command == "history":
             return cmd_history(config, args)
         raise UsageError(f"unknown command {args.command}")
@@ -194,6 +198,25 @@ def run_backups(config, args, runner) -> int:
         for o in outcomes:
             print(o.summary())
     return code
+
+
+def cmd_verify(config, args, runner) -> int:
+    name = args.domu
+    conn = virt.connect(config.settings_for(name).libvirt_uri)
+    catalog = open_catalog(config)
+    try:
+        with logs.run_log(config.state_dir, name, "verify") as log_path:
+            out = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path, verify=True)
+    finally:
+        conn.close()
+        catalog.close()
+    for d in out.differences:
+        print(f"{name}: differs: {d}")
+    if out.exit_code:
+        print(f"domubackup: {name}: verify {out.status}: {out.error}", file=sys.stderr)
+    else:
+        print(f"{name}: verify OK: the replica matches the snapshot ({out.stats.files} files compared by checksum)")
+    return out.exit_code
 
 
 def cmd_seed(config, args, runner) -> int:

@@ -101,6 +101,7 @@ class Outcome:
     error: str = ""
     undone: list[str] = field(default_factory=list)
     freeze: object = None  # freeze report, when a freeze mode is configured
+    differences: list[str] = field(default_factory=list)  # verify: rsync itemize lines
 
     def summary(self) -> str:
         from .report import human_bytes
@@ -319,21 +320,22 @@ def open_local_tree(session, config, domu, insp, settings):
 
 
 def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False, freeze=None,
-           catalog=None, log_path=None) -> Outcome:
+           catalog=None, log_path=None, verify=False) -> Outcome:
     """One DomU: lock, recover, inspect, check, open, transfer, teardown. Never raises
     DomuBackupError: the outcome says what happened. A DomU that is not eligible here or whose
     lock is held leaves no catalog record; every other run is recorded RUNNING, then final."""
     out = Outcome(domu)
     start = time.monotonic()
     run_id = None
+    kind = "verify" if verify else "backup"
     peers = ",".join(config.peers_for(domu))
     try:
         with DomuLock(config.state_dir, domu):
             out.undone = recover(config, domu, local, factory)
             insp = inspect(config, domu, conn, local)
             if catalog is not None:
-                run_id = catalog.start("backup", domu, peers, os.getpid(), log_path)
-            _backup_locked(config, domu, insp, local, factory, progress, freeze, out)
+                run_id = catalog.start(kind, domu, peers, os.getpid(), log_path)
+            _backup_locked(config, domu, insp, local, factory, progress, freeze, out, verify)
     except DomuBackupError as e:
         out.error = str(e)
         out.exit_code = e.exit_code
@@ -343,7 +345,7 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
     out.duration = time.monotonic() - start
     if catalog is not None and out.status in ("OK", "ERROR", "CORRUPT"):
         if run_id is None:
-            run_id = catalog.start("backup", domu, peers, os.getpid(), log_path)
+            run_id = catalog.start(kind, domu, peers, os.getpid(), log_path)
         report = out.freeze
         catalog.finish(run_id, out.status, bytes_sent=out.stats.bytes_sent, files=out.stats.files,
                        total_size=out.stats.total_size, snapshot_peak=out.snapshot_peak,
@@ -352,7 +354,7 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
     return out
 
 
-def _backup_locked(config, domu, insp, local, factory, progress, freeze, out):
+def _backup_locked(config, domu, insp, local, factory, progress, freeze, out, verify=False):
     settings = config.settings_for(domu)
     check_vg_space(insp.facts, settings)
     check_no_stale(insp.facts, settings, local, domu)
@@ -363,7 +365,7 @@ def _backup_locked(config, domu, insp, local, factory, progress, freeze, out):
         journal = Journal.create(config.state_dir, domu, ",".join(insp.peers))
         session = Session(journal, {LOCAL: local, **peers}, settings.command_timeout)
         try:
-            _open_and_transfer(session, config, domu, insp, settings, local, progress, freeze, out)
+            _open_and_transfer(session, config, domu, insp, settings, local, progress, freeze, out, verify)
         finally:
             teardown_errors = None
             try:
@@ -377,21 +379,25 @@ def _backup_locked(config, domu, insp, local, factory, progress, freeze, out):
             r.close()
 
 
-def _open_and_transfer(session, config, domu, insp, settings, local, progress, freeze, out):
+VERIFY_ARGS = ("--dry-run", "--checksum", "--out-format=%i %n")
+
+
+def _open_and_transfer(session, config, domu, insp, settings, local, progress, freeze, out, verify=False):
     snaps = planner.snapshot_steps(insp.facts, settings)
-    if freeze is not None:
+    if freeze is not None and not verify:
         out.freeze = freeze(lambda: session.open_all(snaps), session.journal)
     else:
         session.open_all(snaps)
     mounts = open_local_tree(session, config, domu, insp, settings)
     for peer in insp.peers:
         session.open_all(planner.map_steps(insp.facts, settings, peer, snapshot=False))
-        session.open_all(planner.peer_mount_plan(mounts, insp.facts, settings, domu, peer))
+        session.open_all(planner.peer_mount_plan(mounts, insp.facts, settings, domu, peer, read_only=verify))
     snap_paths = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in insp.facts]
     watch = SnapshotWatch(local, snap_paths, settings, on_abort=getattr(local, "cancel", None))
     stats = RsyncStats()
     with watch:
-        for step in planner.transfer_steps(settings, domu, insp.peers, progress=progress):
+        for step in planner.transfer_steps(settings, domu, insp.peers, progress=progress and not verify,
+                                           extra=VERIFY_ARGS if verify else ()):
             try:
                 res = session.open(step, timeout=settings.rsync.timeout or 7 * 24 * 3600)
             except CommandError as e:
@@ -400,6 +406,9 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
                 raise CommandError(e.host, e.argv, e.returncode, e.stderr, timeout=e.timeout,
                                    hint=rsync_hint(e.returncode)) from None
             s = parsers.parse_rsync_stats(res.stdout)
+            if verify:
+                out.differences += [f"{step.argv[-1].split(':')[0]}: {code} {path}"
+                                    for code, path in parsers.parse_rsync_itemize(res.stdout, link_targets=False)]
             stats = RsyncStats(files=s.files, files_transferred=stats.files_transferred + s.files_transferred,
                                total_size=s.total_size, transferred_size=stats.transferred_size + s.transferred_size,
                                bytes_sent=stats.bytes_sent + s.bytes_sent,
@@ -412,6 +421,10 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
         if "invalid" in problem:
             out.status = "CORRUPT"
         raise SnapshotError(f"{domu}: {problem}", hint="raise snapshot_size, or back up at a quieter time")
+    if out.differences:
+        raise DomuBackupError(f"{domu}: the replica differs from the snapshot in {len(out.differences)} place(s): "
+                              + "; ".join(out.differences[:20]) + (" ..." if len(out.differences) > 20 else ""),
+                              hint="the next `domubackup run` repairs it")
     out.status, out.exit_code = "OK", 0
 
 

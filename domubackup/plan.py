@@ -188,7 +188,7 @@ def tree_root(settings: Settings, domu: str, host: str) -> str:
 
 
 def mount_steps(mounts: list[Mount], facts: list[DiskFacts], settings: Settings, domu: str, host: str,
-                *, with_root_dir: bool = True) -> list[Step]:
+                *, with_root_dir: bool = True, read_only: bool = False) -> list[Step]:
     """mkdir of the tree root (undo rmdir), then one mount per filesystem in the given order."""
     local = host == LOCAL
     root = tree_root(settings, domu, host)
@@ -198,7 +198,7 @@ def mount_steps(mounts: list[Mount], facts: list[DiskFacts], settings: Settings,
         steps.append(Step(phase, host, cmd.mkdir(root), cmd.rmdir(root), note=f"tree root of {domu}"))
     for m in mounts:
         target = root if m.mountpoint == "/" else root + m.mountpoint
-        options = LOCAL_OPTIONS if local else PEER_OPTIONS
+        options = LOCAL_OPTIONS if local or read_only else PEER_OPTIONS
         if m.filesystem.fstype == "xfs" and local:
             options += ("nouuid",)  # a snapshot shares its origin's UUID
         dev = device_of(m.filesystem, facts, settings, snapshot=local)
@@ -207,10 +207,11 @@ def mount_steps(mounts: list[Mount], facts: list[DiskFacts], settings: Settings,
     return steps
 
 
-def transfer_steps(settings: Settings, domu: str, peers: tuple[str, ...], *, progress=False) -> list[Step]:
+def transfer_steps(settings: Settings, domu: str, peers: tuple[str, ...], *, progress=False,
+                   extra: tuple[str, ...] = ()) -> list[Step]:
     return [Step("transfer", LOCAL, cmd.rsync(tree_root(settings, domu, LOCAL), peer,
                                               tree_root(settings, domu, peer), settings.rsync, settings.ssh,
-                                              progress=progress), None, note=f"mirror to {peer}")
+                                              progress=progress, extra=extra), None, note=f"mirror to {peer}")
             for peer in peers]
 
 
@@ -267,21 +268,21 @@ def local_mount_plan(mounts, facts, settings, domu) -> list[Step]:
     return _tree_steps(mounts, facts, settings, domu, LOCAL)
 
 
-def peer_mount_plan(mounts, facts, settings, domu, peer) -> list[Step]:
-    return _tree_steps(mounts, facts, settings, domu, peer)
+def peer_mount_plan(mounts, facts, settings, domu, peer, *, read_only=False) -> list[Step]:
+    return _tree_steps(mounts, facts, settings, domu, peer, read_only=read_only)
 
 
-def _tree_steps(mounts, facts, settings, domu, host) -> list[Step]:
+def _tree_steps(mounts, facts, settings, domu, host, read_only=False) -> list[Step]:
     """Mounts with a root fs go straight into the tree root; fallback mounts get their own dirs."""
     if not needs_fallback_dirs(mounts):
-        return mount_steps(sort_mounts(mounts), facts, settings, domu, host)
+        return mount_steps(sort_mounts(mounts), facts, settings, domu, host, read_only=read_only)
     root = tree_root(settings, domu, host)
     steps = [Step("mount" if host == LOCAL else "peer-mount", host, cmd.mkdir(root), cmd.rmdir(root),
                   note=f"tree root of {domu}")]
     for m in sort_mounts(mounts):
         d = root + m.mountpoint
         steps.append(Step(steps[0].phase, host, cmd.mkdir(d), cmd.rmdir(d), note=f"directory for {m.filesystem.name}"))
-        steps += mount_steps([m], facts, settings, domu, host, with_root_dir=False)
+        steps += mount_steps([m], facts, settings, domu, host, with_root_dir=False, read_only=read_only)
     return steps
 
 
