@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--force", action="store_true", help="overwrite a replica LV that already holds data")
     sv = sub.add_parser("verify", help="compare the replica with a fresh snapshot by checksum (changes nothing)")
     sv.add_argument("domu")
+    sk = sub.add_parser("check", help="before the first night: config, libvirt, tools, SSH, replicas, VG space")
+    sk.add_argument("domus", nargs="*", metavar="DOMU", help="default: every configured DomU")
     sh_ = sub.add_parser("history", help="the runs recorded in the catalog, newest first")
     sh_.add_argument("domu", nargs="?")
     sh_.add_argument("--json", action="store_true")
@@ -93,6 +95,8 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
             return cmd_seed(config, args, runner)
         if args.command == "verify":
             return cmd_verify(config, args, runner)
+        if args.command == "check":
+            return cmd_check(config, args, runner)
         if args.command == "history":
             return cmd_history(config, args)
         raise UsageError(f"unknown command {args.command}")
@@ -198,6 +202,17 @@ def run_backups(config, args, runner) -> int:
         for o in outcomes:
             print(o.summary())
     return code
+
+
+def cmd_check(config, args, runner) -> int:
+    from .preflight import run_checks
+
+    checks = run_checks(config, args.domus or list(config.domus), runner)
+    for c in checks:
+        print(c.line())
+    failed = sum(not c.ok for c in checks)
+    print(f"check: {len(checks) - failed} OK, {failed} to fix")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_verify(config, args, runner) -> int:
