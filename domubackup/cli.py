@@ -80,7 +80,7 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
         parser.print_usage(sys.stderr)
         return EXIT_USAGE
     logs.setup(args.verbose, syslog=local_runner is None)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _on_signal)
     try:
         config = cfg.load_config(cfg.config_path(args.config), hostname=hostname)
@@ -188,6 +188,8 @@ def run_backups(config, args, runner) -> int:
                 print(f"domubackup: {name}: undid what a dead run left: " + "; ".join(outcome.undone), file=sys.stderr)
             if outcome.exit_code:
                 print(f"domubackup: {name}: {outcome.status}: {outcome.error}", file=sys.stderr)
+            if outcome.exit_code == Interrupted.exit_code:
+                break  # a signal: everything of this DomU is closed; do not start the next one
         catalog.prune(config.catalog_keep_days)
         if config.metrics_textfile:
             write_metrics(catalog, config.metrics_textfile)
