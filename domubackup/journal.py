@@ -30,6 +30,7 @@ log = logging.getLogger("domubackup.journal")
 
 PENDING = "pending"
 DONE = "done"
+UNDONE = "undone"  # closed already during the run (e.g. a freeze after its thaw): nothing to undo
 
 
 # already_gone: when an undo fails only because its object does not exist (any more), the undo
@@ -202,6 +203,11 @@ class Journal:
         self.entries[index].state = DONE
         self._save()
 
+    def undone(self, index: int) -> None:
+        """The step was closed during the run (its undo ran): teardown skips it."""
+        self.entries[index].state = UNDONE
+        self._save()
+
     def teardown(self, runners: Mapping[str, "Runner"]) -> list[Result]:
         """Run every undo in reverse order, carrying on after failures.
 
@@ -212,7 +218,7 @@ class Journal:
         failed: list[Entry] = []
         failures: list[str] = []
         for entry in reversed(self.entries):
-            if entry.undo is None:
+            if entry.undo is None or entry.state == UNDONE:
                 continue
             cmd = shlex.join(entry.undo)
             runner = runners.get(entry.host)

@@ -66,7 +66,7 @@ from dataclasses import field
 from . import commands as cmd
 from . import parsers
 from . import plan as planner
-from .errors import CommandError, DomuBackupError, InspectError, PeerError, SnapshotError
+from .errors import CommandError, DomuBackupError, FreezeError, InspectError, PeerError, SnapshotError
 from .facts import layout_differences
 from .journal import Journal
 from .lock import DomuLock
@@ -112,6 +112,8 @@ class Outcome:
                      f"{human_bytes(self.stats.bytes_sent)} sent")
         if self.snapshot_peak:
             line += f", snapshot peak {self.snapshot_peak:.1f}%"
+        if self.freeze is not None and self.freeze.mode != "none":
+            line += f"; {self.freeze.summary.split(': ', 1)[1]}"
         if self.error:
             line += f": {self.error}"
         return line
@@ -319,6 +321,22 @@ def open_local_tree(session, config, domu, insp, settings):
     return mounts
 
 
+def make_freeze(settings, domu, conn, local):
+    """The freeze window of the configured consistency mode: freeze, snapshot_fn(), thaw."""
+    from .freeze import FreezeSettings, freeze_window
+
+    fs = FreezeSettings(mode=settings.consistency, hook_dir=settings.freeze_hook_dir,
+                        hook_timeout=settings.freeze_hook_timeout, max_window=settings.freeze_max_window,
+                        agent_timeout=settings.freeze_agent_timeout, agent_mountpoints=settings.freeze_mountpoints,
+                        on_failure=settings.freeze_on_failure)
+
+    def window(snapshot_fn, journal):
+        dom = virt.lookup(conn, domu) if fs.uses_agent else None
+        return freeze_window(fs, domu, snapshot_fn, runner=local, domain=dom, uri=settings.libvirt_uri,
+                             journal=journal)
+    return window
+
+
 def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False, freeze=None,
            catalog=None, log_path=None, verify=False) -> Outcome:
     """One DomU: lock, recover, inspect, check, open, transfer, teardown. Never raises
@@ -328,6 +346,8 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
     start = time.monotonic()
     run_id = None
     kind = "verify" if verify else "backup"
+    if freeze is None and config.settings_for(domu).consistency != "none":
+        freeze = make_freeze(config.settings_for(domu), domu, conn, local)
     peers = ",".join(config.peers_for(domu))
     try:
         with DomuLock(config.state_dir, domu):
@@ -385,7 +405,15 @@ VERIFY_ARGS = ("--dry-run", "--checksum", "--out-format=%i %n")
 def _open_and_transfer(session, config, domu, insp, settings, local, progress, freeze, out, verify=False):
     snaps = planner.snapshot_steps(insp.facts, settings)
     if freeze is not None and not verify:
-        out.freeze = freeze(lambda: session.open_all(snaps), session.journal)
+        try:
+            out.freeze = freeze(lambda: session.open_all(snaps), session.journal)
+        except FreezeError as e:
+            out.freeze = getattr(e, "report", None)
+            raise
+        log.info("%s", out.freeze.summary)
+        for i, e in enumerate(session.journal.entries):  # thawed: the teardown has nothing to thaw
+            if e.phase == "freeze" and e.state == "done":
+                session.journal.undone(i)
     else:
         session.open_all(snaps)
     mounts = open_local_tree(session, config, domu, insp, settings)

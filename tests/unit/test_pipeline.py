@@ -183,3 +183,23 @@ def test_invalid_snapshot_is_corrupt_never_ok(tmp_path, fixtures, monkeypatch):
     assert (out.status, out.exit_code) == ("CORRUPT", 1)
     assert "snapshot /dev/vg0/web1-srv-snap became invalid (100% full)" in out.error
     assert Journal.load(tmp_path, "web1") is None
+
+
+def test_hooks_freeze_only_around_the_snapshots(tmp_path, fixtures, monkeypatch):
+    hooks = tmp_path / "freeze.d"
+    hooks.mkdir()
+    for name in ("10-db", "20-app"):
+        (hooks / name).write_text("#!/bin/sh\nexit 0\n")
+        (hooks / name).chmod(0o755)
+    config, local, peer, log = setup(tmp_path / "state", fixtures)
+    config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}/state"\nsnapshot_size = "256M"\n'
+                          f'consistency = "hooks"\nfreeze_hook_dir = "{hooks}"\n', hostname="dom0a",
+                          default_uri="test:///x")
+    out = run_backup(config, local, peer, monkeypatch)
+    assert out.status == "OK", out.error
+    seq = [(a[-1] if a[0] == "env" else a[0]) for h, a in log if a[0] in ("env", "lvcreate", "kpartx")]
+    assert seq[:7] == ["freeze", "freeze", "lvcreate", "lvcreate", "thaw", "thaw", "kpartx"]
+    hook_calls = [a[3].rsplit("/", 1)[1] + " " + a[-1] for h, a in log if a[0] == "env"]
+    assert hook_calls == ["10-db freeze", "20-app freeze", "20-app thaw", "10-db thaw"]
+    assert out.freeze.level == "application" and out.freeze.window_ms is not None
+    assert "application-consistent" in out.summary()
