@@ -186,8 +186,6 @@ def run_backups(config, args, runner) -> int:
             outcomes.append(outcome)
             if outcome.undone:
                 print(f"domubackup: {name}: undid what a dead run left: " + "; ".join(outcome.undone), file=sys.stderr)
-            if outcome.exit_code:
-                print(f"domubackup: {name}: {outcome.status}: {outcome.error}", file=sys.stderr)
             if outcome.exit_code == Interrupted.exit_code:
                 break  # a signal: everything of this DomU is closed; do not start the next one
         catalog.prune(config.catalog_keep_days)
@@ -230,7 +228,7 @@ def cmd_verify(config, args, runner) -> int:
     for d in out.differences:
         print(f"{name}: differs: {d}")
     if out.exit_code:
-        print(f"domubackup: {name}: verify {out.status}: {out.error}", file=sys.stderr)
+        print(f"{name}: verify {out.status} ({len(out.differences)} difference(s))")
     else:
         print(f"{name}: verify OK: the replica matches the snapshot ({out.stats.files} files compared by checksum)")
     return out.exit_code

@@ -13,8 +13,12 @@ current_domu: contextvars.ContextVar[str] = contextvars.ContextVar("domu", defau
 
 
 class _DomuFilter(logging.Filter):
+    """Adds %(domu)s and %(where)s ("web1: ", or "" when the message names the DomU already)."""
+
     def filter(self, record):
-        record.domu = current_domu.get()
+        domu = current_domu.get()
+        record.domu = domu
+        record.where = "" if domu == "-" or record.getMessage().startswith(f"{domu}:") else f"{domu}: "
         return True
 
 
@@ -28,7 +32,7 @@ def setup(verbosity: int, *, syslog: bool = True) -> None:
         pkg.removeHandler(h)
     err = logging.StreamHandler()
     err.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING)
-    err.setFormatter(logging.Formatter("domubackup: %(domu)s: %(message)s"))
+    err.setFormatter(logging.Formatter("domubackup: %(where)s%(message)s"))
     err.addFilter(_DomuFilter())
     pkg.addHandler(err)
     if syslog and os.path.exists("/dev/log"):
@@ -37,7 +41,7 @@ def setup(verbosity: int, *, syslog: bool = True) -> None:
         except OSError:
             return
         sl.setLevel(logging.INFO)
-        sl.setFormatter(logging.Formatter(f"domubackup[{os.getpid()}]: %(domu)s: %(message)s"))
+        sl.setFormatter(logging.Formatter(f"domubackup[{os.getpid()}]: %(where)s%(message)s"))
         sl.addFilter(_DomuFilter())
         pkg.addHandler(sl)
     logging.getLogger("sh").setLevel(logging.WARNING)
