@@ -119,6 +119,28 @@ class Outcome:
         return line
 
 
+PAUSE_ENV = "DOMUBACKUP_TEST_PAUSE"
+
+
+def test_pause(phase: str, journal: Journal, paused: set) -> None:
+    """Test-only: with DOMUBACKUP_TEST_PAUSE=PHASE[,PHASE...] the run stops before the first step
+    of each named phase, creates STATE_DIR/pause/DOMU.PHASE and waits until that file is removed
+    (at most 10 minutes), so that a test can look at, or kill, a run at a step boundary."""
+    wanted = os.environ.get(PAUSE_ENV, "").split(",")
+    if phase not in wanted or phase in paused:
+        return
+    paused.add(phase)
+    d = os.path.join(os.path.dirname(os.path.dirname(journal.path)), "pause")
+    os.makedirs(d, exist_ok=True)
+    flag = os.path.join(d, f"{journal.domu}.{phase}")
+    with open(flag, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    log.warning("test pause before %s: waiting for %s to be removed", phase, flag)
+    deadline = time.monotonic() + 600
+    while os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 class Session:
     """Runs open steps through the journal: recorded pending before they run, done after."""
 
@@ -126,8 +148,10 @@ class Session:
         self.journal = journal
         self.runners = runners
         self.timeout = timeout
+        self.paused: set[str] = set()
 
     def open(self, step: Step, *, timeout: float | None = None):
+        test_pause(step.phase, self.journal, self.paused)
         runner = self.runners[step.host]
         limit = timeout if timeout is not None else self.timeout
         if step.undo is None:

@@ -1,0 +1,58 @@
+"""Helpers of the e2e tests: run domubackup in the lab VMs, hold a run at a step boundary."""
+
+import pathlib
+import time
+
+TOOL = (pathlib.Path(__file__).parent / "treetool.py").read_text()
+STATE = "/var/lib/domubackup"
+
+
+def tree(lab, vm, cmd, check=True):
+    return lab.ssh(vm, ["python3", "-", cmd], input=TOOL, timeout=600, check=check)
+
+
+def manifest(lab, vm):
+    import json
+    tree(lab, vm, "mount")
+    try:
+        return json.loads(tree(lab, vm, "manifest").stdout)
+    finally:
+        tree(lab, vm, "umount")
+
+
+def domubackup(lab, *args, vm="dom0a", check=False, timeout=900):
+    return lab.ssh(vm, ["domubackup", *args], check=check, timeout=timeout)
+
+
+def start_paused(lab, phase, args="run web1", vm="dom0a"):
+    """Start `domubackup ARGS` in the background, held before the first step of PHASE.
+    Returns its PID once it waits there."""
+    flag = f"{STATE}/pause/web1.{phase}"
+    r = lab.ssh(vm, f"rm -f {flag}; DOMUBACKUP_TEST_PAUSE={phase} setsid domubackup {args} "
+                    f"> /tmp/paused.out 2>&1 < /dev/null & echo $!")
+    pid = int(r.stdout.strip())
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if lab.ssh(vm, ["test", "-e", flag], check=False).returncode == 0:
+            return pid
+        if lab.ssh(vm, ["kill", "-0", str(pid)], check=False).returncode != 0:
+            raise AssertionError("the run ended before pausing: " + lab.ssh(vm, "cat /tmp/paused.out").stdout)
+        time.sleep(0.5)
+    raise AssertionError(f"no pause at {phase}")
+
+
+def release(lab, phase, pid, vm="dom0a", timeout=600):
+    """Let a paused run go on; wait for it and return (its exit status, its output)."""
+    lab.ssh(vm, ["rm", "-f", f"{STATE}/pause/web1.{phase}"])
+    deadline = time.monotonic() + timeout
+    while lab.ssh(vm, ["kill", "-0", str(pid)], check=False).returncode == 0:
+        if time.monotonic() > deadline:
+            raise AssertionError("the run did not end")
+        time.sleep(0.5)
+    return lab.ssh(vm, "cat /tmp/paused.out").stdout
+
+
+def kill9(lab, pid, vm="dom0a"):
+    lab.ssh(vm, ["kill", "-9", str(pid)])
+    while lab.ssh(vm, ["kill", "-0", str(pid)], check=False).returncode == 0:
+        time.sleep(0.2)
