@@ -1,0 +1,99 @@
+"""Issue 6 in the lab: a freeze hook makes the replica hold every record written before the freeze."""
+
+import re
+
+import pytest
+
+from e2ehelp import domubackup, kill9, start_paused
+
+HOOK = """#!/bin/sh
+# e2e: freeze the guest writer's filesystems (the origin mounts under /mnt/guest) for real.
+case "$1" in
+freeze)
+    for m in /mnt/guest /mnt/guest/var /mnt/guest/srv; do fsfreeze -f "$m" || exit 1; done
+    for f in root/lab-writer.log var/log/lab-writer.log srv/lab-writer.log; do
+        tail -n 1 "/mnt/guest/$f" | cut -c5-12
+    done > /run/e2e-frozen-seq ;;
+thaw)
+    for m in /mnt/guest/srv /mnt/guest/var /mnt/guest; do fsfreeze -u "$m" 2>/dev/null; done
+    exit 0 ;;
+esac
+"""
+FILES = ["root/lab-writer.log", "var/log/lab-writer.log", "srv/lab-writer.log"]
+
+
+@pytest.fixture
+def writer(lab):
+    lab.reset()
+    lab.ssh("dom0a", "mkdir -p /etc/domubackup/freeze.d && cat > /etc/domubackup/freeze.d/10-guest-fsfreeze "
+                     "&& chmod 755 /etc/domubackup/freeze.d/10-guest-fsfreeze", input=HOOK)
+    lab.writer("start")
+    yield lab
+    lab.ssh("dom0a", "for m in /mnt/guest/srv /mnt/guest/var /mnt/guest; do fsfreeze -u $m 2>/dev/null; done; true")
+    lab.writer("stop")
+    lab.ssh("dom0a", ["rm", "-rf", "/etc/domubackup/freeze.d"])
+
+
+def set_consistency(lab, mode):
+    lab.ssh("dom0a", f"sed -i '/^consistency/d;/^freeze_max_window/d' /etc/domubackup/domubackup.toml && "
+                     f"sed -i '1i consistency = \"{mode}\"\\nfreeze_max_window = 30.0' /etc/domubackup/domubackup.toml")
+
+
+def replica_records(lab):
+    lab.ssh("dom0b", "kpartx -a -s -p p /dev/vg0/web1-disk && udevadm settle && mkdir -p /mnt/guest && "
+                     "mount -o ro /dev/mapper/vg0-web1--diskp1 /mnt/guest && "
+                     "mount -o ro,nouuid /dev/mapper/vg0-web1--diskp5 /mnt/guest/var && "
+                     "mount -o ro /dev/vg0/web1-srv /mnt/guest/srv")
+    try:
+        return lab.ssh("dom0b", ["lab-guest", "writer", "verify", *[f"/mnt/guest/{f}" for f in FILES]],
+                       check=False).stdout
+    finally:
+        lab.ssh("dom0b", "umount /mnt/guest/srv /mnt/guest/var /mnt/guest; kpartx -d -p p /dev/vg0/web1-disk")
+
+
+def test_hook_freeze_gives_an_application_consistent_replica(writer):
+    lab = writer
+    set_consistency(lab, "hooks")
+    r = domubackup(lab, "-v", "run", "web1")
+    assert r.returncode == 0, r.stderr
+    assert "application-consistent (mode hooks: 1 hook(s)), frozen " in r.stdout
+    frozen_at = [int(x) for x in lab.ssh("dom0a", ["cat", "/run/e2e-frozen-seq"]).stdout.split()]
+    report = replica_records(lab)
+    for f, seq in zip(FILES, frozen_at):
+        line = next(line for line in report.splitlines() if line.startswith(f"/mnt/guest/{f}:"))
+        assert "bad=0" in line and "torn_tail=False" in line, line
+        assert int(re.search(r"last_seq=(\d+)", line).group(1)) == seq, (line, seq)
+    window = int(re.search(r"frozen (\d+) ms", r.stdout).group(1))
+    assert window < 30000
+    history = domubackup(lab, "history", "--json", "web1").stdout
+    assert '"consistency": "application"' in history
+
+
+def test_without_hook_the_replica_is_crash_consistent(writer):
+    lab = writer
+    r = domubackup(lab, "-v", "run", "web1")
+    assert r.returncode == 0, r.stderr
+    report = replica_records(lab)
+    print("crash-consistent replica of the writer's files:\n" + report)
+    assert report.count("bad=0") == 3  # every fsync'd record is whole; a torn tail may exist
+
+
+def test_kill_9_while_frozen_is_thawed_by_cleanup(writer):
+    lab = writer
+    set_consistency(lab, "hooks")
+    pid = start_paused(lab, "snapshot")  # frozen: held before the first lvcreate
+    assert frozen(lab)
+    kill9(lab, pid)
+    assert frozen(lab)  # nobody thaws a killed run's guest...
+    c = domubackup(lab, "cleanup", "web1")
+    assert c.returncode == 0, c.stderr
+    assert "10-guest-fsfreeze thaw" in c.stdout
+    assert not frozen(lab)  # ...but cleanup does
+
+
+def frozen(lab) -> bool:
+    """A write to /srv still blocked after 2 s means the filesystem is frozen (the blocked
+    writer finishes by itself at the thaw)."""
+    r = lab.ssh("dom0a", "touch /mnt/guest/srv/probe >/dev/null 2>&1 & p=$!; sleep 2; "
+                         "if kill -0 $p 2>/dev/null; then echo frozen; else echo thawed; fi")
+    return r.stdout.strip() == "frozen"
