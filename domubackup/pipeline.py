@@ -280,8 +280,9 @@ class SnapshotWatch:
         self._stop.set()
         self._thread.join()
 
-    def check(self):
-        """One look at every snapshot; returns a problem or None. Also usable after the transfer."""
+    def check(self, final: bool = False):
+        """One look at every snapshot; returns a problem or None. `final` (after the transfer):
+        only an invalid snapshot is a problem, there is nothing left to protect by extending."""
         for path in self.paths:
             res = self.runner.run(parsers.lvs_argv(path), check=False, timeout=60)
             if res.exit_code != 0:
@@ -291,7 +292,7 @@ class SnapshotWatch:
             self.peak = max(self.peak, pct)
             if len(lv.attr) > 4 and lv.attr[4] == "I" or pct >= 100.0:
                 return f"snapshot {path} became invalid (100% full): its copy cannot be trusted"
-            if pct >= self.settings.snapshot_extend_at:
+            if pct >= self.settings.snapshot_extend_at and not final:
                 need = size_bytes(self.settings.snapshot_extend_by, lv.size)
                 if lv.vg_free is not None and lv.vg_free >= need:
                     log.warning("snapshot %s is %.1f%% full: extending by %s", path, pct,
@@ -440,33 +441,39 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
                 session.journal.undone(i)
     else:
         session.open_all(snaps)
-    mounts = open_local_tree(session, config, domu, insp, settings)
-    for peer in insp.peers:
-        session.open_all(planner.map_steps(insp.facts, settings, peer, snapshot=False))
-        session.open_all(planner.peer_mount_plan(mounts, insp.facts, settings, domu, peer, read_only=verify))
+    # From here on the snapshots exist: watch their fill level until the transfer is over.
     snap_paths = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in insp.facts]
     watch = SnapshotWatch(local, snap_paths, settings, on_abort=getattr(local, "cancel", None))
     stats = RsyncStats()
     with watch:
-        for step in planner.transfer_steps(settings, domu, insp.peers, progress=progress and not verify,
-                                           extra=VERIFY_ARGS if verify else ()):
-            try:
-                res = session.open(step, timeout=settings.rsync.timeout or 7 * 24 * 3600)
-            except CommandError as e:
-                if watch.problem:
-                    break
-                raise CommandError(e.host, e.argv, e.returncode, e.stderr, timeout=e.timeout,
-                                   hint=rsync_hint(e.returncode)) from None
-            s = parsers.parse_rsync_stats(res.stdout)
-            if verify:
-                out.differences += [f"{step.argv[-1].split(':')[0]}: {code} {path}"
-                                    for code, path in parsers.parse_rsync_itemize(res.stdout, link_targets=False)]
-            stats = RsyncStats(files=s.files, files_transferred=stats.files_transferred + s.files_transferred,
-                               total_size=s.total_size, transferred_size=stats.transferred_size + s.transferred_size,
-                               bytes_sent=stats.bytes_sent + s.bytes_sent,
-                               bytes_received=stats.bytes_received + s.bytes_received,
-                               deleted=stats.deleted + s.deleted)
-    problem = watch.problem or watch.check()
+        try:
+            mounts = open_local_tree(session, config, domu, insp, settings)
+            for peer in insp.peers:
+                session.open_all(planner.map_steps(insp.facts, settings, peer, snapshot=False))
+                session.open_all(planner.peer_mount_plan(mounts, insp.facts, settings, domu, peer, read_only=verify))
+            for step in planner.transfer_steps(settings, domu, insp.peers, progress=progress and not verify,
+                                               extra=VERIFY_ARGS if verify else ()):
+                try:
+                    res = session.open(step, timeout=settings.rsync.timeout or 7 * 24 * 3600)
+                except CommandError as e:
+                    if watch.problem:
+                        raise
+                    raise CommandError(e.host, e.argv, e.returncode, e.stderr, timeout=e.timeout,
+                                       hint=rsync_hint(e.returncode)) from None
+                s = parsers.parse_rsync_stats(res.stdout)
+                if verify:
+                    out.differences += [f"{step.argv[-1].split(':')[0]}: {code} {path}"
+                                        for code, path in parsers.parse_rsync_itemize(res.stdout, link_targets=False)]
+                stats = RsyncStats(files=s.files, files_transferred=stats.files_transferred + s.files_transferred,
+                                   total_size=s.total_size,
+                                   transferred_size=stats.transferred_size + s.transferred_size,
+                                   bytes_sent=stats.bytes_sent + s.bytes_sent,
+                                   bytes_received=stats.bytes_received + s.bytes_received,
+                                   deleted=stats.deleted + s.deleted)
+        except CommandError:
+            if not watch.problem:
+                raise  # a real failure; a cancelled command after a snapshot problem is reported below
+    problem = watch.problem or watch.check(final=True)
     out.snapshot_peak = watch.peak
     out.stats = stats
     if problem:
