@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Benchmark of `domubackup run` in the lab (issue 5). Prints figures; not a test.
+
+web1 gets a tree of about 1 GiB in 10,000 files under /srv. Then, in one run of this script:
+ (a) `domubackup run web1` against a plain shell script doing the same commands the
+     xen-backup.sh way (lvcreate, kpartx, mounts, one ssh session for the peer's mounts,
+     rsync, one for the peer's teardown, local teardown): median of REPEAT runs each, ratio;
+ (b) `domubackup run` against a bare rsync of the already-mounted trees (the same rsync
+     argv, timed while domubackup holds the trees open at its transfer step): ratio, and the
+     seconds of everything but rsync;
+ (c) bytes sent by a run after 1 % of the files were rewritten, against the bytes changed.
+
+Usage: python3 tests/bench/bench_backup.py [--repeat N]   (as root; brings the lab up)
+"""
+
+import argparse
+import json
+import time
+
+from benchlib import Lab, domubackup, line, median, release, start_paused, timed, tree
+
+FILES, DIRS, SIZE = 10_000, 100, 100 * 1024
+
+GEN = f"""
+import os, random
+rnd = random.Random(1)
+for d in range({DIRS}):
+    p = f"/mnt/guest/srv/bench/d{{d:03d}}"
+    os.makedirs(p, exist_ok=True)
+    for i in range({FILES // DIRS}):
+        with open(f"{{p}}/f{{i:04d}}", "wb") as f:
+            f.write(rnd.randbytes({SIZE}))
+os.sync()
+"""
+CHANGE = f"""
+import os, random
+rnd = random.Random(2)
+for d in range({DIRS}):  # 1 % of the files: one per directory, rewritten whole
+    with open(f"/mnt/guest/srv/bench/d{{d:03d}}/f0000", "wb") as f:
+        f.write(rnd.randbytes({SIZE}))
+os.sync()
+print({DIRS} * {SIZE})
+"""
+
+XEN_BACKUP_SH = r"""#!/bin/bash
+# The same job the xen-backup.sh way: plain commands, one ssh session per remote batch.
+set -e
+S=/mnt/xb/source; T=/mnt/xb/target
+lvcreate -q --snapshot --size 256M --name web1-disk-snap /dev/vg0/web1-disk
+lvcreate -q --snapshot --size 256M --name web1-srv-snap /dev/vg0/web1-srv
+kpartx -a -s -p p /dev/vg0/web1-disk-snap; udevadm settle
+mkdir -p $S
+mount -o ro,nodev,nosuid,noexec /dev/mapper/vg0-web1--disk--snapp1 $S
+mount -o ro,nodev,nosuid,noexec /dev/vg0/web1-srv-snap $S/srv
+mount -o ro,nodev,nosuid,noexec,nouuid /dev/mapper/vg0-web1--disk--snapp5 $S/var
+ssh -T dom0b "kpartx -a -s -p p /dev/vg0/web1-disk && udevadm settle && mkdir -p $T &&
+  mount /dev/mapper/vg0-web1--diskp1 $T && mount /dev/vg0/web1-srv $T/srv &&
+  mount /dev/mapper/vg0-web1--diskp5 $T/var"
+rsync -aHAX --numeric-ids --delete -e ssh $S/ dom0b:$T/
+ssh -T dom0b "umount $T/var $T/srv $T && rmdir $T && kpartx -d -p p /dev/vg0/web1-disk"
+umount $S/var $S/srv $S; rmdir $S
+kpartx -d -p p /dev/vg0/web1-disk-snap
+lvremove -q -f /dev/vg0/web1-srv-snap /dev/vg0/web1-disk-snap
+"""
+
+
+def run_ok(lab, *args):
+    r = domubackup(lab, *args, timeout=3600)
+    if r.returncode:
+        raise SystemExit(f"domubackup {' '.join(args)} failed:\n{r.stdout}{r.stderr}")
+    return r
+
+
+def last_run(lab):
+    return json.loads(domubackup(lab, "history", "--json", "--limit", "1", "web1").stdout)[0]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    lab = Lab()
+    with lab.session_lock():
+        lab.up()
+        lab.reset()
+        tree(lab, "dom0a", "mount")
+        try:
+            t, _ = timed(lab.ssh, "dom0a", ["python3", "-c", GEN], timeout=3600)
+        finally:
+            tree(lab, "dom0a", "umount")
+        line(f"tree made in the guest ({FILES} files x {SIZE // 1024} KiB)", f"{t:.1f} s")
+        t, _ = timed(run_ok, lab, "run", "web1")
+        first = last_run(lab)
+        line("first run (full copy)", f"{t:.1f} s, {first['bytes_sent'] / 2**20:.0f} MiB sent, "
+                                      f"{first['files']} files")
+        lab.ssh("dom0a", "cat > /root/xen-backup.sh && chmod 755 /root/xen-backup.sh", input=XEN_BACKUP_SH)
+
+        # (a) domubackup vs the shell script, alternating, nothing changed in between
+        ours, theirs = [], []
+        for _ in range(args.repeat):
+            ours.append(timed(run_ok, lab, "run", "web1")[0])
+            t, r = timed(lab.ssh, "dom0a", ["/root/xen-backup.sh"], timeout=3600)
+            theirs.append(t)
+        a = median(ours) / median(theirs)
+        line("(a) domubackup run, median", f"{median(ours):.1f} s  ({', '.join(f'{x:.1f}' for x in ours)})")
+        line("(a) xen-backup.sh-style script, median", f"{median(theirs):.1f} s  ({', '.join(f'{x:.1f}' for x in theirs)})")
+        line("(a) ratio domubackup / script (target <= 1.10)", f"{a:.2f}")
+
+        # (b) the bare rsync of the mounted trees, timed inside a held run
+        bare = []
+        for _ in range(args.repeat):
+            pid = start_paused(lab, "transfer")
+            rsync = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--stats", "-e",
+                     "ssh -i /root/.ssh/id_ed25519 -o UserKnownHostsFile=/etc/domubackup/known_hosts "
+                     "-o StrictHostKeyChecking=yes -o BatchMode=yes",
+                     "/mnt/domubackup/source/web1/", "dom0b:/mnt/domubackup/target/web1/"]
+            bare.append(timed(lab.ssh, "dom0a", rsync, timeout=3600)[0])
+            release(lab, "transfer", pid)
+        b = median(ours) / median(bare)
+        line("(b) bare rsync of the mounted trees, median", f"{median(bare):.1f} s")
+        line("(b) ratio domubackup run / bare rsync", f"{b:.2f}")
+        line("(b) seconds of everything but rsync (median run - median rsync)", f"{median(ours) - median(bare):.1f} s")
+        line("(b) the same for the script", f"{median(theirs) - median(bare):.1f} s")
+
+        # (c) bytes sent after 1 % of the files changed
+        tree(lab, "dom0a", "mount")
+        try:
+            changed = int(lab.ssh("dom0a", ["python3", "-c", CHANGE]).stdout)
+        finally:
+            tree(lab, "dom0a", "umount")
+        run_ok(lab, "run", "web1")
+        sent = last_run(lab)["bytes_sent"]
+        line("(c) bytes changed (1 % of the files rewritten)", f"{changed}")
+        line("(c) bytes sent by the next run", f"{sent}")
+        line("(c) ratio sent / changed (target <= 1.2)", f"{sent / changed:.3f}")
+        lab.reset()
+
+
+if __name__ == "__main__":
+    t0 = time.monotonic()
+    main()
+    line("benchmark wall time", f"{time.monotonic() - t0:.0f} s")

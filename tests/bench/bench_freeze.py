@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Benchmark of the freeze window in hooks mode (issue 6). Prints figures; not a test.
+
+The guest writer keeps writing to web1's origin filesystems in dom0a; a hook freezes them for
+real (fsfreeze). Over RUNS runs: the freeze window (freeze done -> thaw done) median and max,
+and the part of it that is not the snapshot commands themselves (window minus the lvcreate
+durations of the same run, both from the run's own log). Target: median <= 0.2 s for that part.
+
+Usage: python3 tests/bench/bench_freeze.py [--runs N]   (as root; brings the lab up)
+"""
+
+import argparse
+import re
+
+from benchlib import Lab, domubackup, line, median
+
+sys_hook = (__import__("pathlib").Path(__file__).resolve().parents[1] / "e2e" / "test_freeze_e2e.py")
+HOOK = re.search(r'HOOK = """(.*?)"""', sys_hook.read_text(), re.S).group(1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=10)
+    args = ap.parse_args()
+    lab = Lab()
+    with lab.session_lock():
+        lab.up()
+        lab.reset()
+        lab.ssh("dom0a", "mkdir -p /etc/domubackup/freeze.d && cat > /etc/domubackup/freeze.d/10-guest-fsfreeze "
+                         "&& chmod 755 /etc/domubackup/freeze.d/10-guest-fsfreeze", input=HOOK)
+        lab.ssh("dom0a", "sed -i '1i consistency = \"hooks\"' /etc/domubackup/domubackup.toml")
+        lab.writer("start")
+        windows, other, snaps = [], [], []
+        try:
+            for i in range(args.runs):
+                r = domubackup(lab, "-vv", "run", "web1")
+                if r.returncode:
+                    raise SystemExit(r.stdout + r.stderr)
+                w = int(re.search(r"frozen (\d+) ms", r.stdout).group(1)) / 1000
+                lv = sum(float(x) for x in re.findall(r"`lvcreate --snapshot [^`]*` exit 0 in ([\d.]+)s", r.stderr))
+                windows.append(w)
+                snaps.append(lv)
+                other.append(w - lv)
+                line(f"run {i + 1}: window / lvcreate / rest", f"{w:.3f} s / {lv:.3f} s / {w - lv:.3f} s")
+        finally:
+            lab.writer("stop")
+            lab.ssh("dom0a", ["rm", "-rf", "/etc/domubackup/freeze.d"])
+        line("freeze window median / max", f"{median(windows):.3f} s / {max(windows):.3f} s")
+        line("lvcreate --snapshot time in the window, median", f"{median(snaps):.3f} s")
+        line("window minus the snapshot commands, median / max (target median <= 0.2 s)",
+             f"{median(other):.3f} s / {max(other):.3f} s")
+        line("ratio of the window spent outside lvcreate, median", f"{median([o / w for o, w in zip(other, windows)]):.2f}")
+        lab.reset()
+
+
+if __name__ == "__main__":
+    main()
