@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--force", action="store_true", help="overwrite a replica LV that already holds data")
     sv = sub.add_parser("verify", help="compare the replica with a fresh snapshot by checksum (changes nothing)")
     sv.add_argument("domu")
+    sv.add_argument("--fsck", action="store_true",
+                    help="also check the replica's filesystems read-only on the peer (e2fsck -n, xfs_repair -n)")
     sk = sub.add_parser("check", help="before the first night: config, libvirt, tools, SSH, replicas, VG space")
     sk.add_argument("domus", nargs="*", metavar="DOMU", help="default: every configured DomU")
     sh_ = sub.add_parser("history", help="the runs recorded in the catalog, newest first")
@@ -177,6 +179,7 @@ def run_backups(config, args, runner) -> int:
     catalog = open_catalog(config)
     outcomes = []
     try:
+        pipeline.lifecycle_hook(config.defaults, "job-start", runner)
         for name in selected_domus(config, args.domus, conn):
             with logs.run_log(config.state_dir, name) as log_path:
                 log.info("backup starts")
@@ -188,6 +191,12 @@ def run_backups(config, args, runner) -> int:
                 print(f"domubackup: {name}: undid what a dead run left: " + "; ".join(outcome.undone), file=sys.stderr)
             if outcome.exit_code == Interrupted.exit_code:
                 break  # a signal: everything of this DomU is closed; do not start the next one
+        failed = [o.domu for o in outcomes if o.exit_code]
+        try:
+            pipeline.lifecycle_hook(config.defaults, "job-end", runner, domu=" ".join(o.domu for o in outcomes),
+                                    status="ERROR" if failed else "OK")
+        except DomuBackupError as e:
+            log.warning("job-end hook failed: %s", e)
         catalog.prune(config.catalog_keep_days)
         if config.metrics_textfile:
             write_metrics(catalog, config.metrics_textfile)
@@ -227,6 +236,18 @@ def cmd_verify(config, args, runner) -> int:
         catalog.close()
     for d in out.differences:
         print(f"{name}: differs: {d}")
+    if args.fsck and out.status in ("OK", "ERROR"):
+        conn = virt.connect(config.settings_for(name).libvirt_uri)
+        try:
+            problems = pipeline.fsck_replicas(config, name, conn, runner)
+        finally:
+            conn.close()
+        for p in problems:
+            print(f"{name}: fsck: {p}")
+        if problems:
+            print(f"domubackup: {name}: the replica's filesystems have errors", file=sys.stderr)
+            return max(out.exit_code, EXIT_FAILED)
+        print(f"{name}: fsck OK: every replica filesystem is clean")
     if out.exit_code:
         print(f"{name}: verify {out.status} ({len(out.differences)} difference(s))")
     else:

@@ -92,3 +92,10 @@ def rsync(source_dir: str, peer: str, target_dir: str, rs: RsyncSettings, ssh: S
     argv += ["--stats", *extra, "-e", shlex.join(ssh_command(ssh))]
     argv += [source_dir.rstrip("/") + "/", f"{peer}:{target_dir.rstrip('/')}/"]
     return tuple(argv)
+
+
+def fsck_readonly(fstype: str, dev: str) -> tuple[str, ...] | None:
+    """A check that changes nothing (-n), per filesystem type; None when there is none."""
+    return {"ext2": ("e2fsck", "-n", "-f", dev), "ext3": ("e2fsck", "-n", "-f", dev),
+            "ext4": ("e2fsck", "-n", "-f", dev), "xfs": ("xfs_repair", "-n", dev),
+            "vfat": ("fsck.vfat", "-n", dev), "btrfs": ("btrfs", "check", "--readonly", dev)}.get(fstype)

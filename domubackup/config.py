@@ -64,6 +64,7 @@ class Settings:
     freeze_agent_timeout: int = 10
     freeze_mountpoints: tuple[str, ...] = ()
     freeze_on_failure: str = "fail"
+    job_hook: str = ""  # executable called at job-start, backup-start, backup-end, backup-abort, job-end
     ssh: SSHSettings = field(default_factory=SSHSettings)
     rsync: RsyncSettings = field(default_factory=RsyncSettings)
 
@@ -189,6 +190,8 @@ class _Checker:
             raise self.fail(f"{prefix}kpartx_separator", f"expected a short separator like 'p', got {s.kpartx_separator!r}")
         if not re.fullmatch(r"[A-Za-z0-9._+-]{1,32}", s.snapshot_suffix):
             raise self.fail(f"{prefix}snapshot_suffix", f"expected a suffix of LV name characters, got {s.snapshot_suffix!r}")
+        if s.job_hook and not s.job_hook.startswith("/"):
+            raise self.fail(f"{prefix}job_hook", f"expected an absolute path, got {s.job_hook!r}")
         if not 0 < s.ssh.port < 65536:
             raise self.fail(f"{prefix}ssh.port", f"expected a TCP port, got {s.ssh.port}")
         for host in s.peers:

@@ -346,6 +346,21 @@ def open_local_tree(session, config, domu, insp, settings):
     return mounts
 
 
+HOOK_PHASES = ("job-start", "backup-start", "backup-end", "backup-abort", "job-end")
+
+
+def lifecycle_hook(settings, phase: str, runner, *, domu="", peer="", status="", log_path="") -> None:
+    """Run the configured job_hook as `HOOK PHASE` (vzdump's phase names) with the DomU, peer,
+    status and log file in its environment. Raises CommandError when it fails."""
+    if not settings.job_hook:
+        return
+    env = {"DOMUBACKUP_PHASE": phase, "DOMUBACKUP_DOMU": domu, "DOMUBACKUP_PEER": peer,
+           "DOMUBACKUP_STATUS": status, "DOMUBACKUP_LOGFILE": log_path or ""}
+    res = runner.run([settings.job_hook, phase], env=env, timeout=settings.freeze_hook_timeout * 10)
+    for line in (res.stdout + res.stderr).splitlines():
+        log.info("%s hook: %s", phase, line)
+
+
 def make_freeze(settings, domu, conn, local):
     """The freeze window of the configured consistency mode: freeze, snapshot_fn(), thaw."""
     from .freeze import FreezeSettings, freeze_window
@@ -370,6 +385,8 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
     out = Outcome(domu)
     start = time.monotonic()
     run_id = None
+    hooked = False
+    settings = config.settings_for(domu)
     kind = "verify" if verify else "backup"
     if freeze is None and config.settings_for(domu).consistency != "none":
         freeze = make_freeze(config.settings_for(domu), domu, conn, local)
@@ -380,6 +397,13 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
             insp = inspect(config, domu, conn, local)
             if catalog is not None:
                 run_id = catalog.start(kind, domu, peers, os.getpid(), log_path)
+            if not verify:
+                hooked = True  # backup-end or backup-abort follows, even when backup-start fails
+                try:
+                    lifecycle_hook(settings, "backup-start", local, domu=domu, peer=peers, log_path=log_path)
+                except CommandError as e:
+                    raise DomuBackupError(f"{domu}: the backup-start hook refused the backup: {e}",
+                                          hint=f"see {settings.job_hook}") from None
             _backup_locked(config, domu, insp, local, factory, progress, freeze, out, verify)
     except DomuBackupError as e:
         out.error = str(e)
@@ -388,6 +412,12 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
             out.status = {75: "BUSY", 3: "SKIPPED"}.get(e.exit_code, "ERROR")
         log.error("%s", e)
     out.duration = time.monotonic() - start
+    if hooked:
+        phase = "backup-end" if out.status == "OK" else "backup-abort"
+        try:
+            lifecycle_hook(settings, phase, local, domu=domu, peer=peers, status=out.status, log_path=log_path)
+        except DomuBackupError as e:
+            log.warning("%s hook failed: %s", phase, e)
     if catalog is not None and out.status in ("OK", "ERROR", "CORRUPT"):
         if run_id is None:
             run_id = catalog.start(kind, domu, peers, os.getpid(), log_path)
@@ -493,3 +523,40 @@ def rsync_hint(code) -> str | None:
             12: "the connection or the peer's rsync failed",
             255: "ssh failed: check the peer, its host key and the identity file",
             }.get(code)
+
+
+def fsck_replicas(config, domu: str, conn, local, *, factory=ssh_runner) -> list[str]:
+    """Check the replica's filesystems read-only on each peer while they are not mounted:
+    map the replica's partitions, `e2fsck -n -f` / `xfs_repair -n` each filesystem, unmap.
+    Returns the problems found (empty: clean)."""
+    settings = config.settings_for(domu)
+    problems = []
+    with DomuLock(config.state_dir, domu):
+        recover(config, domu, local, factory)
+        insp = inspect(config, domu, conn, local)
+        peers = peer_runners(config, domu, insp.peers, factory)
+        try:
+            for p, r in peers.items():
+                check_peer(config, domu, insp.facts, settings, p, r)
+            journal = Journal.create(config.state_dir, domu, ",".join(insp.peers))
+            session = Session(journal, {LOCAL: local, **peers}, settings.command_timeout)
+            try:
+                for peer, runner in peers.items():
+                    session.open_all(planner.map_steps(insp.facts, settings, peer, snapshot=False))
+                    for fs in planner.mountable(insp.facts):
+                        argv = cmd.fsck_readonly(fs.fstype, planner.device_of(fs, insp.facts, settings, snapshot=False))
+                        if argv is None:
+                            continue
+                        res = runner.run(argv, check=False, timeout=settings.command_timeout)
+                        if res.exit_code:
+                            tail = " | ".join((res.stdout + res.stderr).strip().splitlines()[-3:])
+                            problems.append(f"{peer}: {fs.name} ({fs.fstype}): `{' '.join(argv)}` exited "
+                                            f"{res.exit_code}: {tail}")
+                        else:
+                            log.info("%s: %s (%s): clean", peer, fs.name, fs.fstype)
+            finally:
+                journal.teardown(session.runners)
+        finally:
+            for r in peers.values():
+                r.close()
+    return problems

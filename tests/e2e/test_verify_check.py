@@ -57,3 +57,38 @@ def test_check_passes_then_names_each_fault(fresh):
     lab.ssh("dom0a", ["sed", "-i", "/^dom0b/d", "/etc/domubackup/known_hosts"])
     r = domubackup(lab, "check")
     assert "FAIL ssh to dom0b" in r.stdout and "host key of dom0b is unknown" in r.stdout
+
+
+def test_verify_fsck_checks_the_replica_filesystems(fresh):
+    lab = fresh
+    assert domubackup(lab, "run", "web1").returncode == 0
+    v = domubackup(lab, "verify", "--fsck", "web1")
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert "web1: fsck OK: every replica filesystem is clean" in v.stdout
+    # damage the replica's /srv superblock copy behind the tool's back: e2fsck -n must notice
+    lab.ssh("dom0b", "debugfs -w -R 'ssv mtime 0' /dev/vg0/web1-srv >/dev/null 2>&1; "
+                     "dd if=/dev/zero of=/dev/vg0/web1-srv bs=4096 seek=1 count=1 conv=notrunc status=none")
+    v = domubackup(lab, "verify", "--fsck", "web1")
+    assert v.returncode == 1
+    assert "web1: fsck: dom0b: xvdb (ext4): `e2fsck -n -f /dev/vg0/web1-srv` exited" in v.stdout, v.stdout
+
+
+def test_lifecycle_hook_phases_and_a_refusing_backup_start(fresh):
+    lab = fresh
+    lab.ssh("dom0a", "cat > /etc/domubackup/job-hook && chmod 755 /etc/domubackup/job-hook && "
+                     "sed -i '1i job_hook = \"/etc/domubackup/job-hook\"' /etc/domubackup/domubackup.toml",
+            input='#!/bin/sh\necho "$1 domu=$DOMUBACKUP_DOMU peer=$DOMUBACKUP_PEER status=$DOMUBACKUP_STATUS" '
+                  '>> /tmp/job-hook.log\n[ -e /tmp/refuse ] && [ "$1" = backup-start ] && exit 1\nexit 0\n')
+    try:
+        lab.ssh("dom0a", ["rm", "-f", "/tmp/job-hook.log", "/tmp/refuse"])
+        assert domubackup(lab, "run", "web1").returncode == 0
+        assert lab.ssh("dom0a", ["cat", "/tmp/job-hook.log"]).stdout.splitlines() == [
+            "job-start domu= peer= status=", "backup-start domu=web1 peer=dom0b status=",
+            "backup-end domu=web1 peer=dom0b status=OK", "job-end domu=web1 peer= status=OK"]
+        lab.ssh("dom0a", "rm -f /tmp/job-hook.log; touch /tmp/refuse")
+        r = domubackup(lab, "run", "web1")
+        assert r.returncode == 1
+        assert "web1: the backup-start hook refused the backup" in r.stderr
+        assert "backup-abort domu=web1 peer=dom0b status=ERROR" in lab.ssh("dom0a", ["cat", "/tmp/job-hook.log"]).stdout
+    finally:
+        lab.ssh("dom0a", ["rm", "-f", "/tmp/refuse", "/etc/domubackup/job-hook"])

@@ -203,3 +203,28 @@ def test_hooks_freeze_only_around_the_snapshots(tmp_path, fixtures, monkeypatch)
     assert hook_calls == ["10-db freeze", "20-app freeze", "20-app thaw", "10-db thaw"]
     assert out.freeze.level == "application" and out.freeze.window_ms is not None
     assert "application-consistent" in out.summary()
+
+
+def hook_config(tmp_path):
+    return parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n'
+                        'job_hook = "/etc/domubackup/job-hook"\n', hostname="dom0a", default_uri="test:///x")
+
+
+def test_lifecycle_hooks_around_a_backup(tmp_path, fixtures, monkeypatch):
+    _, local, peer, log = setup(tmp_path, fixtures)
+    out = run_backup(hook_config(tmp_path), local, peer, monkeypatch)
+    assert out.status == "OK", out.error
+    names = [a[0] if a[0] != "/etc/domubackup/job-hook" else a[1] for h, a in log]
+    assert names.index("backup-start") < names.index("lvcreate")
+    assert names[-1] == "backup-end" and names.index("lvremove") < names.index("backup-end")
+
+
+def test_failing_backup_start_hook_aborts_that_domu(tmp_path, fixtures, monkeypatch):
+    _, local, peer, log = setup(tmp_path, fixtures)
+    local.probes[("/etc/domubackup/job-hook", "backup-start")] = (1, "", "maintenance window\n")
+    out = run_backup(hook_config(tmp_path), local, peer, monkeypatch)
+    assert out.status == "ERROR"
+    assert out.error.startswith("web1: the backup-start hook refused the backup: on dom0a: "
+                                "`/etc/domubackup/job-hook backup-start` exited 1: maintenance window")
+    assert not any(a[0] == "lvcreate" for h, a in log)
+    assert log[-1] == ("dom0a", ("/etc/domubackup/job-hook", "backup-abort"))
