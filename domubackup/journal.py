@@ -115,8 +115,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, text: str) -> None:
-    """Replace ``path`` with ``text``: temp file in the same dir, fsync, rename, fsync dir."""
+def atomic_write(path: str, text: str, mode: int | None = None) -> None:
+    """Replace ``path`` with ``text``: temp file in the same dir, fsync, rename, fsync dir.
+    ``mode``: the file's permissions (default: mkstemp's 0600)."""
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
                                suffix=".tmp")
@@ -124,6 +125,8 @@ def atomic_write(path: str, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -10,10 +10,9 @@ Every series of a DomU carries the labels of its newest finished run (``domu``, 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
+from .journal import atomic_write
 from .catalog import OK, RUNNING, Catalog, RunRow
 
 # (name, help); all gauges, rendered in this order.
@@ -96,26 +95,7 @@ def render_metrics(rows_by_domu: Mapping[str, Sequence[RunRow]]) -> str:
 def write_textfile(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` atomically: temp file in the same directory, fsync,
     mode 0644, rename, fsync of the directory. The temp file is removed on failure."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(os.fspath(path), text, mode=0o644)
 
 
 def write_metrics(catalog: Catalog, path: str | os.PathLike) -> str:

@@ -61,6 +61,7 @@ import os
 import re
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import field
 
 from . import commands as cmd
@@ -429,29 +430,32 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
     return out
 
 
-def _backup_locked(config, domu, insp, local, factory, progress, freeze, out, verify=False):
+@contextmanager
+def peer_session(config, domu, insp, local, factory):
+    """Connect to the peers, check them (DomU not running there, replicas closed and matching),
+    and yield a Session whose journal is torn down on both hosts at the end."""
     settings = config.settings_for(domu)
-    check_vg_space(insp.facts, settings)
-    check_no_stale(insp.facts, settings, local, domu)
-    peers = {p: r for p, r in peer_runners(config, domu, insp.peers, factory).items()}
+    peers = peer_runners(config, domu, insp.peers, factory)
     try:
         for p, r in peers.items():
             check_peer(config, domu, insp.facts, settings, p, r)
         journal = Journal.create(config.state_dir, domu, ",".join(insp.peers))
         session = Session(journal, {LOCAL: local, **peers}, settings.command_timeout)
         try:
-            _open_and_transfer(session, config, domu, insp, settings, local, progress, freeze, out, verify)
+            yield session
         finally:
-            teardown_errors = None
-            try:
-                journal.teardown(session.runners)
-            except DomuBackupError as e:
-                teardown_errors = e
-            if teardown_errors is not None:
-                raise teardown_errors
+            journal.teardown(session.runners)  # a TeardownError is more serious than any other
     finally:
         for r in peers.values():
             r.close()
+
+
+def _backup_locked(config, domu, insp, local, factory, progress, freeze, out, verify=False):
+    settings = config.settings_for(domu)
+    check_vg_space(insp.facts, settings)
+    check_no_stale(insp.facts, settings, local, domu)
+    with peer_session(config, domu, insp, local, factory) as session:
+        _open_and_transfer(session, config, domu, insp, settings, local, progress, freeze, out, verify)
 
 
 VERIFY_ARGS = ("--dry-run", "--checksum", "--out-format=%i %n")
@@ -534,29 +538,18 @@ def fsck_replicas(config, domu: str, conn, local, *, factory=ssh_runner) -> list
     with DomuLock(config.state_dir, domu):
         recover(config, domu, local, factory)
         insp = inspect(config, domu, conn, local)
-        peers = peer_runners(config, domu, insp.peers, factory)
-        try:
-            for p, r in peers.items():
-                check_peer(config, domu, insp.facts, settings, p, r)
-            journal = Journal.create(config.state_dir, domu, ",".join(insp.peers))
-            session = Session(journal, {LOCAL: local, **peers}, settings.command_timeout)
-            try:
-                for peer, runner in peers.items():
-                    session.open_all(planner.map_steps(insp.facts, settings, peer, snapshot=False))
-                    for fs in planner.mountable(insp.facts):
-                        argv = cmd.fsck_readonly(fs.fstype, planner.device_of(fs, insp.facts, settings, snapshot=False))
-                        if argv is None:
-                            continue
-                        res = runner.run(argv, check=False, timeout=settings.command_timeout)
-                        if res.exit_code:
-                            tail = " | ".join((res.stdout + res.stderr).strip().splitlines()[-3:])
-                            problems.append(f"{peer}: {fs.name} ({fs.fstype}): `{' '.join(argv)}` exited "
-                                            f"{res.exit_code}: {tail}")
-                        else:
-                            log.info("%s: %s (%s): clean", peer, fs.name, fs.fstype)
-            finally:
-                journal.teardown(session.runners)
-        finally:
-            for r in peers.values():
-                r.close()
+        with peer_session(config, domu, insp, local, factory) as session:
+            for peer in insp.peers:
+                session.open_all(planner.map_steps(insp.facts, settings, peer, snapshot=False))
+                for fs in planner.mountable(insp.facts):
+                    argv = cmd.fsck_readonly(fs.fstype, planner.device_of(fs, insp.facts, settings, snapshot=False))
+                    if argv is None:
+                        continue
+                    res = session.runners[peer].run(argv, check=False, timeout=settings.command_timeout)
+                    if res.exit_code:
+                        tail = " | ".join((res.stdout + res.stderr).strip().splitlines()[-3:])
+                        problems.append(f"{peer}: {fs.name} ({fs.fstype}): `{' '.join(argv)}` exited "
+                                        f"{res.exit_code}: {tail}")
+                    else:
+                        log.info("%s: %s (%s): clean", peer, fs.name, fs.fstype)
     return problems

@@ -1,6 +1,5 @@
 """A runner that answers read-only probes from captured tool outputs (fixtures/tools)."""
 
-from domubackup.model import Result
 from domubackup.runner import Runner
 
 

@@ -49,3 +49,10 @@ def _no_leftovers(lab):
     if rc != 0:
         lab.cleanup()
         pytest.fail(f"leftovers after the test:\n{text}", pytrace=False)
+
+
+@pytest.fixture
+def fresh(lab):
+    """The lab with fresh web1 disks, node files and config on both VMs."""
+    lab.reset()
+    return lab

@@ -1,33 +1,6 @@
 """The main job in the lab: `domubackup run web1` on dom0a mirrors web1 into dom0b's replica."""
 
-import json
-import pathlib
-
-import pytest
-
-TOOL = (pathlib.Path(__file__).parent / "treetool.py").read_text()
-
-
-def tree(lab, vm, cmd):
-    return lab.ssh(vm, ["python3", "-", cmd], input=TOOL, timeout=600)
-
-
-def manifest(lab, vm):
-    tree(lab, vm, "mount")
-    try:
-        return json.loads(tree(lab, vm, "manifest").stdout)
-    finally:
-        tree(lab, vm, "umount")
-
-
-def domubackup(lab, *args, vm="dom0a", check=False, timeout=900):
-    return lab.ssh(vm, ["domubackup", *args], check=check, timeout=timeout)
-
-
-@pytest.fixture
-def fresh(lab):
-    lab.reset()
-    return lab
+from e2ehelp import domubackup, manifest, tree
 
 
 def test_run_mirrors_guest_tree_exactly(fresh):

@@ -7,12 +7,6 @@ from e2ehelp import domubackup, kill9, release, start_paused, tree
 SRC = "/mnt/domubackup/source/web1"
 
 
-@pytest.fixture
-def fresh(lab):
-    lab.reset()
-    return lab
-
-
 def test_source_tree_is_the_guest_tree_read_only(fresh):
     lab = fresh
     pid = start_paused(lab, "transfer")

@@ -1,14 +1,6 @@
 """Issue 5 in the lab: a cut link mid-transfer, seeding the replica."""
 
-import pytest
-
 from e2ehelp import domubackup, manifest, release, start_paused
-
-
-@pytest.fixture
-def fresh(lab):
-    lab.reset()
-    return lab
 
 
 def test_link_cut_during_transfer_then_cleanup_clears_both_hosts(fresh):

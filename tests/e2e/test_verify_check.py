@@ -1,14 +1,6 @@
 """Issue 7 in the lab: verify finds exactly what differs; check names the fault."""
 
-import pytest
-
 from e2ehelp import domubackup, tree
-
-
-@pytest.fixture
-def fresh(lab):
-    lab.reset()
-    return lab
 
 
 def test_verify_clean_then_finds_a_changed_file_then_run_repairs(fresh):

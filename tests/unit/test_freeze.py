@@ -12,7 +12,6 @@ import pathlib
 import signal
 import subprocess
 import textwrap
-import threading
 import time
 
 import pytest

@@ -1,14 +1,12 @@
 """The pipeline against scripted hosts: failure injection at every open step, teardown order,
 refusals before anything is opened. The real thing runs in the lab (tests/e2e)."""
 
-import shlex
 
 import pytest
 
 from domubackup import parsers, pipeline
 from domubackup.config import parse_config
 from domubackup.journal import Journal
-from domubackup.model import LOCAL
 from domubackup.runner import Runner
 from domubackup.pipeline import Inspection
 from domubackup.model import Domain
@@ -84,7 +82,6 @@ def setup(tmp_path, fixtures, fail_at=None, fail_undo=None):
 
 
 def run_backup(config, local, peer, monkeypatch):
-    from domubackup import virt
     monkeypatch.setattr(pipeline, "inspect", lambda c, n, conn, r: _inspect(c, n, r))
     return pipeline.backup(config, "web1", None, local, factory=lambda host, ssh: peer)
 
