@@ -87,21 +87,11 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
     try:
         config = cfg.load_config(cfg.config_path(args.config), hostname=hostname)
         runner = local_runner or _local_runner(config)
-        if args.command == "plan":
-            return cmd_plan(config, args, runner)
-        if args.command == "run":
-            return cmd_run(config, args, runner)
-        if args.command == "cleanup":
-            return cmd_cleanup(config, args, runner)
-        if args.command == "seed":
-            return cmd_seed(config, args, runner)
-        if args.command == "verify":
-            return cmd_verify(config, args, runner)
-        if args.command == "check":
-            return cmd_check(config, args, runner)
-        if args.command == "history":
-            return cmd_history(config, args)
-        raise UsageError(f"unknown command {args.command}")
+        command = {"plan": cmd_plan, "run": cmd_run, "cleanup": cmd_cleanup, "seed": cmd_seed,
+                   "verify": cmd_verify, "check": cmd_check, "history": cmd_history}.get(args.command)
+        if command is None:
+            raise UsageError(f"unknown command {args.command}")
+        return command(config, args, runner)
     except KeyboardInterrupt:
         print("domubackup: interrupted", file=sys.stderr)
         return 130
@@ -288,7 +278,7 @@ def cmd_seed(config, args, runner) -> int:
     return EXIT_OK
 
 
-def cmd_history(config, args) -> int:
+def cmd_history(config, args, runner=None) -> int:
     import time
 
     from .report import format_history, history_json, parse_since
