@@ -173,12 +173,13 @@ def run_backups(config, args, runner) -> int:
         for name in selected_domus(config, args.domus, conn):
             with logs.run_log(config.state_dir, name) as log_path:
                 log.info("backup starts")
-                outcome = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path,
-                                          progress=sys.stdout.isatty() and args.verbose > 0)
+                outcome = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path)
                 log.info("%s", outcome.summary())
             outcomes.append(outcome)
             if outcome.undone:
                 print(f"domubackup: {name}: undid what a dead run left: " + "; ".join(outcome.undone), file=sys.stderr)
+            if outcome.not_here and args.domus:  # named by hand: say why nothing happened
+                print(f"domubackup: {outcome.error}", file=sys.stderr)
             if outcome.exit_code == Interrupted.exit_code:
                 break  # a signal: everything of this DomU is closed; do not start the next one
         failed = [o.domu for o in outcomes if o.exit_code]
@@ -196,6 +197,12 @@ def run_backups(config, args, runner) -> int:
     if not outcomes:
         print("domubackup: no DomU to back up (none named, none configured)", file=sys.stderr)
         return EXIT_NOT_ELIGIBLE
+    if not args.domus:
+        # The nightly run on every Dom0: a DomU that runs elsewhere is another Dom0's job.
+        outcomes = [o for o in outcomes if not o.not_here] or outcomes[:0]
+        if not outcomes:
+            log.info("no configured DomU runs on this host")
+            return EXIT_OK
     code = worst(o.exit_code for o in outcomes)
     if code or args.verbose:
         for o in outcomes:

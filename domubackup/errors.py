@@ -34,6 +34,11 @@ class NotEligibleError(DomuBackupError):
     exit_code = 3
 
 
+class NotHereError(NotEligibleError):
+    """The DomU is not defined or not running on this host: another Dom0 backs it up. The
+    nightly run (no DomU named) skips it quietly."""
+
+
 class TeardownError(DomuBackupError):
     """One or more undo steps failed: something may be left behind (run `domubackup cleanup`)."""
 

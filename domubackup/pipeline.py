@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from . import virt
 from .config import Config
-from .errors import NotEligibleError
+from .errors import NotEligibleError, NotHereError
 from .facts import probe_disk
 from .model import Domain, DiskFacts
 from .plan import Plan, plan_backup
@@ -36,7 +36,7 @@ def inspect(config: Config, name: str, conn, runner) -> Inspection:
     dom = virt.lookup(conn, name)
     domain = virt.describe(dom, include=settings.disks, exclude=settings.exclude_disks)
     if domain.state not in virt.RUNNING_STATES:
-        raise NotEligibleError(f"{name}: is {domain.state} on {config.this_host}, not running; nothing to back up here",
+        raise NotHereError(f"{name}: is {domain.state} on {config.this_host}, not running; nothing to back up here",
                                hint="it is backed up by the Dom0 it runs on")
     peers = config.peers_for(name)
     if not peers:
@@ -103,6 +103,7 @@ class Outcome:
     undone: list[str] = field(default_factory=list)
     freeze: object = None  # freeze report, when a freeze mode is configured
     differences: list[str] = field(default_factory=list)  # verify: rsync itemize lines
+    not_here: bool = False  # not defined / not running on this host (another Dom0's job)
 
     def summary(self) -> str:
         from .report import human_bytes
@@ -411,7 +412,8 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
         out.exit_code = e.exit_code
         if out.status != "CORRUPT":
             out.status = {75: "BUSY", 3: "SKIPPED"}.get(e.exit_code, "ERROR")
-        log.error("%s", e)
+        out.not_here = isinstance(e, NotHereError)
+        log.log(logging.INFO if out.not_here else logging.ERROR, "%s", e)
     out.duration = time.monotonic() - start
     if hooked:
         phase = "backup-end" if out.status == "OK" else "backup-abort"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import libvirt
 
-from .errors import DomuBackupError, NotEligibleError
+from .errors import DomuBackupError, NotHereError
 from .model import Domain
 from .domxml import parse_domain_xml
 
@@ -42,7 +42,7 @@ def lookup(conn, name: str):
         return conn.lookupByName(name)
     except libvirt.libvirtError as e:
         if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            raise NotEligibleError(f"{name}: no such domain on this host's libvirt ({conn.getURI()})",
+            raise NotHereError(f"{name}: no such domain on this host's libvirt ({conn.getURI()})",
                                    hint="check the name with `virsh list --all`") from None
         raise LibvirtError(f"{name}: libvirt lookup failed: {e.get_error_message()}") from None
 

@@ -171,3 +171,13 @@ def test_run_dry_run_goes_on_after_an_ineligible_domu(conf, fixtures, capsys):
 def test_usage_error_exit_2(capsys):
     assert cli.main(["plan"]) == 2
     assert cli.main([]) == 2
+
+
+def test_nightly_run_skips_domus_running_elsewhere_quietly(conf, capsys):
+    cfg = conf('[domu.idle1]\n[domu.nosuch]\n')
+    c, out, err = run(["-c", cfg, "run"], ReplayRunner({}), capsys)
+    assert (c, out, err) == (0, "", "")  # cron mails nothing: another Dom0 backs them up
+    c, out, err = run(["-c", cfg, "run", "idle1"], ReplayRunner({}), capsys)
+    assert c == 3  # named by hand: say why nothing happened
+    assert "idle1: is shut off on dom0a, not running; nothing to back up here" in err
+    assert out.startswith("idle1: SKIPPED in ")
