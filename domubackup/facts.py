@@ -4,10 +4,43 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import re
+
 from . import parsers
+from .commands import dm_name
 from .errors import CommandError, InspectError
-from .model import Disk, DiskFacts, Filesystem, PartitionTable
+from .model import Disk, DiskFacts, Filesystem, LogicalVolume, PartitionTable
 from .plan import classify
+
+_VG_LV_PATH = re.compile(r"/dev/(?!mapper/)([A-Za-z0-9+_.-]+)/([A-Za-z0-9+_.-]+)")
+_DM_PATH = re.compile(r"/dev/mapper/((?:[A-Za-z0-9+_.]|--)+)-(?:[A-Za-z0-9+_.]|--)+")
+
+
+def vg_of_path(path: str) -> str | None:
+    """The VG named by an LV path of the form /dev/VG/LV or /dev/mapper/VG-LV, else None."""
+    m = _VG_LV_PATH.fullmatch(path)
+    if m:
+        return m.group(1)
+    m = _DM_PATH.fullmatch(path)
+    return m.group(1).replace("--", "-") if m else None
+
+
+def list_lvs(runner, paths) -> list[LogicalVolume] | None:
+    """Every LV of the VGs the paths name, with ONE `lvs VG...` (each command costs, and the
+    same list answers the stale-snapshot check). None when a path names no VG or lvs fails:
+    the caller then asks lvs about each path."""
+    vgs = [vg_of_path(p) for p in paths]
+    if not vgs or None in vgs:
+        return None
+    res = runner.run(parsers.lvs_argv(*dict.fromkeys(vgs)), check=False)
+    return parsers.parse_lvs(res.stdout) if res.exit_code == 0 else None
+
+
+def find_lv(lvs, path: str) -> LogicalVolume | None:
+    for lv in lvs or ():
+        if path in (lv.path, f"/dev/{lv.vg}/{lv.lv}", f"/dev/mapper/{dm_name(lv.vg, lv.lv)}"):
+            return lv
+    return None
 
 
 def probe_lv(runner, path: str, what: str):
@@ -37,12 +70,13 @@ def probe_fs(runner, dev: str, disk: str, number: int | None, offset: int | None
     return classify(Filesystem(disk=disk, partition=number, fstype=fstype, uuid=uuid, label=label))
 
 
-def probe_disk(runner, disk: Disk, *, path: str | None = None) -> DiskFacts:
+def probe_disk(runner, disk: Disk, *, path: str | None = None, lvs=None) -> DiskFacts:
     """Facts of one disk: its LV, partition table and the filesystem in each partition.
 
-    `path` overrides the disk's source (the peer probes its replica LV of the same name)."""
+    `path` overrides the disk's source (the peer probes its replica LV of the same name);
+    `lvs`: a list_lvs() answer to look the LV up in before asking lvs about the path."""
     path = path or disk.source
-    lv = probe_lv(runner, path, disk.target)
+    lv = find_lv(lvs, path) or probe_lv(runner, path, disk.target)
     if lv.is_snapshot:
         raise InspectError(f"{disk.target}: {path} is itself an LVM snapshot (of {lv.origin or 'another LV'})",
                            hint="back up the origin volume, not a snapshot")

@@ -150,6 +150,19 @@ class MountInfo:
 
 
 @dataclass(frozen=True)
+class SnapshotUse:
+    """One snapshot's fill level from device-mapper: sectors used of total, or a broken state."""
+    name: str  # device-mapper name
+    used: int
+    total: int
+    state: str = "valid"  # valid | invalid | overflow | merge failed | unknown
+
+    @property
+    def percent(self) -> float:
+        return 100.0 if self.state != "valid" or not self.total else self.used * 100.0 / self.total
+
+
+@dataclass(frozen=True)
 class RsyncStats:
     files: int = 0  # Number of files
     files_transferred: int = 0  # Number of regular files transferred

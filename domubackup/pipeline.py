@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from . import virt
 from .config import Config
 from .errors import NotEligibleError, NotHereError
-from .facts import probe_disk
+from .facts import list_lvs, probe_disk
 from .model import Domain, DiskFacts
 from .plan import Plan, plan_backup
 
@@ -21,6 +21,7 @@ class Inspection:
     facts: list[DiskFacts]
     skipped: list[str]
     peers: tuple[str, ...]
+    lvs: list | None = None  # every LV of the disks' VGs (list_lvs), None when not known
 
 
 def check_host(config: Config) -> None:
@@ -43,11 +44,12 @@ def inspect(config: Config, name: str, conn, runner) -> Inspection:
         raise NotEligibleError(f"{name}: no peer to copy to: dom0s {list(config.dom0s)} has no other host",
                                hint="add the peer Dom0 to dom0s or set peers in [domu." + name + "]")
     skipped = [f"{d.target}: {d.skip_reason}" for d in domain.disks if d.skip_reason]
-    facts = [probe_disk(runner, d) for d in sorted((d for d in domain.disks if d.skip_reason is None),
-                                                   key=lambda d: d.target)]
+    disks = sorted((d for d in domain.disks if d.skip_reason is None), key=lambda d: d.target)
+    lvs = list_lvs(runner, [d.source for d in disks])
+    facts = [probe_disk(runner, d, lvs=lvs) for d in disks]
     if not facts:
         raise NotEligibleError(f"{name}: no disk that can be backed up", hint="; ".join(skipped) or None)
-    return Inspection(domain, facts, skipped, peers)
+    return Inspection(domain, facts, skipped, peers, lvs)
 
 
 def make_plan(config: Config, insp: Inspection, *, progress=False) -> Plan:
@@ -151,6 +153,7 @@ class Session:
         self.runners = runners
         self.timeout = timeout
         self.paused: set[str] = set()
+        self.wait_peers = lambda: None  # peer_session: blocks until the peers are checked
 
     def open(self, step: Step, *, timeout: float | None = None):
         test_pause(step.phase, self.journal, self.paused)
@@ -220,11 +223,16 @@ def check_vg_space(facts, settings) -> None:
                                 hint="free space in the VG or lower snapshot_size")
 
 
-def check_no_stale(facts, settings, local, domu) -> None:
-    for f in facts:
-        snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv))
-        res = local.run(parsers.lvs_argv(snap), check=False)
-        if res.exit_code == 0:
+def check_no_stale(insp, settings, local, domu) -> None:
+    known = {(lv.vg, lv.lv) for lv in insp.lvs} if insp.lvs is not None else None
+    for f in insp.facts:
+        name = planner.snapshot_name(settings, f.lv.lv)
+        snap = cmd.lv_path(f.lv.vg, name)
+        if known is not None:  # the inspection listed every LV of this VG
+            exists = (f.lv.vg, name) in known
+        else:
+            exists = local.run(parsers.lvs_argv(snap), check=False).exit_code == 0
+        if exists:
             raise SnapshotError(f"{domu}: a snapshot {snap} already exists and no journal explains it",
                                 hint=f"check it is not in use, then remove it with `lvremove {snap}`")
     root = planner.tree_root(settings, domu, LOCAL)
@@ -242,13 +250,12 @@ def check_peer(config, domu, facts, settings, peer, runner) -> list:
     if res.exit_code == 0 and state not in ("shut off", "crashed"):
         raise PeerError(f"{domu} is {state} on {peer}: refusing to overwrite the disks of a live DomU",
                         hint=f"make sure {domu} runs on one Dom0 only")
-    from .facts import probe_disk
-
     peer_facts, diffs = [], []
+    lvs = list_lvs(runner, [cmd.lv_path(f.lv.vg, f.lv.lv) for f in facts])
     for f in facts:
         path = cmd.lv_path(f.lv.vg, f.lv.lv)
         try:
-            pf = probe_disk(runner, f.disk, path=path)
+            pf = probe_disk(runner, f.disk, path=path, lvs=lvs)
         except InspectError as e:
             raise PeerError(f"{domu}: replica {path} on {peer}: {e.message}",
                             hint=f"create and seed it: `domubackup seed {domu}`") from None
@@ -283,26 +290,37 @@ class SnapshotWatch:
         self._thread.join()
 
     def check(self, final: bool = False):
-        """One look at every snapshot; returns a problem or None. `final` (after the transfer):
-        only an invalid snapshot is a problem, there is nothing left to protect by extending."""
+        """One look at every snapshot (one `dmsetup status` for all); returns a problem or None.
+        `final` (after the transfer): only an invalid snapshot is a problem, there is nothing
+        left to protect by extending."""
+        res = self.runner.run(parsers.dm_snapshot_status_argv(), check=False, timeout=60)
+        status = parsers.parse_dm_snapshot_status(res.stdout) if res.exit_code == 0 else {}
         for path in self.paths:
-            res = self.runner.run(parsers.lvs_argv(path), check=False, timeout=60)
-            if res.exit_code != 0:
-                return f"snapshot {path} disappeared ({res.stderr.strip()})"
-            lv = parsers.parse_lvs(res.stdout)[0]
-            pct = lv.snap_percent or 0.0
-            self.peak = max(self.peak, pct)
-            if len(lv.attr) > 4 and lv.attr[4] == "I" or pct >= 100.0:
+            vg, name = path.split("/")[-2:]
+            use = status.get(cmd.dm_name(vg, name))
+            if use is None:
+                why = res.stderr.strip() or "not in `dmsetup status`"
+                return f"snapshot {path} disappeared ({why})"
+            self.peak = max(self.peak, use.percent)
+            if use.state != "valid" or use.percent >= 100.0:
                 return f"snapshot {path} became invalid (100% full): its copy cannot be trusted"
-            if pct >= self.settings.snapshot_extend_at and not final:
-                need = size_bytes(self.settings.snapshot_extend_by, lv.size)
-                if lv.vg_free is not None and lv.vg_free >= need:
-                    log.warning("snapshot %s is %.1f%% full: extending by %s", path, pct,
-                                self.settings.snapshot_extend_by)
-                    self.runner.run(cmd.lvextend(lv.vg, lv.lv, self.settings.snapshot_extend_by), timeout=120)
-                else:
-                    return (f"snapshot {path} is {pct:.1f}% full and volume group {lv.vg} has no room "
-                            f"to extend it by {self.settings.snapshot_extend_by}")
+            if use.percent >= self.settings.snapshot_extend_at and not final:
+                problem = self.extend(path, use.percent)
+                if problem:
+                    return problem
+        return None
+
+    def extend(self, path, pct) -> str | None:
+        res = self.runner.run(parsers.lvs_argv(path), check=False, timeout=60)
+        if res.exit_code != 0:
+            return f"snapshot {path} disappeared ({res.stderr.strip()})"
+        lv = parsers.parse_lvs(res.stdout)[0]
+        need = size_bytes(self.settings.snapshot_extend_by, lv.size)
+        if lv.vg_free is None or lv.vg_free < need:
+            return (f"snapshot {path} is {pct:.1f}% full and volume group {lv.vg} has no room "
+                    f"to extend it by {self.settings.snapshot_extend_by}")
+        log.warning("snapshot %s is %.1f%% full: extending by %s", path, pct, self.settings.snapshot_extend_by)
+        self.runner.run(cmd.lvextend(lv.vg, lv.lv, self.settings.snapshot_extend_by), timeout=120)
         return None
 
     def _loop(self):
@@ -432,30 +450,64 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
     return out
 
 
+class PeerCheck(threading.Thread):
+    """Connects to the peers and checks them (read-only) in the background, so that the ssh
+    handshakes and the peer's probes overlap with the local snapshots and mounts. Nothing is
+    done on a peer before `result()` has returned its runners."""
+
+    def __init__(self, config, domu, insp, factory):
+        super().__init__(name=f"peer-check-{domu}", daemon=True)
+        self.config, self.domu, self.insp, self.factory = config, domu, insp, factory
+        self.runners: dict = {}
+        self.error: BaseException | None = None
+
+    def run(self):
+        settings = self.config.settings_for(self.domu)
+        try:
+            for p in self.insp.peers:
+                self.runners[p] = self.factory(p, settings.ssh)
+                check_peer(self.config, self.domu, self.insp.facts, settings, p, self.runners[p])
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread by result()
+            self.error = e
+
+    def result(self) -> dict:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.runners
+
+    def close(self):
+        self.join()
+        for r in self.runners.values():
+            r.close()
+
+
 @contextmanager
 def peer_session(config, domu, insp, local, factory):
-    """Connect to the peers, check them (DomU not running there, replicas closed and matching),
-    and yield a Session whose journal is torn down on both hosts at the end."""
+    """Start checking the peers (DomU not running there, replicas closed and matching) and
+    yield a Session whose journal is torn down on both hosts at the end. The peers' runners
+    join the session at `session.wait_peers()`, which raises when a peer refused."""
     settings = config.settings_for(domu)
-    peers = peer_runners(config, domu, insp.peers, factory)
+    check = PeerCheck(config, domu, insp, factory)
+    check.start()
     try:
-        for p, r in peers.items():
-            check_peer(config, domu, insp.facts, settings, p, r)
         journal = Journal.create(config.state_dir, domu, ",".join(insp.peers))
-        session = Session(journal, {LOCAL: local, **peers}, settings.command_timeout)
+        session = Session(journal, {LOCAL: local}, settings.command_timeout)
+        session.wait_peers = lambda: session.runners.update(check.result())
         try:
             yield session
         finally:
+            check.join()
+            session.runners.update(check.runners)
             journal.teardown(session.runners)  # a TeardownError is more serious than any other
     finally:
-        for r in peers.values():
-            r.close()
+        check.close()
 
 
 def _backup_locked(config, domu, insp, local, factory, progress, freeze, out, verify=False):
     settings = config.settings_for(domu)
     check_vg_space(insp.facts, settings)
-    check_no_stale(insp.facts, settings, local, domu)
+    check_no_stale(insp, settings, local, domu)
     with peer_session(config, domu, insp, local, factory) as session:
         _open_and_transfer(session, config, domu, insp, settings, local, progress, freeze, out, verify)
 
@@ -484,6 +536,7 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
     with watch:
         try:
             mounts = open_local_tree(session, config, domu, insp, settings)
+            session.wait_peers()
             for peer in insp.peers:
                 session.open_all(planner.map_steps(insp.facts, settings, peer, snapshot=False))
                 session.open_all(planner.peer_mount_plan(mounts, insp.facts, settings, domu, peer, read_only=verify))
@@ -541,6 +594,7 @@ def fsck_replicas(config, domu: str, conn, local, *, factory=ssh_runner) -> list
         recover(config, domu, local, factory)
         insp = inspect(config, domu, conn, local)
         with peer_session(config, domu, insp, local, factory) as session:
+            session.wait_peers()
             for peer in insp.peers:
                 session.open_all(planner.map_steps(insp.facts, settings, peer, snapshot=False))
                 for fs in planner.mountable(insp.facts):

@@ -10,7 +10,9 @@ web1 gets a tree of about 1 GiB in 10,000 files under /srv. Then, in one run of 
      seconds of everything but rsync;
  (c) bytes sent by a run after 1 % of the files were rewritten, against the bytes changed.
 
-Usage: python3 tests/bench/bench_backup.py [--repeat N]   (as root; brings the lab up)
+Usage: python3 tests/bench/bench_backup.py [--repeat N] [--keep] [--reuse]   (as root; brings the lab up)
+  --keep: leave the lab's disks as they are at the end (no reset), with the tree and the seeded replica;
+  --reuse: skip making the tree and the first run when a --keep run left them (marker /root/bench-tree).
 """
 
 import argparse
@@ -78,62 +80,81 @@ def last_run(lab):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--keep", action="store_true", help="no lab reset at the end")
+    ap.add_argument("--reuse", action="store_true", help="reuse the tree a --keep run left")
+    ap.add_argument("--only-a", action="store_true", help="measure (a) alone")
     args = ap.parse_args()
     lab = Lab()
     with lab.session_lock():
         lab.up()
-        lab.reset()
-        tree(lab, "dom0a", "mount")
-        try:
-            t, _ = timed(lab.ssh, "dom0a", ["python3", "-c", GEN], timeout=3600)
-        finally:
-            tree(lab, "dom0a", "umount")
-        line(f"tree made in the guest ({FILES} files x {SIZE // 1024} KiB)", f"{t:.1f} s")
-        t, _ = timed(run_ok, lab, "run", "web1")
-        first = last_run(lab)
-        line("first run (full copy)", f"{t:.1f} s, {first['bytes_sent'] / 2**20:.0f} MiB sent, "
-                                      f"{first['files']} files")
+        if args.reuse and lab.ssh("dom0a", ["test", "-e", "/root/bench-tree"], check=False).returncode == 0:
+            line("tree and first run", "reused")
+        else:
+            lab.ssh("dom0a", ["rm", "-f", "/root/bench-tree"])
+            lab.reset()
+            make_tree(lab)
+            lab.ssh("dom0a", ["touch", "/root/bench-tree"])
         lab.ssh("dom0a", "cat > /root/xen-backup.sh && chmod 755 /root/xen-backup.sh", input=XEN_BACKUP_SH)
+        measure(lab, args)
+        if not args.keep:
+            lab.ssh("dom0a", ["rm", "-f", "/root/bench-tree"])
+            lab.reset()
 
-        # (a) domubackup vs the shell script, alternating, nothing changed in between
-        ours, theirs = [], []
-        for _ in range(args.repeat):
-            ours.append(timed(run_ok, lab, "run", "web1")[0])
-            t, r = timed(lab.ssh, "dom0a", ["/root/xen-backup.sh"], timeout=3600)
-            theirs.append(t)
-        a = median(ours) / median(theirs)
-        line("(a) domubackup run, median", f"{median(ours):.1f} s  ({', '.join(f'{x:.1f}' for x in ours)})")
-        line("(a) xen-backup.sh-style script, median", f"{median(theirs):.1f} s  ({', '.join(f'{x:.1f}' for x in theirs)})")
-        line("(a) ratio domubackup / script (target <= 1.10)", f"{a:.2f}")
 
-        # (b) the bare rsync of the mounted trees, timed inside a held run
-        bare = []
-        for _ in range(args.repeat):
-            pid = start_paused(lab, "transfer")
-            rsync = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--stats", "-e",
-                     "ssh -i /root/.ssh/id_ed25519 -o UserKnownHostsFile=/etc/domubackup/known_hosts "
-                     "-o StrictHostKeyChecking=yes -o BatchMode=yes",
-                     "/mnt/domubackup/source/web1/", "dom0b:/mnt/domubackup/target/web1/"]
-            bare.append(timed(lab.ssh, "dom0a", rsync, timeout=3600)[0])
-            release(lab, "transfer", pid)
-        b = median(ours) / median(bare)
-        line("(b) bare rsync of the mounted trees, median", f"{median(bare):.1f} s")
-        line("(b) ratio domubackup run / bare rsync", f"{b:.2f}")
-        line("(b) seconds of everything but rsync (median run - median rsync)", f"{median(ours) - median(bare):.1f} s")
-        line("(b) the same for the script", f"{median(theirs) - median(bare):.1f} s")
+def make_tree(lab):
+    tree(lab, "dom0a", "mount")
+    try:
+        t, _ = timed(lab.ssh, "dom0a", ["python3", "-c", GEN], timeout=3600)
+    finally:
+        tree(lab, "dom0a", "umount")
+    line(f"tree made in the guest ({FILES} files x {SIZE // 1024} KiB)", f"{t:.1f} s")
+    t, _ = timed(run_ok, lab, "run", "web1")
+    first = last_run(lab)
+    line("first run (full copy)", f"{t:.1f} s, {first['bytes_sent'] / 2**20:.0f} MiB sent, "
+                                  f"{first['files']} files")
 
-        # (c) bytes sent after 1 % of the files changed
-        tree(lab, "dom0a", "mount")
-        try:
-            changed = int(lab.ssh("dom0a", ["python3", "-c", CHANGE]).stdout)
-        finally:
-            tree(lab, "dom0a", "umount")
-        run_ok(lab, "run", "web1")
-        sent = last_run(lab)["bytes_sent"]
-        line("(c) bytes changed (1 % of the files rewritten)", f"{changed}")
-        line("(c) bytes sent by the next run", f"{sent}")
-        line("(c) ratio sent / changed (target <= 1.2)", f"{sent / changed:.3f}")
-        lab.reset()
+
+def measure(lab, args):
+    # (a) domubackup vs the shell script, alternating, nothing changed in between
+    ours, theirs = [], []
+    for _ in range(args.repeat):
+        ours.append(timed(run_ok, lab, "run", "web1")[0])
+        t, r = timed(lab.ssh, "dom0a", ["/root/xen-backup.sh"], timeout=3600)
+        theirs.append(t)
+    a = median(ours) / median(theirs)
+    line("(a) domubackup run, median", f"{median(ours):.1f} s  ({', '.join(f'{x:.1f}' for x in ours)})")
+    line("(a) xen-backup.sh-style script, median", f"{median(theirs):.1f} s  ({', '.join(f'{x:.1f}' for x in theirs)})")
+    line("(a) ratio domubackup / script (target <= 1.10)", f"{a:.2f}")
+    if args.only_a:
+        return
+
+    # (b) the bare rsync of the mounted trees, timed inside a held run
+    bare = []
+    for _ in range(args.repeat):
+        pid = start_paused(lab, "transfer")
+        rsync = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--stats", "-e",
+                 "ssh -i /root/.ssh/id_ed25519 -o UserKnownHostsFile=/etc/domubackup/known_hosts "
+                 "-o StrictHostKeyChecking=yes -o BatchMode=yes",
+                 "/mnt/domubackup/source/web1/", "dom0b:/mnt/domubackup/target/web1/"]
+        bare.append(timed(lab.ssh, "dom0a", rsync, timeout=3600)[0])
+        release(lab, "transfer", pid)
+    b = median(ours) / median(bare)
+    line("(b) bare rsync of the mounted trees, median", f"{median(bare):.1f} s")
+    line("(b) ratio domubackup run / bare rsync", f"{b:.2f}")
+    line("(b) seconds of everything but rsync (median run - median rsync)", f"{median(ours) - median(bare):.1f} s")
+    line("(b) the same for the script", f"{median(theirs) - median(bare):.1f} s")
+
+    # (c) bytes sent after 1 % of the files changed
+    tree(lab, "dom0a", "mount")
+    try:
+        changed = int(lab.ssh("dom0a", ["python3", "-c", CHANGE]).stdout)
+    finally:
+        tree(lab, "dom0a", "umount")
+    run_ok(lab, "run", "web1")
+    sent = last_run(lab)["bytes_sent"]
+    line("(c) bytes changed (1 % of the files rewritten)", f"{changed}")
+    line("(c) bytes sent by the next run", f"{sent}")
+    line("(c) ratio sent / changed (target <= 1.2)", f"{sent / changed:.3f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ def lvs_line(vg, lv, size, attr="-wi-ao----", origin="", pct="", free=2 * 1024 *
 def web1_probes(fixtures):
     disk, srv = "/dev/vg0/web1-disk", "/dev/vg0/web1-srv"
     table = {
+        # inspection lists the VG once; per-path lvs is the fallback for paths that name no VG
+        tuple(parsers.lvs_argv("vg0")): (0, lvs_line("vg0", "web1-disk", 1024 * MiB)
+                                         + lvs_line("vg0", "web1-srv", 128 * MiB), ""),
         tuple(parsers.lvs_argv(disk)): (0, lvs_line("vg0", "web1-disk", 1024 * MiB), ""),
         tuple(parsers.lvs_argv(srv)): (0, lvs_line("vg0", "web1-srv", 128 * MiB), ""),
         tuple(parsers.parted_argv(disk)): (0, tool(fixtures, "parted-msdos-logical.txt"), ""),
@@ -113,6 +116,7 @@ def test_host_not_in_dom0s(tmp_path, fixtures, capsys):
 
 def test_disk_that_is_not_an_lv(conf, fixtures, capsys):
     table = web1_probes(fixtures)
+    table[tuple(parsers.lvs_argv("vg0"))] = (0, lvs_line("vg0", "web1-srv", 128 * MiB), "")
     table[tuple(parsers.lvs_argv("/dev/vg0/web1-disk"))] = (
         5, "", '  Failed to find logical volume "vg0/web1-disk"\n')
     c, out, err = run(["-c", conf(), "plan", "web1"], ReplayRunner(table), capsys)
@@ -123,8 +127,9 @@ def test_disk_that_is_not_an_lv(conf, fixtures, capsys):
 
 def test_disk_that_is_a_snapshot(conf, fixtures, capsys):
     table = web1_probes(fixtures)
-    table[tuple(parsers.lvs_argv("/dev/vg0/web1-disk"))] = (
-        0, lvs_line("vg0", "web1-disk", 1024 * MiB, "swi-a-s---", "web1-orig", "0.52"), "")
+    table[tuple(parsers.lvs_argv("vg0"))] = (
+        0, lvs_line("vg0", "web1-disk", 1024 * MiB, "swi-a-s---", "web1-orig", "0.52")
+        + lvs_line("vg0", "web1-orig", 1024 * MiB) + lvs_line("vg0", "web1-srv", 128 * MiB), "")
     c, out, err = run(["-c", conf(), "plan", "web1"], ReplayRunner(table), capsys)
     assert c == 1
     assert "xvda: /dev/vg0/web1-disk is itself an LVM snapshot (of web1-orig)" in err

@@ -310,3 +310,36 @@ def test_malformed_raises_with_line(parser, text, fragment):
     with pytest.raises(ValueError) as exc:
         parser(text)
     assert fragment in str(exc.value)
+
+
+def test_dm_snapshot_status_from_the_lab():
+    s = P.parse_dm_snapshot_status((TOOLS / "dmsetup-status-snapshot.txt").read_text())
+    ok, bad = s["vg0-fx--snap"], s["vg0-web1--disk--snap"]
+    assert (ok.used, ok.total, ok.state) == (6184, 131072, "valid")
+    assert round(ok.percent, 2) == 4.72  # what lvs said of the same snapshot
+    assert (bad.state, bad.percent) == ("invalid", 100.0)
+    assert P.parse_dm_snapshot_status("") == {} == P.parse_dm_snapshot_status("No devices found\n")
+    assert P.dm_snapshot_status_argv() == ["dmsetup", "status", "--target", "snapshot"]
+
+
+@pytest.mark.parametrize("line", ["vg0-x: 0 8 linear", "no colon here", "vg0-x: 0 8 snapshot"])
+def test_dm_snapshot_status_malformed(line):
+    with pytest.raises(ValueError, match="malformed dmsetup status line"):
+        P.parse_dm_snapshot_status(line)
+
+
+@pytest.mark.parametrize("path,vg", [
+    ("/dev/vg0/web1-disk", "vg0"), ("/dev/mapper/vg0-web1--disk", "vg0"),
+    ("/dev/mapper/my--vg-lv", "my-vg"), ("/dev/disk/by-id/dm-name-x", None), ("/dev/sda", None),
+    ("/dev/mapper/nohyphen", None), ("/srv/img.qcow2", None)])
+def test_vg_of_path(path, vg):
+    from domubackup.facts import vg_of_path
+    assert vg_of_path(path) == vg
+
+
+def test_find_lv_by_any_path_form():
+    from domubackup.facts import find_lv
+    lvs = P.parse_lvs("  my-vg|web1-disk|1024|-wi-ao----|||0|/dev/my-vg/web1-disk\n")
+    for path in ("/dev/my-vg/web1-disk", "/dev/mapper/my--vg-web1--disk"):
+        assert find_lv(lvs, path).lv == "web1-disk"
+    assert find_lv(lvs, "/dev/my-vg/web1") is None and find_lv(None, "/dev/my-vg/web1-disk") is None

@@ -43,6 +43,9 @@ class Host(Runner):
             return 5, "", f'  Failed to find logical volume "{argv[-1][5:]}"\n'
         if prog == "lvs":  # the snapshot, once created: 1.5 % full
             return 0, f"  vg0|{argv[-1].split('/')[-1]}|268435456|swi-a-s---|x|1.50|1073741824|{argv[-1]}\n", ""
+        if prog == "dmsetup":  # every snapshot created so far: 1.5 % full
+            return 0, "".join(f"vg0-{p.split('/')[-1].replace('-', '--')}: 0 2457600 snapshot 7864/524288 16\n"
+                              for p in sorted(self.created)) or "No devices found\n", ""
         if prog == "findmnt":
             return 0, "", ""
         if prog == "virsh":
@@ -88,10 +91,12 @@ def run_backup(config, local, peer, monkeypatch):
 
 def _inspect(config, name, runner):
     from domubackup.domxml import parse_domain_xml
-    from domubackup.facts import probe_disk
+    from domubackup.facts import list_lvs, probe_disk
     xml = (pathlib.Path(__file__).parents[2] / "fixtures/domxml/xen-pv.xml").read_text()
     _, hv, disks = parse_domain_xml(xml)
-    return Inspection(Domain("web1", "running", disks=disks), [probe_disk(runner, d) for d in disks], [], ("dom0b",))
+    lvs = list_lvs(runner, [d.source for d in disks])
+    return Inspection(Domain("web1", "running", disks=disks), [probe_disk(runner, d, lvs=lvs) for d in disks],
+                      [], ("dom0b",), lvs)
 
 
 def opens_and_undos(log):
@@ -147,21 +152,27 @@ def test_failing_undo_keeps_journal_and_runs_the_rest(tmp_path, fixtures, monkey
     assert [e.undo for e in j.entries] == [busy]
 
 
-def test_peer_running_refused_before_anything_opens(tmp_path, fixtures, monkeypatch):
+def test_peer_running_refused_before_anything_opens_there(tmp_path, fixtures, monkeypatch):
+    # The peer is checked while the local snapshots are taken; nothing is opened on the peer
+    # before its check has passed, and what was opened here is closed again.
     config, local, peer, log = setup(tmp_path, fixtures)
     peer.probes[("virsh", "-c", "test:///x", "domstate", "web1")] = (0, "running\n", "")
     out = run_backup(config, local, peer, monkeypatch)
     assert out.error == ("web1 is running on dom0b: refusing to overwrite the disks of a live DomU "
                          "(make sure web1 runs on one Dom0 only)")
-    assert opens_and_undos(log) == ([], [])
+    opens, undos = opens_and_undos(log)
+    assert not [a for h, a in opens + undos if h == "dom0b"]
+    assert undos == [(h, UNDO[a[0]](a)) for h, a in reversed(opens)]
+    assert not local.mounted and not any(a[0] == "rsync" for h, a in log)
+    assert Journal.load(tmp_path, "web1") is None
 
 
 def test_not_enough_vg_space(tmp_path, fixtures, monkeypatch):
     config, local, peer, log = setup(tmp_path, fixtures)
     from test_plan_cli import lvs_line
     MiB = 1024 * 1024
-    local.probes[tuple(parsers.lvs_argv("/dev/vg0/web1-disk"))] = (0, lvs_line("vg0", "web1-disk", 1024 * MiB, free=300 * MiB), "")
-    local.probes[tuple(parsers.lvs_argv("/dev/vg0/web1-srv"))] = (0, lvs_line("vg0", "web1-srv", 128 * MiB, free=300 * MiB), "")
+    local.probes[tuple(parsers.lvs_argv("vg0"))] = (0, lvs_line("vg0", "web1-disk", 1024 * MiB, free=300 * MiB)
+                                                    + lvs_line("vg0", "web1-srv", 128 * MiB, free=300 * MiB), "")
     out = run_backup(config, local, peer, monkeypatch)
     assert out.error.startswith("volume group vg0 has 300.0 MiB free, the snapshots need 512.0 MiB: 212.0 MiB missing")
     assert opens_and_undos(log) == ([], [])
@@ -172,8 +183,9 @@ def test_invalid_snapshot_is_corrupt_never_ok(tmp_path, fixtures, monkeypatch):
     real = local._execute
 
     def execute(argv, env, input, timeout):
-        if argv[0] == "lvs" and argv[-1] == "/dev/vg0/web1-srv-snap" and any(a[0] == "rsync" for h, a in log):
-            return 0, "  vg0|web1-srv-snap|268435456|swi-I-s---|web1-srv|100.00|0|/dev/vg0/web1-srv-snap\n", ""
+        if argv[0] == "dmsetup" and any(a[0] == "rsync" for h, a in log):
+            return 0, ("vg0-web1--disk--snap: 0 2457600 snapshot 7864/524288 16\n"
+                       "vg0-web1--srv--snap: 0 262144 snapshot Invalid\n"), ""
         return real(argv, env, input, timeout)
     local._execute = execute
     out = run_backup(config, local, peer, monkeypatch)
