@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -212,40 +213,30 @@ class Journal:
         self._save()
 
     def teardown(self, runners: Mapping[str, "Runner"]) -> list[Result]:
-        """Run every undo in reverse order, carrying on after failures.
+        """Run every undo in reverse order, carrying on after failures. Each host's undos run
+        in reverse order; the hosts run at the same time (a peer's steps never depend on this
+        host's, and each ssh round trip would otherwise add to the run).
 
         All undone (or already gone): the journal file is removed. Otherwise the journal is
         rewritten with only the failed entries and TeardownError lists every failure.
         """
-        results: list[Result] = []
-        failed: list[Entry] = []
-        failures: list[str] = []
-        for entry in reversed(self.entries):
-            if entry.undo is None or entry.state == UNDONE:
-                continue
-            cmd = shlex.join(entry.undo)
-            runner = runners.get(entry.host)
-            if runner is None:
-                failed.append(entry)
-                who = f"{entry.host} {self.peer}" if entry.host == PEER and self.peer else entry.host
-                failures.append(f"{entry.host}: `{cmd}` not run: no connection to {who}")
-                continue
-            try:
-                result = runner.run(entry.undo, check=False)
-            except DomuBackupError as exc:  # CommandError (timeout, missing), PeerError
-                failed.append(entry)
-                failures.append(f"{runner.host}: `{cmd}`: {exc.message}")
-                continue
-            results.append(result)
-            if result.exit_code == 0:
-                continue
-            if already_gone(entry.undo, result):
-                log.info("%s: `%s`: already gone", runner.host, cmd)
-                continue
-            failed.append(entry)
-            tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
-            failures.append(f"{runner.host}: `{cmd}` exited {result.exit_code}"
-                            + (f": {tail}" if tail else ""))
+        todo = [(i, e) for i, e in enumerate(self.entries) if e.undo is not None and e.state != UNDONE]
+        hosts = list(dict.fromkeys(e.host for _, e in reversed(todo)))
+        outcome: dict[str, tuple[list, list]] = {}
+
+        def undo_host(host):
+            outcome[host] = self._undo_all([(i, e) for i, e in reversed(todo) if e.host == host],
+                                           runners.get(host))
+
+        threads = [threading.Thread(target=undo_host, args=(h,), name=f"teardown-{h}") for h in hosts[1:]]
+        for t in threads:
+            t.start()
+        if hosts:
+            undo_host(hosts[0])
+        for t in threads:
+            t.join()
+        results = [r for h in hosts for r in outcome[h][0]]
+        failed = sorted((f for h in hosts for f in outcome[h][1]), key=lambda f: -f[0])
         if not failed:
             try:
                 os.unlink(self.path)
@@ -254,8 +245,34 @@ class Journal:
             _fsync_dir(os.path.dirname(self.path))
             self.entries = []
             return results
-        self.entries = list(reversed(failed))
+        self.entries = [e for _, e, _ in reversed(failed)]
         self._save()
+        failures = [why for _, _, why in failed]
         raise TeardownError(f"teardown of {self.domu}: {len(failures)} undo step(s) failed, "
                             f"kept in {self.path}", failures,
                             hint=f"fix the cause, then run `domubackup cleanup {self.domu}`")
+
+    def _undo_all(self, entries, runner) -> tuple[list[Result], list[tuple[int, Entry, str]]]:
+        """Undo (index, entry) pairs in the given order on one host; (results, failures)."""
+        results, failed = [], []
+        for i, entry in entries:
+            cmd = shlex.join(entry.undo)
+            if runner is None:
+                who = f"{entry.host} {self.peer}" if entry.host == PEER and self.peer else entry.host
+                failed.append((i, entry, f"{entry.host}: `{cmd}` not run: no connection to {who}"))
+                continue
+            try:
+                result = runner.run(entry.undo, check=False)
+            except DomuBackupError as exc:  # CommandError (timeout, missing), PeerError
+                failed.append((i, entry, f"{runner.host}: `{cmd}`: {exc.message}"))
+                continue
+            results.append(result)
+            if result.exit_code == 0:
+                continue
+            if already_gone(entry.undo, result):
+                log.info("%s: `%s`: already gone", runner.host, cmd)
+                continue
+            tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+            failed.append((i, entry, f"{runner.host}: `{cmd}` exited {result.exit_code}"
+                           + (f": {tail}" if tail else "")))
+        return results, failed
