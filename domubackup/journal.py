@@ -148,6 +148,7 @@ class Journal:
         self.pid = pid
         self.started = started
         self.entries: list[Entry] = entries or []
+        self._lock = threading.RLock()  # the peer check thread records its steps too
 
     @classmethod
     def create(cls, state_dir, domu: str, peer: str) -> "Journal":
@@ -191,26 +192,48 @@ class Journal:
         return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
 
     def _save(self) -> None:
-        data = {"domu": self.domu, "pid": self.pid, "started": self.started, "peer": self.peer,
-                "entries": [e.to_json() for e in self.entries]}
-        atomic_write(self.path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+        with self._lock:
+            data = {"domu": self.domu, "pid": self.pid, "started": self.started, "peer": self.peer,
+                    "entries": [e.to_json() for e in self.entries]}
+            atomic_write(self.path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
     def begin(self, step: Step) -> int:
         """Record ``step`` as pending (on disk) before it runs; return its index."""
-        self.entries.append(Entry(step.phase, step.host, tuple(step.argv),
-                                  tuple(step.undo) if step.undo is not None else None,
-                                  step.note))
-        self._save()
-        return len(self.entries) - 1
+        with self._lock:
+            self.entries.append(Entry(step.phase, step.host, tuple(step.argv),
+                                      tuple(step.undo) if step.undo is not None else None,
+                                      step.note))
+            self._save()
+            return len(self.entries) - 1
+
+    def begin_many(self, steps) -> list[int]:
+        """Record several steps as pending with ONE write (before a freeze: then nothing but
+        the commands themselves runs while the guest is frozen)."""
+        with self._lock:
+            first = len(self.entries)
+            for step in steps:
+                self.entries.append(Entry(step.phase, step.host, tuple(step.argv),
+                                          tuple(step.undo) if step.undo is not None else None,
+                                          step.note))
+            self._save()
+            return list(range(first, len(self.entries)))
+
+    def done_many(self, indices) -> None:
+        with self._lock:
+            for i in indices:
+                self.entries[i].state = DONE
+            self._save()
 
     def done(self, index: int) -> None:
-        self.entries[index].state = DONE
-        self._save()
+        with self._lock:
+            self.entries[index].state = DONE
+            self._save()
 
     def undone(self, index: int) -> None:
         """The step was closed during the run (its undo ran): teardown skips it."""
-        self.entries[index].state = UNDONE
-        self._save()
+        with self._lock:
+            self.entries[index].state = UNDONE
+            self._save()
 
     def teardown(self, runners: Mapping[str, "Runner"]) -> list[Result]:
         """Run every undo in reverse order, carrying on after failures. Each host's undos run

@@ -170,6 +170,13 @@ class Session:
         for s in steps:
             self.open(s)
 
+    def open_prerecorded(self, steps) -> None:
+        """Open steps whose entries are already in the journal (`journal.begin_many`): only
+        the commands run here; the caller marks them done."""
+        for step in steps:
+            test_pause(step.phase, self.journal, self.paused)
+            self.runners[step.host].run(step.argv, timeout=self.timeout)
+
     def undo_last(self):
         """Undo and forget the newest entry (used to take back a tentative root mount)."""
         entry = self.journal.entries[-1]
@@ -451,13 +458,15 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
 
 
 class PeerCheck(threading.Thread):
-    """Connects to the peers and checks them (read-only) in the background, so that the ssh
-    handshakes and the peer's probes overlap with the local snapshots and mounts. Nothing is
-    done on a peer before `result()` has returned its runners."""
+    """Connects to the peers, checks them (read-only) and maps their replicas' partitions in
+    the background, so that the ssh handshakes and the peer's commands overlap with the local
+    snapshots and mounts. Nothing is opened on a peer before its check has passed; the main
+    thread touches the peers only after `result()`."""
 
-    def __init__(self, config, domu, insp, factory):
+    def __init__(self, config, domu, insp, factory, session):
         super().__init__(name=f"peer-check-{domu}", daemon=True)
         self.config, self.domu, self.insp, self.factory = config, domu, insp, factory
+        self.session = session
         self.runners: dict = {}
         self.error: BaseException | None = None
 
@@ -467,14 +476,16 @@ class PeerCheck(threading.Thread):
             for p in self.insp.peers:
                 self.runners[p] = self.factory(p, settings.ssh)
                 check_peer(self.config, self.domu, self.insp.facts, settings, p, self.runners[p])
+            self.session.runners.update(self.runners)
+            for p in self.insp.peers:
+                self.session.open_all(planner.map_steps(self.insp.facts, settings, p, snapshot=False))
         except BaseException as e:  # noqa: BLE001 - handed to the main thread by result()
             self.error = e
 
-    def result(self) -> dict:
+    def result(self) -> None:
         self.join()
         if self.error is not None:
             raise self.error
-        return self.runners
 
     def close(self):
         self.join()
@@ -485,23 +496,24 @@ class PeerCheck(threading.Thread):
 @contextmanager
 def peer_session(config, domu, insp, local, factory):
     """Start checking the peers (DomU not running there, replicas closed and matching) and
-    yield a Session whose journal is torn down on both hosts at the end. The peers' runners
-    join the session at `session.wait_peers()`, which raises when a peer refused."""
+    mapping their replicas; yield a Session whose journal is torn down on both hosts at the
+    end. `session.wait_peers()` returns once the peers are checked and mapped, and raises
+    when a peer refused or failed."""
     settings = config.settings_for(domu)
-    check = PeerCheck(config, domu, insp, factory)
+    journal = Journal.create(config.state_dir, domu, ",".join(insp.peers))
+    session = Session(journal, {LOCAL: local}, settings.command_timeout)
+    check = PeerCheck(config, domu, insp, factory, session)
+    session.wait_peers = check.result
     check.start()
     try:
-        journal = Journal.create(config.state_dir, domu, ",".join(insp.peers))
-        session = Session(journal, {LOCAL: local}, settings.command_timeout)
-        session.wait_peers = lambda: session.runners.update(check.result())
-        try:
-            yield session
-        finally:
-            check.join()
-            session.runners.update(check.runners)
-            journal.teardown(session.runners)  # a TeardownError is more serious than any other
+        yield session
     finally:
-        check.close()
+        check.join()
+        session.runners.update(check.runners)
+        try:
+            journal.teardown(session.runners)  # a TeardownError is more serious than any other
+        finally:
+            check.close()
 
 
 def _backup_locked(config, domu, insp, local, factory, progress, freeze, out, verify=False):
@@ -518,11 +530,15 @@ VERIFY_ARGS = ("--dry-run", "--checksum", "--out-format=%i %n")
 def _open_and_transfer(session, config, domu, insp, settings, local, progress, freeze, out, verify=False):
     snaps = planner.snapshot_steps(insp.facts, settings)
     if freeze is not None and not verify:
+        # Recorded before the freeze, so that only lvcreate runs while the guest is frozen. A
+        # crash leaves pending entries whose lvremove finds nothing: "already gone".
+        recorded = session.journal.begin_many(snaps)
         try:
-            out.freeze = freeze(lambda: session.open_all(snaps), session.journal)
+            out.freeze = freeze(lambda: session.open_prerecorded(snaps), session.journal)
         except FreezeError as e:
             out.freeze = getattr(e, "report", None)
             raise
+        session.journal.done_many(recorded)
         log.info("%s", out.freeze.summary)
         for i, e in enumerate(session.journal.entries):  # thawed: the teardown has nothing to thaw
             if e.phase == "freeze" and e.state == "done":
@@ -536,9 +552,8 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
     with watch:
         try:
             mounts = open_local_tree(session, config, domu, insp, settings)
-            session.wait_peers()
+            session.wait_peers()  # checked, and their replicas mapped
             for peer in insp.peers:
-                session.open_all(planner.map_steps(insp.facts, settings, peer, snapshot=False))
                 session.open_all(planner.peer_mount_plan(mounts, insp.facts, settings, domu, peer, read_only=verify))
             for step in planner.transfer_steps(settings, domu, insp.peers, progress=progress and not verify,
                                                extra=VERIFY_ARGS if verify else ()):
@@ -594,9 +609,8 @@ def fsck_replicas(config, domu: str, conn, local, *, factory=ssh_runner) -> list
         recover(config, domu, local, factory)
         insp = inspect(config, domu, conn, local)
         with peer_session(config, domu, insp, local, factory) as session:
-            session.wait_peers()
+            session.wait_peers()  # checked, and their replicas mapped
             for peer in insp.peers:
-                session.open_all(planner.map_steps(insp.facts, settings, peer, snapshot=False))
                 for fs in planner.mountable(insp.facts):
                     argv = cmd.fsck_readonly(fs.fstype, planner.device_of(fs, insp.facts, settings, snapshot=False))
                     if argv is None:
