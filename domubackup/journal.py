@@ -70,6 +70,24 @@ GONE_TABLE: tuple[tuple[str, str | None, tuple[int, ...] | None, tuple[str, ...]
 )
 
 
+BATCH_PREFIX = ("lvremove", "-f")
+
+
+def _batchable(undo) -> bool:
+    return undo is not None and len(undo) == 3 and tuple(undo[:2]) == BATCH_PREFIX
+
+
+def _groups(entries):
+    """The (index, entry) pairs in order, neighbouring `lvremove -f LV` undos in one group."""
+    groups: list[list] = []
+    for pair in entries:
+        if groups and _batchable(pair[1].undo) and _batchable(groups[-1][-1][1].undo):
+            groups[-1].append(pair)
+        else:
+            groups.append([pair])
+    return groups
+
+
 def already_gone(argv: Sequence[str], result: Result) -> bool:
     """True when the failed undo ``argv`` only failed because its object is already gone."""
     if not argv or result.exit_code == 0:
@@ -276,26 +294,42 @@ class Journal:
                             hint=f"fix the cause, then run `domubackup cleanup {self.domu}`")
 
     def _undo_all(self, entries, runner) -> tuple[list[Result], list[tuple[int, Entry, str]]]:
-        """Undo (index, entry) pairs in the given order on one host; (results, failures)."""
+        """Undo (index, entry) pairs in the given order on one host; (results, failures).
+        Neighbouring `lvremove -f LV` undos run as one `lvremove -f LV LV...` (each LVM
+        command costs seconds on a busy or slow Dom0); when that fails, each runs alone."""
         results, failed = [], []
-        for i, entry in entries:
-            cmd = shlex.join(entry.undo)
-            if runner is None:
-                who = f"{entry.host} {self.peer}" if entry.host == PEER and self.peer else entry.host
-                failed.append((i, entry, f"{entry.host}: `{cmd}` not run: no connection to {who}"))
-                continue
-            try:
-                result = runner.run(entry.undo, check=False)
-            except DomuBackupError as exc:  # CommandError (timeout, missing), PeerError
-                failed.append((i, entry, f"{runner.host}: `{cmd}`: {exc.message}"))
-                continue
-            results.append(result)
-            if result.exit_code == 0:
-                continue
-            if already_gone(entry.undo, result):
-                log.info("%s: `%s`: already gone", runner.host, cmd)
-                continue
-            tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
-            failed.append((i, entry, f"{runner.host}: `{cmd}` exited {result.exit_code}"
-                           + (f": {tail}" if tail else "")))
+        for group in _groups(entries):
+            if len(group) > 1 and runner is not None:
+                argv = BATCH_PREFIX + tuple(e.undo[-1] for _, e in group)
+                try:
+                    result = runner.run(argv, check=False)
+                except DomuBackupError:
+                    result = None
+                if result is not None and result.exit_code == 0:
+                    results.append(result)
+                    continue
+                log.info("%s: `%s` failed: removing one by one", runner.host, shlex.join(argv))
+            for i, entry in group:
+                why = self._undo_one(entry, runner, results)
+                if why:
+                    failed.append((i, entry, why))
         return results, failed
+
+    def _undo_one(self, entry, runner, results) -> str | None:
+        """Run one undo; None when done (or already gone), else why it failed."""
+        cmd = shlex.join(entry.undo)
+        if runner is None:
+            who = f"{entry.host} {self.peer}" if entry.host == PEER and self.peer else entry.host
+            return f"{entry.host}: `{cmd}` not run: no connection to {who}"
+        try:
+            result = runner.run(entry.undo, check=False)
+        except DomuBackupError as exc:  # CommandError (timeout, missing), PeerError
+            return f"{runner.host}: `{cmd}`: {exc.message}"
+        results.append(result)
+        if result.exit_code == 0:
+            return None
+        if already_gone(entry.undo, result):
+            log.info("%s: `%s`: already gone", runner.host, cmd)
+            return None
+        tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+        return f"{runner.host}: `{cmd}` exited {result.exit_code}" + (f": {tail}" if tail else "")

@@ -286,3 +286,36 @@ def test_hosts_tear_down_at_the_same_time(tmp_path):
     j.teardown({LOCAL: Local("dom0a", LOCAL, calls=calls), PEER: Peer("dom0b", PEER, calls=calls)})
     assert seen == [True]
     assert per_host(calls) == per_host(UNDO_ORDER)
+
+
+def two_snapshots(tmp_path):
+    j = Journal.create(tmp_path, "web1", "dom0b")
+    for lv in ("web1-disk", "web1-srv"):
+        j.done(j.begin(Step("snapshot", LOCAL, ("lvcreate", "-s", "-n", f"{lv}-snap", f"vg0/{lv}"),
+                            ("lvremove", "-f", f"/dev/vg0/{lv}-snap"))))
+    j.done(j.begin(STEPS[2]))  # mkdir
+    return j
+
+
+def test_neighbouring_lvremoves_run_as_one_command(tmp_path):
+    rs, calls = runners()
+    two_snapshots(tmp_path).teardown(rs)
+    assert calls == [(LOCAL, ("rmdir", "/run/domubackup/web1")),
+                     (LOCAL, ("lvremove", "-f", "/dev/vg0/web1-srv-snap", "/dev/vg0/web1-disk-snap"))]
+    assert os.listdir(tmp_path / "journal") == []
+
+
+def test_a_failed_batch_is_retried_one_by_one_and_keeps_only_the_failure(tmp_path):
+    both = ("lvremove", "-f", "/dev/vg0/web1-srv-snap", "/dev/vg0/web1-disk-snap")
+    busy = (5, "", '  Logical volume vg0/web1-disk-snap contains a filesystem in use.\n')
+    rs, calls = runners({both: busy, ("lvremove", "-f", "/dev/vg0/web1-disk-snap"): busy,
+                         ("lvremove", "-f", "/dev/vg0/web1-srv-snap"):
+                             (5, "", '  Failed to find logical volume "vg0/web1-srv-snap"\n')})
+    with pytest.raises(TeardownError) as e:
+        two_snapshots(tmp_path).teardown(rs)
+    assert [a for _, a in calls] == [("rmdir", "/run/domubackup/web1"), both,
+                                     ("lvremove", "-f", "/dev/vg0/web1-srv-snap"),
+                                     ("lvremove", "-f", "/dev/vg0/web1-disk-snap")]
+    assert e.value.failures == ["dom0a: `lvremove -f /dev/vg0/web1-disk-snap` exited 5: "
+                                "Logical volume vg0/web1-disk-snap contains a filesystem in use."]
+    assert [x["undo"] for x in on_disk(tmp_path)["entries"]] == [["lvremove", "-f", "/dev/vg0/web1-disk-snap"]]

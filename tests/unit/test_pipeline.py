@@ -102,6 +102,8 @@ def _inspect(config, name, runner):
 def opens_and_undos(log):
     opens = [(h, a) for h, a in log if a[0] in MUTATING and a[:2] != ("kpartx", "-d")]
     undos = [(h, a) for h, a in log if a[0] in ("lvremove", "umount", "rmdir") or a[:2] == ("kpartx", "-d")]
+    # `lvremove -f A B` (neighbouring snapshot undos in one command) counts as A's then B's
+    undos = [(h, u) for h, a in undos for u in ([a] if a[0] != "lvremove" else [a[:2] + (lv,) for lv in a[2:]])]
     return opens, undos
 
 
