@@ -153,6 +153,7 @@ class Session:
         self.runners = runners
         self.timeout = timeout
         self.paused: set[str] = set()
+        self.start_peers = lambda: None  # peer_session: start checking the peers (background)
         self.wait_peers = lambda: None  # peer_session: blocks until the peers are checked
 
     def open(self, step: Step, *, timeout: float | None = None):
@@ -482,7 +483,16 @@ class PeerCheck(threading.Thread):
         except BaseException as e:  # noqa: BLE001 - handed to the main thread by result()
             self.error = e
 
+    def start(self) -> None:
+        if not self.is_alive() and self.ident is None:
+            super().start()
+
+    def join(self, timeout=None) -> None:
+        if self.ident is not None:
+            super().join(timeout)
+
     def result(self) -> None:
+        self.start()
         self.join()
         if self.error is not None:
             raise self.error
@@ -495,16 +505,15 @@ class PeerCheck(threading.Thread):
 
 @contextmanager
 def peer_session(config, domu, insp, local, factory):
-    """Start checking the peers (DomU not running there, replicas closed and matching) and
-    mapping their replicas; yield a Session whose journal is torn down on both hosts at the
-    end. `session.wait_peers()` returns once the peers are checked and mapped, and raises
-    when a peer refused or failed."""
+    """Yield a Session whose journal is torn down on both hosts at the end. The peers are
+    checked (DomU not running there, replicas closed and matching) and their replicas mapped
+    in the background from `session.start_peers()` on; `session.wait_peers()` returns once
+    that is done (starting it if needed), and raises when a peer refused or failed."""
     settings = config.settings_for(domu)
     journal = Journal.create(config.state_dir, domu, ",".join(insp.peers))
     session = Session(journal, {LOCAL: local}, settings.command_timeout)
     check = PeerCheck(config, domu, insp, factory, session)
-    session.wait_peers = check.result
-    check.start()
+    session.start_peers, session.wait_peers = check.start, check.result
     try:
         yield session
     finally:
@@ -529,7 +538,10 @@ VERIFY_ARGS = ("--dry-run", "--checksum", "--out-format=%i %n")
 
 def _open_and_transfer(session, config, domu, insp, settings, local, progress, freeze, out, verify=False):
     snaps = planner.snapshot_steps(insp.facts, settings)
-    if freeze is not None and not verify:
+    if freeze is None or verify:
+        session.start_peers()  # the ssh work overlaps with the snapshots
+        session.open_all(snaps)
+    else:
         # Recorded before the freeze, so that only lvcreate runs while the guest is frozen. A
         # crash leaves pending entries whose lvremove finds nothing: "already gone".
         recorded = session.journal.begin_many(snaps)
@@ -539,12 +551,12 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
             out.freeze = getattr(e, "report", None)
             raise
         session.journal.done_many(recorded)
+        # Only now: nothing else of ours competes for this host while the guest is frozen.
+        session.start_peers()
         log.info("%s", out.freeze.summary)
         for i, e in enumerate(session.journal.entries):  # thawed: the teardown has nothing to thaw
             if e.phase == "freeze" and e.state == "done":
                 session.journal.undone(i)
-    else:
-        session.open_all(snaps)
     # From here on the snapshots exist: watch their fill level until the transfer is over.
     snap_paths = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in insp.facts]
     watch = SnapshotWatch(local, snap_paths, settings, on_abort=getattr(local, "cancel", None))

@@ -11,12 +11,15 @@ HOOK = """#!/bin/sh
 case "$1" in
 freeze)
     for m in /mnt/guest /mnt/guest/var /mnt/guest/srv; do fsfreeze -f "$m" || exit 1; done
-    for f in root/lab-writer.log var/log/lab-writer.log srv/lab-writer.log; do
-        tail -n 1 "/mnt/guest/$f" | cut -c5-12
-    done > /run/e2e-frozen-seq ;;
+    # Never read the frozen files here: on XFS a read can wait behind a writer that itself
+    # waits for the thaw, and the hook hangs until its timeout. The writer notes each
+    # completed record in /run; once it is blocked (state D) that note is final.
+    w=$(cat /run/lab-guest-writer.pid); n=0
+    while [ "$(cut -d' ' -f3 /proc/$w/stat)" != D ] && [ $n -lt 100 ]; do sleep 0.05; n=$((n+1)); done
+    cp /run/lab-writer.seq /run/e2e-frozen-seq ;;
 thaw)
-    for m in /mnt/guest/srv /mnt/guest/var /mnt/guest; do fsfreeze -u "$m" 2>/dev/null; done
-    exit 0 ;;
+    for m in /mnt/guest/srv /mnt/guest/var /mnt/guest; do fsfreeze -u "$m" 2>/dev/null & done
+    wait; exit 0 ;;
 esac
 """
 FILES = ["root/lab-writer.log", "var/log/lab-writer.log", "srv/lab-writer.log"]
