@@ -268,11 +268,13 @@ class _Session:
 
     # hooks
     def _run_hook(self, script: pathlib.Path, phase: str) -> HookResult:
-        argv = hook_argv(self.domu, script, phase)
+        # Run as `SCRIPT PHASE` with the variables in the environment (one exec less than the
+        # journaled `env ... SCRIPT PHASE`, which a later `cleanup` runs).
+        env = {"DOMUBACKUP_DOMU": self.domu, "DOMUBACKUP_PHASE": phase}
         t0 = time.monotonic()
         log.info("hook %s %s: start", script.name, phase)
         try:
-            res = self.runner.run(argv, timeout=self.s.hook_timeout, check=False)
+            res = self.runner.run([str(script), phase], env=env, timeout=self.s.hook_timeout, check=False)
             hr = HookResult(script.name, phase, res.exit_code, time.monotonic() - t0,
                             _tail(res.stdout, res.stderr))
             out = "\n".join(t for t in (res.stdout, res.stderr) if t)

@@ -35,7 +35,7 @@ class FakeRunner:
         t0 = time.monotonic()
         p = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env, start_new_session=True)
+                             env={**os.environ, **(env or {})}, start_new_session=True)
         try:
             out, err = p.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -218,14 +218,16 @@ def test_hooks_freeze_only_around_the_snapshots(tmp_path, fixtures, monkeypatch)
                           default_uri="test:///x")
     out = run_backup(config, local, peer, monkeypatch)
     assert out.status == "OK", out.error
-    seq = [(a[-1] if a[0] == "env" else a[0]) for h, a in log if a[0] in ("env", "lvcreate", "kpartx") and h == "dom0a"]
+    hook = str(hooks)
+    seq = [(a[-1] if a[0].startswith(hook) else a[0]) for h, a in log
+           if (a[0] in ("lvcreate", "kpartx") or a[0].startswith(hook)) and h == "dom0a"]
     assert seq[:7] == ["freeze", "freeze", "lvcreate", "lvcreate", "thaw", "thaw", "kpartx"]
     # nothing of ours competes with the snapshots while the guest is frozen: the peer's
     # check starts after the thaw
-    hooks_at = [n for n, (h, a) in enumerate(log) if a[0] == "env"]
+    hooks_at = [n for n, (h, a) in enumerate(log) if a[0].startswith(hook)]
     assert not [a for h, a in log[hooks_at[0]:hooks_at[-1]] if h == "dom0b"]
     assert any(h == "dom0b" for h, a in log[hooks_at[-1]:])
-    hook_calls = [a[3].rsplit("/", 1)[1] + " " + a[-1] for h, a in log if a[0] == "env"]
+    hook_calls = [a[0].rsplit("/", 1)[1] + " " + a[-1] for h, a in log if a[0].startswith(hook)]
     assert hook_calls == ["10-db freeze", "20-app freeze", "20-app thaw", "10-db thaw"]
     assert out.freeze.level == "application" and out.freeze.window_ms is not None
     assert "application-consistent" in out.summary()
