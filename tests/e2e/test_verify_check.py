@@ -3,12 +3,13 @@
 from e2ehelp import domubackup, tree
 
 
-def test_verify_clean_then_finds_a_changed_file_then_run_repairs(fresh):
+def test_verify_clean_then_finds_a_changed_file_then_run_repairs_then_fsck_finds_damage(fresh):
     lab = fresh
     assert domubackup(lab, "run", "web1").returncode == 0
-    v = domubackup(lab, "verify", "web1")
-    assert v.returncode == 0, v.stderr
+    v = domubackup(lab, "verify", "--fsck", "web1")
+    assert v.returncode == 0, v.stdout + v.stderr
     assert v.stdout.startswith("web1: verify OK: the replica matches the snapshot")
+    assert "web1: fsck OK: every replica filesystem is clean" in v.stdout
     tree(lab, "dom0b", "mount")
     try:
         lab.ssh("dom0b", "echo tampered >> '/mnt/guest/srv/www/sub dir/file with spaces.txt'")
@@ -24,6 +25,11 @@ def test_verify_clean_then_finds_a_changed_file_then_run_repairs(fresh):
     assert [(r["kind"], r["status"]) for r in runs[:3]] == [("verify", "ERROR"), ("verify", "OK"), ("backup", "OK")]
     assert domubackup(lab, "run", "web1").returncode == 0
     assert domubackup(lab, "verify", "web1").returncode == 0
+    # zero the group descriptors of the replica's /srv behind the tool's back: e2fsck -n must notice
+    lab.ssh("dom0b", "dd if=/dev/zero of=/dev/vg0/web1-srv bs=4096 seek=1 count=1 conv=notrunc,fsync status=none")
+    v = domubackup(lab, "verify", "--fsck", "web1")
+    assert v.returncode == 1
+    assert "web1: fsck: dom0b: xvdb (ext4): `e2fsck -n -f /dev/vg0/web1-srv` exited" in v.stdout, v.stdout
 
 
 def test_check_passes_then_names_each_fault(fresh):
@@ -49,19 +55,6 @@ def test_check_passes_then_names_each_fault(fresh):
     lab.ssh("dom0a", ["sed", "-i", "/^dom0b/d", "/etc/domubackup/known_hosts"])
     r = domubackup(lab, "check")
     assert "FAIL ssh to dom0b" in r.stdout and "host key of dom0b is unknown" in r.stdout
-
-
-def test_verify_fsck_checks_the_replica_filesystems(fresh):
-    lab = fresh
-    assert domubackup(lab, "run", "web1").returncode == 0
-    v = domubackup(lab, "verify", "--fsck", "web1")
-    assert v.returncode == 0, v.stdout + v.stderr
-    assert "web1: fsck OK: every replica filesystem is clean" in v.stdout
-    # zero the group descriptors of the replica's /srv behind the tool's back: e2fsck -n must notice
-    lab.ssh("dom0b", "dd if=/dev/zero of=/dev/vg0/web1-srv bs=4096 seek=1 count=1 conv=notrunc,fsync status=none")
-    v = domubackup(lab, "verify", "--fsck", "web1")
-    assert v.returncode == 1
-    assert "web1: fsck: dom0b: xvdb (ext4): `e2fsck -n -f /dev/vg0/web1-srv` exited" in v.stdout, v.stdout
 
 
 def test_lifecycle_hook_phases_and_a_refusing_backup_start(fresh):

@@ -1,0 +1,36 @@
+"""The seed's block stream and its receiver (the program the peer runs), on files here: what
+arrives is exactly the source, zero blocks travel as headers only, and both ends compute the
+same checksum, the SHA-256 of every 4 MiB block's SHA-256."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+from domubackup.seed import CHUNK, HEADER, RECEIVER, BlockStream
+
+
+def test_stream_and_receiver_copy_exactly_and_agree_on_the_checksum(tmp_path):
+    blocks = [os.urandom(CHUNK), bytes(CHUNK), b"\1" + bytes(CHUNK - 1), bytes(CHUNK),
+              os.urandom(1000) + bytes(CHUNK // 2)]  # the last block is a short one
+    src, dst = tmp_path / "snap", tmp_path / "replica"
+    src.write_bytes(b"".join(blocks))
+    size = src.stat().st_size
+    dst.write_bytes(os.urandom(size))  # old content everywhere, zeros included: all overwritten
+    stream = BlockStream(str(src), size)
+    data = b"".join(stream)
+    assert len(data) == size - 2 * CHUNK + 5 * HEADER.size  # the two zero blocks: headers only
+    r = subprocess.run([sys.executable, "-c", RECEIVER, str(dst), str(size)], input=data,
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert dst.read_bytes() == src.read_bytes()
+    expected = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in blocks)).hexdigest()
+    assert stream.sha256 == expected == r.stdout.decode().strip()
+
+
+def test_receiver_refuses_a_write_past_the_end(tmp_path):
+    dst = tmp_path / "replica"
+    dst.write_bytes(bytes(4096))
+    r = subprocess.run([sys.executable, "-c", RECEIVER, str(dst), "4096"],
+                       input=HEADER.pack(b"Z", 4096, 512), capture_output=True, timeout=60)
+    assert r.returncode == 1 and b"write past the end of the replica" in r.stderr
