@@ -2,7 +2,7 @@
 
 Create the replica LV if missing (same VG/LV name and size), snapshot the origin, stream the
 snapshot block for block over the peer's SSH connection (zero blocks are sent as a 13-byte
-header, not as data, and zeroed there with BLKZEROOUT), then compare a checksum of both ends:
+header, not as data, and zeroed there with BLKZEROOUT; compressible blocks travel zlib-compressed), then compare a checksum of both ends:
 the SHA-256 of the SHA-256 digests of every 4 MiB block, read back from the replica device
 (a block of zeros is recognised by a compare and gets the digest of zeros without hashing it,
 which makes a mostly empty disk cheap to check; every byte is still read and compared). The
@@ -15,6 +15,7 @@ import hashlib
 import logging
 import struct
 import time
+import zlib
 
 from . import commands as cmd
 from . import parsers
@@ -26,12 +27,12 @@ from .model import LOCAL
 log = logging.getLogger("domubackup")
 
 CHUNK = 4 * 1024 * 1024
-HEADER = struct.Struct(">cQI")  # kind (D data / Z zeros), offset, length
+HEADER = struct.Struct(">cQI")  # kind (D data / C zlib data / Z zeros), offset, length
 
 # Runs on the peer as `python3 -c RECEIVER DEV SIZE`: writes what arrives on stdin at its
 # offsets, fsyncs, then prints the SHA-256 of the first SIZE bytes of DEV.
 RECEIVER = r"""
-import fcntl, hashlib, os, struct, sys
+import fcntl, hashlib, mmap, os, struct, sys, zlib
 dev, size = sys.argv[1], int(sys.argv[2])
 H = struct.Struct(">cQI")
 CHUNK = 4 << 20
@@ -62,26 +63,46 @@ while True:
         sys.exit("write past the end of the replica")
     if kind == b"D":
         os.pwrite(fd, read(n), off)
+    elif kind == b"C":
+        data = zlib.decompress(read(n))
+        if off + len(data) > size or len(data) > CHUNK:
+            sys.exit("write past the end of the replica")
+        os.pwrite(fd, data, off)
     else:
         zero_out(fd, off, n)
 os.fsync(fd)
 os.close(fd)
+# read back from the device itself (O_DIRECT: not what the page cache remembers)
 total, zd = hashlib.sha256(), {}
-with open(dev, "rb") as f:
-    left = size
-    while left:
-        b = f.read(min(CHUNK, left))
-        if not b:
-            break
-        if b == zero[:len(b)]:
-            total.update(zd.setdefault(len(b), hashlib.sha256(b).digest()))
-        else:
-            total.update(hashlib.sha256(b).digest())
-        left -= len(b)
+try:
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+except OSError:
+    fd = os.open(dev, os.O_RDONLY)
+buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
+off = 0
+while off < size:
+    got = os.preadv(fd, [memoryview(buf)[:min(CHUNK, size - off)]], off)
+    if not got:
+        break
+    b = buf[:got]
+    if b == zero[:got]:
+        total.update(zd.setdefault(got, hashlib.sha256(b).digest()))
+    else:
+        total.update(hashlib.sha256(b).digest())
+    off += got
 print(total.hexdigest())
 """
 
 ZERO = bytes(CHUNK)
+
+
+def compressed(block: bytes) -> bytes | None:
+    """zlib level 1 of a block worth compressing, else None. A 64 KiB sample decides first,
+    so that incompressible data costs little CPU (what borg's `auto` compression does)."""
+    if len(zlib.compress(block[:65536], 1)) > 32768:
+        return None
+    packed = zlib.compress(block, 1)
+    return packed if len(packed) < len(block) * 9 // 10 else None
 
 
 def vg_free(runner, vg: str) -> int:
@@ -144,8 +165,13 @@ class BlockStream:
                     yield HEADER.pack(b"Z", offset, n)
                 else:
                     total.update(hashlib.sha256(block).digest())
-                    yield HEADER.pack(b"D", offset, len(block)) + block
-                    sent += len(block)
+                    packed = compressed(block)
+                    if packed is not None:
+                        yield HEADER.pack(b"C", offset, len(packed)) + packed
+                        sent += len(packed)
+                    else:
+                        yield HEADER.pack(b"D", offset, len(block)) + block
+                        sent += len(block)
                 offset += len(block)
                 if self.progress:
                     self.progress(offset, self.size, sent)

@@ -12,14 +12,18 @@ from domubackup.seed import CHUNK, HEADER, RECEIVER, BlockStream
 
 def test_stream_and_receiver_copy_exactly_and_agree_on_the_checksum(tmp_path):
     blocks = [os.urandom(CHUNK), bytes(CHUNK), b"\1" + bytes(CHUNK - 1), bytes(CHUNK),
+              b"web1 " * (CHUNK // 5) + b"x" * (CHUNK % 5),
               os.urandom(1000) + bytes(CHUNK // 2)]  # the last block is a short one
     src, dst = tmp_path / "snap", tmp_path / "replica"
     src.write_bytes(b"".join(blocks))
     size = src.stat().st_size
     dst.write_bytes(os.urandom(size))  # old content everywhere, zeros included: all overwritten
     stream = BlockStream(str(src), size)
-    data = b"".join(stream)
-    assert len(data) == size - 2 * CHUNK + 5 * HEADER.size  # the two zero blocks: headers only
+    frames = list(stream)
+    data = b"".join(frames)
+    # zero blocks travel as headers only; the compressible ones zlib-packed; random data raw
+    assert [f[:1] for f in frames] == [b"D", b"Z", b"C", b"Z", b"C", b"C"]
+    assert len(frames[0]) == HEADER.size + CHUNK and len(frames[2]) < 100_000 and len(frames[4]) < 100_000
     r = subprocess.run([sys.executable, "-c", RECEIVER, str(dst), str(size)], input=data,
                        capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
