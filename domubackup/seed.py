@@ -81,7 +81,12 @@ except OSError:
 buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
 off = 0
 while off < size:
-    got = os.preadv(fd, [memoryview(buf)[:min(CHUNK, size - off)]], off)
+    try:
+        got = os.preadv(fd, [memoryview(buf)[:min(CHUNK, size - off)]], off)
+    except OSError:  # O_DIRECT refused this size: the rest without it
+        os.close(fd)
+        fd = os.open(dev, os.O_RDONLY)
+        got = os.preadv(fd, [memoryview(buf)[:min(CHUNK, size - off)]], off)
     if not got:
         break
     b = buf[:got]
