@@ -217,12 +217,7 @@ class Journal:
 
     def begin(self, step: Step) -> int:
         """Record ``step`` as pending (on disk) before it runs; return its index."""
-        with self._lock:
-            self.entries.append(Entry(step.phase, step.host, tuple(step.argv),
-                                      tuple(step.undo) if step.undo is not None else None,
-                                      step.note))
-            self._save()
-            return len(self.entries) - 1
+        return self.begin_many([step])[0]
 
     def begin_many(self, steps) -> list[int]:
         """Record several steps as pending with ONE write (before a freeze: then nothing but
