@@ -6,8 +6,6 @@ import shlex
 
 from .config import RsyncSettings, SSHSettings
 
-SETTLE = ("udevadm", "settle", "--timeout=30")
-
 
 def dm_name(vg: str, lv: str) -> str:
     """device-mapper name of an LV: hyphens inside VG and LV names are doubled."""

@@ -267,14 +267,32 @@ class _Session:
             self.journal.done(i)
 
     # hooks
-    def _run_hook(self, script: pathlib.Path, phase: str) -> HookResult:
+    def _hook_call(self, script: pathlib.Path, phase: str):
         # Run as `SCRIPT PHASE` with the variables in the environment (one exec less than the
         # journaled `env ... SCRIPT PHASE`, which a later `cleanup` runs).
         env = {"DOMUBACKUP_DOMU": self.domu, "DOMUBACKUP_PHASE": phase}
+        return [str(script), phase], dict(env=env, timeout=self.s.hook_timeout, check=False)
+
+    def _prepare_thaw(self, script: pathlib.Path):
+        """The thaw of ``script``, started before its freeze and held before its exec
+        (runner.gated): the window then pays one exec, and a killed run still thaws at once.
+        None when the runner cannot."""
+        gated = getattr(self.runner, "gated", None)
+        if gated is None:
+            return None
+        argv, kwargs = self._hook_call(script, "thaw")
+        try:
+            return gated(argv, **kwargs)
+        except (OSError, errors.CommandError) as e:  # the thaw starts when it runs, and says why
+            log.warning("hook %s thaw: not prepared (%s)", script.name, e)
+            return None
+
+    def _run_hook(self, script: pathlib.Path, phase: str, prepared=None) -> HookResult:
+        argv, kwargs = self._hook_call(script, phase)
         t0 = time.monotonic()
         log.info("hook %s %s: start", script.name, phase)
         try:
-            res = self.runner.run([str(script), phase], env=env, timeout=self.s.hook_timeout, check=False)
+            res = prepared.wait() if prepared is not None else self.runner.run(argv, **kwargs)
             hr = HookResult(script.name, phase, res.exit_code, time.monotonic() - t0,
                             _tail(res.stdout, res.stderr))
             out = "\n".join(t for t in (res.stdout, res.stderr) if t)
@@ -297,9 +315,10 @@ class _Session:
     def freeze_hook(self, script: pathlib.Path) -> None:
         i = self._begin(hook_argv(self.domu, script, "freeze"),
                         hook_undo_argv(self.domu, script), f"freeze hook {script.name}")
+        prepared = self._prepare_thaw(script)
 
         def thaw():
-            hr = self._run_hook(script, "thaw")
+            hr = self._run_hook(script, "thaw", prepared)
             if not hr.ok:
                 why = "timed out" if hr.timed_out else f"exited {hr.exit_code}"
                 raise errors.FreezeError(f"thaw hook {script.name} {why}")

@@ -154,6 +154,7 @@ class Session:
         self.timeout = timeout
         self.paused: set[str] = set()
         self.start_peers = lambda: None  # peer_session: start checking the peers (background)
+        self.mount_peers = lambda mounts, read_only=False: None  # peer_session: what to mount there
         self.wait_peers = lambda: None  # peer_session: blocks until the peers are checked
 
     def open(self, step: Step, *, timeout: float | None = None):
@@ -344,17 +345,20 @@ class SnapshotWatch:
                 return
 
 
-def open_local_tree(session, config, domu, insp, settings):
-    """Map and mount the snapshots read-only; return the mounts (decided from fstab if needed)."""
+def open_local_tree(session, config, domu, insp, settings, read_only_peers=False):
+    """Map and mount the snapshots read-only; return the mounts (decided from fstab if needed).
+    The peers are told what to mount (`session.mount_peers`) as soon as that is known."""
     facts = insp.facts
     session.open_all(planner.map_steps(facts, settings, LOCAL, snapshot=True))
     if settings.mounts:
         mounts = planner.mounts_from_config(facts, settings)
+        session.mount_peers(mounts, read_only_peers)
         session.open_all(planner.local_mount_plan(mounts, facts, settings, domu))
         return mounts
     root = planner.root_candidate(facts, settings)
     if root is None:
         mounts = planner.fallback_mounts(facts)
+        session.mount_peers(mounts, read_only_peers)
         session.open_all(planner.local_mount_plan(mounts, facts, settings, domu))
         return mounts
     session.open_all(planner.mount_steps([planner.Mount(root, "/")], facts, settings, domu, LOCAL))
@@ -364,12 +368,14 @@ def open_local_tree(session, config, domu, insp, settings):
         log.warning("%s: %s has no /etc/fstab: each filesystem goes under /<disk><partition>", domu, root.name)
         session.undo_last()  # the root mount; the tree root directory stays
         mounts = planner.fallback_mounts(facts)
+        session.mount_peers(mounts, read_only_peers)
         rest = planner.local_mount_plan(mounts, facts, settings, domu)[1:]  # tree root exists already
         session.open_all(rest)
         return mounts
     mounts, notes = planner.mounts_from_fstab(parsers.parse_fstab(res.stdout), root, facts)
     for n in notes:
         log.warning("%s: %s", domu, n)
+    session.mount_peers(mounts, read_only_peers)
     session.open_all(planner.mount_steps(mounts[1:], facts, settings, domu, LOCAL, with_root_dir=False))
     return mounts
 
@@ -459,10 +465,11 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
 
 
 class PeerCheck(threading.Thread):
-    """Connects to the peers, checks them (read-only) and maps their replicas' partitions in
-    the background, so that the ssh handshakes and the peer's commands overlap with the local
-    snapshots and mounts. Nothing is opened on a peer before its check has passed; the main
-    thread touches the peers only after `result()`."""
+    """Connects to the peers, checks them (read-only), maps their replicas' partitions and,
+    once the main thread has said what to mount (`mount()`, as soon as the snapshot's fstab is
+    read), mounts the replicas, all in the background, so that the ssh handshakes and the
+    peer's commands overlap with the local snapshots and mounts. Nothing is opened on a peer
+    before its check has passed; the main thread touches the peers only after `result()`."""
 
     def __init__(self, config, domu, insp, factory, session):
         super().__init__(name=f"peer-check-{domu}", daemon=True)
@@ -470,6 +477,14 @@ class PeerCheck(threading.Thread):
         self.session = session
         self.runners: dict = {}
         self.error: BaseException | None = None
+        self._mounts: tuple | None = None  # (mounts, read_only), or None: mount nothing
+        self._told = threading.Event()
+
+    def mount(self, mounts, read_only=False) -> None:
+        """What to mount on the peers after the mapping; None: nothing (the run ends early)."""
+        if not self._told.is_set():
+            self._mounts = None if mounts is None else (mounts, read_only)
+            self._told.set()
 
     def run(self):
         settings = self.config.settings_for(self.domu)
@@ -480,6 +495,12 @@ class PeerCheck(threading.Thread):
             self.session.runners.update(self.runners)
             for p in self.insp.peers:
                 self.session.open_all(planner.map_steps(self.insp.facts, settings, p, snapshot=False))
+            self._told.wait()
+            if self._mounts is not None:
+                mounts, read_only = self._mounts
+                for p in self.insp.peers:
+                    self.session.open_all(planner.peer_mount_plan(mounts, self.insp.facts, settings, self.domu,
+                                                                  p, read_only=read_only))
         except BaseException as e:  # noqa: BLE001 - handed to the main thread by result()
             self.error = e
 
@@ -493,11 +514,13 @@ class PeerCheck(threading.Thread):
 
     def result(self) -> None:
         self.start()
+        self.mount(None)  # nothing said by now: nothing to mount
         self.join()
         if self.error is not None:
             raise self.error
 
     def close(self):
+        self.mount(None)
         self.join()
         for r in self.runners.values():
             r.close()
@@ -507,16 +530,18 @@ class PeerCheck(threading.Thread):
 def peer_session(config, domu, insp, local, factory):
     """Yield a Session whose journal is torn down on both hosts at the end. The peers are
     checked (DomU not running there, replicas closed and matching) and their replicas mapped
-    in the background from `session.start_peers()` on; `session.wait_peers()` returns once
-    that is done (starting it if needed), and raises when a peer refused or failed."""
+    in the background from `session.start_peers()` on, and mounted once
+    `session.mount_peers(mounts)` said what; `session.wait_peers()` returns once that is done
+    (starting it if needed), and raises when a peer refused or failed."""
     settings = config.settings_for(domu)
     journal = Journal.create(config.state_dir, domu, ",".join(insp.peers))
     session = Session(journal, {LOCAL: local}, settings.command_timeout)
     check = PeerCheck(config, domu, insp, factory, session)
-    session.start_peers, session.wait_peers = check.start, check.result
+    session.start_peers, session.mount_peers, session.wait_peers = check.start, check.mount, check.result
     try:
         yield session
     finally:
+        check.mount(None)
         check.join()
         session.runners.update(check.runners)
         try:
@@ -563,10 +588,8 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
     stats = RsyncStats()
     with watch:
         try:
-            mounts = open_local_tree(session, config, domu, insp, settings)
-            session.wait_peers()  # checked, and their replicas mapped
-            for peer in insp.peers:
-                session.open_all(planner.peer_mount_plan(mounts, insp.facts, settings, domu, peer, read_only=verify))
+            open_local_tree(session, config, domu, insp, settings, read_only_peers=verify)
+            session.wait_peers()  # checked, and their replicas mapped and mounted
             for step in planner.transfer_steps(settings, domu, insp.peers, progress=progress and not verify,
                                                extra=VERIFY_ARGS if verify else ()):
                 try:

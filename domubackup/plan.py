@@ -169,9 +169,7 @@ def map_steps(facts: list[DiskFacts], settings: Settings, host: str, *, snapshot
         sep = settings.kpartx_separator
         steps.append(Step(phase, host, cmd.kpartx_add(dev, sep), cmd.kpartx_delete(dev, sep),
                           note=f"{f.disk.target}: map partitions of {dev}"))
-    if steps:
-        steps.append(Step(phase, host, cmd.SETTLE, None, note="wait for udev to create the partition devices"))
-    return steps
+    return steps  # `kpartx -s` returns once udev has made the devices: no `udevadm settle`
 
 
 def device_of(fs: Filesystem, facts: list[DiskFacts], settings: Settings, *, snapshot: bool) -> str:

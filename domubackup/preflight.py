@@ -10,8 +10,8 @@ from . import pipeline, virt
 from .errors import DomuBackupError
 
 LOCAL_TOOLS = ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "kpartx", "parted", "blkid", "findmnt",
-               "mount", "umount", "udevadm", "rsync", "ssh")
-PEER_TOOLS = ("lvs", "vgs", "kpartx", "parted", "blkid", "mount", "umount", "udevadm", "rsync", "virsh",
+               "mount", "umount", "rsync", "ssh")
+PEER_TOOLS = ("lvs", "vgs", "kpartx", "parted", "blkid", "mount", "umount", "rsync", "virsh",
               "timeout", "python3")
 
 

@@ -17,10 +17,12 @@ import signal
 import socket
 import threading
 import time
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-import paramiko
 import sh
+
+if TYPE_CHECKING:
+    import paramiko
 
 from .errors import CommandError, PeerError
 from .model import Result
@@ -128,6 +130,57 @@ class Runner:
         self.close()
 
 
+# How a gated command waits: the gate pipe is its stdin; a line (release) or end-of-file (this
+# process died) lets it exec the real command in the same process.
+GATE_SCRIPT = 'read -r _ || :; exec "$@" </dev/null'
+
+
+class Gated:
+    """A command started now that waits before its exec until ``release()``, or until this
+    process dies (the gate pipe then reads end-of-file and the command runs at once: a dead
+    man's switch). It is ``sh -c GATE_SCRIPT domubackup-gate ARGV...``: the release costs one
+    exec, no fork. The timeout counts from the release. ``wait()`` releases it if needed and
+    returns its Result like ``Runner.run``, or raises what ``run`` raised."""
+
+    def __init__(self, runner: "LocalRunner", argv: Sequence[str], kwargs: dict):
+        read, self._write = os.pipe()
+        self._read = os.fdopen(read, "rb", buffering=0)
+        self.released = threading.Event()
+        self._result: Result | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(runner, list(argv), kwargs), daemon=True,
+                                        name=f"gated-{os.path.basename(argv[0])}")
+        self._thread.start()
+
+    def _run(self, runner, argv, kwargs):
+        runner._gate.released = self.released
+        try:
+            self._result = runner.run(["sh", "-c", GATE_SCRIPT, "domubackup-gate", *argv],
+                                      input=self._read, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to wait()
+            self._error = exc
+        finally:
+            runner._gate.released = None
+            self._read.close()
+
+    def release(self) -> None:
+        if not self.released.is_set():
+            self.released.set()
+            try:
+                os.write(self._write, b"\n")
+            except BrokenPipeError:
+                pass  # the command never started: wait() reports why
+            finally:
+                os.close(self._write)
+
+    def wait(self) -> Result:
+        self.release()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
 class LocalRunner(Runner):
     """Runs commands on this host with the ``sh`` package, each in its own session so that a
     timeout kills the whole process group (sh's own ``_timeout`` signals only the child)."""
@@ -136,6 +189,16 @@ class LocalRunner(Runner):
         super().__init__(host, default_timeout)
         self._running: dict[int, object] = {}
         self._cancelled = threading.Event()
+        self._gate = threading.local()
+
+    def gated(self, argv: Sequence[str], **kwargs) -> Gated:
+        """Start ``argv`` now (arguments as for ``run``, no ``input``) held before its exec until
+        ``release()``: what must be fast later (a thaw while a guest is frozen) pays for the
+        fork now, and runs even if this process is killed in between. Raises CommandError at
+        once when the program is not installed."""
+        if shutil.which(argv[0], path=BASE_ENV["PATH"]) is None:
+            raise _not_installed(self.host, tuple(argv))
+        return Gated(self, argv, kwargs)
 
     def cancel(self) -> None:
         """Kill every command this runner is running now (from another thread)."""
@@ -150,7 +213,7 @@ class LocalRunner(Runner):
         proc = sh.Command(program)(
             *argv[1:], _tty_out=False, _bg=True, _bg_exc=False, _new_session=True,
             _env=env, _in=input, _ok_code=range(256), _truncate_exc=False)
-        fired = threading.Event()
+        fired, done = threading.Event(), threading.Event()
 
         def kill_group():
             fired.set()
@@ -161,8 +224,17 @@ class LocalRunner(Runner):
 
         timer = threading.Timer(timeout, kill_group)
         timer.daemon = True
-        timer.start()
-        self._running[proc.pid] = kill_group
+
+        def arm():  # the timeout, and cancel(), apply from the release of a gated command on
+            if not done.is_set():
+                self._running[proc.pid] = kill_group
+                timer.start()
+
+        released = getattr(self._gate, "released", None)
+        if released is None:
+            arm()
+        else:
+            threading.Thread(target=lambda: released.wait() and arm(), daemon=True).start()
         try:
             proc.wait()
             code, out, err = proc.exit_code, proc.stdout, proc.stderr
@@ -174,6 +246,7 @@ class LocalRunner(Runner):
             kill_group()
             raise
         finally:
+            done.set()
             timer.cancel()
             self._running.pop(proc.pid, None)
         if self._cancelled.is_set() and code < 0:
@@ -217,6 +290,8 @@ class SSHRunner(Runner):
             if transport is not None and transport.is_active():
                 return
             self.close()
+        import paramiko  # here, not at the top: ~1.2 s of imports under emulation, paid in the peer thread
+
         client = paramiko.SSHClient()
         try:
             client.load_host_keys(self.known_hosts)
@@ -282,6 +357,8 @@ class SSHRunner(Runner):
                            "timeout", "-k", str(KILL_AFTER), _seconds(timeout), *argv])
 
     def _execute(self, argv, env, input, timeout):
+        import paramiko
+
         self.connect()
         transport = self._client.get_transport()
         cmd = shlex.join(argv)

@@ -1,5 +1,6 @@
 import logging
 import subprocess
+import sys
 import time
 
 import pytest
@@ -111,3 +112,47 @@ def test_argv_must_be_a_list_of_words(runner):
         runner.run("echo hi")
     with pytest.raises(ValueError):
         runner.run(["-rf"])
+
+
+def test_gated_command_runs_only_when_released(runner, tmp_path):
+    mark = tmp_path / "ran"
+    g = runner.gated(["sh", "-c", f"date +%s.%N > {mark}; echo out; echo err >&2; exit 3"], check=False)
+    time.sleep(0.5)
+    assert not mark.exists()  # forked, held before its exec
+    released = time.time()
+    g.release()
+    r = g.wait()
+    assert (r.exit_code, r.stdout, r.stderr) == (3, "out\n", "err\n")
+    assert float(mark.read_text()) >= released
+    assert runner.history[-1] is r
+
+
+def test_gated_command_errors_are_raised_by_wait(runner):
+    with pytest.raises(CommandError) as e:
+        runner.gated(["false"]).wait()
+    assert e.value.returncode == 1
+    with pytest.raises(CommandError) as e:
+        runner.gated(["no-such-program-here"])  # at once, not at the release
+    assert e.value.returncode == 127 and "not installed on dom0a" in e.value.message
+
+
+def test_gated_commands_run_at_once_when_the_process_dies(tmp_path):
+    # The dead man's switch: a run killed with SIGKILL between fork and release still runs
+    # its gated commands (a thaw), each exactly once.
+    marks = [tmp_path / "one", tmp_path / "two"]
+    prog = f"""
+import os, signal, time
+from domubackup.runner import LocalRunner
+r = LocalRunner()
+gates = [r.gated(["sh", "-c", "echo $$ >> " + m]) for m in {[str(m) for m in marks]!r}]
+time.sleep(0.5)
+print("ready", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    p = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=30)
+    assert p.returncode == -9 and p.stdout == "ready\n", p.stderr
+    deadline = time.monotonic() + 10
+    while not all(m.exists() for m in marks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert [len(m.read_text().split()) for m in marks] == [1, 1]

@@ -45,7 +45,6 @@ EXPECTED = [
     ("snapshot", "local", "lvcreate --snapshot --size 256M --name web1-srv-snap /dev/vg0/web1-srv",
      "lvremove -f /dev/vg0/web1-srv-snap"),
     ("map", "local", "kpartx -a -s -p p /dev/vg0/web1-disk-snap", "kpartx -d -p p /dev/vg0/web1-disk-snap"),
-    ("map", "local", "udevadm settle --timeout=30", None),
     ("mount", "local", "mkdir -p -- /mnt/domubackup/source/web1", "rmdir -- /mnt/domubackup/source/web1"),
     ("mount", "local", "mount -t ext4 -o ro,nodev,nosuid,noexec -- /dev/mapper/vg0-web1--disk--snapp1 "
      "/mnt/domubackup/source/web1", "umount -- /mnt/domubackup/source/web1"),
@@ -54,7 +53,6 @@ EXPECTED = [
     ("mount", "local", "mount -t xfs -o ro,nodev,nosuid,noexec,nouuid -- /dev/mapper/vg0-web1--disk--snapp5 "
      "/mnt/domubackup/source/web1/var", "umount -- /mnt/domubackup/source/web1/var"),
     ("peer-map", "dom0b", "kpartx -a -s -p p /dev/vg0/web1-disk", "kpartx -d -p p /dev/vg0/web1-disk"),
-    ("peer-map", "dom0b", "udevadm settle --timeout=30", None),
     ("peer-mount", "dom0b", "mkdir -p -- /mnt/domubackup/target/web1", "rmdir -- /mnt/domubackup/target/web1"),
     ("peer-mount", "dom0b", "mount -t ext4 -o rw,nodev,nosuid,noexec -- /dev/mapper/vg0-web1--diskp1 "
      "/mnt/domubackup/target/web1", "umount -- /mnt/domubackup/target/web1"),
