@@ -30,8 +30,9 @@ def check_host(config: Config) -> None:
                                hint="add it to dom0s, or set this_host to its name there")
 
 
-def inspect(config: Config, name: str, conn, runner) -> Inspection:
-    """Eligibility (defined here, running, this host in DOM0S, a peer) and read-only facts."""
+def inspect(config: Config, name: str, conn, runner, on_eligible=None) -> Inspection:
+    """Eligibility (defined here, running, this host in DOM0S, a peer) and read-only facts.
+    ``on_eligible()`` is called once the DomU is known to be eligible, before the probes."""
     check_host(config)
     settings = config.settings_for(name)
     dom = virt.lookup(conn, name)
@@ -43,6 +44,8 @@ def inspect(config: Config, name: str, conn, runner) -> Inspection:
     if not peers:
         raise NotEligibleError(f"{name}: no peer to copy to: dom0s {list(config.dom0s)} has no other host",
                                hint="add the peer Dom0 to dom0s or set peers in [domu." + name + "]")
+    if on_eligible is not None:
+        on_eligible()
     skipped = [f"{d.target}: {d.skip_reason}" for d in domain.disks if d.skip_reason]
     disks = sorted((d for d in domain.disks if d.skip_reason is None), key=lambda d: d.target)
     lvs = list_lvs(runner, [d.source for d in disks])
@@ -254,11 +257,21 @@ def check_no_stale(insp, settings, local, domu) -> None:
 
 def check_peer(config, domu, facts, settings, peer, runner) -> list:
     """The DomU must not run on the peer; the replica LVs must exist, be closed and match."""
+    check_peer_state(domu, settings, peer, runner)
+    return check_replicas(domu, facts, peer, runner)
+
+
+def check_peer_state(domu, settings, peer, runner) -> None:
+    """The DomU must not run on the peer (asks the peer's libvirt)."""
     res = runner.run(cmd.virsh_domstate(settings.libvirt_uri, domu), check=False)
     state = res.stdout.strip()
     if res.exit_code == 0 and state not in ("shut off", "crashed"):
         raise PeerError(f"{domu} is {state} on {peer}: refusing to overwrite the disks of a live DomU",
                         hint=f"make sure {domu} runs on one Dom0 only")
+
+
+def check_replicas(domu, facts, peer, runner) -> list:
+    """The replica LVs on the peer must exist, be closed and match ``facts`` (this host's)."""
     peer_facts, diffs = [], []
     lvs = list_lvs(runner, [cmd.lv_path(f.lv.vg, f.lv.lv) for f in facts])
     for f in facts:
@@ -428,17 +441,24 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
     try:
         with DomuLock(config.state_dir, domu):
             out.undone = recover(config, domu, local, factory)
-            insp = inspect(config, domu, conn, local)
-            if catalog is not None:
-                run_id = catalog.start(kind, domu, peers, os.getpid(), log_path)
-            if not verify:
-                hooked = True  # backup-end or backup-abort follows, even when backup-start fails
-                try:
-                    lifecycle_hook(settings, "backup-start", local, domu=domu, peer=peers, log_path=log_path)
-                except CommandError as e:
-                    raise DomuBackupError(f"{domu}: the backup-start hook refused the backup: {e}",
-                                          hint=f"see {settings.job_hook}") from None
-            _backup_locked(config, domu, insp, local, factory, progress, freeze, out, verify)
+            check = PeerCheck(config, domu, factory)
+            try:
+                # The peers are asked from the moment the DomU is known to be eligible, unless a
+                # freeze is coming: then nothing of ours may compete with it (started after the thaw).
+                insp = inspect(config, domu, conn, local,
+                               on_eligible=check.start if freeze is None or verify else None)
+                if catalog is not None:
+                    run_id = catalog.start(kind, domu, peers, os.getpid(), log_path)
+                if not verify:
+                    hooked = True  # backup-end or backup-abort follows, even when backup-start fails
+                    try:
+                        lifecycle_hook(settings, "backup-start", local, domu=domu, peer=peers, log_path=log_path)
+                    except CommandError as e:
+                        raise DomuBackupError(f"{domu}: the backup-start hook refused the backup: {e}",
+                                              hint=f"see {settings.job_hook}") from None
+                _backup_locked(config, domu, insp, local, check, progress, freeze, out, verify)
+            finally:
+                check.close()
     except DomuBackupError as e:
         out.error = str(e)
         out.exit_code = e.exit_code
@@ -465,20 +485,30 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
 
 
 class PeerCheck(threading.Thread):
-    """Connects to the peers, checks them (read-only), maps their replicas' partitions and,
-    once the main thread has said what to mount (`mount()`, as soon as the snapshot's fstab is
-    read), mounts the replicas, all in the background, so that the ssh handshakes and the
-    peer's commands overlap with the local snapshots and mounts. Nothing is opened on a peer
-    before its check has passed; the main thread touches the peers only after `result()`."""
+    """The peers' side of a run, in the background, so that the ssh handshakes and the peers'
+    commands overlap with this host's work: connect and ask each peer's libvirt that the DomU
+    is not running there (from `start()`, as soon as the DomU is known to be eligible); once
+    `attach()` gave the inspection and the session: check the replicas (present, closed, same
+    layout), map their partitions, and, once `mount()` said what (as soon as the snapshot's
+    fstab is read), mount them. Nothing is opened on a peer before its checks have passed;
+    the main thread touches the peers only after `result()`."""
 
-    def __init__(self, config, domu, insp, factory, session):
+    def __init__(self, config, domu, factory):
         super().__init__(name=f"peer-check-{domu}", daemon=True)
-        self.config, self.domu, self.insp, self.factory = config, domu, insp, factory
-        self.session = session
+        self.config, self.domu, self.factory = config, domu, factory
+        self.insp = self.session = None
         self.runners: dict = {}
         self.error: BaseException | None = None
+        self._attached = threading.Event()
         self._mounts: tuple | None = None  # (mounts, read_only), or None: mount nothing
         self._told = threading.Event()
+
+    def attach(self, insp, session) -> None:
+        """Go on past the peers' state check: with the inspection and the session, or with
+        None (the run ends early: nothing more on the peers)."""
+        if not self._attached.is_set():
+            self.insp, self.session = insp, session
+            self._attached.set()
 
     def mount(self, mounts, read_only=False) -> None:
         """What to mount on the peers after the mapping; None: nothing (the run ends early)."""
@@ -489,9 +519,14 @@ class PeerCheck(threading.Thread):
     def run(self):
         settings = self.config.settings_for(self.domu)
         try:
-            for p in self.insp.peers:
+            for p in self.config.peers_for(self.domu):
                 self.runners[p] = self.factory(p, settings.ssh)
-                check_peer(self.config, self.domu, self.insp.facts, settings, p, self.runners[p])
+                check_peer_state(self.domu, settings, p, self.runners[p])
+            self._attached.wait()
+            if self.insp is None:
+                return
+            for p in self.insp.peers:
+                check_replicas(self.domu, self.insp.facts, p, self.runners[p])
             self.session.runners.update(self.runners)
             for p in self.insp.peers:
                 self.session.open_all(planner.map_steps(self.insp.facts, settings, p, snapshot=False))
@@ -508,9 +543,12 @@ class PeerCheck(threading.Thread):
         if not self.is_alive() and self.ident is None:
             super().start()
 
-    def join(self, timeout=None) -> None:
+    def stop(self) -> None:
+        """Let the thread finish what it is doing, and nothing more; wait for it."""
+        self.attach(None, None)
+        self.mount(None)
         if self.ident is not None:
-            super().join(timeout)
+            self.join()
 
     def result(self) -> None:
         self.start()
@@ -520,41 +558,36 @@ class PeerCheck(threading.Thread):
             raise self.error
 
     def close(self):
-        self.mount(None)
-        self.join()
+        self.stop()
         for r in self.runners.values():
             r.close()
 
 
 @contextmanager
-def peer_session(config, domu, insp, local, factory):
-    """Yield a Session whose journal is torn down on both hosts at the end. The peers are
-    checked (DomU not running there, replicas closed and matching) and their replicas mapped
-    in the background from `session.start_peers()` on, and mounted once
-    `session.mount_peers(mounts)` said what; `session.wait_peers()` returns once that is done
-    (starting it if needed), and raises when a peer refused or failed."""
+def peer_session(config, domu, insp, local, check: PeerCheck):
+    """Yield a Session whose journal is torn down on both hosts at the end, with ``check``
+    (a PeerCheck, maybe already started) attached: `session.start_peers()` starts it if it is
+    not running yet, `session.mount_peers(mounts)` says what to mount there, and
+    `session.wait_peers()` returns once the peers are checked, mapped and mounted (raises
+    when a peer refused or failed). The caller closes ``check`` after this."""
     settings = config.settings_for(domu)
     journal = Journal.create(config.state_dir, domu, ",".join(insp.peers))
     session = Session(journal, {LOCAL: local}, settings.command_timeout)
-    check = PeerCheck(config, domu, insp, factory, session)
+    check.attach(insp, session)
     session.start_peers, session.mount_peers, session.wait_peers = check.start, check.mount, check.result
     try:
         yield session
     finally:
-        check.mount(None)
-        check.join()
+        check.stop()
         session.runners.update(check.runners)
-        try:
-            journal.teardown(session.runners)  # a TeardownError is more serious than any other
-        finally:
-            check.close()
+        journal.teardown(session.runners)  # a TeardownError is more serious than any other
 
 
-def _backup_locked(config, domu, insp, local, factory, progress, freeze, out, verify=False):
+def _backup_locked(config, domu, insp, local, check, progress, freeze, out, verify=False):
     settings = config.settings_for(domu)
     check_vg_space(insp.facts, settings)
     check_no_stale(insp, settings, local, domu)
-    with peer_session(config, domu, insp, local, factory) as session:
+    with peer_session(config, domu, insp, local, check) as session:
         _open_and_transfer(session, config, domu, insp, settings, local, progress, freeze, out, verify)
 
 
@@ -642,19 +675,23 @@ def fsck_replicas(config, domu: str, conn, local, *, factory=ssh_runner) -> list
     problems = []
     with DomuLock(config.state_dir, domu):
         recover(config, domu, local, factory)
-        insp = inspect(config, domu, conn, local)
-        with peer_session(config, domu, insp, local, factory) as session:
-            session.wait_peers()  # checked, and their replicas mapped
-            for peer in insp.peers:
-                for fs in planner.mountable(insp.facts):
-                    argv = cmd.fsck_readonly(fs.fstype, planner.device_of(fs, insp.facts, settings, snapshot=False))
-                    if argv is None:
-                        continue
-                    res = session.runners[peer].run(argv, check=False, timeout=settings.command_timeout)
-                    if res.exit_code:
-                        tail = " | ".join((res.stdout + res.stderr).strip().splitlines()[-3:])
-                        problems.append(f"{peer}: {fs.name} ({fs.fstype}): `{' '.join(argv)}` exited "
-                                        f"{res.exit_code}: {tail}")
-                    else:
-                        log.info("%s: %s (%s): clean", peer, fs.name, fs.fstype)
+        check = PeerCheck(config, domu, factory)
+        try:
+            insp = inspect(config, domu, conn, local, on_eligible=check.start)
+            with peer_session(config, domu, insp, local, check) as session:
+                session.wait_peers()  # checked, and their replicas mapped
+                for peer in insp.peers:
+                    for fs in planner.mountable(insp.facts):
+                        argv = cmd.fsck_readonly(fs.fstype, planner.device_of(fs, insp.facts, settings, snapshot=False))
+                        if argv is None:
+                            continue
+                        res = session.runners[peer].run(argv, check=False, timeout=settings.command_timeout)
+                        if res.exit_code:
+                            tail = " | ".join((res.stdout + res.stderr).strip().splitlines()[-3:])
+                            problems.append(f"{peer}: {fs.name} ({fs.fstype}): `{' '.join(argv)}` exited "
+                                            f"{res.exit_code}: {tail}")
+                        else:
+                            log.info("%s: %s (%s): clean", peer, fs.name, fs.fstype)
+        finally:
+            check.close()
     return problems

@@ -85,15 +85,17 @@ def setup(tmp_path, fixtures, fail_at=None, fail_undo=None):
 
 
 def run_backup(config, local, peer, monkeypatch):
-    monkeypatch.setattr(pipeline, "inspect", lambda c, n, conn, r: _inspect(c, n, r))
+    monkeypatch.setattr(pipeline, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
     return pipeline.backup(config, "web1", None, local, factory=lambda host, ssh: peer)
 
 
-def _inspect(config, name, runner):
+def _inspect(config, name, runner, on_eligible=None):
     from domubackup.domxml import parse_domain_xml
     from domubackup.facts import list_lvs, probe_disk
     xml = (pathlib.Path(__file__).parents[2] / "fixtures/domxml/xen-pv.xml").read_text()
     _, hv, disks = parse_domain_xml(xml)
+    if on_eligible is not None:
+        on_eligible()
     lvs = list_lvs(runner, [d.source for d in disks])
     return Inspection(Domain("web1", "running", disks=disks), [probe_disk(runner, d, lvs=lvs) for d in disks],
                       [], ("dom0b",), lvs)
@@ -130,9 +132,10 @@ def test_success_opens_then_closes_in_exact_reverse(tmp_path, fixtures, monkeypa
     assert len(opens) == 12
     assert by_host(undos) == by_host([(h, UNDO[a[0]](a)) for h, a in reversed(opens)])
     assert Journal.load(tmp_path, "web1") is None
-    assert [a[-1] for h, a in opens if a[0] == "mount"] == [
-        "/mnt/domubackup/source/web1", "/mnt/domubackup/source/web1/srv", "/mnt/domubackup/source/web1/var",
-        "/mnt/domubackup/target/web1", "/mnt/domubackup/target/web1/srv", "/mnt/domubackup/target/web1/var"]
+    mounts = by_host((h, a[-1]) for h, a in opens if a[0] == "mount")  # the hosts mount at the same time
+    assert mounts == {
+        "dom0a": ["/mnt/domubackup/source/web1", "/mnt/domubackup/source/web1/srv", "/mnt/domubackup/source/web1/var"],
+        "dom0b": ["/mnt/domubackup/target/web1", "/mnt/domubackup/target/web1/srv", "/mnt/domubackup/target/web1/var"]}
 
 
 @pytest.mark.parametrize("host,k", [("dom0a", k) for k in range(1, 8)] + [("dom0b", k) for k in range(1, 6)])
@@ -256,3 +259,67 @@ def test_failing_backup_start_hook_aborts_that_domu(tmp_path, fixtures, monkeypa
                                 "`/etc/domubackup/job-hook backup-start` exited 1: maintenance window")
     assert not any(a[0] == "lvcreate" for h, a in log)
     assert log[-1] == ("dom0a", ("/etc/domubackup/job-hook", "backup-abort"))
+
+
+def wait_in(host, prog, event, seen, first_only=True, where=None):
+    """Make `host` wait (at most 5 s) for `event` before running its first `prog` command
+    (matching `where`); `seen` gets whether the event came. Sequential code would time out."""
+    real = host._execute
+
+    def execute(argv, env, input, timeout):
+        if argv[0] == prog and (where is None or where(argv)) and not (first_only and seen):
+            seen.append(event.wait(5))
+        return real(argv, env, input, timeout)
+    host._execute = execute
+
+
+def signal_on(host, prog, event, where=None):
+    real = host._execute
+
+    def execute(argv, env, input, timeout):
+        result = real(argv, env, input, timeout)
+        if argv[0] == prog and (where is None or where(argv)):
+            event.set()
+        return result
+    host._execute = execute
+
+
+def test_peer_is_asked_while_this_host_still_probes(tmp_path, fixtures, monkeypatch):
+    # The peer's libvirt is asked as soon as the DomU is known to be eligible here: this
+    # host's first disk probe can wait for it.
+    import threading
+    config, local, peer, log = setup(tmp_path, fixtures)
+    asked, seen = threading.Event(), []
+    signal_on(peer, "virsh", asked)
+    wait_in(local, "parted", asked, seen)
+    out = run_backup(config, local, peer, monkeypatch)
+    assert (out.status, seen) == ("OK", [True])
+
+
+def test_peer_mounts_while_this_host_still_mounts(tmp_path, fixtures, monkeypatch):
+    # The replica's mounts start as soon as the snapshot's fstab is read: this host's last
+    # mount can wait for the peer's last one.
+    import threading
+    config, local, peer, log = setup(tmp_path, fixtures)
+    mounted, seen = threading.Event(), []
+    signal_on(peer, "mount", mounted, where=lambda a: a[-1].endswith("/var"))
+    wait_in(local, "mount", mounted, seen, where=lambda a: a[-1].endswith("/var"))
+    out = run_backup(config, local, peer, monkeypatch)
+    assert (out.status, seen) == ("OK", [True])
+    opens, undos = opens_and_undos(log)
+    assert by_host(undos) == by_host([(h, UNDO[a[0]](a)) for h, a in reversed(opens)])
+
+
+def test_peer_unreachable_after_probes_started_leaves_nothing(tmp_path, fixtures, monkeypatch):
+    from domubackup.errors import PeerError
+    config, local, peer, log = setup(tmp_path, fixtures)
+
+    def unreachable(argv, env, input, timeout):
+        raise PeerError("cannot connect to dom0b: Connection refused")
+    peer._execute = unreachable
+    out = run_backup(config, local, peer, monkeypatch)
+    assert (out.status, out.exit_code) == ("ERROR", 1) and "cannot connect to dom0b" in out.error
+    opens, undos = opens_and_undos(log)
+    assert [h for h, a in opens] == [h for h, a in opens if h == "dom0a"]  # nothing opened on dom0b
+    assert by_host(undos) == by_host([(h, UNDO[a[0]](a)) for h, a in reversed(opens)])
+    assert Journal.load(tmp_path, "web1") is None
