@@ -1,10 +1,11 @@
 """The crash-safe close stack: ``STATE_DIR/journal/DOMU.json``.
 
 Before a step runs, its entry (argv and the undo argv: data, never code) is written as
-``pending``; after it succeeded it is marked ``done``. ``teardown`` runs the undo of every
-entry, pending or done, in reverse order, also in a later process after a crash
-(``Journal.load``). Every write is atomic: temp file in the same directory, fsync, rename,
-fsync of the directory. A reader sees the old journal or the new one, never a mix.
+``pending``; after it succeeded it is marked ``done``, on disk with the next write (the next
+step's entry): ``teardown`` runs the undo of every entry, pending or done alike, in reverse
+order, also in a later process after a crash (``Journal.load``), so the mark needs no write of
+its own. Every write is atomic: temp file in the same directory, fsync, rename, fsync of the
+directory. A reader sees the old journal or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -232,15 +233,13 @@ class Journal:
             return list(range(first, len(self.entries)))
 
     def done_many(self, indices) -> None:
+        """Mark steps done; written with the next write (undone alike after a crash)."""
         with self._lock:
             for i in indices:
                 self.entries[i].state = DONE
-            self._save()
 
     def done(self, index: int) -> None:
-        with self._lock:
-            self.entries[index].state = DONE
-            self._save()
+        self.done_many([index])
 
     def undone(self, index: int) -> None:
         """The step was closed during the run (its undo ran): teardown skips it."""

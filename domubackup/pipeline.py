@@ -292,13 +292,29 @@ def check_replicas(domu, facts, peer, runner) -> list:
     return peer_facts
 
 
+def next_poll(delay: float, before: float | None, now: float, extend_at: float,
+              base: float = 2.0, most: float = 10.0) -> float:
+    """Seconds until the next look at the snapshots, from the last two fill levels (%): twice
+    as long while the fill does not grow (at most ``most``, like LVM's own dmeventd monitor),
+    else a quarter of the time the fill needs to reach ``extend_at`` at its last rate (at
+    least ``base``)."""
+    if before is None or now <= before:
+        return min(delay * 2, most)
+    rate = (now - before) / delay
+    return max(base, min(most, (extend_at - now) / rate / 4))
+
+
 class SnapshotWatch:
-    """Polls the snapshots' fill level while the transfer runs; extends them or stops the run."""
+    """Polls the snapshots' fill level while the transfer runs (see next_poll: less often while
+    it does not grow, each poll being a process that competes with the transfer); extends them
+    or stops the run."""
 
     def __init__(self, runner, paths, settings, interval=2.0, on_abort=None):
         self.runner, self.paths, self.settings = runner, paths, settings
         self.interval, self.on_abort = interval, on_abort
         self.peak = 0.0
+        self.fill: float | None = None  # the fullest snapshot at the last look, %
+        self.extended = False  # the last look extended a snapshot
         self.problem: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -317,6 +333,7 @@ class SnapshotWatch:
         left to protect by extending."""
         res = self.runner.run(parsers.dm_snapshot_status_argv(), check=False, timeout=60)
         status = parsers.parse_dm_snapshot_status(res.stdout) if res.exit_code == 0 else {}
+        self.fill, self.extended = 0.0, False
         for path in self.paths:
             vg, name = path.split("/")[-2:]
             use = status.get(cmd.dm_name(vg, name))
@@ -324,6 +341,7 @@ class SnapshotWatch:
                 why = res.stderr.strip() or "not in `dmsetup status`"
                 return f"snapshot {path} disappeared ({why})"
             self.peak = max(self.peak, use.percent)
+            self.fill = max(self.fill, use.percent)
             if use.state != "valid" or use.percent >= 100.0:
                 return f"snapshot {path} became invalid (100% full): its copy cannot be trusted"
             if use.percent >= self.settings.snapshot_extend_at and not final:
@@ -343,12 +361,19 @@ class SnapshotWatch:
                     f"to extend it by {self.settings.snapshot_extend_by}")
         log.warning("snapshot %s is %.1f%% full: extending by %s", path, pct, self.settings.snapshot_extend_by)
         self.runner.run(cmd.lvextend(lv.vg, lv.lv, self.settings.snapshot_extend_by), timeout=120)
+        self.extended = True
         return None
 
     def _loop(self):
-        while not self._stop.wait(self.interval):
+        delay, before = self.interval, None
+        while not self._stop.wait(delay):
             try:
                 problem = self.check()
+                if self.extended:  # it grew fast enough to need more room: look again soon
+                    delay, before = self.interval, None
+                else:
+                    delay, before = next_poll(delay, before, self.fill, self.settings.snapshot_extend_at,
+                                              base=self.interval), self.fill
             except DomuBackupError as e:
                 problem = f"cannot watch the snapshots: {e}"
             if problem:

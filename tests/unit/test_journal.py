@@ -90,8 +90,10 @@ def test_begin_persists_pending_before_the_step_runs_then_done(tmp_path):
         "argv": ["lvcreate", "-s", "-n", "web1-snap", "-L", "1G", "vg0/web1"],
         "undo": ["lvremove", "-f", "vg0/web1-snap"], "note": "", "state": "pending"}]
     j.done(i)
-    assert on_disk(tmp_path)["entries"][0]["state"] == "done"
+    # no write of its own: a pending entry is undone like a done one, so the mark waits
+    assert on_disk(tmp_path)["entries"][0]["state"] == "pending"
     assert j.begin(STEPS[3]) == 1
+    assert [e["state"] for e in on_disk(tmp_path)["entries"]] == ["done", "pending"]
     assert on_disk(tmp_path)["entries"][1]["undo"] is None
 
 

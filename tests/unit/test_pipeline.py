@@ -323,3 +323,19 @@ def test_peer_unreachable_after_probes_started_leaves_nothing(tmp_path, fixtures
     assert [h for h, a in opens] == [h for h, a in opens if h == "dom0a"]  # nothing opened on dom0b
     assert by_host(undos) == by_host([(h, UNDO[a[0]](a)) for h, a in reversed(opens)])
     assert Journal.load(tmp_path, "web1") is None
+
+
+@pytest.mark.parametrize("delay,before,now,expected", [
+    (2.0, None, 1.0, 4.0),     # first look: nothing to compare, look again later
+    (4.0, 1.0, 1.0, 8.0),      # no growth: twice as long
+    (8.0, 1.0, 1.0, 10.0),     # ... at most 10 s (LVM's dmeventd looks every 10 s)
+    (10.0, 1.0, 0.5, 10.0),    # shrank (extended elsewhere): no growth
+    (2.0, 10.0, 12.0, 10.0),   # 1 %/s, 68 % to go at 80: 68 s -> a quarter is 17 -> 10
+    (2.0, 10.0, 20.0, 3.0),    # 5 %/s, 60 % to go: 12 s -> a quarter is 3
+    (2.0, 10.0, 30.0, 2.0),    # 10 %/s, 50 % to go: 5 s -> a quarter 1.25 -> at least 2
+    (4.0, 40.0, 60.0, 2.0),    # 5 %/s, 20 % to go: 4 s -> 1 -> 2
+    (4.0, 50.0, 90.0, 2.0),    # past the threshold already
+])
+def test_next_poll(delay, before, now, expected):
+    got = pipeline.next_poll(delay, before, now, 80.0)
+    assert got == pytest.approx(expected)
