@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import shlex
 import shutil
@@ -35,6 +36,8 @@ BASE_ENV = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
     "LVM_SUPPRESS_FD_WARNINGS": "1",
 }
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Seconds the remote `timeout` waits after SIGTERM before it sends SIGKILL.
 KILL_AFTER = 5
@@ -146,21 +149,24 @@ class Gated:
         read, self._write = os.pipe()
         self._read = os.fdopen(read, "rb", buffering=0)
         self.released = threading.Event()
+        self._started = threading.Event()
         self._result: Result | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(runner, list(argv), kwargs), daemon=True,
                                         name=f"gated-{os.path.basename(argv[0])}")
         self._thread.start()
+        self._started.wait()  # forked by now: nothing of it runs later but the wait and the exec
 
     def _run(self, runner, argv, kwargs):
-        runner._gate.released = self.released
+        runner._gate.released, runner._gate.started = self.released, self._started
         try:
             self._result = runner.run(["sh", "-c", GATE_SCRIPT, "domubackup-gate", *argv],
                                       input=self._read, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to wait()
             self._error = exc
         finally:
-            runner._gate.released = None
+            runner._gate.released = runner._gate.started = None
+            self._started.set()
             self._read.close()
 
     def release(self) -> None:
@@ -235,6 +241,9 @@ class LocalRunner(Runner):
                 timer.start()
 
         released = getattr(self._gate, "released", None)
+        started = getattr(self._gate, "started", None)
+        if started is not None:
+            started.set()
         if released is None:
             arm()
         else:
@@ -355,10 +364,15 @@ class SSHRunner(Runner):
 
     def remote_command(self, argv: Sequence[str], env: Mapping[str, str],
                        timeout: float) -> str:
-        """The only place where a remote command string is made."""
-        assigns = [f"{k}={v}" for k, v in env.items()]
-        return shlex.join(["env", "--", *assigns,
-                           "timeout", "-k", str(KILL_AFTER), _seconds(timeout), *argv])
+        """The only place where a remote command string is made: ``NAME=VALUE`` assignments
+        (names checked, values quoted) before ``timeout -k KILL_AFTER T ARGV...``, every word
+        quoted by ``shlex``. Assignments rather than ``env``: one exec less per command (~45 ms
+        under emulation); the peer's login shell must be a POSIX shell (bash, dash, zsh)."""
+        for name in env:
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError(f"not an environment variable name: {name!r}")
+        words = [f"{k}={shlex.quote(v)}" for k, v in env.items()]
+        return " ".join([*words, shlex.join(["timeout", "-k", str(KILL_AFTER), _seconds(timeout), *argv])])
 
     def _execute(self, argv, env, input, timeout):
         import paramiko

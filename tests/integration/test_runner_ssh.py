@@ -50,18 +50,20 @@ def test_hostile_words_arrive_unchanged_and_nothing_runs(peer, sshd):
 
 
 def test_environment_on_the_peer(peer):
-    r = peer.run(["env"], env={"EXTRA": "a b'c"})
+    r = peer.run(["env"], env={"EXTRA": "a b'c", "HOSTILE": "$(touch /tmp/x); `id` \\ \"q\" *"})
     lines = r.stdout.splitlines()
     for want in ["LC_ALL=C", "LANG=C", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-                 "LVM_SUPPRESS_FD_WARNINGS=1", "EXTRA=a b'c"]:
+                 "LVM_SUPPRESS_FD_WARNINGS=1", "EXTRA=a b'c", "HOSTILE=$(touch /tmp/x); `id` \\ \"q\" *"]:
         assert want in lines
     assert peer.run(["sh", "-c", "test -t 0 || test -t 1 && echo tty || echo notty"]).stdout == "notty\n"
 
 
 def test_remote_command_is_one_quoted_string(peer):
-    assert peer.remote_command(["ls", "a b"], {"LC_ALL": "C"}, 7) == \
-        "env -- LC_ALL=C timeout -k 5 7 ls 'a b'"
-    assert peer.remote_command(["true"], {}, 1234567.5) == "env -- timeout -k 5 1234567.5 true"
+    assert peer.remote_command(["ls", "a b"], {"LC_ALL": "C", "X": "it's $(x); y"}, 7) == \
+        "LC_ALL=C X='it'\"'\"'s $(x); y' timeout -k 5 7 ls 'a b'"
+    assert peer.remote_command(["true"], {}, 1234567.5) == "timeout -k 5 1234567.5 true"
+    with pytest.raises(ValueError):
+        peer.remote_command(["true"], {"A=B C": "x"}, 1)
 
 
 def test_exit_codes_and_stderr_come_back(peer):
