@@ -25,6 +25,9 @@ Rules:
 * Every item whose freeze was *started* is thawed exactly once, in reverse order: the failing
   hook too (it may already hold locks), and the agent after a failed ``fsFreeze`` too. A lock
   makes the watchdog's thaw and the normal thaw mutually exclusive; the first takes the items.
+* Each hook's thaw is started before its freeze through ``runner.gated`` (when the runner has
+  it) and only released at the thaw: the window pays one exec for it, and a run killed while
+  the guest is frozen thaws at once (the gate pipe closes with the process).
 * A failed freeze with ``on_failure="fail"`` raises :class:`FreezeError` after the thaw; with
   ``"continue"`` the run goes on crash-consistent and the report says so
   (``report.freeze_failed``). A watchdog timeout or a failed thaw after the snapshots always
