@@ -257,6 +257,7 @@ class _Session:
         self.lock = threading.Lock()
         self.thaw_errors: list[str] = []
         self.thawed_at: float | None = None
+        self.acted_at: float | None = None  # the last freeze/thaw action returned (before its logging)
 
     # journal
     def _begin(self, argv, undo, note) -> int | None:
@@ -296,6 +297,7 @@ class _Session:
         log.info("hook %s %s: start", script.name, phase)
         try:
             res = prepared.wait() if prepared is not None else self.runner.run(argv, **kwargs)
+            self.acted_at = time.monotonic()
             hr = HookResult(script.name, phase, res.exit_code, time.monotonic() - t0,
                             _tail(res.stdout, res.stderr))
             out = "\n".join(t for t in (res.stdout, res.stderr) if t)
@@ -361,6 +363,7 @@ class _Session:
                 n = dom.fsThaw()
             except Exception as e:  # noqa: BLE001 - libvirtError
                 raise errors.FreezeError(f"agent thaw of {self.domu} failed: {e}") from e
+            self.acted_at = time.monotonic()
             self.report.agent_thawed = n
             log.info("%s: agent thawed %d filesystem(s)", self.domu, n)
 
@@ -370,6 +373,7 @@ class _Session:
             n = dom.fsFreeze(mps or None)
         except Exception as e:  # noqa: BLE001 - libvirtError
             raise errors.FreezeError(f"agent freeze of {self.domu} failed: {e}") from e
+        self.acted_at = time.monotonic()
         self.report.agent_frozen = n
         if n == 0:
             raise errors.FreezeError(f"agent froze 0 filesystems of {self.domu}",
@@ -384,6 +388,7 @@ class _Session:
                 return False
             log.info("%s: thaw (%s): %s", self.domu, by,
                      ", ".join(it.name for it in reversed(self.stack)))
+            self.acted_at = None
             while self.stack:
                 it = self.stack.pop()
                 try:
@@ -391,7 +396,8 @@ class _Session:
                 except Exception as e:  # noqa: BLE001 - go on thawing the others
                     self.thaw_errors.append(str(e))
                     log.error("%s: %s", self.domu, e)
-            self.thawed_at = time.monotonic()
+            # thaw done: when the last thaw returned, not after its logging
+            self.thawed_at = self.acted_at or time.monotonic()
             return True
 
 
@@ -437,6 +443,21 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
             uri = domain.connect().getURI()
     sess = _Session(s, domu_name, runner, domain, uri, journal, report)
 
+    # The watchdog thread exists before the freeze (its start costs nothing in the window) and
+    # counts from the window's start (`armed`).
+    stop, armed = threading.Event(), threading.Event()
+
+    def watchdog():
+        armed.wait()
+        if not stop.is_set() and not stop.wait(s.max_window):
+            if sess.thaw_all("watchdog"):
+                report.watchdog_fired = True
+                log.error("%s: freeze window exceeded %gs: thawed by the watchdog",
+                          domu_name, s.max_window)
+
+    dog = threading.Thread(target=watchdog, name=f"freeze-watchdog-{domu_name}", daemon=True)
+    dog.start()
+
     # 1. freeze: hooks in name order, then the agent
     t_begin = time.monotonic()
     log.info("%s: freeze (%s): begin", domu_name, s.mode)
@@ -457,6 +478,9 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
         freeze_error = None
     if freeze_error is not None:
         e = freeze_error
+        stop.set()
+        armed.set()
+        dog.join()
         sess.thaw_all("freeze failed")
         report.freeze_failed = True
         report.level = "crash"
@@ -475,21 +499,9 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
         log.warning("%s", report.summary)
         yield report  # crash-consistent, nothing frozen any more
         return
-    t_frozen = time.monotonic()
+    t_frozen = sess.acted_at or time.monotonic()  # freeze done: when the last freeze returned
+    armed.set()  # 2. the window, guarded by the watchdog
     log.info("%s: freeze: end after %.3f s", domu_name, t_frozen - t_begin)
-
-    # 2. the window, guarded by the watchdog
-    stop = threading.Event()
-
-    def watchdog():
-        if not stop.wait(s.max_window):
-            if sess.thaw_all("watchdog"):
-                report.watchdog_fired = True
-                log.error("%s: freeze window exceeded %gs: thawed by the watchdog",
-                          domu_name, s.max_window)
-
-    dog = threading.Thread(target=watchdog, name=f"freeze-watchdog-{domu_name}", daemon=True)
-    dog.start()
     body_error: BaseException | None = None
     try:
         yield report
