@@ -294,7 +294,8 @@ class _Session:
     def _run_hook(self, script: pathlib.Path, phase: str, prepared=None) -> HookResult:
         argv, kwargs = self._hook_call(script, phase)
         t0 = time.monotonic()
-        log.info("hook %s %s: start", script.name, phase)
+        if phase == "freeze":  # a thaw is announced by thaw_all's one line, before the window ends
+            log.info("hook %s %s: start", script.name, phase)
         try:
             res = prepared.wait() if prepared is not None else self.runner.run(argv, **kwargs)
             self.acted_at = time.monotonic()
