@@ -55,7 +55,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from . import errors
+from . import errors, logs
 from .model import LOCAL, Step
 
 log = logging.getLogger("domubackup.freeze")
@@ -448,11 +448,15 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
     # counts from the window's start (`armed`).
     stop, armed = threading.Event(), threading.Event()
 
+    hold: list[logs.Hold] = []  # the window's log records, written after the thaw
+
     def watchdog():
         armed.wait()
         if not stop.is_set() and not stop.wait(s.max_window):
             if sess.thaw_all("watchdog"):
                 report.watchdog_fired = True
+                for h in hold:
+                    h.end()  # the main thread may hang in a snapshot command: write now
                 log.error("%s: freeze window exceeded %gs: thawed by the watchdog",
                           domu_name, s.max_window)
 
@@ -501,6 +505,7 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
         yield report  # crash-consistent, nothing frozen any more
         return
     t_frozen = sess.acted_at or time.monotonic()  # freeze done: when the last freeze returned
+    hold.append(logs.Hold())
     armed.set()  # 2. the window, guarded by the watchdog
     log.info("%s: freeze: end after %.3f s", domu_name, t_frozen - t_begin)
     body_error: BaseException | None = None
@@ -512,6 +517,7 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
         # 3. thaw at once (the watchdog may have done it already; the lock serialises both)
         stop.set()
         sess.thaw_all("end of window")
+        hold[0].end()
         dog.join()
         thawed_at = sess.thawed_at or time.monotonic()
         report.window_ms = int(round((thawed_at - t_frozen) * 1000))

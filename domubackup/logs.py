@@ -71,3 +71,35 @@ def run_log(state_dir: str, domu: str, kind: str = "backup"):
             logging.getLogger("domubackup").removeHandler(handler)
             handler.close()
         current_domu.reset(token)
+
+
+class Hold(logging.Handler):
+    """While it holds, the package's log records (from any thread) are kept in memory instead
+    of being written; ``end()`` (idempotent) puts the handlers back and writes the kept
+    records to them, in order. Used for the freeze window, which should not be spent writing
+    logs. A run killed with SIGKILL while holding loses those records (at most
+    ``freeze_max_window`` seconds of them); the journal still says what was open."""
+
+    def __init__(self, name: str = "domubackup"):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._logger = logging.getLogger(name)
+        self._handlers = self._logger.handlers[:]
+        self._released = False
+        self._logger.handlers = [self]
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def end(self) -> None:
+        # (not `release`: logging.Handler.release() unlocks the handler after each emit)
+        with self.lock:
+            if self._released:
+                return
+            self._released = True
+            self._logger.handlers = self._handlers
+            records, self.records = self.records, []
+        for record in records:
+            for h in self._handlers:
+                if record.levelno >= h.level:
+                    h.handle(record)

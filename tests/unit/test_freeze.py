@@ -553,3 +553,26 @@ def test_postgresql_example_checkpoint(fake_guest):
     r = run_example("postgresql.example", "freeze", DOMUBACKUP_PSQL_PRESENT="true",
                     DOMUBACKUP_PSQL_CMD="exit 1")
     assert r.returncode == 1
+
+
+def test_window_log_records_are_written_after_the_thaw(hookdir, eventlog):
+    import logging
+    from test_logs import ListHandler
+    make_hook(hookdir, eventlog, "10-db")
+    pkg = logging.getLogger("domubackup")
+    seen, level = ListHandler(), pkg.level
+    pkg.addHandler(seen)
+    pkg.setLevel(logging.DEBUG)
+    try:
+        def snapshot():
+            logging.getLogger("domubackup.pipeline").info("snapshot taken")
+            assert not any("snapshot taken" in line for line in seen.lines)  # held while frozen
+        report = freeze_window(FreezeSettings(mode="hooks", hook_dir=str(hookdir)), "web1", snapshot,
+                               runner=FakeRunner())
+    finally:
+        pkg.removeHandler(seen)
+        pkg.setLevel(level)
+    assert report.level == "application"
+    order = [next(i for i, line in enumerate(seen.lines) if want in line)
+             for want in ("freeze: end", "snapshot taken", "thaw (end of window)", "thaw: end; window")]
+    assert order == sorted(order)
