@@ -133,9 +133,10 @@ class Runner:
         self.close()
 
 
-# How a gated command waits: the gate pipe is its stdin; a line (release) or end-of-file (this
-# process died) lets it exec the real command in the same process.
-GATE_SCRIPT = 'read -r _ || :; exec "$@" </dev/null'
+# How a gated command waits: the gate pipe is its stdin; a line (release) lets it exec the real
+# command in the same process; end-of-file (this process died) too, with its output to
+# /dev/null (nobody reads our pipes any more: a write would kill it with SIGPIPE mid-thaw).
+GATE_SCRIPT = 'if read -r _; then exec "$@" </dev/null; fi; exec "$@" </dev/null >/dev/null 2>&1'
 
 
 class Gated:

@@ -138,13 +138,14 @@ def test_gated_command_errors_are_raised_by_wait(runner):
 
 def test_gated_commands_run_at_once_when_the_process_dies(tmp_path):
     # The dead man's switch: a run killed with SIGKILL between fork and release still runs
-    # its gated commands (a thaw), each exactly once.
+    # its gated commands (a thaw), each exactly once, to the end although they write output
+    # (nobody reads the pipes any more: without /dev/null the first write is a SIGPIPE).
     marks = [tmp_path / "one", tmp_path / "two"]
     prog = f"""
 import os, signal, time
 from domubackup.runner import LocalRunner
 r = LocalRunner()
-gates = [r.gated(["sh", "-c", "echo $$ >> " + m]) for m in {[str(m) for m in marks]!r}]
+gates = [r.gated(["sh", "-c", "echo out; echo err >&2; echo $$ >> " + m]) for m in {[str(m) for m in marks]!r}]
 time.sleep(0.5)
 print("ready", flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
