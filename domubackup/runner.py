@@ -63,6 +63,14 @@ def _not_installed(host: str, argv: tuple[str, ...]) -> CommandError:
                         hint=f"install the package that provides {argv[0]} on {host}")
 
 
+def _program(host: str, argv: tuple[str, ...], path: str) -> str:
+    """The executable argv[0] names (looked up in ``path``); CommandError 127 when there is none."""
+    program = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=path)
+    if program is None or not os.access(program, os.X_OK):
+        raise _not_installed(host, argv)
+    return program
+
+
 class Runner:
     """Runs argv lists on one host. Subclasses implement ``_execute``."""
 
@@ -203,8 +211,7 @@ class LocalRunner(Runner):
         ``release()``: what must be fast later (a thaw while a guest is frozen) pays for the
         fork now, and runs even if this process is killed in between. Raises CommandError at
         once when the program is not installed."""
-        if shutil.which(argv[0], path=BASE_ENV["PATH"]) is None:
-            raise _not_installed(self.host, tuple(argv))
+        _program(self.host, tuple(argv), BASE_ENV["PATH"])
         return Gated(self, argv, kwargs)
 
     def cancel(self) -> None:
@@ -214,9 +221,7 @@ class LocalRunner(Runner):
             kill()
 
     def _execute(self, argv, env, input, timeout):
-        program = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env["PATH"])
-        if program is None or not os.access(program, os.X_OK):
-            raise _not_installed(self.host, argv)
+        program = _program(self.host, argv, env["PATH"])
         # _close_fds=False: sh's own closing runs Python in the forked child (~20 ms a command
         # under emulation) and is not needed: every descriptor of this process is close-on-exec
         # (Python's, and libvirt's, sqlite's and paramiko's; checked with `ls /proc/self/fd`
