@@ -70,11 +70,15 @@ def virsh_domstate(uri: str, domu: str) -> tuple[str, ...]:
 
 
 def ssh_command(ssh: SSHSettings) -> tuple[str, ...]:
-    """The ssh client argv rsync uses: same identity, port and pinned known_hosts as paramiko."""
+    """The ssh client argv rsync uses: same identity, port and pinned known_hosts as paramiko;
+    keepalives so that a link that dies mid-transfer ends rsync (exit 255) within
+    ~3 x alive_interval."""
+    alive = ("-o", f"ServerAliveInterval={max(1, round(ssh.alive_interval))}", "-o", "ServerAliveCountMax=3") \
+        if ssh.alive_interval else ()
     return ("ssh", "-p", str(ssh.port), "-i", ssh.identity_file,
             "-o", f"UserKnownHostsFile={ssh.known_hosts}", "-o", "StrictHostKeyChecking=yes",
             "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-            "-o", f"ConnectTimeout={int(ssh.connect_timeout)}", "-l", ssh.user)
+            "-o", f"ConnectTimeout={int(ssh.connect_timeout)}", *alive, "-l", ssh.user)
 
 
 def rsync(source_dir: str, peer: str, target_dir: str, rs: RsyncSettings, ssh: SSHSettings, *,
@@ -85,6 +89,8 @@ def rsync(source_dir: str, peer: str, target_dir: str, rs: RsyncSettings, ssh: S
         argv.append("--compress")
     if rs.bwlimit:
         argv.append(f"--bwlimit={rs.bwlimit}")
+    if rs.io_timeout:
+        argv.append(f"--timeout={max(1, round(rs.io_timeout))}")
     if progress:
         argv.append("--info=progress2")
     argv += ["--stats", *extra, "-e", shlex.join(ssh_command(ssh))]

@@ -29,6 +29,9 @@ class SSHSettings:
     known_hosts: str = "/etc/domubackup/known_hosts"
     port: int = 22
     connect_timeout: float = 10.0
+    # A dead peer is noticed after ~3 x this (OpenSSH ServerAliveCountMax=3) when the link
+    # breaks mid-transfer, instead of TCP's ~15 min or never; 0 = off.
+    alive_interval: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class RsyncSettings:
     compress: bool = False
     bwlimit: str = ""  # rsync --bwlimit value, e.g. "50M"; empty = none
     timeout: float = 0.0  # 0 = no limit on the whole transfer
+    # rsync --timeout: both ends give up after this long without data. After a link cut the
+    # peer's rsync then ends by itself and frees the replica's mounts; 0 = off.
+    io_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,10 @@ class _Checker:
             raise self.fail(f"{prefix}snapshot_suffix", f"expected a suffix of LV name characters, got {s.snapshot_suffix!r}")
         if s.job_hook and not s.job_hook.startswith("/"):
             raise self.fail(f"{prefix}job_hook", f"expected an absolute path, got {s.job_hook!r}")
+        if s.rsync.io_timeout < 0:
+            raise self.fail(f"{prefix}rsync.io_timeout", f"expected seconds >= 0, got {s.rsync.io_timeout:g}")
+        if s.ssh.alive_interval < 0:
+            raise self.fail(f"{prefix}ssh.alive_interval", f"expected seconds >= 0, got {s.ssh.alive_interval:g}")
         if not 0 < s.ssh.port < 65536:
             raise self.fail(f"{prefix}ssh.port", f"expected a TCP port, got {s.ssh.port}")
         for host in s.peers:

@@ -47,11 +47,14 @@ class TeardownError(DomuBackupError):
     def __init__(self, message: str, failures: list[str] | None = None, *, hint: str | None = None):
         super().__init__(message, hint=hint)
         self.failures = list(failures or [])
+        self.after: str | None = None  # the error that had ended the run before its teardown
 
     def __str__(self) -> str:
         text = super().__str__()
         if self.failures:
             text += "".join(f"\n  - {f}" for f in self.failures)
+        if self.after:
+            text += f"\n  the run had failed before its teardown: {self.after}"
         return text
 
 

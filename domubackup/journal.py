@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from .errors import DomuBackupError, TeardownError
+from .errors import DomuBackupError, PeerError, TeardownError
 from .lock import state_file
 from .model import PEER, Result, Step
 
@@ -290,21 +290,33 @@ class Journal:
     def _undo_all(self, entries, runner) -> tuple[list[Result], list[tuple[int, Entry, str]]]:
         """Undo (index, entry) pairs in the given order on one host; (results, failures).
         Neighbouring `lvremove -f LV` undos run as one `lvremove -f LV LV...` (each LVM
-        command costs seconds on a busy or slow Dom0); when that fails, each runs alone."""
+        command costs seconds on a busy or slow Dom0); when that fails, each runs alone.
+        Once the host cannot be reached (PeerError), its later undos are not tried: each would
+        wait the connect timeout again; they are reported and kept like every failure."""
         results, failed = [], []
+        lost = None  # why this host cannot be reached
         for group in _groups(entries):
             if len(group) > 1 and runner is not None:
                 argv = BATCH_PREFIX + tuple(e.undo[-1] for _, e in group)
                 try:
                     result = runner.run(argv, check=False)
+                except PeerError as exc:
+                    result, lost = None, exc.message
                 except DomuBackupError:
                     result = None
                 if result is not None and result.exit_code == 0:
                     results.append(result)
                     continue
-                log.info("%s: `%s` failed: removing one by one", runner.host, shlex.join(argv))
+                if not lost:
+                    log.info("%s: `%s` failed: removing one by one", runner.host, shlex.join(argv))
             for i, entry in group:
-                why = self._undo_one(entry, runner, results)
+                if lost:
+                    why = f"{runner.host}: `{shlex.join(entry.undo)}` not run: {runner.host} unreachable"
+                else:
+                    try:
+                        why = self._undo_one(entry, runner, results)
+                    except PeerError as exc:
+                        why, lost = f"{runner.host}: `{shlex.join(entry.undo)}`: {exc.message}", exc.message
                 if why:
                     failed.append((i, entry, why))
         return results, failed
@@ -317,7 +329,9 @@ class Journal:
             return f"{entry.host}: `{cmd}` not run: no connection to {who}"
         try:
             result = runner.run(entry.undo, check=False)
-        except DomuBackupError as exc:  # CommandError (timeout, missing), PeerError
+        except PeerError:
+            raise  # _undo_all stops trying this host
+        except DomuBackupError as exc:  # CommandError (timeout, missing)
             return f"{runner.host}: `{cmd}`: {exc.message}"
         results.append(result)
         if result.exit_code == 0:

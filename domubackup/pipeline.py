@@ -72,7 +72,7 @@ from dataclasses import field
 from . import commands as cmd
 from . import parsers
 from . import plan as planner
-from .errors import CommandError, DomuBackupError, FreezeError, InspectError, PeerError, SnapshotError
+from .errors import CommandError, DomuBackupError, FreezeError, InspectError, PeerError, SnapshotError, TeardownError
 from .facts import layout_differences
 from .journal import Journal
 from .lock import DomuLock
@@ -600,12 +600,20 @@ def peer_session(config, domu, insp, local, check: PeerCheck):
     session = Session(journal, {LOCAL: local}, settings.command_timeout)
     check.attach(insp, session)
     session.start_peers, session.mount_peers, session.wait_peers = check.start, check.mount, check.result
+    failure = None
     try:
         yield session
+    except Exception as e:
+        failure = e
+        raise
     finally:
         check.stop()
         session.runners.update(check.runners)
-        journal.teardown(session.runners)  # a TeardownError is more serious than any other
+        try:
+            journal.teardown(session.runners)  # a TeardownError is more serious than any other
+        except TeardownError as e:
+            e.after = str(failure) if failure is not None else None  # ...but its cause is told too
+            raise
 
 
 def _backup_locked(config, domu, insp, local, check, progress, freeze, out, verify=False):

@@ -43,6 +43,8 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 KILL_AFTER = 5
 # Extra seconds we wait locally for the remote side to report the timeout before giving up.
 REMOTE_GRACE = 10
+# Seconds we wait for a command's input to be sent (or refused) before closing its channel.
+FEED_JOIN = 10
 
 
 def _text(data: bytes | str | None) -> str:
@@ -369,16 +371,20 @@ class SSHRunner(Runner):
             self._client = None
 
     def remote_command(self, argv: Sequence[str], env: Mapping[str, str],
-                       timeout: float) -> str:
+                       timeout: float, *, no_input: bool = False) -> str:
         """The only place where a remote command string is made: ``NAME=VALUE`` assignments
         (names checked, values quoted) before ``timeout -k KILL_AFTER T ARGV...``, every word
         quoted by ``shlex``. Assignments rather than ``env``: one exec less per command (~45 ms
-        under emulation); the peer's login shell must be a POSIX shell (bash, dash, zsh)."""
+        under emulation); the peer's login shell must be a POSIX shell (bash, dash, zsh).
+        ``no_input``: stdin is /dev/null there, so we never send an EOF of our own: paramiko can
+        send it after the CLOSE that answers sshd's (paramiko#1115), and sshd then drops the
+        whole connection ("ieof packet referred to nonexistent channel")."""
         for name in env:
             if not ENV_NAME.fullmatch(name):
                 raise ValueError(f"not an environment variable name: {name!r}")
         words = [f"{k}={shlex.quote(v)}" for k, v in env.items()]
-        return " ".join([*words, shlex.join(["timeout", "-k", str(KILL_AFTER), _seconds(timeout), *argv])])
+        line = " ".join([*words, shlex.join(["timeout", "-k", str(KILL_AFTER), _seconds(timeout), *argv])])
+        return line + " </dev/null" if no_input else line
 
     def _execute(self, argv, env, input, timeout):
         import paramiko
@@ -388,8 +394,16 @@ class SSHRunner(Runner):
         cmd = shlex.join(argv)
         start = time.monotonic()  # before the remote start: our elapsed >= the remote one
         try:
-            chan = transport.open_session(timeout=self.connect_timeout)
-            chan.exec_command(self.remote_command(argv, env, timeout))
+            try:
+                chan = transport.open_session(timeout=self.connect_timeout)
+            except paramiko.SSHException:
+                if transport.is_active():
+                    raise  # sshd refused this channel (e.g. MaxSessions): say so
+                self.close()  # the connection was dropped while idle: the command has not started
+                self.connect()
+                transport = self._client.get_transport()
+                chan = transport.open_session(timeout=self.connect_timeout)
+            chan.exec_command(self.remote_command(argv, env, timeout, no_input=input is None))
         except (paramiko.SSHException, OSError) as exc:
             self.close()
             raise PeerError(f"connection to {self._where} failed while starting `{cmd}`: {exc}") from exc
@@ -398,14 +412,17 @@ class SSHRunner(Runner):
             try:
                 if isinstance(input, (bytes, bytearray)):
                     chan.sendall(input)
-                elif input is not None:  # an iterable of chunks: streamed (seed)
+                else:  # an iterable of chunks: streamed (seed)
                     for chunk in input:
                         chan.sendall(chunk)
                 chan.shutdown_write()
             except (paramiko.SSHException, OSError):
                 pass  # the read loop below reports a dropped connection
 
-        threading.Thread(target=feed, daemon=True).start()
+        feeder = None  # no input: stdin is /dev/null there (see remote_command)
+        if input is not None:
+            feeder = threading.Thread(target=feed, daemon=True)
+            feeder.start()
         deadline = start + timeout + KILL_AFTER + REMOTE_GRACE
         out, err = [], []
         try:
@@ -429,6 +446,8 @@ class SSHRunner(Runner):
                 err.append(chan.recv_stderr(65536))
             code = chan.exit_status if chan.exit_status_ready() else -1
         finally:
+            if feeder is not None:  # its EOF goes before our CLOSE (see remote_command)
+                feeder.join(FEED_JOIN)  # it ends once all is sent, or when sshd closes the channel
             chan.close()
         if code == -1 and not transport.is_active():
             self.close()

@@ -62,6 +62,7 @@ def test_remote_command_is_one_quoted_string(peer):
     assert peer.remote_command(["ls", "a b"], {"LC_ALL": "C", "X": "it's $(x); y"}, 7) == \
         "LC_ALL=C X='it'\"'\"'s $(x); y' timeout -k 5 7 ls 'a b'"
     assert peer.remote_command(["true"], {}, 1234567.5) == "timeout -k 5 1234567.5 true"
+    assert peer.remote_command(["cat", "<x"], {}, 3, no_input=True) == "timeout -k 5 3 cat '<x' </dev/null"
     with pytest.raises(ValueError):
         peer.remote_command(["true"], {"A=B C": "x"}, 1)
 
@@ -198,3 +199,34 @@ def test_dropped_connection_is_a_peer_error_not_a_hang(sshd):
     # the next run() reconnects
     assert runner.run(["true"]).exit_code == 0
     runner.close()
+
+
+def test_a_late_eof_never_breaks_the_connection(sshd, monkeypatch):
+    """paramiko can send a channel's EOF after the CLOSE that answers sshd's (paramiko#1115); if
+    sshd has freed the channel by then it drops the whole connection ("ieof packet referred to
+    nonexistent channel") and the next command failed with "Unable to open channel" (seen in the
+    lab once commands got fast). Here every EOF sent from a thread is late, as from a thread
+    that lost the CPU, and the next command waits until it has arrived."""
+    import paramiko
+    send = paramiko.Transport._send_user_message
+
+    def late_eof(transport, message):
+        if message.asbytes()[:1] == bytes([96]) and threading.current_thread() is not threading.main_thread():
+            time.sleep(0.3)
+        send(transport, message)
+
+    monkeypatch.setattr(paramiko.Transport, "_send_user_message", late_eof)
+    with make_runner(sshd) as runner:
+        runner.run(["true"])
+        transport = runner._client.get_transport()
+        for _ in range(3):  # no input: stdin is /dev/null there, no EOF of ours
+            assert runner.run(["true"]).exit_code == 0
+            time.sleep(0.6)
+        assert runner.run(["cat"], input=b"read to the end\n").stdout == "read to the end\n"
+        time.sleep(0.6)
+        assert runner._client.get_transport() is transport and transport.is_active()
+        # input the command does not read: sshd may close first and then drop the connection;
+        # the next command opens a new one (it had not started, so it runs once)
+        runner.run(["true"], input=b"ignored\n")
+        time.sleep(0.6)
+        assert runner.run(["echo", "still here"]).stdout == "still here\n"

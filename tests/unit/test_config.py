@@ -55,6 +55,8 @@ def test_domu_section_overrides_global_and_nested_tables():
     (BASE + '[domu.web1]\npeers = ["dom0z"]\n', "/etc/db.toml: domu.web1.peers: peer 'dom0z' is not in dom0s ['dom0a', 'dom0b']"),
     (BASE + '[domu.web1]\npeers = ["dom0a"]\n', "/etc/db.toml: domu.web1.peers: peer 'dom0a' is this host itself"),
     (BASE + '[ssh]\nport = "22"\n', "/etc/db.toml: ssh.port: expected an integer, got '22'"),
+    (BASE + '[rsync]\nio_timeout = -5\n', "/etc/db.toml: rsync.io_timeout: expected seconds >= 0, got -5"),
+    (BASE + '[ssh]\nalive_interval = -1\n', "/etc/db.toml: ssh.alive_interval: expected seconds >= 0, got -1"),
     (BASE + '[rsync]\ncompress = "yes"\n', "/etc/db.toml: rsync.compress: expected true or false, got 'yes'"),
     (BASE + '[domu.web1]\nstate_dir = "/x"\n', "/etc/db.toml: domu.web1.state_dir: is a global key and cannot be set per DomU"),
     (BASE + 'consistency = "magic"\n', "/etc/db.toml: consistency: expected one of none, agent, hooks, hooks+agent, got 'magic'"),

@@ -204,6 +204,27 @@ def test_peer_error_during_undo_is_a_failure(tmp_path):
     assert e.value.failures == ["dom0b: `umount /srv/replica/web1`: cannot connect to dom0b: Connection refused"]
 
 
+
+def test_unreachable_peer_is_tried_once_its_other_undos_reported_and_kept(tmp_path):
+    """A connect timeout per undo would make a dead peer's teardown last N x connect_timeout;
+    a command that fails there (CommandError) does not stop the others."""
+    j = Journal.create(tmp_path, "web1", "dom0b")
+    peer_steps = [Step("map", PEER, ("kpartx", "-a", "/dev/vg0/web1"), ("kpartx", "-d", "/dev/vg0/web1")),
+                  Step("mount", PEER, ("mount", "/dev/mapper/vg0-web1p1", "/t"), ("umount", "/t")),
+                  Step("mount", PEER, ("mount", "/dev/mapper/vg0-web1p5", "/t/var"), ("umount", "/t/var"))]
+    for step in STEPS[:3] + peer_steps:
+        j.done(j.begin(step))
+    rs, calls = runners({("umount", "/t/var"): CommandError("dom0b", ("umount", "/t/var"), 32, "target is busy"),
+                         ("umount", "/t"): PeerError("connection to dom0b timed out after 10s")})
+    with pytest.raises(TeardownError) as e:
+        j.teardown(rs)
+    assert per_host(calls)[PEER] == [("umount", "/t/var"), ("umount", "/t")]  # not kpartx -d
+    assert len(per_host(calls)[LOCAL]) == 3
+    assert e.value.failures == ["dom0b: `umount /t/var`: on dom0b: `umount /t/var` exited 32: target is busy",
+                                "dom0b: `umount /t`: connection to dom0b timed out after 10s",
+                                "dom0b: `kpartx -d /dev/vg0/web1` not run: dom0b unreachable"]
+    assert [x["undo"][0] for x in on_disk(tmp_path)["entries"]] == ["kpartx", "umount", "umount"]
+
 def test_atomic_write_leaves_old_content_when_the_write_fails(tmp_path, monkeypatch):
     j = Journal.create(tmp_path, "web1", "dom0b")
     j.done(j.begin(STEPS[0]))

@@ -167,6 +167,16 @@ def test_failing_undo_keeps_journal_and_runs_the_rest(tmp_path, fixtures, monkey
     assert [e.undo for e in j.entries] == [busy]
 
 
+
+def test_teardown_failure_after_a_failed_run_tells_both(tmp_path, fixtures, monkeypatch):
+    busy = ("umount", "--", "/mnt/domubackup/source/web1/var")
+    config, local, peer, log = setup(tmp_path, fixtures, fail_at=("dom0b", 5), fail_undo=busy)
+    out = run_backup(config, local, peer, monkeypatch)
+    assert (out.status, out.exit_code) == ("ERROR", 4)  # something is left: the more serious one
+    first, *rest = out.error.splitlines()
+    assert first.startswith("teardown of web1: 1 undo step(s) failed")
+    assert rest[-1].startswith("  the run had failed before its teardown: ") and "injected failure" in rest[-1]
+
 def test_peer_running_refused_before_anything_opens_there(tmp_path, fixtures, monkeypatch):
     # The peer is checked while the local snapshots are taken; nothing is opened on the peer
     # before its check has passed, and what was opened here is closed again.

@@ -1,5 +1,6 @@
 import pytest
 
+from domubackup import commands
 from domubackup.config import parse_config
 from domubackup.errors import InspectError
 from domubackup.model import (LOCAL, Disk, DiskFacts, Filesystem, FstabEntry, LogicalVolume, Mount,
@@ -38,7 +39,8 @@ def settings(extra=""):
 
 MOUNTS = '[domu.web1]\nmounts = { xvdb = "/srv", xvda5 = "/var", xvda1 = "/" }\n'
 SSH_E = ("ssh -p 22 -i /root/.ssh/id_ed25519 -o UserKnownHostsFile=/etc/domubackup/known_hosts "
-         "-o StrictHostKeyChecking=yes -o BatchMode=yes -o IdentitiesOnly=yes -o ConnectTimeout=10 -l root")
+         "-o StrictHostKeyChecking=yes -o BatchMode=yes -o IdentitiesOnly=yes -o ConnectTimeout=10 "
+         "-o ServerAliveInterval=15 -o ServerAliveCountMax=3 -l root")
 EXPECTED = [
     ("snapshot", "local", "lvcreate --snapshot --size 256M --name web1-disk-snap /dev/vg0/web1-disk",
      "lvremove -f /dev/vg0/web1-disk-snap"),
@@ -60,7 +62,7 @@ EXPECTED = [
      "/mnt/domubackup/target/web1/srv", "umount -- /mnt/domubackup/target/web1/srv"),
     ("peer-mount", "dom0b", "mount -t xfs -o rw,nodev,nosuid,noexec -- /dev/mapper/vg0-web1--diskp5 "
      "/mnt/domubackup/target/web1/var", "umount -- /mnt/domubackup/target/web1/var"),
-    ("transfer", "local", f"rsync -aHAX --numeric-ids --delete --stats -e '{SSH_E}' "
+    ("transfer", "local", f"rsync -aHAX --numeric-ids --delete --timeout=300 --stats -e '{SSH_E}' "
      "/mnt/domubackup/source/web1/ dom0b:/mnt/domubackup/target/web1/", None),
 ]
 
@@ -143,9 +145,26 @@ def test_peers_get_one_rsync_each_and_bwlimit():
     assert "--compress" in rsyncs[0] and "--bwlimit=10M" in rsyncs[0]
 
 
+@pytest.mark.parametrize("value, expected", [("io_timeout = 0\n", []), ("io_timeout = 45.0\n", ["--timeout=45"])])
+def test_rsync_io_timeout(value, expected):
+    c = settings("[rsync]\n" + value)
+    plan = plan_backup("web1", web1_facts(), c.settings_for("web1"), c.peers_for("web1"))
+    assert [w for s in plan.steps if s.phase == "transfer" for w in s.argv if w.startswith("--timeout")] == expected
+
+
 def test_hostile_names_stay_single_argv_words():
     facts = web1_facts()
     c = settings("source_prefix = \"/mnt/a b/$(reboot)\"\n" + MOUNTS)
     plan = plan_backup("web1", facts, c.settings_for("web1"), ("dom0b",))
     mkdir = next(s for s in plan.steps if s.argv[0] == "mkdir")
     assert mkdir.argv == ("mkdir", "-p", "--", "/mnt/a b/$(reboot)/web1")
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("alive_interval = 0\n", []),
+    ("alive_interval = 0.4\n", ["ServerAliveInterval=1", "ServerAliveCountMax=3"]),
+    ("alive_interval = 5.0\n", ["ServerAliveInterval=5", "ServerAliveCountMax=3"]),
+])
+def test_rsync_ssh_keepalive_follows_alive_interval(value, expected):
+    argv = commands.ssh_command(settings("[ssh]\n" + value).settings_for("web1").ssh)
+    assert [argv[i + 1] for i, w in enumerate(argv) if w == "-o" and "ServerAlive" in argv[i + 1]] == expected
