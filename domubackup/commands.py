@@ -69,11 +69,16 @@ def virsh_domstate(uri: str, domu: str) -> tuple[str, ...]:
     return ("virsh", "-c", uri, "domstate", domu)
 
 
+def _whole_seconds(seconds: float) -> int:
+    """For options that take whole seconds, where 0 would mean "off": at least 1."""
+    return max(1, round(seconds))
+
+
 def ssh_command(ssh: SSHSettings) -> tuple[str, ...]:
     """The ssh client argv rsync uses: same identity, port and pinned known_hosts as paramiko;
     keepalives so that a link that dies mid-transfer ends rsync (exit 255) within
     ~3 x alive_interval."""
-    alive = ("-o", f"ServerAliveInterval={max(1, round(ssh.alive_interval))}", "-o", "ServerAliveCountMax=3") \
+    alive = ("-o", f"ServerAliveInterval={_whole_seconds(ssh.alive_interval)}", "-o", "ServerAliveCountMax=3") \
         if ssh.alive_interval else ()
     return ("ssh", "-p", str(ssh.port), "-i", ssh.identity_file,
             "-o", f"UserKnownHostsFile={ssh.known_hosts}", "-o", "StrictHostKeyChecking=yes",
@@ -90,7 +95,7 @@ def rsync(source_dir: str, peer: str, target_dir: str, rs: RsyncSettings, ssh: S
     if rs.bwlimit:
         argv.append(f"--bwlimit={rs.bwlimit}")
     if rs.io_timeout:
-        argv.append(f"--timeout={max(1, round(rs.io_timeout))}")
+        argv.append(f"--timeout={_whole_seconds(rs.io_timeout)}")
     if progress:
         argv.append("--info=progress2")
     argv += ["--stats", *extra, "-e", shlex.join(ssh_command(ssh))]

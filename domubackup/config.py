@@ -198,10 +198,9 @@ class _Checker:
             raise self.fail(f"{prefix}snapshot_suffix", f"expected a suffix of LV name characters, got {s.snapshot_suffix!r}")
         if s.job_hook and not s.job_hook.startswith("/"):
             raise self.fail(f"{prefix}job_hook", f"expected an absolute path, got {s.job_hook!r}")
-        if s.rsync.io_timeout < 0:
-            raise self.fail(f"{prefix}rsync.io_timeout", f"expected seconds >= 0, got {s.rsync.io_timeout:g}")
-        if s.ssh.alive_interval < 0:
-            raise self.fail(f"{prefix}ssh.alive_interval", f"expected seconds >= 0, got {s.ssh.alive_interval:g}")
+        for key, value in (("rsync.io_timeout", s.rsync.io_timeout), ("ssh.alive_interval", s.ssh.alive_interval)):
+            if value < 0:
+                raise self.fail(f"{prefix}{key}", f"expected seconds >= 0, got {value:g}")
         if not 0 < s.ssh.port < 65536:
             raise self.fail(f"{prefix}ssh.port", f"expected a TCP port, got {s.ssh.port}")
         for host in s.peers:

@@ -294,21 +294,18 @@ class Journal:
         Once the host cannot be reached (PeerError), its later undos are not tried: each would
         wait the connect timeout again; they are reported and kept like every failure."""
         results, failed = [], []
-        lost = None  # why this host cannot be reached
+        lost = False  # this host cannot be reached
         for group in _groups(entries):
             if len(group) > 1 and runner is not None:
                 argv = BATCH_PREFIX + tuple(e.undo[-1] for _, e in group)
                 try:
                     result = runner.run(argv, check=False)
-                except PeerError as exc:
-                    result, lost = None, exc.message
                 except DomuBackupError:
                     result = None
                 if result is not None and result.exit_code == 0:
                     results.append(result)
                     continue
-                if not lost:
-                    log.info("%s: `%s` failed: removing one by one", runner.host, shlex.join(argv))
+                log.info("%s: `%s` failed: removing one by one", runner.host, shlex.join(argv))
             for i, entry in group:
                 if lost:
                     why = f"{runner.host}: `{shlex.join(entry.undo)}` not run: {runner.host} unreachable"
@@ -316,7 +313,7 @@ class Journal:
                     try:
                         why = self._undo_one(entry, runner, results)
                     except PeerError as exc:
-                        why, lost = f"{runner.host}: `{shlex.join(entry.undo)}`: {exc.message}", exc.message
+                        why, lost = f"{runner.host}: `{shlex.join(entry.undo)}`: {exc.message}", True
                 if why:
                     failed.append((i, entry, why))
         return results, failed
