@@ -5,7 +5,10 @@ Before a step runs, its entry (argv and the undo argv: data, never code) is writ
 step's entry): ``teardown`` runs the undo of every entry, pending or done alike, in reverse
 order, also in a later process after a crash (``Journal.load``), so the mark needs no write of
 its own. Every write is atomic: temp file in the same directory, fsync, rename, fsync of the
-directory. A reader sees the old journal or the new one, never a mix.
+directory. A reader sees the old journal or the new one, never a mix. A process killed in the
+middle of a write leaves its temp file (``.DOMU.json.XXXX.tmp``) beside the old journal; the
+old one is the truth (a step runs only after the write of its entry returned), so the next run
+or ``cleanup`` removes such temp files under the DomU's lock (``Journal.sweep``).
 """
 
 from __future__ import annotations
@@ -135,12 +138,15 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _temp_prefix(path: str) -> str:
+    return "." + os.path.basename(path) + "."
+
+
 def atomic_write(path: str, text: str, mode: int | None = None) -> None:
     """Replace ``path`` with ``text``: temp file in the same dir, fsync, rename, fsync dir.
     ``mode``: the file's permissions (default: mkstemp's 0600)."""
     directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -202,13 +208,37 @@ class Journal:
 
     @staticmethod
     def domus(state_dir) -> list[str]:
-        """Names of the DomUs that have a journal (runs that did not finish their teardown)."""
+        """Names of the DomUs that have a journal (runs that did not finish their teardown),
+        or only the temp file of a write that a killed run left (see ``sweep``)."""
         directory = os.path.join(os.fspath(state_dir), "journal")
         try:
             names = os.listdir(directory)
         except FileNotFoundError:
             return []
-        return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
+        found = set()
+        for n in names:
+            if n.endswith(".json") and not n.startswith("."):
+                found.add(n[:-5])
+            elif n.startswith(".") and n.endswith(".tmp") and ".json." in n:
+                found.add(n[1:].rsplit(".json.", 1)[0])
+        return sorted(found)
+
+    @staticmethod
+    def sweep(state_dir, domu: str) -> list[str]:
+        """Remove the temp files of journal writes that a killed run left; returns their paths.
+        Only under the DomU's lock: then no live process is writing one."""
+        path = state_file(state_dir, "journal", domu, "json")
+        directory, prefix = os.path.dirname(path), _temp_prefix(path)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        removed = []
+        for n in sorted(names):
+            if n.startswith(prefix) and n.endswith(".tmp") and "." not in n[len(prefix):-4]:
+                os.unlink(os.path.join(directory, n))
+                removed.append(os.path.join(directory, n))
+        return removed
 
     def _save(self) -> None:
         with self._lock:

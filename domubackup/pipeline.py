@@ -204,6 +204,8 @@ def ssh_runner(host, ssh):
 
 def recover(config, domu: str, local, factory=ssh_runner) -> list[str]:
     """Finish the teardown of a journal left by a dead run (the caller holds the lock)."""
+    for tmp in Journal.sweep(config.state_dir, domu):
+        log.warning("%s: removed %s, a journal write that a killed run left unfinished", domu, tmp)
     journal = Journal.load(config.state_dir, domu)
     if journal is None:
         return []

@@ -242,6 +242,37 @@ def test_atomic_write_leaves_old_content_when_the_write_fails(tmp_path, monkeypa
     assert len(json.loads(before)["entries"]) == 1
 
 
+def killed_mid_write(tmp_path, domu="web1"):
+    """What a kill -9 inside atomic_write leaves: the temp file beside the journal."""
+    path = tmp_path / "journal" / f".{domu}.json.k1ll_9x.tmp"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text('{"domu": "' + domu + '", "entries": [')  # cut short
+    return path
+
+
+def test_a_write_cut_by_a_kill_is_listed_and_swept_without_touching_the_journal(tmp_path):
+    j = Journal.create(tmp_path, "web1", "dom0b")
+    j.done(j.begin(STEPS[0]))
+    before = (tmp_path / "journal" / "web1.json").read_bytes()
+    tmp = killed_mid_write(tmp_path)
+    other = killed_mid_write(tmp_path, "web1.json.x")  # another DomU whose name starts alike
+    assert Journal.domus(tmp_path) == ["web1", "web1.json.x"]
+    assert Journal.sweep(tmp_path, "web1") == [str(tmp)]
+    assert sorted(os.listdir(tmp_path / "journal")) == [other.name, "web1.json"]
+    assert (tmp_path / "journal" / "web1.json").read_bytes() == before
+    assert [e.argv for e in Journal.load(tmp_path, "web1").entries] == [STEPS[0].argv]
+    assert Journal.sweep(tmp_path, "web1") == []
+
+
+def test_a_temp_file_alone_still_names_its_domu(tmp_path):
+    # killed during the very first write (Journal.create): no journal, only its temp file
+    killed_mid_write(tmp_path)
+    assert Journal.domus(tmp_path) == ["web1"]
+    assert Journal.load(tmp_path, "web1") is None
+    Journal.sweep(tmp_path, "web1")
+    assert Journal.domus(tmp_path) == [] and os.listdir(tmp_path / "journal") == []
+
+
 def test_unreadable_journal_is_reported(tmp_path):
     (tmp_path / "journal").mkdir()
     (tmp_path / "journal" / "web1.json").write_text("{trunc")

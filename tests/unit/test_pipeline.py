@@ -2,6 +2,8 @@
 refusals before anything is opened. The real thing runs in the lab (tests/e2e)."""
 
 
+import os
+
 import pytest
 
 from domubackup import parsers, pipeline
@@ -176,6 +178,17 @@ def test_teardown_failure_after_a_failed_run_tells_both(tmp_path, fixtures, monk
     first, *rest = out.error.splitlines()
     assert first.startswith("teardown of web1: 1 undo step(s) failed")
     assert rest[-1].startswith("  the run had failed before its teardown: ") and "injected failure" in rest[-1]
+
+def test_the_next_run_sweeps_a_journal_write_cut_by_a_kill(tmp_path, fixtures, monkeypatch, caplog):
+    config, local, peer, log = setup(tmp_path, fixtures)
+    stale = tmp_path / "journal" / ".web1.json.k1ll_9x.tmp"
+    stale.parent.mkdir()
+    stale.write_text('{"domu": "web1", "entries": [')
+    out = run_backup(config, local, peer, monkeypatch)
+    assert (out.status, out.exit_code) == ("OK", 0), out.error
+    assert os.listdir(tmp_path / "journal") == []
+    assert f"web1: removed {stale}, a journal write that a killed run left unfinished" in caplog.text
+
 
 def test_peer_running_refused_before_anything_opens_there(tmp_path, fixtures, monkeypatch):
     # The peer is checked while the local snapshots are taken; nothing is opened on the peer
