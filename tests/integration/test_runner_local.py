@@ -157,3 +157,32 @@ os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(0.05)
     time.sleep(0.2)
     assert [len(m.read_text().split()) for m in marks] == [1, 1]
+
+
+@pytest.mark.parametrize("where", ["main thread", "other thread"])
+def test_a_command_ends_when_the_run_is_killed(where):
+    # kill -9 of a run must not leave its rsync (or mount) running in its own session: it
+    # would hold the snapshot's mounts busy and `cleanup` would fail on every umount.
+    tag = "31.41603" if where == "main thread" else "31.41604"
+    prog = f"""
+import threading
+from domubackup.runner import LocalRunner
+run = lambda: LocalRunner().run(["sleep", "{tag}"])
+if {where == "other thread"!r}:
+    t = threading.Thread(target=run); t.start(); t.join()
+else:
+    run()
+"""
+    p = subprocess.Popen([sys.executable, "-c", prog])
+    try:
+        deadline = time.monotonic() + 10
+        while not pgrep(f"sleep {tag}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pgrep(f"sleep {tag}"), "the command never started"
+    finally:
+        p.kill()
+        p.wait()
+    deadline = time.monotonic() + 5
+    while pgrep(f"sleep {tag}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pgrep(f"sleep {tag}") == []
