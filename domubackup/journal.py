@@ -138,15 +138,20 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _temp_prefix(path: str) -> str:
-    return "." + os.path.basename(path) + "."
+def temp_of(name: str) -> str | None:
+    """The file that a temp file of ``atomic_write`` was to replace, from its name
+    (``.web1.json.k2x9_a0b.tmp`` -> ``web1.json``); None for any other name."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    target, _, random = name[1:-4].rpartition(".")
+    return target if target and random else None
 
 
 def atomic_write(path: str, text: str, mode: int | None = None) -> None:
     """Replace ``path`` with ``text``: temp file in the same dir, fsync, rename, fsync dir.
     ``mode``: the file's permissions (default: mkstemp's 0600)."""
     directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(path), suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -215,29 +220,21 @@ class Journal:
             names = os.listdir(directory)
         except FileNotFoundError:
             return []
-        found = set()
-        for n in names:
-            if n.endswith(".json") and not n.startswith("."):
-                found.add(n[:-5])
-            elif n.startswith(".") and n.endswith(".tmp") and ".json." in n:
-                found.add(n[1:].rsplit(".json.", 1)[0])
-        return sorted(found)
+        found = {temp_of(n) or n for n in names}
+        return sorted(n[:-5] for n in found if n.endswith(".json") and not n.startswith("."))
 
     @staticmethod
     def sweep(state_dir, domu: str) -> list[str]:
         """Remove the temp files of journal writes that a killed run left; returns their paths.
         Only under the DomU's lock: then no live process is writing one."""
-        path = state_file(state_dir, "journal", domu, "json")
-        directory, prefix = os.path.dirname(path), _temp_prefix(path)
+        directory, journal = os.path.split(state_file(state_dir, "journal", domu, "json"))
         try:
             names = os.listdir(directory)
         except FileNotFoundError:
             return []
-        removed = []
-        for n in sorted(names):
-            if n.startswith(prefix) and n.endswith(".tmp") and "." not in n[len(prefix):-4]:
-                os.unlink(os.path.join(directory, n))
-                removed.append(os.path.join(directory, n))
+        removed = [os.path.join(directory, n) for n in sorted(names) if temp_of(n) == journal]
+        for path in removed:
+            os.unlink(path)
         return removed
 
     def _save(self) -> None:
