@@ -138,7 +138,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def temp_of(name: str) -> str | None:
+def _temp_of(name: str) -> str | None:
     """The file that a temp file of ``atomic_write`` was to replace, from its name
     (``.web1.json.k2x9_a0b.tmp`` -> ``web1.json``); None for any other name."""
     if not (name.startswith(".") and name.endswith(".tmp")):
@@ -151,7 +151,8 @@ def atomic_write(path: str, text: str, mode: int | None = None) -> None:
     """Replace ``path`` with ``text``: temp file in the same dir, fsync, rename, fsync dir.
     ``mode``: the file's permissions (default: mkstemp's 0600)."""
     directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
+                               suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -220,7 +221,7 @@ class Journal:
             names = os.listdir(directory)
         except FileNotFoundError:
             return []
-        found = {temp_of(n) or n for n in names}
+        found = {_temp_of(n) or n for n in names}
         return sorted(n[:-5] for n in found if n.endswith(".json") and not n.startswith("."))
 
     @staticmethod
@@ -232,7 +233,7 @@ class Journal:
             names = os.listdir(directory)
         except FileNotFoundError:
             return []
-        removed = [os.path.join(directory, n) for n in sorted(names) if temp_of(n) == journal]
+        removed = [os.path.join(directory, n) for n in sorted(names) if _temp_of(n) == journal]
         for path in removed:
             os.unlink(path)
         return removed
