@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -33,6 +34,12 @@ class Interrupted(DomuBackupError):
 
 def _on_signal(signum, frame):
     raise Interrupted(f"stopped by signal {signal.Signals(signum).name}; closing everything that was opened")
+
+
+def say(text: str, file=None) -> None:
+    """Print one message (stdout by default) with its control characters escaped: messages
+    carry strings from the guest's disks (labels, fstab, mount points)."""
+    print(logs.printable(text), file=file or sys.stdout)
 
 
 def worst(codes) -> int:
@@ -73,6 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None, *, local_runner=None, hostname=None) -> int:
+    # Journals, run logs, the catalog and their directories: root's only (0600 / 0700), from
+    # whichever part of the tool creates them. Restored on return (tests call main in-process).
+    umask = os.umask(0o077)
+    try:
+        return _main(argv, local_runner=local_runner, hostname=hostname)
+    finally:
+        os.umask(umask)
+
+
+def private_dir(path: str) -> None:
+    """Tighten an existing directory to 0700 (state_dir: the umask makes a new one 0700)."""
+    try:
+        mode = os.stat(path).st_mode
+        if mode & 0o077:
+            os.chmod(path, 0o700)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise DomuBackupError(f"state_dir {path}: cannot make it private (0700): {e.strerror or e}") from None
+
+
+def _main(argv, *, local_runner, hostname) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -85,7 +114,11 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _on_signal)
     try:
+        for name in (getattr(args, "domu", None), *getattr(args, "domus", ())):  # named on the command line
+            if name is not None:
+                cfg.check_domu_name(name, UsageError)
         config = cfg.load_config(cfg.config_path(args.config), hostname=hostname)
+        private_dir(config.state_dir)
         runner = local_runner or _local_runner(config)
         command = {"plan": cmd_plan, "run": cmd_run, "cleanup": cmd_cleanup, "seed": cmd_seed,
                    "verify": cmd_verify, "check": cmd_check, "history": cmd_history}.get(args.command)
@@ -93,10 +126,10 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
             raise UsageError(f"unknown command {args.command}")
         return command(config, args, runner)
     except KeyboardInterrupt:
-        print("domubackup: interrupted", file=sys.stderr)
+        say("domubackup: interrupted", file=sys.stderr)
         return 130
     except DomuBackupError as e:
-        print(f"domubackup: error: {e}", file=sys.stderr)
+        say(f"domubackup: error: {e}", file=sys.stderr)
         return e.exit_code
 
 
@@ -113,9 +146,9 @@ def cmd_plan(config, args, runner) -> int:
     finally:
         conn.close()
     if args.json:
-        print(json.dumps(plan.to_json(), indent=2))
+        say(json.dumps(plan.to_json(), indent=2))
     else:
-        print(describe(plan))
+        say(describe(plan))
     return EXIT_OK
 
 
@@ -138,18 +171,18 @@ def cmd_run(config, args, runner) -> int:
             try:
                 plan = pipeline.make_plan(config, pipeline.inspect(config, name, conn, runner))
             except DomuBackupError as e:
-                print(f"domubackup: {e}", file=sys.stderr)
+                say(f"domubackup: {e}", file=sys.stderr)
                 codes.append(e.exit_code)
                 continue
             codes.append(EXIT_OK)
             if args.json:
                 out.append({"domu": name, "steps": plan.to_json()})
             else:
-                print(describe(plan))
+                say(describe(plan))
     finally:
         conn.close()
     if args.json:
-        print(json.dumps(out, indent=2))
+        say(json.dumps(out, indent=2))
     return worst(codes)
 
 
@@ -177,9 +210,9 @@ def run_backups(config, args, runner) -> int:
                 log.info("%s", outcome.summary())
             outcomes.append(outcome)
             if outcome.undone:
-                print(f"domubackup: {name}: undid what a dead run left: " + "; ".join(outcome.undone), file=sys.stderr)
+                say(f"domubackup: {name}: undid what a dead run left: " + "; ".join(outcome.undone), file=sys.stderr)
             if outcome.not_here and args.domus:  # named by hand: say why nothing happened
-                print(f"domubackup: {outcome.error}", file=sys.stderr)
+                say(f"domubackup: {outcome.error}", file=sys.stderr)
             if outcome.exit_code == Interrupted.exit_code:
                 break  # a signal: everything of this DomU is closed; do not start the next one
         failed = [o.domu for o in outcomes if o.exit_code]
@@ -195,7 +228,7 @@ def run_backups(config, args, runner) -> int:
         conn.close()
         catalog.close()
     if not outcomes:
-        print("domubackup: no DomU to back up (none named, none configured)", file=sys.stderr)
+        say("domubackup: no DomU to back up (none named, none configured)", file=sys.stderr)
         return EXIT_NOT_ELIGIBLE
     if not args.domus:
         # The nightly run on every Dom0: a DomU that runs elsewhere is another Dom0's job.
@@ -206,7 +239,7 @@ def run_backups(config, args, runner) -> int:
     code = worst(o.exit_code for o in outcomes)
     if code or args.verbose:
         for o in outcomes:
-            print(o.summary())
+            say(o.summary())
     return code
 
 
@@ -215,9 +248,9 @@ def cmd_check(config, args, runner) -> int:
 
     checks = run_checks(config, args.domus or list(config.domus), runner)
     for c in checks:
-        print(c.line())
+        say(c.line())
     failed = sum(not c.ok for c in checks)
-    print(f"check: {len(checks) - failed} OK, {failed} to fix")
+    say(f"check: {len(checks) - failed} OK, {failed} to fix")
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -232,7 +265,7 @@ def cmd_verify(config, args, runner) -> int:
         conn.close()
         catalog.close()
     for d in out.differences:
-        print(f"{name}: differs: {d}")
+        say(f"{name}: differs: {d}")
     if args.fsck and out.status in ("OK", "ERROR"):
         conn = virt.connect(config.settings_for(name).libvirt_uri)
         try:
@@ -240,21 +273,19 @@ def cmd_verify(config, args, runner) -> int:
         finally:
             conn.close()
         for p in problems:
-            print(f"{name}: fsck: {p}")
+            say(f"{name}: fsck: {p}")
         if problems:
-            print(f"domubackup: {name}: the replica's filesystems have errors", file=sys.stderr)
+            say(f"domubackup: {name}: the replica's filesystems have errors", file=sys.stderr)
             return max(out.exit_code, EXIT_FAILED)
-        print(f"{name}: fsck OK: every replica filesystem is clean")
+        say(f"{name}: fsck OK: every replica filesystem is clean")
     if out.exit_code:
-        print(f"{name}: verify {out.status} ({len(out.differences)} difference(s))")
+        say(f"{name}: verify {out.status} ({len(out.differences)} difference(s))")
     else:
-        print(f"{name}: verify OK: the replica matches the snapshot ({out.stats.files} files compared by checksum)")
+        say(f"{name}: verify OK: the replica matches the snapshot ({out.stats.files} files compared by checksum)")
     return out.exit_code
 
 
 def cmd_seed(config, args, runner) -> int:
-    import os
-
     from .lock import DomuLock
     from .seed import seed
 
@@ -281,7 +312,7 @@ def cmd_seed(config, args, runner) -> int:
         conn.close()
         catalog.close()
     for line in lines:
-        print(f"{name}: {line}")
+        say(f"{name}: {line}")
     return EXIT_OK
 
 
@@ -302,9 +333,9 @@ def cmd_history(config, args, runner=None) -> int:
     finally:
         catalog.close()
     if args.json:
-        print(json.dumps(history_json(rows), indent=2))
+        say(json.dumps(history_json(rows), indent=2))
     else:
-        print(format_history(rows))
+        say(format_history(rows))
     return EXIT_OK
 
 
@@ -319,18 +350,18 @@ def cmd_cleanup(config, args, runner) -> int:
             with DomuLock(config.state_dir, name):
                 undone = pipeline.recover(config, name, runner)
         except DomuBackupError as e:
-            print(f"domubackup: {name}: {e}", file=sys.stderr)
+            say(f"domubackup: {name}: {e}", file=sys.stderr)
             codes.append(e.exit_code)
             continue
         codes.append(EXIT_OK)
         if undone:
-            print(f"{name}: undid {len(undone)} step(s):")
+            say(f"{name}: undid {len(undone)} step(s):")
             for u in undone:
-                print(f"  {u}")
+                say(f"  {u}")
         else:
-            print(f"{name}: nothing to clean up")
+            say(f"{name}: nothing to clean up")
     if not names:
-        print("nothing to clean up")
+        say("nothing to clean up")
     return worst(codes)
 
 

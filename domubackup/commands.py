@@ -41,12 +41,36 @@ def kpartx_add(dev: str, sep: str) -> tuple[str, ...]:
     return ("kpartx", "-a", "-s", "-p", sep, dev)
 
 
+def kpartx_list(dev: str, sep: str) -> tuple[str, ...]:
+    """What `kpartx_add` would map, without mapping it (parsers.parse_kpartx_list)."""
+    return ("kpartx", "-l", "-p", sep, dev)
+
+
 def kpartx_delete(dev: str, sep: str) -> tuple[str, ...]:
     return ("kpartx", "-d", "-p", sep, dev)
 
 
 def mount(dev: str, target: str, fstype: str, options: tuple[str, ...]) -> tuple[str, ...]:
     return ("mount", "-t", fstype, "-o", ",".join(options), "--", dev, target)
+
+
+# The helpers of safepath (the `domubackup` program on the host that runs them): PATH is a
+# path inside TREE that the guest controls, resolved there without following any symlink.
+HELPER = "domubackup"
+
+
+def mount_in(tree: str, path: str, dev: str, fstype: str, options: tuple[str, ...], *,
+             mkdir: bool = False) -> tuple[str, ...]:
+    return (HELPER, "mount-in", *(("--mkdir",) if mkdir else ()), "--", tree, path, dev, fstype,
+            ",".join(options))
+
+
+def umount_in(tree: str, path: str, dev: str) -> tuple[str, ...]:
+    return (HELPER, "umount-in", "--", tree, path, dev)
+
+
+def read_in(tree: str, path: str) -> tuple[str, ...]:
+    return (HELPER, "read-in", "--", tree, path)
 
 
 def umount(target: str) -> tuple[str, ...]:
@@ -61,12 +85,8 @@ def rmdir(path: str) -> tuple[str, ...]:
     return ("rmdir", "--", path)
 
 
-def read_file(path: str) -> tuple[str, ...]:
-    return ("cat", "--", path)
-
-
 def virsh_domstate(uri: str, domu: str) -> tuple[str, ...]:
-    return ("virsh", "-c", uri, "domstate", domu)
+    return ("virsh", "-c", uri, "domstate", "--domain", domu)
 
 
 def _whole_seconds(seconds: float) -> int:
@@ -77,12 +97,16 @@ def _whole_seconds(seconds: float) -> int:
 def ssh_command(ssh: SSHSettings) -> tuple[str, ...]:
     """The ssh client argv rsync uses: same identity, port and pinned known_hosts as paramiko;
     keepalives so that a link that dies mid-transfer ends rsync (exit 255) within
-    ~3 x alive_interval."""
+    ~3 x alive_interval. It reads only the files configured here: no ssh_config (`-F none`),
+    no global known_hosts, no control socket, agent or forwarding, no host key rewrite."""
     alive = ("-o", f"ServerAliveInterval={_whole_seconds(ssh.alive_interval)}", "-o", "ServerAliveCountMax=3") \
         if ssh.alive_interval else ()
-    return ("ssh", "-p", str(ssh.port), "-i", ssh.identity_file,
+    isolated = ("GlobalKnownHostsFile=/dev/null", "UpdateHostKeys=no", "ControlMaster=no", "ControlPath=none",
+                "ForwardAgent=no", "ForwardX11=no", "ClearAllForwardings=yes", "PermitLocalCommand=no")
+    return ("ssh", "-F", "none", "-p", str(ssh.port), "-i", ssh.identity_file,
             "-o", f"UserKnownHostsFile={ssh.known_hosts}", "-o", "StrictHostKeyChecking=yes",
             "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+            *(w for o in isolated for w in ("-o", o)),
             "-o", f"ConnectTimeout={int(ssh.connect_timeout)}", *alive, "-l", ssh.user)
 
 

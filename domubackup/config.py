@@ -13,13 +13,23 @@ import socket
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 
-from .errors import ConfigError
+from .errors import ConfigError, NotEligibleError
 
 DEFAULT_PATH = "/etc/domubackup/domubackup.toml"
 
 CONSISTENCY_MODES = ("none", "agent", "hooks", "hooks+agent")
 SIZE_RE = re.compile(r"^(\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?|\d+%(ORIGIN|VG|FREE))$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # DomU, host, VG/LV-like names
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # host, VG/LV-like names
+DOMU_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+
+
+def check_domu_name(name, error=NotEligibleError) -> str:
+    """``name`` when it can name a DomU here: it becomes file names in state_dir, mount points
+    and command words. Else ``error`` (NotEligibleError, or UsageError for the command line)."""
+    if isinstance(name, str) and DOMU_NAME_RE.fullmatch(name) and ".." not in name:
+        return name
+    raise error(f"{name!r} is not a usable DomU name: expected 1 to 64 letters, digits, '.', '_', '+' "
+                "or '-', starting with a letter or digit, without '..'")
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class Settings:
     snapshot_suffix: str = "-snap"
     snapshot_extend_at: float = 80.0  # percent full at which the snapshot is extended
     snapshot_extend_by: str = "256M"
+    snapshot_extend_max: str = "50%ORIGIN"  # no extension past this total size (or share of the origin)
     source_prefix: str = "/mnt/domubackup/source"
     target_prefix: str = "/mnt/domubackup/target"
     kpartx_separator: str = "p"
@@ -181,6 +192,9 @@ class _Checker:
         if not SIZE_RE.match(s.snapshot_extend_by):
             raise self.fail(f"{prefix}snapshot_extend_by",
                             f"expected a size like '256M', got {s.snapshot_extend_by!r}")
+        if not re.fullmatch(r"\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?|\d+%ORIGIN", s.snapshot_extend_max):
+            raise self.fail(f"{prefix}snapshot_extend_max",
+                            f"expected a size like '4G' or '50%ORIGIN', got {s.snapshot_extend_max!r}")
         if not 0 < s.snapshot_extend_at <= 100:
             raise self.fail(f"{prefix}snapshot_extend_at", "expected a percentage between 1 and 100")
         if s.consistency not in CONSISTENCY_MODES:
@@ -248,8 +262,10 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
 
     domus = {}
     for name, table in domu_tables.items():
-        if not NAME_RE.match(name):
-            raise check.fail(f"domu.{name}", "not a valid DomU name")
+        try:
+            check_domu_name(name)
+        except NotEligibleError as e:
+            raise check.fail(f"domu.{name}", e.message) from None
         if isinstance(table, dict):
             bad = set(table) & set(GLOBAL_ONLY)
             if bad:

@@ -7,7 +7,7 @@ from dataclasses import replace
 import re
 
 from . import parsers
-from .commands import dm_name
+from .commands import dm_name, kpartx_list as cmd_kpartx_list
 from .errors import CommandError, InspectError
 from .model import Disk, DiskFacts, Filesystem, LogicalVolume, PartitionTable
 from .plan import classify
@@ -25,6 +25,15 @@ def vg_of_path(path: str) -> str | None:
     return m.group(1).replace("--", "-") if m else None
 
 
+def _parsed(parse, runner, res, what: str):
+    """``parse(res.stdout)``; a ValueError (output the parser does not know, which may come
+    from the guest's data: labels, GPT names) becomes an InspectError naming WHAT and the host."""
+    try:
+        return parse(res.stdout)
+    except ValueError as e:
+        raise InspectError(f"{what} on {runner.host}: {e}") from None
+
+
 def list_lvs(runner, paths) -> list[LogicalVolume] | None:
     """Every LV of the VGs the paths name, with ONE `lvs VG...` (each command costs, and the
     same list answers the stale-snapshot check). None when a path names no VG or lvs fails:
@@ -33,7 +42,10 @@ def list_lvs(runner, paths) -> list[LogicalVolume] | None:
     if not vgs or None in vgs:
         return None
     res = runner.run(parsers.lvs_argv(*dict.fromkeys(vgs)), check=False)
-    return parsers.parse_lvs(res.stdout) if res.exit_code == 0 else None
+    if res.exit_code != 0:
+        return None
+    return _parsed(parsers.parse_lvs, runner, res,
+                   f"cannot read the output of `lvs` for {', '.join(dict.fromkeys(vgs))}")
 
 
 def find_lv(lvs, path: str) -> LogicalVolume | None:
@@ -49,7 +61,7 @@ def probe_lv(runner, path: str, what: str):
         raise InspectError(f"{what}: {path} on {runner.host} is not an LVM logical volume "
                            f"({res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'lvs failed'})",
                            hint="only LV-backed disks can be snapshotted; exclude the disk with exclude_disks")
-    lvs = parsers.parse_lvs(res.stdout)
+    lvs = _parsed(parsers.parse_lvs, runner, res, f"{what}: cannot read the output of `lvs` for {path}")
     if len(lvs) != 1:
         raise InspectError(f"{what}: lvs on {path} returned {len(lvs)} volumes, expected 1")
     return lvs[0]
@@ -58,7 +70,7 @@ def probe_lv(runner, path: str, what: str):
 def probe_table(runner, dev: str, size: int) -> PartitionTable:
     res = runner.run(parsers.parted_argv(dev), check=False)
     if res.exit_code == 0:
-        return parsers.parse_parted(res.stdout)
+        return _parsed(parsers.parse_parted, runner, res, f"cannot read the output of `parted` for {dev}")
     if "unrecognised disk label" in res.stderr or "unrecognized disk label" in res.stderr:
         return PartitionTable("unknown", size)
     raise CommandError(runner.host, res.argv, res.exit_code, res.stderr)
@@ -66,7 +78,11 @@ def probe_table(runner, dev: str, size: int) -> PartitionTable:
 
 def probe_fs(runner, dev: str, disk: str, number: int | None, offset: int | None, size: int | None) -> Filesystem:
     res = runner.run(parsers.blkid_argv(dev, offset, size), ok_codes=(0, 2))
-    fstype, uuid, label = parsers.fs_of(parsers.parse_blkid(res.stdout)) if res.exit_code == 0 else ("", "", "")
+    fstype, uuid, label = "", "", ""
+    if res.exit_code == 0:
+        at = f" at offset {offset}" if offset is not None else ""
+        fstype, uuid, label = _parsed(lambda out: parsers.fs_of(parsers.parse_blkid(out)), runner, res,
+                                      f"{disk}: cannot read the output of `blkid` for {dev}{at}")
     return classify(Filesystem(disk=disk, partition=number, fstype=fstype, uuid=uuid, label=label))
 
 
@@ -80,18 +96,55 @@ def probe_disk(runner, disk: Disk, *, path: str | None = None, lvs=None) -> Disk
     if lv.is_snapshot:
         raise InspectError(f"{disk.target}: {path} is itself an LVM snapshot (of {lv.origin or 'another LV'})",
                            hint="back up the origin volume, not a snapshot")
-    dev = lv.path or path
-    table = probe_table(runner, dev, lv.size)
+    table, filesystems = probe_layout(runner, lv.path or path, disk.target, lv.size)
+    return DiskFacts(disk=disk, lv=lv, table=table, filesystems=filesystems)
+
+
+def probe_layout(runner, dev: str, target: str, size: int) -> tuple[PartitionTable, tuple[Filesystem, ...]]:
+    """The partition table of DEV and the filesystem in each partition (or on the whole device)."""
+    table = probe_table(runner, dev, size)
     filesystems = []
     if table.label in ("loop", "unknown"):
-        filesystems.append(probe_fs(runner, dev, disk.target, None, None, None))
+        filesystems.append(probe_fs(runner, dev, target, None, None, None))
         table = replace(table, label="loop")
     else:
         for p in table.partitions:
             if p.is_extended:
                 continue
-            filesystems.append(probe_fs(runner, dev, disk.target, p.number, p.start, p.size))
-    return DiskFacts(disk=disk, lv=lv, table=table, filesystems=tuple(filesystems))
+            filesystems.append(probe_fs(runner, dev, target, p.number, p.start, p.size))
+    return table, tuple(filesystems)
+
+
+def check_snapshot(runner, f: DiskFacts, dev: str) -> None:
+    """The snapshot DEV of disk F must hold what the probe of the origin found: the guest
+    can write between the probe and the snapshot, and what gets mapped and mounted is the
+    snapshot (a guest LVM PV that appears there is refused by classify, before any mapping)."""
+    table, filesystems = probe_layout(runner, dev, f.disk.target, f.lv.size)
+    if (table, filesystems) != (f.table, f.filesystems):
+        was = ", ".join(f"{fs.name} {fs.fstype or '-'}" for fs in f.filesystems)
+        now = ", ".join(f"{fs.name} {fs.fstype or '-'}" for fs in filesystems)
+        raise InspectError(f"{f.disk.target}: the disk changed between the probe and its snapshot "
+                           f"(partitions or filesystems: probed {was}; snapshot {now})",
+                           hint="run the backup again")
+
+
+def check_mappable(runner, f: DiskFacts, dev: str, dm_prefix: str, sep: str) -> None:
+    """kpartx maps every partition it can find, which may be more than parted shows (a BSD,
+    Solaris or UnixWare label nested in a partition): each mapped device would be probed by
+    udev on the Dom0, and a guest LVM PV or RAID member in it assembled. Refuse unless
+    `kpartx -l` lists exactly the partitions that were probed."""
+    res = runner.run(cmd_kpartx_list(dev, sep))
+    try:
+        names = parsers.parse_kpartx_list(res.stdout)
+    except ValueError as e:
+        raise InspectError(f"{f.disk.target}: cannot read `kpartx -l` of {dev} on {runner.host}: {e}") from None
+    expected = sorted(f"{dm_prefix}{sep}{p.number}" for p in f.table.partitions)
+    if sorted(names) != expected:
+        extra = sorted(set(names) - set(expected)) or ["(fewer partitions)"]
+        raise InspectError(f"{f.disk.target}: kpartx would map {', '.join(extra)} on {runner.host}, "
+                           f"which the partition table that was probed does not show (a nested "
+                           f"partition label?): not mapped",
+                           hint="exclude this disk with exclude_disks")
 
 
 def layout_differences(local: DiskFacts, peer: DiskFacts) -> list[str]:

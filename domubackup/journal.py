@@ -50,6 +50,10 @@ GONE_TABLE: tuple[tuple[str, str | None, tuple[int, ...] | None, tuple[str, ...]
     # older util-linux  -> "umount: /x: not mounted" / "mountpoint not found"
     ("umount", None, (32,), (r": not mounted\b", r": no mount point specified",
                              r": mountpoint not found")),
+    # domubackup umount-in TREE PATH DEV (safepath) -> "umount-in: /x: not mounted (...)" exit 32.
+    # Only for a PENDING mount (see already_gone): a mount that the run made and saw in place
+    # and that is gone at teardown was removed by someone else, which is not success.
+    ("domubackup", "umount-in", (32,), (r"^umount-in: .*: not mounted\b",)),
     # lvremove VG/LV, LV missing -> '  Failed to find logical volume "vg/lv"' exit 5
     # whole VG missing           -> '  Volume group "vg" not found' exit 5 (its LVs cannot exist)
     ("lvremove", None, (5,), (r"Failed to find logical volume", r'Volume group "[^"]*" not found')),
@@ -92,9 +96,13 @@ def _groups(entries):
     return groups
 
 
-def already_gone(argv: Sequence[str], result: Result) -> bool:
-    """True when the failed undo ``argv`` only failed because its object is already gone."""
+def already_gone(argv: Sequence[str], result: Result, state: str = PENDING) -> bool:
+    """True when the failed undo ``argv`` only failed because its object is already gone.
+    A safepath unmount counts so only when its mount step is not known to have run (``state``
+    pending: a crash between the journal write and the mount)."""
     if not argv or result.exit_code == 0:
+        return False
+    if tuple(argv[:2]) == ("domubackup", "umount-in") and state != PENDING:
         return False
     program = os.path.basename(argv[0])
     text = result.stderr + "\n" + result.stdout
@@ -124,10 +132,45 @@ class Entry:
 
     @classmethod
     def from_json(cls, d: dict) -> "Entry":
-        undo = d.get("undo")
-        return cls(phase=d["phase"], host=d["host"], argv=tuple(d["argv"]),
-                   undo=tuple(undo) if undo is not None else None,
-                   note=d.get("note", ""), state=d.get("state", PENDING))
+        """Raises ValueError (or KeyError, TypeError) for an entry that is not of the shape
+        ``Journal.begin_many`` writes: its undo would be run as a command."""
+        argv, undo = d["argv"], d.get("undo")
+        if not isinstance(argv, list) or not (undo is None or isinstance(undo, list)):
+            raise ValueError(f"entry {d!r}: argv and undo must be lists of words")
+        entry = cls(phase=d["phase"], host=d["host"], argv=tuple(argv),
+                    undo=tuple(undo) if undo is not None else None,
+                    note=d.get("note", ""), state=d.get("state", PENDING))
+        problem = _shape_problem(entry.host, entry.argv, entry.undo)
+        if problem is None and not (isinstance(entry.phase, str) and isinstance(entry.note, str)
+                                    and entry.state in (PENDING, DONE, UNDONE)):
+            problem = "phase and note must be strings, state one of pending, done, undone"
+        if problem:
+            raise ValueError(f"entry {d!r}: {problem}")
+        return entry
+
+
+def _shape_problem(host, argv, undo) -> str | None:
+    """Why a step's host, argv and undo cannot be journaled (they are run later, maybe by
+    `cleanup` on the peer's shell), or None: a non-empty host name; argv and undo (or None)
+    non-empty tuples of strings, without NUL or lone surrogates (strict UTF-8), whose first
+    word is a program (no leading "-", no "=": the peer's shell would take it for a variable)."""
+    if not isinstance(host, str) or not host:
+        return f"host {host!r} is not a host name"
+    for what, words in (("argv", argv), ("undo", undo)):
+        if words is None and what == "undo":
+            continue
+        if not isinstance(words, tuple) or not words or not all(isinstance(w, str) for w in words):
+            return f"{what} {words!r} is not a non-empty tuple of strings"
+        for w in words:
+            if "\0" in w:
+                return f"{what} word {w!r} contains a NUL character"
+            try:
+                w.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"{what} word {w!r} is not valid UTF-8 (a lone surrogate)"
+        if words[0].startswith("-") or "=" in words[0]:
+            return f"{what} {words[0]!r} is not a program name"
+    return None
 
 
 def _fsync_dir(path: str) -> None:
@@ -251,6 +294,12 @@ class Journal:
     def begin_many(self, steps) -> list[int]:
         """Record several steps as pending with ONE write (before a freeze: then nothing but
         the commands themselves runs while the guest is frozen)."""
+        steps = list(steps)
+        for step in steps:  # before anything is written: all of them or none
+            problem = _shape_problem(step.host, step.argv, step.undo)
+            if problem:
+                raise ValueError(f"journal of {self.domu}: refusing step {step.phase!r} on {step.host!r} "
+                                 f"{step.argv!r}: {problem}")
         with self._lock:
             first = len(self.entries)
             for step in steps:
@@ -328,7 +377,7 @@ class Journal:
                 argv = BATCH_PREFIX + tuple(e.undo[-1] for _, e in group)
                 try:
                     result = runner.run(argv, check=False)
-                except DomuBackupError:
+                except Exception:  # noqa: BLE001 - each one runs alone below, and says why
                     result = None
                 if result is not None and result.exit_code == 0:
                     results.append(result)
@@ -358,10 +407,12 @@ class Journal:
             raise  # _undo_all stops trying this host
         except DomuBackupError as exc:  # CommandError (timeout, missing)
             return f"{runner.host}: `{cmd}`: {exc.message}"
+        except Exception as exc:  # noqa: BLE001 - anything else: the other undos still run
+            return f"{runner.host}: `{cmd}`: {type(exc).__name__}: {exc}"
         results.append(result)
         if result.exit_code == 0:
             return None
-        if already_gone(entry.undo, result):
+        if already_gone(entry.undo, result, entry.state):
             log.info("%s: `%s`: already gone", runner.host, cmd)
             return None
         tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])

@@ -6,10 +6,50 @@ import contextvars
 import logging
 import logging.handlers
 import os
+import re
 import time
 from contextlib import contextmanager
 
+from .lock import state_file
+
 current_domu: contextvars.ContextVar[str] = contextvars.ContextVar("domu", default="-")
+
+# Every character that could move the cursor, recolour or reorder a terminal line, or start a
+# new line other than "\n": C0 (with \t), DEL, C1, NEL/LS/PS, the bidi controls; and lone
+# surrogates (bytes that surrogateescape could not decode).
+_UNPRINTABLE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e"
+                          "\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(m: re.Match) -> str:
+    c = ord(m.group())
+    if 0xDC80 <= c <= 0xDCFF:  # surrogateescape: the original byte
+        c -= 0xDC00
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def printable(text: str) -> str:
+    r"""``text`` with every control character but "\n" escaped as \xHH or \uHHHH (a lone
+    surrogate from surrogateescape as \xHH of its byte): safe for a terminal or a log line."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+class _Formatter(logging.Formatter):
+    """Escapes the formatted record (``printable``) and indents its continuation lines, so that
+    no string in a message can forge a line that looks like a record of its own. Without
+    ``tracebacks``, a record's exception and stack are left out (they go to the run log file),
+    unless the record asks for them (``extra={"traceback": True}``: there is no run log file)."""
+
+    def __init__(self, fmt: str, *, tracebacks: bool):
+        super().__init__(fmt)
+        self.tracebacks = tracebacks
+
+    def format(self, record):
+        if not self.tracebacks and not getattr(record, "traceback", False) \
+                and (record.exc_info or record.exc_text or record.stack_info):
+            record = logging.makeLogRecord(record.__dict__)
+            record.exc_info = record.exc_text = record.stack_info = None
+        return printable(super().format(record)).replace("\n", "\n    ")
 
 
 class _DomuFilter(logging.Filter):
@@ -32,7 +72,7 @@ def setup(verbosity: int, *, syslog: bool = True) -> None:
         pkg.removeHandler(h)
     err = logging.StreamHandler()
     err.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING)
-    err.setFormatter(logging.Formatter("domubackup: %(where)s%(message)s"))
+    err.setFormatter(_Formatter("domubackup: %(where)s%(message)s", tracebacks=False))
     err.addFilter(_DomuFilter())
     pkg.addHandler(err)
     if syslog and os.path.exists("/dev/log"):
@@ -41,7 +81,7 @@ def setup(verbosity: int, *, syslog: bool = True) -> None:
         except OSError:
             return
         sl.setLevel(logging.INFO)
-        sl.setFormatter(logging.Formatter(f"domubackup[{os.getpid()}]: %(where)s%(message)s"))
+        sl.setFormatter(_Formatter(f"domubackup[{os.getpid()}]: %(where)s%(message)s", tracebacks=False))
         sl.addFilter(_DomuFilter())
         pkg.addHandler(sl)
     logging.getLogger("sh").setLevel(logging.WARNING)
@@ -57,12 +97,13 @@ def run_log(state_dir: str, domu: str, kind: str = "backup"):
     try:
         d = os.path.join(state_dir, "log")
         os.makedirs(d, mode=0o700, exist_ok=True)
-        path = os.path.join(d, f"{domu}-{kind}-{time.strftime('%Y%m%dT%H%M%S')}.log")
+        path = state_file(state_dir, "log", f"{domu}-{kind}-{time.strftime('%Y%m%dT%H%M%S')}", "log")
         handler = logging.FileHandler(path, encoding="utf-8")
         handler.setLevel(logging.DEBUG)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        os.fchmod(handler.stream.fileno(), 0o600)  # guest names, paths, errors: root's only
+        handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(message)s", tracebacks=True))
         logging.getLogger("domubackup").addHandler(handler)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a DomU name that would leave the directory
         path = None
     try:
         yield path

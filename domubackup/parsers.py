@@ -21,7 +21,7 @@ __all__ = [
     "parted_argv", "parted_human_argv", "parse_parted", "parse_parted_types", "parted_unrecognised",
     "blkid_argv", "parse_blkid", "fs_of",
     "parse_fstab",
-    "FINDMNT_COLUMNS", "findmnt_argv", "parse_findmnt",
+    "FINDMNT_COLUMNS", "findmnt_argv", "parse_findmnt", "parse_mountinfo", "parse_kpartx_list",
     "parse_rsync_stats", "parse_rsync_itemize",
     "dm_snapshot_status_argv", "parse_dm_snapshot_status",
 ]
@@ -283,6 +283,7 @@ def fs_of(probe: Mapping[str, str]) -> tuple[str, str, str]:
 # ------------------------------------------------------------------------------------- fstab
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
+FSTAB_LINE_MAX = 8192  # two PATH_MAX fields and options: anything longer is not an fstab line
 
 
 def parse_fstab(text: str) -> list[FstabEntry]:
@@ -300,6 +301,10 @@ def parse_fstab(text: str) -> list[FstabEntry]:
         s = line.strip()
         if not s or s.startswith("#"):
             continue
+        if "\0" in s:
+            raise _bad("fstab", line[:200], "NUL byte")
+        if len(s) > FSTAB_LINE_MAX:
+            raise _bad("fstab", line[:200] + "...", f"longer than {FSTAB_LINE_MAX} characters")
         f = [_unescape_bytes(x, _OCTAL, 8) for x in s.split()]
         if len(f) < 3:
             raise _bad("fstab", line, "needs at least spec, file and vfstype")
@@ -405,6 +410,42 @@ def parse_findmnt(text: str) -> list[MountInfo]:
         if not target:
             raise _bad("findmnt", line, "empty TARGET")
         out.append(_mountinfo(target, source, fstype, options))
+    return out
+
+
+# ------------------------------------------------------------------------------------ kpartx
+
+def parse_kpartx_list(text: str) -> list[str]:
+    """The device-mapper names ``kpartx -l -p SEP DEV`` would create, in order: one line
+    ``NAME : 0 SECTORS PARENT OFFSET`` per partition (logical ones relative to their
+    extended partition); nothing for a device without a partition table."""
+    names = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"(\S+) : 0 \d+ \S+ \d+", line.strip())
+        if not m:
+            raise _bad("kpartx -l", line)
+        names.append(m.group(1))
+    return names
+
+
+# --------------------------------------------------------------------------------- mountinfo
+
+def parse_mountinfo(text: str) -> list[dict]:
+    """Parse /proc/PID/mountinfo (proc(5)): one dict per line with id, parent, dev
+    ("MAJ:MIN"), root, mountpoint, fstype and source; octal escapes (\\040) decoded."""
+    out = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        left, sep, right = line.partition(" - ")
+        f, r = left.split(" "), right.split(" ")
+        if not sep or len(f) < 6 or len(r) < 2 or not f[0].isdigit():
+            raise _bad("mountinfo", line)
+        dec = lambda x: _unescape_bytes(x, _OCTAL, 8)  # noqa: E731
+        out.append({"id": int(f[0]), "parent": int(f[1]), "dev": f[2], "root": dec(f[3]),
+                    "mountpoint": dec(f[4]), "fstype": r[0], "source": dec(r[1])})
     return out
 
 

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from . import virt
-from .config import Config
+from .config import Config, check_domu_name
 from .errors import NotEligibleError, NotHereError
 from .facts import list_lvs, probe_disk
 from .model import Domain, DiskFacts
@@ -73,10 +73,11 @@ from . import commands as cmd
 from . import parsers
 from . import plan as planner
 from .errors import CommandError, DomuBackupError, FreezeError, InspectError, PeerError, SnapshotError, TeardownError
-from .facts import layout_differences
+from .facts import check_mappable, check_snapshot, layout_differences
 from .journal import Journal
 from .lock import DomuLock
 from .model import LOCAL, RsyncStats, Step
+from .safepath import EXIT_MISSING
 
 UNITS = {"b": 1, "s": 512, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5, "e": 1024**6}
 
@@ -209,6 +210,9 @@ def recover(config, domu: str, local, factory=ssh_runner) -> list[str]:
     journal = Journal.load(config.state_dir, domu)
     if journal is None:
         return []
+    for e in journal.entries:  # a dead run's mounts may be gone for good reasons (a reboot):
+        if e.state == "done":   # "not mounted" is then success (see journal.already_gone)
+            e.state = "pending"
     hosts = {e.host for e in journal.entries if e.host != LOCAL}
     runners = {LOCAL: local, **peer_runners(config, domu, hosts, factory)}
     undone = [f"{e.host}: {' '.join(e.undo)}" for e in reversed(journal.entries) if e.undo]
@@ -352,12 +356,36 @@ class SnapshotWatch:
                     return problem
         return None
 
-    def extend(self, path, pct) -> str | None:
+    def _lv(self, path):
+        """The LV at ``path`` (lvs), or why it cannot be known."""
         res = self.runner.run(parsers.lvs_argv(path), check=False, timeout=60)
         if res.exit_code != 0:
-            return f"snapshot {path} disappeared ({res.stderr.strip()})"
-        lv = parsers.parse_lvs(res.stdout)[0]
+            return f"{path} disappeared ({res.stderr.strip()})"
+        try:
+            return parsers.parse_lvs(res.stdout)[0]
+        except (ValueError, IndexError) as e:
+            return f"cannot read the output of `lvs` for {path}: {e or 'no LV'}"
+
+    def extend(self, path, pct) -> str | None:
+        """Extend the snapshot by snapshot_extend_by; a problem when the VG has no room or the
+        snapshot would grow past snapshot_extend_max (a size, or a share of its origin's)."""
+        lv = self._lv(path)
+        if isinstance(lv, str):
+            return f"snapshot {lv}"
         need = size_bytes(self.settings.snapshot_extend_by, lv.size)
+        most = self.settings.snapshot_extend_max
+        origin = 0
+        if most.endswith("%ORIGIN"):
+            origin = self._lv(cmd.lv_path(lv.vg, lv.origin)) if lv.origin else f"{path} names no origin"
+            if isinstance(origin, str):
+                return f"snapshot {path} is {pct:.1f}% full and its origin's size is not known: {origin}"
+            origin = origin.size
+        cap = size_bytes(most, origin)
+        if lv.size + need > cap:
+            return (f"snapshot {path} is {pct:.1f}% full and has reached snapshot_extend_max ({most}"
+                    + (f" = {mib(cap)}" if most.endswith("%ORIGIN") else "")
+                    + f"): the guest writes faster than the snapshot may grow ({mib(lv.size)} now, "
+                    f"{self.settings.snapshot_extend_by} more would pass it)")
         if lv.vg_free is None or lv.vg_free < need:
             return (f"snapshot {path} is {pct:.1f}% full and volume group {lv.vg} has no room "
                     f"to extend it by {self.settings.snapshot_extend_by}")
@@ -389,6 +417,12 @@ def open_local_tree(session, config, domu, insp, settings, read_only_peers=False
     """Map and mount the snapshots read-only; return the mounts (decided from fstab if needed).
     The peers are told what to mount (`session.mount_peers`) as soon as that is known."""
     facts = insp.facts
+    for f in facts:  # what is mapped and mounted is the snapshot: look at it first
+        snap = planner.snapshot_name(settings, f.lv.lv)
+        dev = cmd.lv_path(f.lv.vg, snap)
+        check_snapshot(session.runners[LOCAL], f, dev)
+        if planner.mapped(f):
+            check_mappable(session.runners[LOCAL], f, dev, cmd.dm_name(f.lv.vg, snap), settings.kpartx_separator)
     session.open_all(planner.map_steps(facts, settings, LOCAL, snapshot=True))
     if settings.mounts:
         mounts = planner.mounts_from_config(facts, settings)
@@ -402,9 +436,9 @@ def open_local_tree(session, config, domu, insp, settings, read_only_peers=False
         session.open_all(planner.local_mount_plan(mounts, facts, settings, domu))
         return mounts
     session.open_all(planner.mount_steps([planner.Mount(root, "/")], facts, settings, domu, LOCAL))
-    fstab = os.path.join(planner.tree_root(settings, domu, LOCAL), "etc/fstab")
-    res = session.runners[LOCAL].run(cmd.read_file(fstab), check=False)
-    if res.exit_code != 0:
+    res = session.runners[LOCAL].run(cmd.read_in(planner.tree_root(settings, domu, LOCAL), planner.FSTAB),
+                                     check=False)
+    if res.exit_code == EXIT_MISSING:
         log.warning("%s: %s has no /etc/fstab: each filesystem goes under /<disk><partition>", domu, root.name)
         session.undo_last()  # the root mount; the tree root directory stays
         mounts = planner.fallback_mounts(facts)
@@ -412,7 +446,18 @@ def open_local_tree(session, config, domu, insp, settings, read_only_peers=False
         rest = planner.local_mount_plan(mounts, facts, settings, domu)[1:]  # tree root exists already
         session.open_all(rest)
         return mounts
-    mounts, notes = planner.mounts_from_fstab(parsers.parse_fstab(res.stdout), root, facts)
+    if res.exit_code != 0:
+        raise InspectError(f"{domu}: the guest's /etc/fstab (on {root.name}) cannot be read safely: "
+                           f"{res.stderr.strip() or f'read-in exited {res.exit_code}'}",
+                           hint=f"set mounts in [domu.{domu}] to say where each filesystem goes")
+    try:
+        if "\ufffd" in res.stdout:  # the runner decodes with errors="replace"
+            raise ValueError("it is not valid UTF-8")
+        entries = parsers.parse_fstab(res.stdout)
+    except ValueError as e:
+        raise InspectError(f"{domu}: the guest's /etc/fstab (on {root.name}) is not usable: {e}",
+                           hint=f"set mounts in [domu.{domu}] to say where each filesystem goes") from None
+    mounts, notes = planner.mounts_from_fstab(entries, root, facts)
     for n in notes:
         log.warning("%s: %s", domu, n)
     session.mount_peers(mounts, read_only_peers)
@@ -466,6 +511,7 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
         freeze = make_freeze(config.settings_for(domu), domu, conn, local)
     peers = ",".join(config.peers_for(domu))
     try:
+        check_domu_name(domu)  # a name from libvirt (backup_all_running) names files and mounts
         with DomuLock(config.state_dir, domu):
             out.undone = recover(config, domu, local, factory)
             check = PeerCheck(config, domu, factory)
@@ -493,6 +539,14 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
             out.status = {75: "BUSY", 3: "SKIPPED"}.get(e.exit_code, "ERROR")
         out.not_here = isinstance(e, NotHereError)
         log.log(logging.INFO if out.not_here else logging.ERROR, "%s", e)
+    except Exception as e:  # a bug, or guest data that a parser did not expect: this DomU only
+        # (everything it opened is closed by the `finally`s above: lock, peers, journal)
+        where = f"the traceback is in {log_path}" if log_path else "no run log file: the traceback follows"
+        out.error = f"{domu}: internal error: {type(e).__name__}: {e}; {where}"
+        out.exit_code = 1
+        if out.status != "CORRUPT":
+            out.status = "ERROR"
+        log.error("%s", out.error, exc_info=True, extra={"traceback": not log_path})
     out.duration = time.monotonic() - start
     if hooked:
         phase = "backup-end" if out.status == "OK" else "backup-abort"
@@ -553,7 +607,10 @@ class PeerCheck(threading.Thread):
             if self.insp is None:
                 return
             for p in self.insp.peers:
-                check_replicas(self.domu, self.insp.facts, p, self.runners[p])
+                for f in check_replicas(self.domu, self.insp.facts, p, self.runners[p]):
+                    if planner.mapped(f):
+                        check_mappable(self.runners[p], f, cmd.lv_path(f.lv.vg, f.lv.lv),
+                                       cmd.dm_name(f.lv.vg, f.lv.lv), settings.kpartx_separator)
             self.session.runners.update(self.runners)
             for p in self.insp.peers:
                 self.session.open_all(planner.map_steps(self.insp.facts, settings, p, snapshot=False))

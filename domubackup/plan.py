@@ -16,10 +16,13 @@ from .config import Settings
 from .errors import InspectError
 from .model import LOCAL, DiskFacts, FstabEntry, Filesystem, Mount, Step
 
+FSTAB = "/etc/fstab"
+# Signatures that udev on a Dom0 activates or assembles as soon as a device holding one appears.
+ASSEMBLED = ("LVM2_member", "linux_raid_member", "zfs_member", "bcache", "drbd", "ceph")
 MOUNTABLE = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat")
 ROOT_TYPES = ("ext2", "ext3", "ext4", "xfs", "btrfs")
-LOCAL_OPTIONS = ("ro", "nodev", "nosuid", "noexec")
-PEER_OPTIONS = ("rw", "nodev", "nosuid", "noexec")
+LOCAL_OPTIONS = ("ro", "nodev", "nosuid", "noexec", "nosymfollow")
+PEER_OPTIONS = ("rw", "nodev", "nosuid", "noexec", "nosymfollow")
 
 
 @dataclass
@@ -39,10 +42,12 @@ def classify(fs: Filesystem) -> Filesystem:
     """Set skip_reason for filesystems that are not copied; refuse a guest LVM PV."""
     from dataclasses import replace
 
-    if fs.fstype == "LVM2_member":
+    if assembled_by_udev(fs.fstype):
         raise InspectError(
-            f"{fs.name}: holds a guest LVM physical volume; guest volume groups are not supported "
-            "(mapping it on the Dom0 would activate the guest's VG next to the host's)",
+            f"{fs.name}: holds a guest "
+            f"{'LVM physical volume' if fs.fstype == 'LVM2_member' else fs.fstype + ' (a RAID or cache member)'}; "
+            "not supported "
+            "(mapping it on the Dom0 would let udev activate or assemble the guest's volumes there)",
             hint="exclude this disk with exclude_disks, or back the guest up from inside")
     if fs.fstype == "swap":
         return replace(fs, skip_reason="swap is not copied")
@@ -51,6 +56,10 @@ def classify(fs: Filesystem) -> Filesystem:
     if fs.fstype not in MOUNTABLE:
         return replace(fs, skip_reason=f"filesystem type {fs.fstype!r} is not supported")
     return fs
+
+
+def assembled_by_udev(fstype: str) -> bool:
+    return fstype in ASSEMBLED or fstype.endswith("_raid_member")
 
 
 def mountable(facts: list[DiskFacts]) -> list[Filesystem]:
@@ -159,11 +168,16 @@ def _lv_name(f: DiskFacts, settings: Settings, snapshot: bool) -> str:
     return snapshot_name(settings, f.lv.lv) if snapshot else f.lv.lv
 
 
+def mapped(f: DiskFacts) -> bool:
+    """A disk's partitions are mapped when it has a partition table and a filesystem to copy."""
+    return f.partitioned and any(fs.skip_reason is None for fs in f.filesystems)
+
+
 def map_steps(facts: list[DiskFacts], settings: Settings, host: str, *, snapshot: bool) -> list[Step]:
     steps = []
     phase = "map" if host == LOCAL else "peer-map"
     for f in facts:
-        if not f.partitioned or not any(fs.skip_reason is None for fs in f.filesystems):
+        if not mapped(f):
             continue
         dev = cmd.lv_path(f.lv.vg, _lv_name(f, settings, snapshot))
         sep = settings.kpartx_separator
@@ -185,9 +199,26 @@ def tree_root(settings: Settings, domu: str, host: str) -> str:
     return os.path.join(prefix, domu)
 
 
+def mount_options(fstype: str, *, local: bool, read_only: bool = False) -> tuple[str, ...]:
+    """Options of every guest and replica mount: a filesystem the guest made cannot bring
+    devices, setuid programs, executables or symlinks into the Dom0's path lookups, and an
+    ext2/3/4 superblock set to errors=panic does not panic the Dom0 (errors=remount-ro wins
+    over the superblock's setting; xfs has no such option: it shuts the filesystem down on
+    corruption, and panics only if the Dom0's own sysctl fs.xfs.panic_mask asks for it)."""
+    options = LOCAL_OPTIONS if local or read_only else PEER_OPTIONS
+    if fstype in ("ext2", "ext3", "ext4"):
+        options += ("errors=remount-ro",)
+    if fstype == "xfs" and local:
+        options += ("nouuid",)  # a snapshot shares its origin's UUID
+    return options
+
+
 def mount_steps(mounts: list[Mount], facts: list[DiskFacts], settings: Settings, domu: str, host: str,
                 *, with_root_dir: bool = True, read_only: bool = False) -> list[Step]:
-    """mkdir of the tree root (undo rmdir), then one mount per filesystem in the given order."""
+    """mkdir of the tree root (undo rmdir), then one mount per filesystem in the given order,
+    each mount point resolved inside the tree without following symlinks (safepath); on the
+    peer a missing mount point directory is made (the guest may have made it since the last
+    night: rsync brings it only after the mount)."""
     local = host == LOCAL
     root = tree_root(settings, domu, host)
     phase = "mount" if local else "peer-mount"
@@ -195,13 +226,14 @@ def mount_steps(mounts: list[Mount], facts: list[DiskFacts], settings: Settings,
     if with_root_dir:
         steps.append(Step(phase, host, cmd.mkdir(root), cmd.rmdir(root), note=f"tree root of {domu}"))
     for m in mounts:
-        target = root if m.mountpoint == "/" else root + m.mountpoint
-        options = LOCAL_OPTIONS if local or read_only else PEER_OPTIONS
-        if m.filesystem.fstype == "xfs" and local:
-            options += ("nouuid",)  # a snapshot shares its origin's UUID
+        fstype = m.filesystem.fstype
         dev = device_of(m.filesystem, facts, settings, snapshot=local)
-        steps.append(Step(phase, host, cmd.mount(dev, target, m.filesystem.fstype, options), cmd.umount(target),
-                          note=f"{m.filesystem.name} ({m.filesystem.fstype}) at {m.mountpoint}"))
+        steps.append(Step(phase, host,
+                          cmd.mount_in(root, m.mountpoint, dev, fstype,
+                                       mount_options(fstype, local=local, read_only=read_only),
+                                       mkdir=not local and m.mountpoint != "/"),
+                          cmd.umount_in(root, m.mountpoint, dev),
+                          note=f"{m.filesystem.name} ({fstype}) at {m.mountpoint}"))
     return steps
 
 
@@ -241,8 +273,7 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
                               "named after its disk and partition")
         else:
             plan.steps += mount_steps([Mount(root, "/")], facts, settings, domu, LOCAL)
-            fstab = os.path.join(tree_root(settings, domu, LOCAL), "etc/fstab")
-            plan.steps.append(Step("inspect", LOCAL, cmd.read_file(fstab), None,
+            plan.steps.append(Step("inspect", LOCAL, cmd.read_in(tree_root(settings, domu, LOCAL), FSTAB), None,
                                    note="read the guest's /etc/fstab; the remaining mounts on both hosts "
                                         "are decided at run time from it"))
             rest = [fs.name + f" ({fs.fstype})" for fs in mountable(facts) if fs.name != root.name]

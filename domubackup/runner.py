@@ -33,7 +33,7 @@ log = logging.getLogger("domubackup.run")
 BASE_ENV = {
     "LC_ALL": "C",
     "LANG": "C",
-    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LVM_SUPPRESS_FD_WARNINGS": "1",
 }
 

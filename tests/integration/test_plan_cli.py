@@ -2,6 +2,7 @@
 captured outputs of parted and blkid (fixtures/tools)."""
 
 import json
+import os
 
 import pytest
 
@@ -60,23 +61,25 @@ def test_plan_json_of_xen_pv_domu_with_two_lv_disks(conf, fixtures, capsys):
     code, out, err = run(["-c", cfg, "plan", "web1", "--json"], runner, capsys)
     assert (code, err) == (0, "")
     steps = json.loads(out)
-    assert [(s["phase"], s["host"], s["argv"][0], s["argv"][-1]) for s in steps] == [
+    assert [(s["phase"], s["host"], s["argv"][0], s["argv"][-1] if s["argv"][0] != "domubackup"
+             else os.path.join(s["argv"][-5], s["argv"][-4].lstrip("/")).rstrip("/")) for s in steps] == [
         ("snapshot", "local", "lvcreate", "/dev/vg0/web1-disk"),
         ("snapshot", "local", "lvcreate", "/dev/vg0/web1-srv"),
         ("map", "local", "kpartx", "/dev/vg0/web1-disk-snap"),
         ("mount", "local", "mkdir", "/mnt/domubackup/source/web1"),
-        ("mount", "local", "mount", "/mnt/domubackup/source/web1"),
-        ("mount", "local", "mount", "/mnt/domubackup/source/web1/srv"),
-        ("mount", "local", "mount", "/mnt/domubackup/source/web1/var"),
+        ("mount", "local", "domubackup", "/mnt/domubackup/source/web1"),
+        ("mount", "local", "domubackup", "/mnt/domubackup/source/web1/srv"),
+        ("mount", "local", "domubackup", "/mnt/domubackup/source/web1/var"),
         ("peer-map", "dom0b", "kpartx", "/dev/vg0/web1-disk"),
         ("peer-mount", "dom0b", "mkdir", "/mnt/domubackup/target/web1"),
-        ("peer-mount", "dom0b", "mount", "/mnt/domubackup/target/web1"),
-        ("peer-mount", "dom0b", "mount", "/mnt/domubackup/target/web1/srv"),
-        ("peer-mount", "dom0b", "mount", "/mnt/domubackup/target/web1/var"),
+        ("peer-mount", "dom0b", "domubackup", "/mnt/domubackup/target/web1"),
+        ("peer-mount", "dom0b", "domubackup", "/mnt/domubackup/target/web1/srv"),
+        ("peer-mount", "dom0b", "domubackup", "/mnt/domubackup/target/web1/var"),
         ("transfer", "local", "rsync", "dom0b:/mnt/domubackup/target/web1/"),
     ]
     assert steps[0]["undo"] == ["lvremove", "-f", "/dev/vg0/web1-disk-snap"]
-    assert steps[6]["argv"][:4] == ["mount", "-t", "xfs", "-o"] and "nouuid" in steps[6]["argv"][4]
+    assert steps[6]["argv"][:3] == ["domubackup", "mount-in", "--"] and steps[6]["argv"][-2:] == [
+        "xfs", "ro,nodev,nosuid,noexec,nosymfollow,nouuid"]
     # only read-only probes ran
     assert {c[0] for c in runner.calls} == {"lvs", "parted", "blkid"}
 
@@ -86,7 +89,7 @@ def test_plan_text_shows_skips_and_deferred_fstab(conf, fixtures, capsys):
     assert code == 0, err
     assert "skipped: hdc: cdrom is not backed up" in out
     assert "skipped: xvda6: swap is not copied" in out
-    assert "[inspect] on local: cat -- /mnt/domubackup/source/web1/etc/fstab" in out
+    assert "[inspect] on local: domubackup read-in -- /mnt/domubackup/source/web1 /etc/fstab" in out
     assert "come from the guest's /etc/fstab at run time" in out
     assert "Teardown (reverse order):" in out
 

@@ -51,7 +51,7 @@ def test_printf_words_arrive_unchanged(runner):
 def test_environment_is_fixed_and_merged(runner):
     r = runner.run(["env"], env={"EXTRA": "1", "LANG": "C.UTF-8"})
     assert sorted(r.stdout.splitlines()) == sorted([
-        "LC_ALL=C", "LANG=C.UTF-8", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        "LC_ALL=C", "LANG=C.UTF-8", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "LVM_SUPPRESS_FD_WARNINGS=1", "EXTRA=1"])
 
 

@@ -52,7 +52,7 @@ def test_hostile_words_arrive_unchanged_and_nothing_runs(peer, sshd):
 def test_environment_on_the_peer(peer):
     r = peer.run(["env"], env={"EXTRA": "a b'c", "HOSTILE": "$(touch /tmp/x); `id` \\ \"q\" *"})
     lines = r.stdout.splitlines()
-    for want in ["LC_ALL=C", "LANG=C", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+    for want in ["LC_ALL=C", "LANG=C", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                  "LVM_SUPPRESS_FD_WARNINGS=1", "EXTRA=a b'c", "HOSTILE=$(touch /tmp/x); `id` \\ \"q\" *"]:
         assert want in lines
     assert peer.run(["sh", "-c", "test -t 0 || test -t 1 && echo tty || echo notty"]).stdout == "notty\n"
@@ -230,3 +230,47 @@ def test_a_late_eof_never_breaks_the_connection(sshd, monkeypatch):
         runner.run(["true"], input=b"ignored\n")
         time.sleep(0.6)
         assert runner.run(["echo", "still here"]).stdout == "still here\n"
+
+
+def rsync_ssh_settings(sshd, **kw):
+    from domubackup.config import SSHSettings
+
+    return SSHSettings(user="root", identity_file=sshd.identity_file, known_hosts=sshd.known_hosts,
+                       port=sshd.port, connect_timeout=5, **kw)
+
+
+def test_rsync_runs_over_the_ssh_command_of_the_config(sshd, tmp_path):
+    # The exact argv a backup runs (commands.rsync and its ssh_command, -F none and all),
+    # against the private sshd: it connects with the pinned key only and copies.
+    from domubackup import commands
+    from domubackup.config import RsyncSettings
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "hostname").write_text("web1\n")
+    dst.mkdir()
+    argv = commands.rsync(str(src), sshd.host, str(dst), RsyncSettings(), rsync_ssh_settings(sshd))
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (dst / "etc" / "hostname").read_text() == "web1\n"
+    ssh = argv[argv.index("-e") + 1]
+    assert ssh.startswith("ssh -F none -p ")
+
+
+def test_ssh_command_options_are_what_openssh_uses(sshd):
+    # `ssh -G` prints the configuration the options give (nothing is read from ssh_config).
+    from domubackup import commands
+
+    argv = commands.ssh_command(rsync_ssh_settings(sshd))
+    r = subprocess.run([*argv, "-G", sshd.host], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r.stderr
+    got = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert {k: got.get(k) for k in ("globalknownhostsfile", "userknownhostsfile", "stricthostkeychecking",
+                                    "updatehostkeys", "controlmaster", "controlpath", "forwardagent",
+                                    "forwardx11", "clearallforwardings", "permitlocalcommand", "port",
+                                    "batchmode", "identitiesonly", "user")} == {
+        "globalknownhostsfile": "/dev/null", "userknownhostsfile": sshd.known_hosts,
+        "stricthostkeychecking": "true", "updatehostkeys": "false", "controlmaster": "false",
+        "controlpath": None, "forwardagent": "no", "forwardx11": "no", "clearallforwardings": "yes",
+        "permitlocalcommand": "no", "port": str(sshd.port), "batchmode": "yes", "identitiesonly": "yes",
+        "user": "root"}

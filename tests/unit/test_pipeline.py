@@ -37,9 +37,15 @@ class Host(Runner):
         self.created = set()
 
     def _execute(self, argv, env, input, timeout):
+        argv = plain(argv)
         self.log.append((self.host, argv))
         if argv in self.probes:
             return self.probes[argv]
+        if argv[0] in ("parted", "blkid") and any("-snap" in a for a in argv):  # the origin's layout
+            return self.probes[tuple(a.replace("-snap", "") for a in argv)]
+        if argv[:2] == ("kpartx", "-l"):
+            name = argv[-1].split("/")[-1].replace("-", "--")
+            return 0, "".join(f"vg0-{name}p{n} : 0 2048 {argv[-1]} 2048\n" for n in (1, 2, 5, 6)), ""
         prog = argv[0]
         if prog == "lvs" and argv[-1] not in self.created:
             return 5, "", f'  Failed to find logical volume "{argv[-1][5:]}"\n'
@@ -65,12 +71,27 @@ class Host(Runner):
         if prog == "lvcreate":
             self.created.add(f"{argv[-1]}-snap")
         if prog == "umount":
-            if argv[-1] not in self.mounted:
-                return 32, "", f"umount: {argv[-1]}: not mounted."
+            if argv[-1] not in self.mounted:  # what safepath's umount-in says
+                return 32, "", f"umount-in: '{argv[-1]}': not mounted (no such directory)\n"
             if self.fail_undo and argv == self.fail_undo:
-                return 32, "", f"umount: {argv[-1]}: target is busy."
+                return 32, "", f"umount-in: umount of '{argv[-1]}' failed: Device or resource busy\n"
             self.mounted.discard(argv[-1])
         return 0, "", ""
+
+
+def plain(argv):
+    """The safepath helpers as the commands they stand for (mount, umount, cat), so that the
+    tests read the order of the steps: `domubackup mount-in -- TREE PATH DEV T O` is
+    `mount -t T -o O -- DEV TREE/PATH`."""
+    if argv[:1] != ("domubackup",):
+        return argv
+    args = [a for a in argv[2:] if a not in ("--", "--mkdir")]
+    target = os.path.normpath(os.path.join(args[0], args[1].lstrip("/")))
+    if argv[1] == "mount-in":
+        return ("mount", "-t", args[3], "-o", args[4], "--", args[2], target)
+    if argv[1] == "umount-in":
+        return ("umount", "--", target)
+    return ("cat", "--", target)
 
 
 def setup(tmp_path, fixtures, fail_at=None, fail_undo=None):
@@ -104,7 +125,7 @@ def _inspect(config, name, runner, on_eligible=None):
 
 
 def opens_and_undos(log):
-    opens = [(h, a) for h, a in log if a[0] in MUTATING and a[:2] != ("kpartx", "-d")]
+    opens = [(h, a) for h, a in log if a[0] in MUTATING and a[:2] not in (("kpartx", "-d"), ("kpartx", "-l"))]
     undos = [(h, a) for h, a in log if a[0] in ("lvremove", "umount", "rmdir") or a[:2] == ("kpartx", "-d")]
     # `lvremove -f A B` (neighbouring snapshot undos in one command) counts as A's then B's
     undos = [(h, u) for h, a in undos for u in ([a] if a[0] != "lvremove" else [a[:2] + (lv,) for lv in a[2:]])]
@@ -162,11 +183,11 @@ def test_failing_undo_keeps_journal_and_runs_the_rest(tmp_path, fixtures, monkey
     config, local, peer, log = setup(tmp_path, fixtures, fail_undo=busy)
     out = run_backup(config, local, peer, monkeypatch)
     assert (out.status, out.exit_code) == ("ERROR", 4)
-    assert "teardown of web1: 1 undo step(s) failed" in out.error and "target is busy" in out.error
+    assert "teardown of web1: 1 undo step(s) failed" in out.error and "Device or resource busy" in out.error
     opens, undos = opens_and_undos(log)
     assert by_host(undos)["dom0a"][-1] == ("lvremove", "-f", "/dev/vg0/web1-disk-snap")  # the rest still ran
     j = Journal.load(tmp_path, "web1")
-    assert [e.undo for e in j.entries] == [busy]
+    assert [plain(e.undo) for e in j.entries] == [busy]
 
 
 
@@ -194,7 +215,7 @@ def test_peer_running_refused_before_anything_opens_there(tmp_path, fixtures, mo
     # The peer is checked while the local snapshots are taken; nothing is opened on the peer
     # before its check has passed, and what was opened here is closed again.
     config, local, peer, log = setup(tmp_path, fixtures)
-    peer.probes[("virsh", "-c", "test:///x", "domstate", "web1")] = (0, "running\n", "")
+    peer.probes[("virsh", "-c", "test:///x", "domstate", "--domain", "web1")] = (0, "running\n", "")
     out = run_backup(config, local, peer, monkeypatch)
     assert out.error == ("web1 is running on dom0b: refusing to overwrite the disks of a live DomU "
                          "(make sure web1 runs on one Dom0 only)")
@@ -290,7 +311,7 @@ def wait_in(host, prog, event, seen, first_only=True, where=None):
     real = host._execute
 
     def execute(argv, env, input, timeout):
-        if argv[0] == prog and (where is None or where(argv)) and not (first_only and seen):
+        if plain(argv)[0] == prog and (where is None or where(plain(argv))) and not (first_only and seen):
             seen.append(event.wait(5))
         return real(argv, env, input, timeout)
     host._execute = execute
@@ -301,7 +322,7 @@ def signal_on(host, prog, event, where=None):
 
     def execute(argv, env, input, timeout):
         result = real(argv, env, input, timeout)
-        if argv[0] == prog and (where is None or where(argv)):
+        if plain(argv)[0] == prog and (where is None or where(plain(argv))):
             event.set()
         return result
     host._execute = execute

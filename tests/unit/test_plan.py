@@ -38,8 +38,11 @@ def settings(extra=""):
 
 
 MOUNTS = '[domu.web1]\nmounts = { xvdb = "/srv", xvda5 = "/var", xvda1 = "/" }\n'
-SSH_E = ("ssh -p 22 -i /root/.ssh/id_ed25519 -o UserKnownHostsFile=/etc/domubackup/known_hosts "
-         "-o StrictHostKeyChecking=yes -o BatchMode=yes -o IdentitiesOnly=yes -o ConnectTimeout=10 "
+SSH_E = ("ssh -F none -p 22 -i /root/.ssh/id_ed25519 -o UserKnownHostsFile=/etc/domubackup/known_hosts "
+         "-o StrictHostKeyChecking=yes -o BatchMode=yes -o IdentitiesOnly=yes "
+         "-o GlobalKnownHostsFile=/dev/null -o UpdateHostKeys=no -o ControlMaster=no -o ControlPath=none "
+         "-o ForwardAgent=no -o ForwardX11=no -o ClearAllForwardings=yes -o PermitLocalCommand=no "
+         "-o ConnectTimeout=10 "
          "-o ServerAliveInterval=15 -o ServerAliveCountMax=3 -l root")
 EXPECTED = [
     ("snapshot", "local", "lvcreate --snapshot --size 256M --name web1-disk-snap /dev/vg0/web1-disk",
@@ -48,20 +51,26 @@ EXPECTED = [
      "lvremove -f /dev/vg0/web1-srv-snap"),
     ("map", "local", "kpartx -a -s -p p /dev/vg0/web1-disk-snap", "kpartx -d -p p /dev/vg0/web1-disk-snap"),
     ("mount", "local", "mkdir -p -- /mnt/domubackup/source/web1", "rmdir -- /mnt/domubackup/source/web1"),
-    ("mount", "local", "mount -t ext4 -o ro,nodev,nosuid,noexec -- /dev/mapper/vg0-web1--disk--snapp1 "
-     "/mnt/domubackup/source/web1", "umount -- /mnt/domubackup/source/web1"),
-    ("mount", "local", "mount -t ext4 -o ro,nodev,nosuid,noexec -- /dev/vg0/web1-srv-snap "
-     "/mnt/domubackup/source/web1/srv", "umount -- /mnt/domubackup/source/web1/srv"),
-    ("mount", "local", "mount -t xfs -o ro,nodev,nosuid,noexec,nouuid -- /dev/mapper/vg0-web1--disk--snapp5 "
-     "/mnt/domubackup/source/web1/var", "umount -- /mnt/domubackup/source/web1/var"),
+    ("mount", "local", "domubackup mount-in -- /mnt/domubackup/source/web1 / /dev/mapper/vg0-web1--disk--snapp1 "
+     "ext4 ro,nodev,nosuid,noexec,nosymfollow,errors=remount-ro",
+     "domubackup umount-in -- /mnt/domubackup/source/web1 / /dev/mapper/vg0-web1--disk--snapp1"),
+    ("mount", "local", "domubackup mount-in -- /mnt/domubackup/source/web1 /srv /dev/vg0/web1-srv-snap "
+     "ext4 ro,nodev,nosuid,noexec,nosymfollow,errors=remount-ro",
+     "domubackup umount-in -- /mnt/domubackup/source/web1 /srv /dev/vg0/web1-srv-snap"),
+    ("mount", "local", "domubackup mount-in -- /mnt/domubackup/source/web1 /var /dev/mapper/vg0-web1--disk--snapp5 "
+     "xfs ro,nodev,nosuid,noexec,nosymfollow,nouuid",
+     "domubackup umount-in -- /mnt/domubackup/source/web1 /var /dev/mapper/vg0-web1--disk--snapp5"),
     ("peer-map", "dom0b", "kpartx -a -s -p p /dev/vg0/web1-disk", "kpartx -d -p p /dev/vg0/web1-disk"),
     ("peer-mount", "dom0b", "mkdir -p -- /mnt/domubackup/target/web1", "rmdir -- /mnt/domubackup/target/web1"),
-    ("peer-mount", "dom0b", "mount -t ext4 -o rw,nodev,nosuid,noexec -- /dev/mapper/vg0-web1--diskp1 "
-     "/mnt/domubackup/target/web1", "umount -- /mnt/domubackup/target/web1"),
-    ("peer-mount", "dom0b", "mount -t ext4 -o rw,nodev,nosuid,noexec -- /dev/vg0/web1-srv "
-     "/mnt/domubackup/target/web1/srv", "umount -- /mnt/domubackup/target/web1/srv"),
-    ("peer-mount", "dom0b", "mount -t xfs -o rw,nodev,nosuid,noexec -- /dev/mapper/vg0-web1--diskp5 "
-     "/mnt/domubackup/target/web1/var", "umount -- /mnt/domubackup/target/web1/var"),
+    ("peer-mount", "dom0b", "domubackup mount-in -- /mnt/domubackup/target/web1 / /dev/mapper/vg0-web1--diskp1 "
+     "ext4 rw,nodev,nosuid,noexec,nosymfollow,errors=remount-ro",
+     "domubackup umount-in -- /mnt/domubackup/target/web1 / /dev/mapper/vg0-web1--diskp1"),
+    ("peer-mount", "dom0b", "domubackup mount-in --mkdir -- /mnt/domubackup/target/web1 /srv /dev/vg0/web1-srv "
+     "ext4 rw,nodev,nosuid,noexec,nosymfollow,errors=remount-ro",
+     "domubackup umount-in -- /mnt/domubackup/target/web1 /srv /dev/vg0/web1-srv"),
+    ("peer-mount", "dom0b", "domubackup mount-in --mkdir -- /mnt/domubackup/target/web1 /var /dev/mapper/vg0-web1--diskp5 "
+     "xfs rw,nodev,nosuid,noexec,nosymfollow",
+     "domubackup umount-in -- /mnt/domubackup/target/web1 /var /dev/mapper/vg0-web1--diskp5"),
     ("transfer", "local", f"rsync -aHAX --numeric-ids --delete --timeout=300 --stats -e '{SSH_E}' "
      "/mnt/domubackup/source/web1/ dom0b:/mnt/domubackup/target/web1/", None),
 ]
@@ -92,11 +101,11 @@ def test_without_fstab_the_plan_says_the_rest_is_decided_at_run_time():
     phases = [(s.phase, s.host) for s in plan.steps]
     assert ("inspect", LOCAL) in phases
     inspect = next(s for s in plan.steps if s.phase == "inspect")
-    assert inspect.argv == ("cat", "--", "/mnt/domubackup/source/web1/etc/fstab")
+    assert inspect.argv == ("domubackup", "read-in", "--", "/mnt/domubackup/source/web1", "/etc/fstab")
     assert any("come from the guest's /etc/fstab at run time" in n and "xvda5 (xfs), xvdb (ext4)" in n
                for n in plan.notes)
-    mounts = [s for s in plan.steps if s.argv[0] == "mount"]
-    assert [m.argv[-1] for m in mounts] == ["/mnt/domubackup/source/web1", "/mnt/domubackup/target/web1"]
+    mounts = [s for s in plan.steps if s.argv[:2] == ("domubackup", "mount-in")]
+    assert [m.argv[3:5] for m in mounts] == [("/mnt/domubackup/source/web1", "/"), ("/mnt/domubackup/target/web1", "/")]
 
 
 def test_fstab_by_uuid_label_and_device():
@@ -131,8 +140,10 @@ def test_no_root_fs_falls_back_to_named_directories():
     only_vfat = [replace(f, filesystems=(replace(SRV, fstype="vfat"),))]
     c = settings()
     plan = plan_backup("web1", only_vfat, c.settings_for("web1"), ("dom0b",))
-    assert [s.argv[-1] for s in plan.steps if s.phase == "mount"] == [
-        "/mnt/domubackup/source/web1", "/mnt/domubackup/source/web1/xvdb", "/mnt/domubackup/source/web1/xvdb"]
+    assert [s.argv[1:] for s in plan.steps if s.phase == "mount"] == [
+        ("-p", "--", "/mnt/domubackup/source/web1"), ("-p", "--", "/mnt/domubackup/source/web1/xvdb"),
+        ("mount-in", "--", "/mnt/domubackup/source/web1", "/xvdb", "/dev/vg0/web1-srv-snap", "vfat",
+         "ro,nodev,nosuid,noexec,nosymfollow")]
     assert plan.notes[0].startswith("no Linux root filesystem found")
 
 
