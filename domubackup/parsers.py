@@ -21,7 +21,7 @@ __all__ = [
     "parted_argv", "parted_human_argv", "parse_parted", "parse_parted_types", "parted_unrecognised",
     "blkid_argv", "parse_blkid", "fs_of",
     "parse_fstab",
-    "FINDMNT_COLUMNS", "findmnt_argv", "parse_findmnt", "parse_mountinfo", "parse_kpartx_list",
+    "FINDMNT_COLUMNS", "findmnt_argv", "parse_findmnt", "parse_kpartx_list",
     "parse_rsync_stats", "parse_rsync_itemize",
     "dm_snapshot_status_argv", "parse_dm_snapshot_status",
 ]
@@ -428,25 +428,6 @@ def parse_kpartx_list(text: str) -> list[str]:
             raise _bad("kpartx -l", line)
         names.append(m.group(1))
     return names
-
-
-# --------------------------------------------------------------------------------- mountinfo
-
-def parse_mountinfo(text: str) -> list[dict]:
-    """Parse /proc/PID/mountinfo (proc(5)): one dict per line with id, parent, dev
-    ("MAJ:MIN"), root, mountpoint, fstype and source; octal escapes (\\040) decoded."""
-    out = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        left, sep, right = line.partition(" - ")
-        f, r = left.split(" "), right.split(" ")
-        if not sep or len(f) < 6 or len(r) < 2 or not f[0].isdigit():
-            raise _bad("mountinfo", line)
-        dec = lambda x: _unescape_bytes(x, _OCTAL, 8)  # noqa: E731
-        out.append({"id": int(f[0]), "parent": int(f[1]), "dev": f[2], "root": dec(f[3]),
-                    "mountpoint": dec(f[4]), "fstype": r[0], "source": dec(r[1])})
-    return out
 
 
 # ------------------------------------------------------------------------------------- rsync

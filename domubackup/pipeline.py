@@ -404,7 +404,7 @@ class SnapshotWatch:
                 else:
                     delay, before = next_poll(delay, before, self.fill, self.settings.snapshot_extend_at,
                                               base=self.interval), self.fill
-            except DomuBackupError as e:
+            except Exception as e:  # noqa: BLE001 - a watch that dies silently would leave the run unwatched
                 problem = f"cannot watch the snapshots: {e}"
             if problem:
                 self.problem = problem

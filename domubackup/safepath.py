@@ -104,10 +104,38 @@ def open_dir(tree: str, parts: list[str], *, create: bool = False) -> int:
     return fd
 
 
+def _unoctal(field: str) -> str:
+    """mountinfo's octal escapes (\\040 for a space) decoded."""
+    if "\\" not in field:
+        return field
+    raw, out, i = os.fsencode(field), bytearray(), 0
+    while i < len(raw):
+        if raw[i:i + 1] == b"\\" and raw[i + 1:i + 4].isdigit() and len(raw[i + 1:i + 4]) == 3:
+            out.append(int(raw[i + 1:i + 4], 8) & 0xFF)
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def parse_mountinfo(text: str) -> list[dict]:
+    """Parse /proc/PID/mountinfo (proc(5)): one dict per line with id, parent, dev
+    ("MAJ:MIN"), root, mountpoint, fstype and source, escapes decoded. Here rather than in
+    parsers: the helpers must start fast (parsers' imports cost ~0.5 s under emulation)."""
+    out = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        f, r = left.split(" "), right.split(" ")
+        if not sep or len(f) < 6 or len(r) < 2 or not f[0].isdigit():
+            raise ValueError(f"malformed mountinfo line {line!r}")
+        out.append({"id": int(f[0]), "parent": int(f[1]), "dev": f[2], "root": _unoctal(f[3]),
+                    "mountpoint": _unoctal(f[4]), "fstype": r[0], "source": _unoctal(r[1])})
+    return out
+
+
 def mount_of(fd: int) -> dict | None:
     """The /proc/self/mountinfo record of the mount that descriptor FD is on."""
-    from .parsers import parse_mountinfo
-
     with open(f"/proc/self/fdinfo/{fd}") as f:
         mnt_id = next(int(line.split()[1]) for line in f if line.startswith("mnt_id:"))
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:

@@ -1,3 +1,4 @@
+import logging
 import pathlib
 
 import pytest
@@ -18,3 +19,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def fixtures():
     return FIXTURES
+
+
+@pytest.fixture
+def package_logger():
+    """The "domubackup" logger, put back as it was after the test (logs.setup(), which cli.main
+    calls, replaces its handlers and stops its propagation)."""
+    logger = logging.getLogger("domubackup")
+    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
+    yield logger
+    logger.handlers, logger.propagate = handlers, propagate
+    logger.setLevel(level)

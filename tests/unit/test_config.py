@@ -1,7 +1,7 @@
 import pytest
 
-from domubackup.config import load_config, parse_config
-from domubackup.errors import ConfigError
+from domubackup.config import check_domu_name, load_config, parse_config
+from domubackup.errors import ConfigError, NotEligibleError, UsageError
 
 BASE = 'dom0s = ["dom0a", "dom0b"]\n'
 
@@ -73,3 +73,35 @@ def test_missing_and_unreadable_file(tmp_path):
         load_config(str(tmp_path / "no-such.toml"))
     with pytest.raises(ConfigError, match=r": cannot read the configuration file: Is a directory"):
         load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["web1", "a", "W-1.prod_2+x", "0db", "a" * 64, "a.b"])
+def test_usable_domu_names(name):
+    assert check_domu_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "-rf", ".hidden", "_x", "a/b", "..", "a..b", "a b", "a\tb", "a\nb",
+                                  "web1\n", "a\0b", "a" * 65, "dé", "a=b", "a:b", "$(x)", None, 3])
+def test_unusable_domu_names(name):
+    with pytest.raises(NotEligibleError) as e:
+        check_domu_name(name)
+    assert str(e.value) == (f"{name!r} is not a usable DomU name: expected 1 to 64 letters, digits, '.', '_', "
+                            "'+' or '-', starting with a letter or digit, without '..'")
+    with pytest.raises(UsageError):
+        check_domu_name(name, UsageError)
+
+
+def test_domu_section_with_an_unusable_name():
+    assert error_of(BASE + '[domu."../etc"]\n') == (
+        "/etc/db.toml: domu.../etc: '../etc' is not a usable DomU name: expected 1 to 64 letters, digits, "
+        "'.', '_', '+' or '-', starting with a letter or digit, without '..'")
+    assert error_of(BASE + '[domu."a..b"]\n').startswith("/etc/db.toml: domu.a..b: 'a..b' is not a usable DomU name")
+
+
+def test_snapshot_extend_max():
+    assert parse(BASE).defaults.snapshot_extend_max == "50%ORIGIN"
+    c = parse(BASE + 'snapshot_extend_max = "4G"\n[domu.web1]\nsnapshot_extend_max = "80%ORIGIN"\n')
+    assert (c.defaults.snapshot_extend_max, c.settings_for("web1").snapshot_extend_max) == ("4G", "80%ORIGIN")
+    for bad in ("10%VG", "50%FREE", "lots", "", "-1G"):
+        assert error_of(BASE + f'[domu.web1]\nsnapshot_extend_max = "{bad}"\n') == (
+            f"/etc/db.toml: domu.web1.snapshot_extend_max: expected a size like '4G' or '50%ORIGIN', got {bad!r}")

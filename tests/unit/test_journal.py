@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from domubackup.errors import CommandError, PeerError, TeardownError
+from domubackup.errors import CommandError, DomuBackupError, PeerError, TeardownError
 from domubackup.journal import Journal, already_gone
 from domubackup.model import LOCAL, PEER, Result, Step
 from domubackup.runner import Runner
@@ -373,3 +373,91 @@ def test_a_failed_batch_is_retried_one_by_one_and_keeps_only_the_failure(tmp_pat
     assert e.value.failures == ["dom0a: `lvremove -f /dev/vg0/web1-disk-snap` exited 5: "
                                 "Logical volume vg0/web1-disk-snap contains a filesystem in use."]
     assert [x["undo"] for x in on_disk(tmp_path)["entries"]] == [["lvremove", "-f", "/dev/vg0/web1-disk-snap"]]
+
+
+def test_any_exception_of_an_undo_is_a_failure_and_the_other_undos_run(tmp_path):
+    # not only DomuBackupError: a bug in a runner (or an OSError of the machine) must not
+    # leave the rest of the teardown undone
+    j = journal_with_all_steps(tmp_path)
+    rs, calls = runners({("umount", "/run/domubackup/web1"): RuntimeError("runner bug"),
+                         ("rmdir", "/run/domubackup/web1"): OSError(24, "Too many open files")})
+    with pytest.raises(TeardownError) as e:
+        j.teardown(rs)
+    assert per_host(calls) == per_host(UNDO_ORDER)  # every undo was tried
+    assert e.value.failures == ["dom0a: `umount /run/domubackup/web1`: RuntimeError: runner bug",
+                                "dom0a: `rmdir /run/domubackup/web1`: OSError: [Errno 24] Too many open files"]
+    assert [x["undo"] for x in on_disk(tmp_path)["entries"]] == [["rmdir", "/run/domubackup/web1"],
+                                                                 ["umount", "/run/domubackup/web1"]]
+
+
+def test_a_batch_that_raises_is_retried_one_by_one(tmp_path):
+    both = ("lvremove", "-f", "/dev/vg0/web1-srv-snap", "/dev/vg0/web1-disk-snap")
+    rs, calls = runners({both: KeyError("x")})
+    two_snapshots(tmp_path).teardown(rs)
+    assert [a for _, a in calls] == [("rmdir", "/run/domubackup/web1"), both,
+                                     ("lvremove", "-f", "/dev/vg0/web1-srv-snap"),
+                                     ("lvremove", "-f", "/dev/vg0/web1-disk-snap")]
+    assert os.listdir(tmp_path / "journal") == []
+
+
+@pytest.mark.parametrize("host, argv, undo, problem", [
+    (LOCAL, ["mount", "/dev/x", "/t"], ("umount", "/t"), "argv ['mount', '/dev/x', '/t'] is not a non-empty tuple of strings"),
+    (LOCAL, (), ("umount", "/t"), "argv () is not a non-empty tuple of strings"),
+    (LOCAL, ("mount", 3), ("umount", "/t"), "argv ('mount', 3) is not a non-empty tuple of strings"),
+    (LOCAL, ("mount", "/dev/x", "/t"), (), "undo () is not a non-empty tuple of strings"),
+    (LOCAL, ("mount", "/dev/x", "/t"), "umount /t", "undo 'umount /t' is not a non-empty tuple of strings"),
+    (LOCAL, ("mount", "/dev/x", "/t\0"), ("umount", "/t"), "argv word '/t\\x00' contains a NUL character"),
+    (LOCAL, ("mount", "/dev/x", "/t"), ("umount", "/t\udcff"),
+     "undo word '/t\\udcff' is not valid UTF-8 (a lone surrogate)"),
+    (LOCAL, ("mount", "/dev/x", "/t"), ("-rf", "/"), "undo '-rf' is not a program name"),
+    (PEER, ("mount", "/dev/x", "/t"), ("LD_PRELOAD=/t/x.so", "umount", "/t"),
+     "undo 'LD_PRELOAD=/t/x.so' is not a program name"),
+    ("", ("mount", "/dev/x", "/t"), ("umount", "/t"), "host '' is not a host name"),
+    (None, ("mount", "/dev/x", "/t"), ("umount", "/t"), "host None is not a host name"),
+])
+def test_begin_refuses_a_step_that_is_not_argv_shaped_and_writes_nothing(tmp_path, host, argv, undo, problem):
+    j = Journal.create(tmp_path, "web1", "dom0b")
+    j.done(j.begin(STEPS[0]))
+    before = (tmp_path / "journal" / "web1.json").read_bytes()
+    with pytest.raises(ValueError) as e:
+        j.begin_many([STEPS[1], Step("mount", host, argv, undo)])
+    assert str(e.value) == f"journal of web1: refusing step 'mount' on {host!r} {argv!r}: {problem}"
+    assert (tmp_path / "journal" / "web1.json").read_bytes() == before  # none of the two
+    assert len(j.entries) == 1
+
+
+def test_begin_accepts_a_step_without_undo(tmp_path):
+    j = Journal.create(tmp_path, "web1", "dom0b")
+    assert j.begin(Step("check", LOCAL, ("blkid", "/dev/x"), None)) == 0
+
+
+@pytest.mark.parametrize("entry", [
+    {"phase": "mount", "host": "local", "argv": "rm -rf /", "undo": None},  # a string, not words
+    {"phase": "mount", "host": "local", "argv": ["mount"], "undo": "rm -rf /"},
+    {"phase": "mount", "host": "local", "argv": ["mount"], "undo": ["-rf", "/"]},
+    {"phase": "mount", "host": "local", "argv": ["mount"], "undo": ["X=1", "umount"]},
+    {"phase": "mount", "host": "local", "argv": ["mount"], "undo": ["umount", "/t\u0000"]},
+    {"phase": "mount", "host": "local", "argv": ["mount"], "undo": ["umount", "\udc80"]},
+    {"phase": "mount", "host": "local", "argv": ["mount"], "undo": ["umount", 1]},
+    {"phase": "mount", "host": "local", "argv": [], "undo": ["umount", "/t"]},
+    {"phase": "mount", "host": "", "argv": ["mount"], "undo": ["umount", "/t"]},
+    {"phase": "mount", "host": 1, "argv": ["mount"], "undo": ["umount", "/t"]},
+    {"phase": 1, "host": "local", "argv": ["mount"], "undo": ["umount", "/t"]},
+    {"phase": "mount", "host": "local", "argv": ["mount"], "undo": ["umount", "/t"], "state": "skip"},
+    {"phase": "mount", "host": "local", "undo": ["umount", "/t"]},
+    ["mount", "umount"],
+])
+def test_load_refuses_an_entry_that_is_not_of_the_written_shape(tmp_path, entry):
+    (tmp_path / "journal").mkdir()
+    good = {"phase": "map", "host": "local", "argv": ["kpartx", "-a", "/x"], "undo": ["kpartx", "-d", "/x"]}
+    (tmp_path / "journal" / "web1.json").write_text(json.dumps({"domu": "web1", "entries": [good, entry]}))
+    with pytest.raises(DomuBackupError) as e:
+        Journal.load(tmp_path, "web1")
+    assert e.value.message.startswith(f"the journal {tmp_path}/journal/web1.json is unreadable: ")
+    assert e.value.hint == "undo its steps by hand, then remove it"
+
+
+def test_load_accepts_what_begin_wrote(tmp_path):
+    journal_with_all_steps(tmp_path)
+    loaded = Journal.load(tmp_path, "web1")
+    assert [(e.host, e.argv, e.undo) for e in loaded.entries] == [(s.host, s.argv, s.undo) for s in STEPS]

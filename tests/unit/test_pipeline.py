@@ -383,3 +383,181 @@ def test_peer_unreachable_after_probes_started_leaves_nothing(tmp_path, fixtures
 def test_next_poll(delay, before, now, expected):
     got = pipeline.next_poll(delay, before, now, 80.0)
     assert got == pytest.approx(expected)
+
+
+def test_unexpected_exception_ends_that_domu_only_and_the_night_goes_on(tmp_path, fixtures, monkeypatch, capsys,
+                                                                          package_logger):
+    # web1's rsync prints stats its parser refuses (a ValueError, not a DomuBackupError): web1
+    # ends ERROR with everything closed, the traceback in its run log only, one line on
+    # stderr; web2 is backed up next as if nothing happened.
+    import argparse
+    from domubackup import cli, logs
+    from domubackup.catalog import Catalog
+    config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n'
+                          'job_hook = "/etc/domubackup/job-hook"\n', hostname="dom0a", default_uri="test:///default")
+    _, local, peer, log = setup(tmp_path, fixtures)
+    real = local._execute
+
+    def execute(argv, env, input, timeout):
+        if argv[0] == "rsync" and argv[-1].endswith("/web1/"):
+            return 0, "Number of files: 2.01M\n", ""
+        return real(argv, env, input, timeout)
+    local._execute = execute
+    monkeypatch.setattr(pipeline, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
+    backup = pipeline.backup
+    monkeypatch.setattr(pipeline, "backup", lambda *a, **kw: backup(*a, factory=lambda host, ssh: peer, **kw))
+    logs.setup(0, syslog=False)
+    code = cli.run_backups(config, argparse.Namespace(domus=["web1", "web2"], verbose=0), local)
+    out, err = capsys.readouterr()
+    with Catalog.in_state_dir(tmp_path) as catalog:
+        web1, = catalog.runs(domu="web1")
+        web2, = catalog.runs(domu="web2")
+    why = ("web1: internal error: ValueError: malformed rsync --stats line 'Number of files: 2.01M': "
+           f"number not plain (rsync -h output? use --no-h); the traceback is in {web1.log_path}")
+    assert code == 1
+    assert err == f"domubackup: {why}\n"
+    assert (web1.status, web1.error, web2.status, web2.error) == ("ERROR", why, "OK", "")
+    assert out.splitlines()[0].startswith("web1: ERROR in ") and out.splitlines()[0].endswith(f": {why}")
+    assert out.splitlines()[1].startswith("web2: OK in ")
+    text = open(web1.log_path, encoding="utf-8").read()
+    assert f" ERROR {why}\n    Traceback (most recent call last):\n" in text
+    assert "\n    ValueError: malformed rsync --stats line 'Number of files: 2.01M'" in text
+    hooks = [a[1] for h, a in log if a[0] == "/etc/domubackup/job-hook"]
+    assert hooks == ["job-start", "backup-start", "backup-abort", "backup-start", "backup-end", "job-end"]
+    # web1's teardown ran in full before web2 started: each undo of each opened step
+    abort = log.index(("dom0a", ("/etc/domubackup/job-hook", "backup-abort")))
+    opens, undos = opens_and_undos(log[:abort])
+    assert len(opens) == 12
+    assert by_host(undos) == by_host([(h, UNDO[a[0]](a)) for h, a in reversed(opens)])
+    assert Journal.load(tmp_path, "web1") is None and Journal.load(tmp_path, "web2") is None
+    assert any(a[0] == "rsync" and a[-1].endswith("/web2/") for h, a in log[abort:])
+
+
+def test_keyboard_interrupt_is_not_contained(tmp_path, fixtures, monkeypatch):
+    config, local, peer, log = setup(tmp_path, fixtures)
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "inspect", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.backup(config, "web1", None, local, factory=lambda host, ssh: peer)
+
+
+def test_a_domu_name_from_libvirt_that_cannot_name_files_is_skipped(tmp_path, fixtures):
+    config, local, peer, log = setup(tmp_path, fixtures)
+    out = pipeline.backup(config, "../web1", None, local, factory=lambda host, ssh: peer)
+    assert (out.status, out.exit_code, out.not_here) == ("SKIPPED", 3, False)
+    assert out.error == ("'../web1' is not a usable DomU name: expected 1 to 64 letters, digits, '.', '_', '+' "
+                         "or '-', starting with a letter or digit, without '..'")
+    assert log == [] and not (tmp_path / "lock").exists()
+
+
+MiB = 1024 * 1024
+SRV_SNAP = "/dev/vg0/web1-srv-snap"
+
+
+def dm_line(path, percent):
+    vg, lv = path.split("/")[-2:]
+    return f"{vg}-{lv.replace('-', '--')}: 0 2457600 snapshot {int(524288 * percent / 100 + 0.5)}/524288 16\n"
+
+
+class WatchHost(Runner):
+    """A host with one snapshot (SRV_SNAP of vg0/web1-srv) at PERCENT full: lvs, dmsetup and
+    lvextend only."""
+
+    def __init__(self, snap_size, origin_size=1024 * MiB, percent=85.0, free=4096 * MiB):
+        super().__init__("dom0a")
+        self.snap_size, self.origin_size, self.percent, self.free = snap_size, origin_size, percent, free
+        self.calls = []
+
+    def _execute(self, argv, env, input, timeout):
+        self.calls.append(argv)
+        if argv[0] == "dmsetup":
+            return 0, dm_line(SRV_SNAP, self.percent), ""
+        if argv[0] == "lvs" and argv[-1] == SRV_SNAP:
+            return 0, (f"  vg0|web1-srv-snap|{self.snap_size}|swi-a-s---|web1-srv|{self.percent:.2f}|"
+                       f"{self.free}|{SRV_SNAP}\n"), ""
+        if argv[0] == "lvs" and argv[-1] == "/dev/vg0/web1-srv" and self.origin_size:
+            return 0, f"  vg0|web1-srv|{self.origin_size}|owi-aos---|||{self.free}|/dev/vg0/web1-srv\n", ""
+        if argv[0] == "lvs":
+            return 5, "", f'  Failed to find logical volume "{argv[-1][5:]}"\n'
+        if argv[0] == "lvextend":
+            return 0, "", ""
+        raise AssertionError(argv)
+
+
+def watch_settings(extra=""):
+    return parse_config('dom0s = ["dom0a", "dom0b"]\nsnapshot_size = "256M"\n' + extra,
+                        hostname="dom0a", default_uri="test:///x").settings_for("web1")
+
+
+EXTEND = ("lvextend", "--size", "+256M", SRV_SNAP)
+
+
+@pytest.mark.parametrize("extra, snap_size, problem", [
+    # 50 % of the 1024 MiB origin = 512 MiB: 256 + 256 fits, 384 + 256 does not
+    ("", 256 * MiB, None),
+    ("", 384 * MiB, f"snapshot {SRV_SNAP} is 85.0% full and has reached snapshot_extend_max "
+                    "(50%ORIGIN = 512.0 MiB): the guest writes faster than the snapshot may grow "
+                    "(384.0 MiB now, 256M more would pass it)"),
+    ('snapshot_extend_max = "600M"\n', 256 * MiB, None),
+    ('snapshot_extend_max = "600M"\n', 512 * MiB,
+     f"snapshot {SRV_SNAP} is 85.0% full and has reached snapshot_extend_max (600M): the guest writes "
+     "faster than the snapshot may grow (512.0 MiB now, 256M more would pass it)"),
+])
+def test_snapshot_extends_up_to_snapshot_extend_max(extra, snap_size, problem):
+    host = WatchHost(snap_size)
+    watch = pipeline.SnapshotWatch(host, [SRV_SNAP], watch_settings(extra))
+    assert watch.check() == problem
+    assert (EXTEND in host.calls, watch.extended) == (problem is None, problem is None)
+    # the origin's size is asked only for a share of it
+    assert (tuple(parsers.lvs_argv("/dev/vg0/web1-srv")) in host.calls) == ("%ORIGIN" in (extra or "%ORIGIN"))
+
+
+def test_a_share_of_an_origin_that_cannot_be_found_does_not_extend():
+    host = WatchHost(256 * MiB, origin_size=0)
+    watch = pipeline.SnapshotWatch(host, [SRV_SNAP], watch_settings())
+    assert watch.check() == (f"snapshot {SRV_SNAP} is 85.0% full and its origin's size is not known: "
+                             '/dev/vg0/web1-srv disappeared (Failed to find logical volume "vg0/web1-srv")')
+    assert EXTEND not in host.calls
+
+
+def test_the_vg_without_room_is_still_a_problem_under_the_cap():
+    host = WatchHost(256 * MiB, free=100 * MiB)
+    watch = pipeline.SnapshotWatch(host, [SRV_SNAP], watch_settings())
+    assert watch.check() == (f"snapshot {SRV_SNAP} is 85.0% full and volume group vg0 has no room "
+                             "to extend it by 256M")
+    assert EXTEND not in host.calls
+
+
+def test_a_snapshot_at_snapshot_extend_max_stops_the_run_cleanly(tmp_path, fixtures, monkeypatch):
+    # web1-srv (128 MiB) has a 256 MiB snapshot: past 50%ORIGIN already, it may not grow. The
+    # watch stops rsync (runner.cancel); the run ends ERROR with everything closed.
+    import functools
+    import threading
+    config, local, peer, log = setup(tmp_path, fixtures)
+    cancelled, transferring = threading.Event(), threading.Event()
+    local.cancel = cancelled.set
+    real = local._execute
+
+    def execute(argv, env, input, timeout):
+        if argv[0] == "rsync":
+            transferring.set()
+            cancelled.wait(10)
+            return 20, "", "rsync error: received SIGUSR1 (code 20)\n"
+        if argv[0] == "dmsetup" and transferring.is_set():
+            return 0, dm_line("/dev/vg0/web1-disk-snap", 1.5) + dm_line(SRV_SNAP, 85.0), ""
+        if argv[0] == "lvs" and argv[-1] == SRV_SNAP:
+            return 0, f"  vg0|web1-srv-snap|{256 * MiB}|swi-a-s---|web1-srv|85.00|{4096 * MiB}|{SRV_SNAP}\n", ""
+        return real(argv, env, input, timeout)
+    local._execute = execute
+    monkeypatch.setattr(pipeline, "SnapshotWatch", functools.partial(pipeline.SnapshotWatch, interval=0.05))
+    out = run_backup(config, local, peer, monkeypatch)
+    assert (out.status, out.exit_code, cancelled.is_set()) == ("ERROR", 1, True)
+    assert out.error == (f"web1: snapshot {SRV_SNAP} is 85.0% full and has reached snapshot_extend_max "
+                         "(50%ORIGIN = 64.0 MiB): the guest writes faster than the snapshot may grow "
+                         "(256.0 MiB now, 256M more would pass it) (raise snapshot_size, or back up at a quieter time)")
+    assert not any(a[0] == "lvextend" for h, a in log)
+    opens, undos = opens_and_undos(log)
+    assert by_host(undos) == by_host([(h, UNDO[a[0]](a)) for h, a in reversed(opens)])
+    assert Journal.load(tmp_path, "web1") is None

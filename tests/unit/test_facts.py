@@ -1,0 +1,59 @@
+"""facts: output that a parser refuses (it may carry the guest's labels and names) is an
+InspectError naming the disk or device and the host, never a bare ValueError."""
+
+import pathlib
+import sys
+
+import pytest
+
+from domubackup import facts, parsers
+from domubackup.errors import InspectError
+from domubackup.model import Disk
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from replay import ReplayRunner  # noqa: E402
+
+DEV = "/dev/vg0/web1-srv"
+LVS_OK = f"  vg0|web1-srv|134217728|-wi-ao----|||2147483648|{DEV}\n"
+PARTED_BAD = f"BYT;\n{DEV}:134217728B:dm:512:512:gpt::;\n1:17408B:huge:1B:ext4:root:;\n"
+
+
+def error_of(fn, table):
+    with pytest.raises(InspectError) as e:
+        fn(ReplayRunner(table, host="dom0b"))
+    return str(e.value)
+
+
+def test_lvs_of_the_vgs():
+    table = {tuple(parsers.lvs_argv("vg0")): (0, "  vg0|web1\n", "")}
+    assert error_of(lambda r: facts.list_lvs(r, [DEV]), table) == (
+        "cannot read the output of `lvs` for vg0 on dom0b: malformed lvs line '  vg0|web1': expected 8 fields, got 2")
+
+
+def test_lvs_of_one_lv():
+    table = {tuple(parsers.lvs_argv(DEV)): (0, "  vg0|web1\n", "")}
+    assert error_of(lambda r: facts.probe_lv(r, DEV, "xvdb"), table) == (
+        f"xvdb: cannot read the output of `lvs` for {DEV} on dom0b: malformed lvs line '  vg0|web1': "
+        "expected 8 fields, got 2")
+
+
+def test_parted():
+    table = {tuple(parsers.parted_argv(DEV)): (0, PARTED_BAD, "")}
+    assert error_of(lambda r: facts.probe_table(r, DEV, 134217728), table) == (
+        f"cannot read the output of `parted` for {DEV} on dom0b: malformed parted line "
+        "'1:17408B:huge:1B:ext4:root:;': not a byte value 'huge' (use 'unit B')")
+
+
+@pytest.mark.parametrize("offset, size, at", [(None, None, ""), (1048576, 104857600, " at offset 1048576")])
+def test_blkid(offset, size, at):
+    table = {tuple(parsers.blkid_argv(DEV, offset, size)): (0, "garbage line\n", "")}
+    assert error_of(lambda r: facts.probe_fs(r, DEV, "xvdb", 1 if offset else None, offset, size), table) == (
+        f"xvdb: cannot read the output of `blkid` for {DEV}{at} on dom0b: malformed blkid line 'garbage line': "
+        "expected KEY=value")
+
+
+def test_probe_disk_passes_the_error_on():
+    table = {tuple(parsers.lvs_argv(DEV)): (0, LVS_OK, ""), tuple(parsers.parted_argv(DEV)): (0, PARTED_BAD, "")}
+    disk = Disk(type="block", device="disk", source=DEV, target="xvdb")
+    with pytest.raises(InspectError, match=r"^cannot read the output of `parted` for /dev/vg0/web1-srv on dom0b: "):
+        facts.probe_disk(ReplayRunner(table, host="dom0b"), disk)
