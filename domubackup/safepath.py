@@ -187,7 +187,10 @@ def umount_in(tree: str, path: str, dev: str) -> None:
     real = os.path.realpath(tree)
     target = os.path.join(real, *parts)
     if parts:
-        parent, name = open_dir(tree, parts[:-1]), parts[-1]
+        try:
+            parent, name = open_dir(tree, parts[:-1]), parts[-1]
+        except Refused as e:  # mount_in never mounts across a symlink: nothing of ours is there
+            raise Refused(f"{shown(target)}: not mounted ({e})", EXIT_NOT_MOUNTED) from None
     else:  # the tree root itself: the tool's own directory, looked up from its parent
         parent, name = os.open(os.path.dirname(real), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), \
             os.path.basename(real)
@@ -196,8 +199,8 @@ def umount_in(tree: str, path: str, dev: str) -> None:
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent)
         except FileNotFoundError:
             raise Refused(f"{shown(target)}: not mounted (no such directory)", EXIT_NOT_MOUNTED) from None
-        except OSError as e:
-            raise Refused(f"{shown(target)}: {e.strerror} (not followed)") from None
+        except OSError as e:  # a symlink, or not a directory: mount_in never mounts there
+            raise Refused(f"{shown(target)}: not mounted ({e.strerror}; not followed)", EXIT_NOT_MOUNTED) from None
         try:
             wrong = _is_the_mount(mount_of(fd), fd, target, dev)
         finally:

@@ -24,10 +24,10 @@ def domubackup(lab, *args, vm="dom0a", check=False, timeout=900):
     return lab.ssh(vm, ["domubackup", *args], check=check, timeout=timeout)
 
 
-def start_paused(lab, phase, args="run web1", vm="dom0a"):
+def start_paused(lab, phase, args="run web1", vm="dom0a", domu="web1"):
     """Start `domubackup ARGS` in the background, held before the first step of PHASE.
     Returns its PID once it waits there."""
-    flag = f"{STATE}/pause/web1.{phase}"
+    flag = f"{STATE}/pause/{domu}.{phase}"
     r = lab.ssh(vm, f"rm -f {flag}; DOMUBACKUP_TEST_PAUSE={phase} setsid domubackup {args} "
                     f"> /tmp/paused.out 2>&1 < /dev/null & echo $!")
     pid = int(r.stdout.strip())
@@ -41,9 +41,9 @@ def start_paused(lab, phase, args="run web1", vm="dom0a"):
     raise AssertionError(f"no pause at {phase}")
 
 
-def release(lab, phase, pid, vm="dom0a", timeout=600):
+def release(lab, phase, pid, vm="dom0a", timeout=600, domu="web1"):
     """Let a paused run go on; wait for it and return (its exit status, its output)."""
-    lab.ssh(vm, ["rm", "-f", f"{STATE}/pause/web1.{phase}"])
+    lab.ssh(vm, ["rm", "-f", f"{STATE}/pause/{domu}.{phase}"])
     deadline = time.monotonic() + timeout
     while lab.ssh(vm, ["kill", "-0", str(pid)], check=False).returncode == 0:
         if time.monotonic() > deadline:
