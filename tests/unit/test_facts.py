@@ -57,3 +57,45 @@ def test_probe_disk_passes_the_error_on():
     disk = Disk(type="block", device="disk", source=DEV, target="xvdb")
     with pytest.raises(InspectError, match=r"^cannot read the output of `parted` for /dev/vg0/web1-srv on dom0b: "):
         facts.probe_disk(ReplayRunner(table, host="dom0b"), disk)
+
+
+def web1_disk_facts(fixtures):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "integration"))
+    from test_plan_cli import web1_probes
+    runner = ReplayRunner(web1_probes(fixtures))
+    disk = Disk("block", "disk", "/dev/vg0/web1-disk", "xvda", "xen", "phy")
+    return facts.probe_disk(runner, disk), web1_probes(fixtures)
+
+
+KPARTX = "".join(f"vg0-web1--disk--snapp{n} : 0 2048 /dev/vg0/web1-disk-snap 2048\n" for n in (1, 2, 5, 6))
+
+
+def snap_table(probes, **changes):
+    """The origin's probes, as the snapshot's: same outputs, with CHANGES (argv suffix -> output)."""
+    table = {tuple(a.replace("web1-disk", "web1-disk-snap") for a in k): v for k, v in probes.items()}
+    table[("kpartx", "-l", "-p", "p", "/dev/vg0/web1-disk-snap")] = (0, changes.pop("kpartx", KPARTX), "")
+    return table
+
+
+def test_the_snapshot_must_hold_what_was_probed(fixtures):
+    f, probes = web1_disk_facts(fixtures)
+    snap = "/dev/vg0/web1-disk-snap"
+    facts.check_snapshot(ReplayRunner(snap_table(probes)), f, snap)  # unchanged: fine
+    facts.check_mappable(ReplayRunner(snap_table(probes)), f, snap, "vg0-web1--disk--snap", "p")
+    # the guest made its /var partition an LVM PV after the probe: refused before any mapping
+    table = snap_table(probes)
+    table[tuple(parsers.blkid_argv(snap, 106954752, 417333248))] = (0, "TYPE=LVM2_member\nUSAGE=raid\n", "")
+    with pytest.raises(InspectError, match="xvda5: holds a guest LVM physical volume"):
+        facts.check_snapshot(ReplayRunner(table), f, snap)
+    table[tuple(parsers.blkid_argv(snap, 106954752, 417333248))] = (0, "TYPE=ext4\n", "")
+    with pytest.raises(InspectError, match="xvda: the disk changed between the probe and its snapshot"):
+        facts.check_snapshot(ReplayRunner(table), f, snap)
+
+
+def test_kpartx_must_not_map_more_than_was_probed(fixtures):
+    # a BSD label nested in a partition: kpartx would map its slices, which udev then probes
+    f, probes = web1_disk_facts(fixtures)
+    nested = KPARTX + "vg0-web1--disk--snapp7 : 0 1024 /dev/vg0/web1-disk-snap 4096\n"
+    with pytest.raises(InspectError, match="kpartx would map vg0-web1--disk--snapp7 on dom0a, which the partition table that was probed does not show.*not mapped"):
+        facts.check_mappable(ReplayRunner(snap_table(probes, kpartx=nested)), f, "/dev/vg0/web1-disk-snap",
+                             "vg0-web1--disk--snap", "p")

@@ -295,6 +295,9 @@ MALFORMED = [
     (P.parse_blkid, "TYPE=ext4\nTYPE=xfs\n", "TYPE=xfs"),
     (P.parse_fstab, "# ok\n/dev/a /x\n", "/dev/a /x"),
     (P.parse_fstab, "/dev/a /x ext4 defaults zero 2\n", "zero"),
+    (P.parse_fstab, "LABEL=r / ext4 defaults\0 0 1\n", "NUL byte"),
+    (P.parse_fstab, "/dev/a /" + "x" * 9000 + " ext4\n", f"longer than {P.FSTAB_LINE_MAX} characters"),
+    (P.parse_kpartx_list, "vg0-ap1 : 0 2048 /dev/vg0/a 2048\nvg0-ap2 : zero\n", "vg0-ap2 : zero"),
     (P.parse_findmnt, "/a /dev/x ext4\n", "/a /dev/x ext4"),
     (P.parse_findmnt, "/a b /dev/x ext4 rw\n", "/a b /dev/x ext4 rw"),
     (P.parse_findmnt, '{"filesystems": [{"target": "/"}]}', '"target": "/"'),
@@ -343,3 +346,14 @@ def test_find_lv_by_any_path_form():
     for path in ("/dev/my-vg/web1-disk", "/dev/mapper/my--vg-web1--disk"):
         assert find_lv(lvs, path).lv == "web1-disk"
     assert find_lv(lvs, "/dev/my-vg/web1") is None and find_lv(None, "/dev/my-vg/web1-disk") is None
+
+
+def test_parse_kpartx_list():
+    # captured in the lab (kpartx 0.9.4): logical partitions are relative to their extended one
+    text = ("vg0-web1--diskp1 : 0 819200 /dev/vg0/web1-disk 2048\n"
+            "vg0-web1--diskp2 : 0 2 /dev/vg0/web1-disk 821248\n"
+            "vg0-web1--diskp5 : 0 1327104 /dev/dm-1 2048\n"
+            "vg0-web1--diskp6 : 0 305152 /dev/dm-1 1331200\n")
+    assert P.parse_kpartx_list(text) == ["vg0-web1--diskp1", "vg0-web1--diskp2", "vg0-web1--diskp5",
+                                         "vg0-web1--diskp6"]
+    assert P.parse_kpartx_list("") == []
