@@ -73,6 +73,26 @@ def read_in(tree: str, path: str) -> tuple[str, ...]:
     return (HELPER, "read-in", "--", tree, path)
 
 
+def batch_key(argv) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+    """(what a command shares with the neighbours it can run as one command with, the words it
+    adds to that command); (None, ()) when it runs alone. `lvremove -f LV...` (each LVM command
+    costs seconds on a busy Dom0) and the safepath mounts and unmounts of one tree (one helper
+    start per host instead of one per filesystem on the peer)."""
+    argv = tuple(argv)
+    if len(argv) == 3 and argv[:2] == ("lvremove", "-f"):
+        return argv[:2], argv[2:]
+    if argv[:2] in ((HELPER, "mount-in"), (HELPER, "umount-in")) and "--" in argv:
+        i = argv.index("--") + 2  # ... -- TREE
+        return argv[:i], argv[i:]
+    return None, ()
+
+
+def batched(argvs) -> tuple[str, ...]:
+    """One command for neighbouring commands of the same batch_key, in their order."""
+    key = batch_key(argvs[0])[0]
+    return key + tuple(w for a in argvs for w in batch_key(a)[1])
+
+
 def umount(target: str) -> tuple[str, ...]:
     return ("umount", "--", target)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from .errors import DomuBackupError, PeerError, TeardownError
+from .commands import HELPER, batch_key, batched
 from .lock import state_file
 from .model import PEER, Result, Step
 
@@ -78,18 +79,17 @@ GONE_TABLE: tuple[tuple[str, str | None, tuple[int, ...] | None, tuple[str, ...]
 )
 
 
-BATCH_PREFIX = ("lvremove", "-f")
-
-
-def _batchable(undo) -> bool:
-    return undo is not None and len(undo) == 3 and tuple(undo[:2]) == BATCH_PREFIX
-
-
 def _groups(entries):
-    """The (index, entry) pairs in order, neighbouring `lvremove -f LV` undos in one group."""
+    """The (index, entry) pairs in order, neighbouring undos that can run as one command
+    (commands.batch_key: `lvremove -f LV`, and the safepath unmounts of one tree whose mounts
+    are known to have happened: a pending one may find nothing, and runs alone) in one group."""
     groups: list[list] = []
     for pair in entries:
-        if groups and _batchable(pair[1].undo) and _batchable(groups[-1][-1][1].undo):
+        key = batch_key(pair[1].undo)[0] if pair[1].undo is not None else None
+        if key is not None and key[0] == HELPER and pair[1].state != DONE:
+            key = None
+        if groups and key is not None and key == batch_key(groups[-1][-1][1].undo)[0] \
+                and (key[0] != HELPER or groups[-1][-1][1].state == DONE):
             groups[-1].append(pair)
         else:
             groups.append([pair])
@@ -366,15 +366,15 @@ class Journal:
 
     def _undo_all(self, entries, runner) -> tuple[list[Result], list[tuple[int, Entry, str]]]:
         """Undo (index, entry) pairs in the given order on one host; (results, failures).
-        Neighbouring `lvremove -f LV` undos run as one `lvremove -f LV LV...` (each LVM
-        command costs seconds on a busy or slow Dom0); when that fails, each runs alone.
+        Neighbouring undos run as one command (commands.batch_key); when that fails, each runs
+        alone, but for the unmounts that the failed batch said it did ("unmounted PATH").
         Once the host cannot be reached (PeerError), its later undos are not tried: each would
         wait the connect timeout again; they are reported and kept like every failure."""
         results, failed = [], []
         lost = False  # this host cannot be reached
         for group in _groups(entries):
             if len(group) > 1 and runner is not None:
-                argv = BATCH_PREFIX + tuple(e.undo[-1] for _, e in group)
+                argv = batched([e.undo for _, e in group])
                 try:
                     result = runner.run(argv, check=False)
                 except Exception:  # noqa: BLE001 - each one runs alone below, and says why
@@ -382,7 +382,10 @@ class Journal:
                 if result is not None and result.exit_code == 0:
                     results.append(result)
                     continue
-                log.info("%s: `%s` failed: removing one by one", runner.host, shlex.join(argv))
+                log.info("%s: `%s` failed: one by one", runner.host, shlex.join(argv))
+                if result is not None and argv[:2] == (HELPER, "umount-in"):
+                    done = set(result.stdout.splitlines())
+                    group = [(i, e) for i, e in group if f"unmounted {e.undo[-2]}" not in done]
             for i, entry in group:
                 if lost:
                     why = f"{runner.host}: `{shlex.join(entry.undo)}` not run: {runner.host} unreachable"

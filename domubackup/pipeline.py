@@ -173,8 +173,23 @@ class Session:
         return result
 
     def open_all(self, steps):
-        for s in steps:
-            self.open(s)
+        """Open steps in order; a host's neighbouring safepath mounts of one tree run as one
+        helper command (commands.batch_key), journaled before it like a single step."""
+        steps, i = list(steps), 0
+        while i < len(steps):
+            key = cmd.batch_key(steps[i].argv)[0] if steps[i].argv[:2] == (cmd.HELPER, "mount-in") else None
+            j = i + 1
+            while key is not None and j < len(steps) and steps[j].host == steps[i].host \
+                    and cmd.batch_key(steps[j].argv)[0] == key:
+                j += 1
+            if j - i == 1:
+                self.open(steps[i])
+            else:
+                test_pause(steps[i].phase, self.journal, self.paused)
+                recorded = self.journal.begin_many(steps[i:j])
+                self.runners[steps[i].host].run(cmd.batched([s.argv for s in steps[i:j]]), timeout=self.timeout)
+                self.journal.done_many(recorded)
+            i = j
 
     def open_prerecorded(self, steps) -> None:
         """Open steps whose entries are already in the journal (`journal.begin_many`): only

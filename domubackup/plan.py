@@ -231,7 +231,7 @@ def mount_steps(mounts: list[Mount], facts: list[DiskFacts], settings: Settings,
         steps.append(Step(phase, host,
                           cmd.mount_in(root, m.mountpoint, dev, fstype,
                                        mount_options(fstype, local=local, read_only=read_only),
-                                       mkdir=not local and m.mountpoint != "/"),
+                                       mkdir=not local),
                           cmd.umount_in(root, m.mountpoint, dev),
                           note=f"{m.filesystem.name} ({fstype}) at {m.mountpoint}"))
     return steps

@@ -29,6 +29,7 @@ import sys
 
 MAX_PATH = 4096
 MAX_NAME = 255
+MOUNT_TIMEOUT = 600  # seconds for one mount(8) (an ext4 journal replay on a slow disk)
 READ_LIMIT = 1024 * 1024  # read-in: at most this many bytes (an fstab is a few hundred)
 UMOUNT_NOFOLLOW = 8  # umount2(2)
 EXIT_REFUSED, EXIT_MISSING, EXIT_NOT_MOUNTED, EXIT_USAGE = 1, 2, 32, 64
@@ -165,11 +166,14 @@ def mount_in(tree: str, path: str, dev: str, fstype: str, options: str, *, mkdir
     fd = open_dir(tree, parts, create=mkdir)
     try:
         res = subprocess.run(["mount", "--no-canonicalize", "-t", fstype, "-o", options, "--", dev,
-                              f"/proc/self/fd/{fd}"], pass_fds=(fd,), stdin=subprocess.DEVNULL)
+                              f"/proc/self/fd/{fd}"], pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, errors="replace", timeout=MOUNT_TIMEOUT)
     finally:
         os.close(fd)
     if res.returncode:
-        raise Refused(f"mount of {dev} on {shown(target)} failed (mount exited {res.returncode})", res.returncode)
+        why = " | ".join(line.strip() for line in res.stderr.strip().splitlines()[:3])
+        raise Refused(f"mount of {dev} on {shown(target)} failed (mount exited {res.returncode}"
+                      + (f": {why})" if why else ")"), res.returncode)
     fd = open_dir(tree, parts)
     try:
         wrong = _is_the_mount(mount_of(fd), fd, target, dev)
@@ -253,13 +257,18 @@ def read_in(tree: str, path: str, limit: int = READ_LIMIT) -> bytes:
     return data
 
 
-USAGE = """usage: domubackup mount-in [--mkdir] -- TREE PATH DEV FSTYPE OPTIONS
-       domubackup umount-in -- TREE PATH DEV
+USAGE = """usage: domubackup mount-in [--mkdir] -- TREE PATH DEV FSTYPE OPTIONS [PATH DEV FSTYPE OPTIONS]...
+       domubackup umount-in -- TREE PATH DEV [PATH DEV]...
        domubackup read-in [--max BYTES] -- TREE PATH"""
+ARITY = {"mount-in": 4, "umount-in": 2, "read-in": 1}  # words per item after TREE
 
 
-def main(argv: list[str]) -> int:
-    """The helper commands (argv[0] is the command name); messages on stderr."""
+def execute(argv: list[str]) -> tuple[int, bytes, str]:
+    """Run one helper command (argv[0] is its name): (exit code, stdout, stderr). mount-in and
+    umount-in take several items (one command for a host's neighbouring steps), done in order;
+    the first failure stops them; each item done is told on stdout ("mounted PATH",
+    "unmounted PATH"), so that a caller knows how far a failed batch got. Used in-process by the
+    local runner and by ``main`` (the program, on the peer)."""
     command, args = argv[0], list(argv[1:])
     flags = {}
     while args and args[0] != "--":
@@ -273,22 +282,32 @@ def main(argv: list[str]) -> int:
             break
     if args[:1] == ["--"]:
         args.pop(0)
-    want = {"mount-in": 5, "umount-in": 3, "read-in": 2}[command]
-    if len(args) != want or ("mkdir" in flags and command != "mount-in") or \
-            ("limit" in flags and command != "read-in"):
-        print(USAGE, file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        if command == "mount-in":
-            mount_in(*args, mkdir=flags.get("mkdir", False))
-        elif command == "umount-in":
-            umount_in(*args)
-        else:
-            sys.stdout.buffer.write(read_in(*args, limit=flags.get("limit", READ_LIMIT)))
-    except Refused as e:
-        print(f"{command}: {e}", file=sys.stderr)
-        return e.code
-    except OSError as e:
-        print(f"{command}: {e}", file=sys.stderr)
-        return EXIT_REFUSED
-    return 0
+    n = ARITY[command]
+    items = [args[i:i + n] for i in range(1, len(args), n)]
+    if len(args) < 1 + n or (len(args) - 1) % n or (command == "read-in" and len(items) != 1) or \
+            ("mkdir" in flags and command != "mount-in") or ("limit" in flags and command != "read-in"):
+        return EXIT_USAGE, b"", USAGE + "\n"
+    tree, out = args[0], []
+    for item in items:
+        try:
+            if command == "mount-in":
+                mount_in(tree, *item, mkdir=flags.get("mkdir", False))
+                out.append(f"mounted {item[0]}\n".encode("utf-8", "surrogateescape"))
+            elif command == "umount-in":
+                umount_in(tree, *item)
+                out.append(f"unmounted {item[0]}\n".encode("utf-8", "surrogateescape"))
+            else:
+                out.append(read_in(tree, *item, limit=flags.get("limit", READ_LIMIT)))
+        except Refused as e:
+            return e.code, b"".join(out), f"{command}: {e}\n"
+        except (OSError, subprocess.SubprocessError) as e:
+            return EXIT_REFUSED, b"".join(out), f"{command}: {e}\n"
+    return 0, b"".join(out), ""
+
+
+def main(argv: list[str]) -> int:
+    """The helper commands as a program: ``execute``, its output on stdout and stderr."""
+    code, out, err = execute(argv)
+    sys.stdout.buffer.write(out)
+    sys.stderr.write(err)
+    return code

@@ -200,3 +200,26 @@ def test_a_swap_to_a_symlink_during_the_walk_is_refused(tree, loopdev):
         stop.set()
         th.join()
     assert os.listdir(outside) == ["keep"]
+
+
+def test_batches_say_how_far_they_got(tree, loopdev, tmp_path):
+    t, outside = tree
+    img = tmp_path / "second.img"
+    subprocess.run(["truncate", "-s", "32M", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    dev2 = subprocess.run(["losetup", "-f", "--show", str(img)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    before = mounts()
+    try:
+        opts = "ro,nodev,nosuid,noexec,nosymfollow"
+        code, out, err = safepath.execute(["mount-in", "--", str(t), "/srv", loopdev, "ext4", opts,
+                                           "/var/lib", dev2, "ext4", opts, "/abs", dev2, "ext4", opts])
+        assert (code, out) == (1, b"mounted /srv\nmounted /var/lib\n")  # the symlink stops the batch
+        assert err == f"mount-in: '{t}/abs' is a symbolic link (to '{outside}'): not followed\n"
+        code, out, err = safepath.execute(["umount-in", "--", str(t), "/var/lib", dev2, "/srv", loopdev])
+        assert (code, out, err) == (0, b"unmounted /var/lib\nunmounted /srv\n", "")
+        assert mounts() == before
+    finally:
+        subprocess.run(["umount", f"{t}/var/lib"], check=False, capture_output=True)
+        subprocess.run(["umount", f"{t}/srv"], check=False, capture_output=True)
+        subprocess.run(["losetup", "-d", dev2], check=False)

@@ -461,3 +461,48 @@ def test_load_accepts_what_begin_wrote(tmp_path):
     journal_with_all_steps(tmp_path)
     loaded = Journal.load(tmp_path, "web1")
     assert [(e.host, e.argv, e.undo) for e in loaded.entries] == [(s.host, s.argv, s.undo) for s in STEPS]
+
+
+TREE = "/mnt/domubackup/target/web1"
+
+
+def three_mounts(tmp_path, states=("done", "done", "done")):
+    j = Journal.create(tmp_path, "web1", "dom0b")
+    for (path, dev), state in zip((("/", "/dev/p1"), ("/srv", "/dev/p2"), ("/var", "/dev/p5")), states):
+        i = j.begin(Step("peer-mount", PEER, ("domubackup", "mount-in", "--mkdir", "--", TREE, path, dev, "ext4", "rw"),
+                         ("domubackup", "umount-in", "--", TREE, path, dev)))
+        if state == "done":
+            j.done(i)
+    return j
+
+
+def test_a_trees_unmounts_run_as_one_helper_and_a_failed_batch_skips_what_it_did(tmp_path):
+    rs, calls = runners()
+    three_mounts(tmp_path).teardown(rs)
+    assert [a for _, a in calls] == [("domubackup", "umount-in", "--", TREE, "/var", "/dev/p5", "/srv", "/dev/p2",
+                                      "/", "/dev/p1")]
+    # the batch unmounted /var, then /srv was busy: /srv and / run alone, /var is not tried again
+    batch = ("domubackup", "umount-in", "--", TREE, "/var", "/dev/p5", "/srv", "/dev/p2", "/", "/dev/p1")
+    busy = (32, "", f"umount-in: umount of '{TREE}/srv' failed: Device or resource busy\n")
+    rs, calls = runners({batch: (32, "unmounted /var\n", busy[2]),
+                         ("domubackup", "umount-in", "--", TREE, "/srv", "/dev/p2"): busy})
+    with pytest.raises(TeardownError) as e:
+        three_mounts(tmp_path).teardown(rs)
+    assert [a for _, a in calls] == [batch, ("domubackup", "umount-in", "--", TREE, "/srv", "/dev/p2"),
+                                     ("domubackup", "umount-in", "--", TREE, "/", "/dev/p1")]
+    assert len(e.value.failures) == 1 and "Device or resource busy" in e.value.failures[0]
+
+
+def test_a_mount_the_run_saw_that_is_gone_is_a_failure_a_pending_one_is_not(tmp_path):
+    gone = (32, "", f"umount-in: '{TREE}/var': not mounted (no such directory)\n")
+    script = {("domubackup", "umount-in", "--", TREE, "/var", "/dev/p5"): gone}
+    rs, calls = runners(script)
+    three_mounts(tmp_path, states=("done", "done", "pending")).teardown(rs)  # /var never ran: fine
+    assert calls[0] == (PEER, ("domubackup", "umount-in", "--", TREE, "/var", "/dev/p5"))  # alone, first
+    assert calls[1:] == [(PEER, ("domubackup", "umount-in", "--", TREE, "/srv", "/dev/p2", "/", "/dev/p1"))]
+    rs, calls = runners(script | {("domubackup", "umount-in", "--", TREE, "/var", "/dev/p5", "/srv", "/dev/p2",
+                                   "/", "/dev/p1"): gone})
+    with pytest.raises(TeardownError) as e:  # /var was mounted and seen: someone else unmounted it
+        three_mounts(tmp_path).teardown(rs)
+    assert e.value.failures == [f"dom0b: `domubackup umount-in -- {TREE} /var /dev/p5` exited 32: "
+                                f"umount-in: '{TREE}/var': not mounted (no such directory)"]

@@ -62,7 +62,7 @@ EXPECTED = [
      "domubackup umount-in -- /mnt/domubackup/source/web1 /var /dev/mapper/vg0-web1--disk--snapp5"),
     ("peer-map", "dom0b", "kpartx -a -s -p p /dev/vg0/web1-disk", "kpartx -d -p p /dev/vg0/web1-disk"),
     ("peer-mount", "dom0b", "mkdir -p -- /mnt/domubackup/target/web1", "rmdir -- /mnt/domubackup/target/web1"),
-    ("peer-mount", "dom0b", "domubackup mount-in -- /mnt/domubackup/target/web1 / /dev/mapper/vg0-web1--diskp1 "
+    ("peer-mount", "dom0b", "domubackup mount-in --mkdir -- /mnt/domubackup/target/web1 / /dev/mapper/vg0-web1--diskp1 "
      "ext4 rw,nodev,nosuid,noexec,nosymfollow,errors=remount-ro",
      "domubackup umount-in -- /mnt/domubackup/target/web1 / /dev/mapper/vg0-web1--diskp1"),
     ("peer-mount", "dom0b", "domubackup mount-in --mkdir -- /mnt/domubackup/target/web1 /srv /dev/vg0/web1-srv "
@@ -105,7 +105,8 @@ def test_without_fstab_the_plan_says_the_rest_is_decided_at_run_time():
     assert any("come from the guest's /etc/fstab at run time" in n and "xvda5 (xfs), xvdb (ext4)" in n
                for n in plan.notes)
     mounts = [s for s in plan.steps if s.argv[:2] == ("domubackup", "mount-in")]
-    assert [m.argv[3:5] for m in mounts] == [("/mnt/domubackup/source/web1", "/"), ("/mnt/domubackup/target/web1", "/")]
+    assert [m.argv[m.argv.index("--") + 1:][:2] for m in mounts] == [("/mnt/domubackup/source/web1", "/"),
+                                                                      ("/mnt/domubackup/target/web1", "/")]
 
 
 def test_fstab_by_uuid_label_and_device():
