@@ -166,3 +166,18 @@ def layout_differences(local: DiskFacts, peer: DiskFacts) -> list[str]:
         if pf.get(name) != fstype:
             diffs.append(f"{name}: {fstype} here, {pf.get(name) or 'no filesystem'} on the replica")
     return diffs
+
+
+def with_partition_ids(runner, facts: list[DiskFacts], devices: list[str]) -> list[DiskFacts]:
+    """FACTS with each partition's PARTUUID and PARTLABEL (one `partx` per partitioned disk,
+    DEVICES[i] being the device of FACTS[i]), for an fstab that names partitions that way."""
+    out = []
+    for f, dev in zip(facts, devices):
+        if f.partitioned:
+            res = runner.run(parsers.partx_argv(dev))
+            ids = _parsed(parsers.parse_partx, runner, res, f"{f.disk.target}: cannot read the output of `partx` for {dev}")
+            f = replace(f, filesystems=tuple(replace(fs, partuuid=ids.get(fs.partition, ("", ""))[0],
+                                                     partlabel=ids.get(fs.partition, ("", ""))[1])
+                                             for fs in f.filesystems))
+        out.append(f)
+    return out

@@ -86,6 +86,8 @@ class Filesystem:
     uuid: str = ""
     label: str = ""
     skip_reason: str | None = None
+    partuuid: str = ""  # from the partition table (partx), filled in only when the fstab names one
+    partlabel: str = ""
 
     @property
     def name(self) -> str:

@@ -21,7 +21,7 @@ __all__ = [
     "parted_argv", "parted_human_argv", "parse_parted", "parse_parted_types", "parted_unrecognised",
     "blkid_argv", "parse_blkid", "fs_of",
     "parse_fstab",
-    "FINDMNT_COLUMNS", "findmnt_argv", "parse_findmnt", "parse_kpartx_list",
+    "FINDMNT_COLUMNS", "findmnt_argv", "parse_findmnt", "parse_kpartx_list", "partx_argv", "parse_partx",
     "parse_rsync_stats", "parse_rsync_itemize",
     "dm_snapshot_status_argv", "parse_dm_snapshot_status",
 ]
@@ -410,6 +410,29 @@ def parse_findmnt(text: str) -> list[MountInfo]:
         if not target:
             raise _bad("findmnt", line, "empty TARGET")
         out.append(_mountinfo(target, source, fstype, options))
+    return out
+
+
+# ------------------------------------------------------------------------------------- partx
+
+def partx_argv(dev: str) -> list[str]:
+    """argv of the partition table's ids: number, PARTUUID and PARTLABEL of each partition
+    (msdos: "DISKID-NN", no label; gpt: the partition GUID and name), what fstab's PARTUUID=
+    and PARTLABEL= name."""
+    return ["partx", "-g", "-r", "-o", "NR,UUID,NAME", dev]
+
+
+def parse_partx(text: str) -> dict[int, tuple[str, str]]:
+    """Partition number -> (PARTUUID, PARTLABEL) from ``partx_argv`` output: -r escapes spaces,
+    backslashes and other unsafe bytes as \\xHH, so fields split on single spaces."""
+    out = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        f = line.split(" ")
+        if len(f) != 3 or not f[0].isdigit():
+            raise _bad("partx", line, "expected NR UUID NAME")
+        out[int(f[0])] = (_unescape_bytes(f[1], _HEX, 16), _unescape_bytes(f[2], _HEX, 16))
     return out
 
 

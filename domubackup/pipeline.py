@@ -73,7 +73,7 @@ from . import commands as cmd
 from . import parsers
 from . import plan as planner
 from .errors import CommandError, DomuBackupError, FreezeError, InspectError, PeerError, SnapshotError, TeardownError
-from .facts import check_mappable, check_snapshot, layout_differences
+from .facts import check_mappable, check_snapshot, layout_differences, with_partition_ids
 from .journal import Journal
 from .lock import DomuLock
 from .model import LOCAL, RsyncStats, Step
@@ -472,6 +472,9 @@ def open_local_tree(session, config, domu, insp, settings, read_only_peers=False
     except ValueError as e:
         raise InspectError(f"{domu}: the guest's /etc/fstab (on {root.name}) is not usable: {e}",
                            hint=f"set mounts in [domu.{domu}] to say where each filesystem goes") from None
+    if planner.needs_partition_ids(entries):
+        facts = with_partition_ids(session.runners[LOCAL], facts, [
+            cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in facts])
     mounts, notes = planner.mounts_from_fstab(entries, root, facts)
     for n in notes:
         log.warning("%s: %s", domu, n)

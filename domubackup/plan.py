@@ -9,6 +9,7 @@ TARGET_PREFIX/DOMU, then one rsync per peer. Teardown runs the undos in exact re
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from . import commands as cmd
@@ -86,32 +87,83 @@ def mounts_from_config(facts: list[DiskFacts], settings: Settings) -> list[Mount
     return sort_mounts(mounts)
 
 
+TAGS = ("UUID", "LABEL", "PARTUUID", "PARTLABEL")
+BY_PATH = {"by-uuid": "UUID", "by-label": "LABEL", "by-partuuid": "PARTUUID", "by-partlabel": "PARTLABEL"}
+GUEST_DISK_PREFIXES = ("xvd", "sd", "vd", "hd")  # a disk that is xvdb in the domain XML may be sdb inside
+PSEUDO = ("proc", "sysfs", "tmpfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs",
+          "tracefs", "mqueue", "hugetlbfs", "configfs", "fusectl", "pstore", "bpf", "efivarfs", "autofs",
+          "binfmt_misc", "ramfs", "rpc_pipefs", "nfsd", "overlay", "none")
+NETWORK = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "davfs", "fuse.sshfs",
+           "sshfs", "afs", "fuse.glusterfs", "lustre")
+
+
+def spec_tag(spec: str) -> tuple[str, str] | None:
+    """(TAG, value) that an fstab spec names, as libmount reads it: TAG=value with the value
+    unquoted ("..." or '...'), or /dev/disk/by-*/VALUE with udev's \\xHH escapes decoded;
+    None for anything else (a device path, a pseudo filesystem's name)."""
+    key, sep, value = spec.partition("=")
+    if sep and key in TAGS:
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        return key, value
+    head, _, value = spec.rpartition("/")
+    if head.startswith("/dev/disk/") and head[len("/dev/disk/"):] in BY_PATH and value:
+        return BY_PATH[head[len("/dev/disk/"):]], re.sub(r"\\x([0-9a-fA-F]{2})",
+                                                          lambda m: chr(int(m.group(1), 16)), value)
+    return None
+
+
+def guest_device_names(fs: Filesystem) -> set[str]:
+    """The /dev names the guest may see for FS: its disk under each naming scheme (xvdb, sdb,
+    vdb, hdb) and its partition number as the guest numbers it."""
+    prefix = next((p for p in GUEST_DISK_PREFIXES if fs.disk.startswith(p)), None)
+    disks = {fs.disk} if prefix is None else {p + fs.disk[len(prefix):] for p in GUEST_DISK_PREFIXES}
+    return {d if fs.partition is None else f"{d}{fs.partition}" for d in disks}
+
+
 def resolve_spec(spec: str, filesystems: list[Filesystem]) -> Filesystem | None:
-    """Find the filesystem an fstab spec names: UUID=, LABEL=, /dev/disk/by-*, or a device name."""
-    key, _, value = spec.partition("=")
-    if spec.startswith("/dev/disk/by-uuid/"):
-        key, value = "UUID", spec.rsplit("/", 1)[1]
-    elif spec.startswith("/dev/disk/by-label/"):
-        key, value = "LABEL", spec.rsplit("/", 1)[1].replace("\\x20", " ")
+    """Find the filesystem an fstab spec names: a tag (UUID=, LABEL=, PARTUUID=, PARTLABEL=,
+    quoted or not), /dev/disk/by-*/..., or a device name as the guest sees it."""
+    tag = spec_tag(spec)
     for fs in filesystems:
-        if key == "UUID" and value and fs.uuid.lower() == value.lower():
+        if tag is not None:
+            key, value = tag
+            mine = {"UUID": fs.uuid, "LABEL": fs.label, "PARTUUID": fs.partuuid, "PARTLABEL": fs.partlabel}[key]
+            if value and (mine == value or (key in ("UUID", "PARTUUID") and mine.lower() == value.lower())):
+                return fs
+        elif spec.startswith("/dev/") and spec[len("/dev/"):] in guest_device_names(fs):
             return fs
-        if key == "LABEL" and value and fs.label == value:
-            return fs
-        if spec.startswith("/dev/") and os.path.basename(spec) == fs.name:
-            return fs
+    return None
+
+
+def needs_partition_ids(entries: list[FstabEntry]) -> bool:
+    """Whether the fstab names partitions by PARTUUID or PARTLABEL (ids probed only then)."""
+    return any((spec_tag(e.spec) or ("",))[0] in ("PARTUUID", "PARTLABEL") for e in entries)
+
+
+def skipped_line(e: FstabEntry) -> str | None:
+    """Why an fstab line places nothing of the DomU's disks (None: it may)."""
+    if e.vfstype == "swap" or e.file in ("none", "swap"):
+        return "swap"
+    if "bind" in e.options or "rbind" in e.options:
+        return "a bind mount: its files are copied where they are"
+    if e.vfstype in PSEUDO:
+        return f"{e.vfstype} is not on a disk"
+    if e.vfstype in NETWORK or e.spec.startswith("//") or (":" in e.spec and not e.spec.startswith("/")):
+        return "a network filesystem, not on the DomU's disks"
     return None
 
 
 def mounts_from_fstab(entries: list[FstabEntry], root: Filesystem,
                       facts: list[DiskFacts]) -> tuple[list[Mount], list[str]]:
-    """Mounts for the filesystems the guest's fstab names; notes for the ones it does not."""
+    """Mounts for the filesystems the guest's fstab names (as mount -a would: of two lines for
+    one mount point the later one is on top, so it wins); notes for the lines that place nothing
+    and for the filesystems it does not name."""
     filesystems = mountable(facts)
-    mounts = [Mount(root, "/")]
-    used = {root.name}
+    at: dict[str, Filesystem] = {}  # mount point -> filesystem, in the order mount -a mounts them
     notes = []
     for e in entries:
-        if e.vfstype == "swap" or not e.file.startswith("/"):
+        if skipped_line(e) or not e.file.startswith("/"):
             continue
         mp = os.path.normpath(e.file)
         if ".." in mp.split("/"):
@@ -119,17 +171,25 @@ def mounts_from_fstab(entries: list[FstabEntry], root: Filesystem,
             continue
         fs = resolve_spec(e.spec, filesystems)
         if fs is None:
-            continue  # not on this DomU's disks (tmpfs, nfs, a disk not backed up)
+            if spec_tag(e.spec) or e.spec.startswith("/dev/"):
+                notes.append(f"fstab entry {e.spec} {e.file}: names no filesystem of this DomU's disks")
+            continue
         if mp == "/":
             if fs.name != root.name:
                 raise InspectError(
                     f"the guest's /etc/fstab mounts {fs.name} at /, but {root.name} was mounted as root",
                     hint=f'set mounts = {{ {fs.name} = "/" }} in the [domu] section')
             continue
-        if fs.name in used:
+        if fs.name == root.name or fs in at.values():
+            notes.append(f"fstab entry {e.spec} {e.file}: {fs.name} is mounted at "
+                         f"{'/' if fs.name == root.name else next(m for m, f in at.items() if f == fs)} already")
             continue
-        used.add(fs.name)
-        mounts.append(Mount(fs, mp))
+        if mp in at:
+            notes.append(f"fstab: {at[mp].name} and {fs.name} both at {mp}: {fs.name}, the later line, "
+                         "is on top (as mount -a does)")
+        at[mp] = fs
+    mounts = [Mount(root, "/")] + [Mount(fs, mp) for mp, fs in at.items()]
+    used = {m.filesystem.name for m in mounts}
     for fs in filesystems:
         if fs.name not in used:
             notes.append(f"{fs.name} ({fs.fstype}): not in the guest's /etc/fstab, not copied "

@@ -99,3 +99,15 @@ def test_kpartx_must_not_map_more_than_was_probed(fixtures):
     with pytest.raises(InspectError, match="kpartx would map vg0-web1--disk--snapp7 on dom0a, which the partition table that was probed does not show.*not mapped"):
         facts.check_mappable(ReplayRunner(snap_table(probes, kpartx=nested)), f, "/dev/vg0/web1-disk-snap",
                              "vg0-web1--disk--snap", "p")
+
+
+def test_partition_ids_are_read_from_the_snapshot_when_the_fstab_needs_them(fixtures):
+    f, probes = web1_disk_facts(fixtures)
+    snap = "/dev/vg0/web1-disk-snap"
+    runner = ReplayRunner({tuple(parsers.partx_argv(snap)): (0, "1 0a1b2c3d-01 \n2 0a1b2c3d-02 \n5 0a1b2c3d-05 \n"
+                                                                 "6 0a1b2c3d-06 \n", "")})
+    [g] = facts.with_partition_ids(runner, [f], [snap])
+    assert [(fs.name, fs.partuuid) for fs in g.filesystems] == [("xvda1", "0a1b2c3d-01"), ("xvda5", "0a1b2c3d-05"),
+                                                                ("xvda6", "0a1b2c3d-06")]
+    from domubackup.plan import resolve_spec
+    assert resolve_spec("PARTUUID=0A1B2C3D-05", list(g.filesystems)).name == "xvda5"

@@ -357,3 +357,13 @@ def test_parse_kpartx_list():
     assert P.parse_kpartx_list(text) == ["vg0-web1--diskp1", "vg0-web1--diskp2", "vg0-web1--diskp5",
                                          "vg0-web1--diskp6"]
     assert P.parse_kpartx_list("") == []
+
+
+def test_parse_partx():
+    # captured with util-linux 2.38 partx -g -r -o NR,UUID,NAME on a gpt and an msdos image
+    gpt = "1 ecb87f34-813c-4460-9107-86582567d1ac my\\x20root\n2 d6293a1e-7997-47f2-902d-911691aff6fe x:y\\x5cz\n"
+    assert P.parse_partx(gpt) == {1: ("ecb87f34-813c-4460-9107-86582567d1ac", "my root"),
+                                  2: ("d6293a1e-7997-47f2-902d-911691aff6fe", "x:y\\z")}
+    assert P.parse_partx("1 627c3b53-01 \n5 627c3b53-05 \n") == {1: ("627c3b53-01", ""), 5: ("627c3b53-05", "")}
+    with pytest.raises(ValueError, match="expected NR UUID NAME"):
+        P.parse_partx("1 a b c\n")

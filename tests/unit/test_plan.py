@@ -115,7 +115,52 @@ def test_fstab_by_uuid_label_and_device():
                FstabEntry("tmpfs", "/tmp", "tmpfs"), FstabEntry("LABEL=gone", "/data", "ext4")]
     mounts, notes = mounts_from_fstab(entries, ROOT, web1_facts())
     assert [(m.filesystem.name, m.mountpoint) for m in mounts] == [("xvda1", "/"), ("xvdb", "/srv"), ("xvda5", "/var")]
-    assert notes == []
+    assert notes == ["fstab entry LABEL=gone /data: names no filesystem of this DomU's disks"]
+
+
+GPT_VAR = Filesystem("xvda", 5, "xfs", uuid="2222-bbbb", label="web1-var", partuuid="0A1B2C3D-05", partlabel="var data")
+
+
+@pytest.mark.parametrize("spec, name", [
+    ('UUID="2222-BBBB"', "xvda5"), ("UUID='2222-bbbb'", "xvda5"), ('LABEL="web1-var"', "xvda5"),
+    ("PARTUUID=0a1b2c3d-05", "xvda5"), ('PARTLABEL="var data"', "xvda5"),
+    ("/dev/disk/by-uuid/2222-bbbb", "xvda5"), ("/dev/disk/by-label/web1-var", "xvda5"),
+    ("/dev/disk/by-partuuid/0a1b2c3d-05", "xvda5"), ("/dev/disk/by-partlabel/var\\x20data", "xvda5"),
+    ("/dev/xvda5", "xvda5"), ("/dev/sda5", "xvda5"), ("/dev/vda5", "xvda5"), ("/dev/hda5", "xvda5"),
+    ("/dev/sdb", "xvdb"), ("/dev/vdb", "xvdb"), ("/dev/xvdb1", None), ("/dev/sda", None), ("/dev/sdc5", None),
+    ("LABEL=web1-var ", None), ("UUID=", None), ('UUID="2222-bbbb', None), ("ID=2222-bbbb", None),
+])
+def test_fstab_specs_as_libmount_reads_them(spec, name):
+    from domubackup.plan import resolve_spec
+    fs = resolve_spec(spec, [ROOT, GPT_VAR, SRV])
+    assert (fs.name if fs else None) == name
+
+
+def test_fstab_lines_that_place_nothing_and_two_lines_for_one_mount_point():
+    from dataclasses import replace
+    facts = web1_facts()
+    facts[0] = replace(facts[0], filesystems=(ROOT, GPT_VAR, SWAP))
+    entries = [FstabEntry("/dev/sda1", "/", "ext4"), FstabEntry("proc", "/proc", "proc"),
+               FstabEntry("/srv/www", "/var/www", "none", ("bind",)), FstabEntry("nas:/export", "/mnt/nas", "nfs"),
+               FstabEntry("//nas/share", "/mnt/smb", "cifs"), FstabEntry("tmpfs", "/tmp", "tmpfs"),
+               FstabEntry("LABEL=web1-var", "/data", "xfs", ("noauto", "nofail")),  # still copied
+               FstabEntry("UUID=4444-dddd", "/data", "ext4"),  # a later line at /data: on top
+               FstabEntry("UUID=1111-aaaa", "/again", "ext4"),  # the root filesystem twice
+               FstabEntry("UUID=9999", "/gone", "ext4")]
+    mounts, notes = mounts_from_fstab(entries, ROOT, facts)
+    assert [(m.filesystem.name, m.mountpoint) for m in mounts] == [("xvda1", "/"), ("xvdb", "/data")]
+    assert notes == [
+        "fstab: xvda5 and xvdb both at /data: xvdb, the later line, is on top (as mount -a does)",
+        "fstab entry UUID=1111-aaaa /again: xvda1 is mounted at / already",
+        "fstab entry UUID=9999 /gone: names no filesystem of this DomU's disks",
+        "xvda5 (xfs): not in the guest's /etc/fstab, not copied (name it in the config's mounts to copy it)"]
+
+
+def test_needs_partition_ids():
+    from domubackup.plan import needs_partition_ids
+    assert not needs_partition_ids([FstabEntry("UUID=1", "/", "ext4"), FstabEntry("/dev/sda1", "/x", "ext4")])
+    assert needs_partition_ids([FstabEntry('PARTUUID="a-01"', "/", "ext4")])
+    assert needs_partition_ids([FstabEntry("/dev/disk/by-partlabel/root", "/", "ext4")])
 
 
 def test_fstab_missing_filesystem_is_reported_and_wrong_root_refused():
