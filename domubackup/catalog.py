@@ -1,7 +1,8 @@
 """The run catalog: one sqlite file in the state directory recording every run.
 
 Like benji's versions, a run is recorded ``RUNNING`` when it starts and promoted to a final
-status (``OK``, ``ERROR``, ``CORRUPT``) only when it ends; a run whose process died leaves a
+status (``OK``, ``PARTIAL``: done but something of the guest could not be copied, ``ERROR``,
+``CORRUPT``) only when it ends; a run whose process died leaves a
 ``RUNNING`` record that :meth:`Catalog.reap_dead` later turns into ``ERROR``.
 
 Concurrency: the file is in WAL mode, every write is one short ``BEGIN IMMEDIATE`` transaction,
@@ -24,15 +25,15 @@ from pathlib import Path
 from .errors import DomuBackupError
 
 CATALOG_NAME = "catalog.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: status PARTIAL
 
 BACKUP, VERIFY, SEED = "backup", "verify", "seed"
 KINDS = (BACKUP, VERIFY, SEED)
 # Kinds that leave a replica on the peer: what "last success" means for metrics.
 REPLICA_KINDS = (BACKUP, SEED)
 
-RUNNING, OK, ERROR, CORRUPT = "RUNNING", "OK", "ERROR", "CORRUPT"
-FINAL_STATUSES = (OK, ERROR, CORRUPT)
+RUNNING, OK, PARTIAL, ERROR, CORRUPT = "RUNNING", "OK", "PARTIAL", "ERROR", "CORRUPT"
+FINAL_STATUSES = (OK, PARTIAL, ERROR, CORRUPT)
 STATUSES = (RUNNING, *FINAL_STATUSES)
 
 CONSISTENCY_LEVELS = ("crash", "filesystem", "application")
@@ -197,11 +198,20 @@ class Catalog:
             return  # the usual case: no write lock needed to open the catalog
         with self._write() as db:
             # Checked again under the write lock: another process may have just created it.
-            if self._check_version(db) < SCHEMA_VERSION:
-                # Version 0 is a new file. Later versions add their migrations here.
+            version = self._check_version(db)
+            if version < SCHEMA_VERSION:
+                # Version 0 is a new file. 1 -> 2: the status CHECK gains PARTIAL; sqlite cannot
+                # alter a CHECK, so the table is rebuilt under the same name.
+                if version == 1:
+                    db.execute("ALTER TABLE runs RENAME TO runs_v1")
+                    db.execute("DROP INDEX IF EXISTS runs_domu_started")
+                    db.execute("DROP INDEX IF EXISTS runs_status")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                if version == 1:
+                    db.execute("INSERT INTO runs SELECT * FROM runs_v1")
+                    db.execute("DROP TABLE runs_v1")
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _check_version(self, db: sqlite3.Connection) -> int:

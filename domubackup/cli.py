@@ -10,6 +10,7 @@ import signal
 import sys
 
 from . import __version__, config as cfg, logs, pipeline, virt
+from . import errors
 from .errors import DomuBackupError, UsageError
 from .plan import describe
 
@@ -18,10 +19,11 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NOT_ELIGIBLE = 3
 EXIT_TEARDOWN = 4
+EXIT_PARTIAL = errors.EXIT_PARTIAL
 EXIT_BUSY = 75
 EXIT_CONFIG = 78
 # When several DomUs end differently, the most serious outcome decides the exit status.
-SEVERITY = [EXIT_OK, EXIT_NOT_ELIGIBLE, EXIT_BUSY, EXIT_FAILED, EXIT_TEARDOWN]
+SEVERITY = [EXIT_OK, EXIT_NOT_ELIGIBLE, EXIT_BUSY, EXIT_PARTIAL, EXIT_FAILED, EXIT_TEARDOWN]
 
 log = logging.getLogger("domubackup")
 
@@ -218,7 +220,8 @@ def run_backups(config, args, runner) -> int:
         failed = [o.domu for o in outcomes if o.exit_code]
         try:
             pipeline.lifecycle_hook(config.defaults, "job-end", runner, domu=" ".join(o.domu for o in outcomes),
-                                    status="ERROR" if failed else "OK")
+                                    status="ERROR" if set(o.exit_code for o in outcomes) - {0, EXIT_PARTIAL}
+                                    else "PARTIAL" if failed else "OK")
         except DomuBackupError as e:
             log.warning("job-end hook failed: %s", e)
         catalog.prune(config.catalog_keep_days)

@@ -47,6 +47,17 @@ def parse_domain_xml(xml: str | bytes, *, include: tuple[str, ...] = (),
     return name, hypervisor, tuple(disks)
 
 
+# Skipped disks that hold nothing of the guest's data, or that the admin left out on purpose;
+# any other skipped disk makes the run PARTIAL (see loses_data).
+NOT_DATA = ("disk has no target dev", "not selected by the config's disks list",
+            "excluded by the config's exclude_disks", "cdrom is not backed up", "floppy is not backed up",
+            "disk has no source (empty drive)")
+
+
+def loses_data(reason: str) -> bool:
+    return reason not in NOT_DATA
+
+
 def skip_reason(disk: Disk, include=(), exclude=()) -> str | None:
     """Why this disk is not backed up, or None when it is."""
     if not disk.target:

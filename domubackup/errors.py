@@ -6,6 +6,11 @@ A message says what failed and on which object; ``hint`` says what to do next.
 from __future__ import annotations
 
 
+# A run that completed, but could not copy everything of the guest (its reasons are listed):
+# not an error class, an outcome (pipeline.Outcome status PARTIAL). In the CLI's table too.
+EXIT_PARTIAL = 5
+
+
 class DomuBackupError(Exception):
     """Base of every error the tool raises on purpose."""
 

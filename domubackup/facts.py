@@ -10,7 +10,7 @@ from . import parsers
 from .commands import dm_name, kpartx_list as cmd_kpartx_list
 from .errors import CommandError, InspectError
 from .model import Disk, DiskFacts, Filesystem, LogicalVolume, PartitionTable
-from .plan import classify
+from .plan import classify, unmappable
 
 _VG_LV_PATH = re.compile(r"/dev/(?!mapper/)([A-Za-z0-9+_.-]+)/([A-Za-z0-9+_.-]+)")
 _DM_PATH = re.compile(r"/dev/mapper/((?:[A-Za-z0-9+_.]|--)+)-(?:[A-Za-z0-9+_.]|--)+")
@@ -112,7 +112,7 @@ def probe_layout(runner, dev: str, target: str, size: int) -> tuple[PartitionTab
             if p.is_extended:
                 continue
             filesystems.append(probe_fs(runner, dev, target, p.number, p.start, p.size))
-    return table, tuple(filesystems)
+    return table, unmappable(filesystems)
 
 
 def check_snapshot(runner, f: DiskFacts, dev: str) -> None:

@@ -13,12 +13,13 @@ import os
 from collections.abc import Mapping, Sequence
 
 from .journal import atomic_write
-from .catalog import OK, RUNNING, Catalog, RunRow
+from .catalog import OK, PARTIAL, RUNNING, Catalog, RunRow
 
 # (name, help); all gauges, rendered in this order.
 METRICS = (
     ("domubackup_last_run_status",
-     "Whether the last finished run of the DomU succeeded (1) or failed (0)."),
+     "Whether the last finished run of the DomU succeeded (1), was partial (0.5: something of the "
+     "guest could not be copied) or failed (0)."),
     ("domubackup_last_run_start_timestamp_seconds",
      "Start of the last finished run, seconds since the epoch."),
     ("domubackup_last_run_duration_seconds",
@@ -54,7 +55,7 @@ def _values(rows: Sequence[RunRow]) -> dict[str, float | int] | None:
         return None
     ok = _newest(rows, ok_only=True)
     values = {
-        "domubackup_last_run_status": 1 if last.status == OK else 0,
+        "domubackup_last_run_status": 1 if last.status == OK else 0.5 if last.status == PARTIAL else 0,
         "domubackup_last_run_start_timestamp_seconds": last.started,
         "domubackup_last_run_bytes_sent": last.bytes_sent,
         "domubackup_last_run_freeze_window_seconds": (last.freeze_window_ms or 0) / 1000,

@@ -72,7 +72,8 @@ from dataclasses import field
 from . import commands as cmd
 from . import parsers
 from . import plan as planner
-from .errors import CommandError, DomuBackupError, FreezeError, InspectError, PeerError, SnapshotError, TeardownError
+from .errors import (EXIT_PARTIAL, CommandError, DomuBackupError, FreezeError, InspectError, PeerError,
+                     SnapshotError, TeardownError)
 from .facts import check_mappable, check_snapshot, layout_differences, with_partition_ids
 from .journal import Journal
 from .lock import DomuLock
@@ -110,18 +111,21 @@ class Outcome:
     freeze: object = None  # freeze report, when a freeze mode is configured
     differences: list[str] = field(default_factory=list)  # verify: rsync itemize lines
     not_here: bool = False  # not defined / not running on this host (another Dom0's job)
+    not_copied: list[str] = field(default_factory=list)  # PARTIAL: what of the guest was left out, why
 
     def summary(self) -> str:
         from .report import human_bytes
 
         line = f"{self.domu}: {self.status} in {self.duration:.1f}s"
-        if self.status in ("OK", "CORRUPT", "ERROR") and self.stats.files:
+        if self.status in ("OK", "PARTIAL", "CORRUPT", "ERROR") and self.stats.files:
             line += (f", {self.stats.files} files, {human_bytes(self.stats.total_size)} total, "
                      f"{human_bytes(self.stats.bytes_sent)} sent")
         if self.snapshot_peak:
             line += f", snapshot peak {self.snapshot_peak:.1f}%"
         if self.freeze is not None and self.freeze.mode != "none":
             line += f"; {self.freeze.summary.split(': ', 1)[1]}"
+        if self.not_copied:
+            line += "; not copied: " + "; ".join(self.not_copied)
         if self.error:
             line += f": {self.error}"
         return line
@@ -567,18 +571,19 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
         log.error("%s", out.error, exc_info=True, extra={"traceback": not log_path})
     out.duration = time.monotonic() - start
     if hooked:
-        phase = "backup-end" if out.status == "OK" else "backup-abort"
+        phase = "backup-end" if out.status in ("OK", "PARTIAL") else "backup-abort"
         try:
             lifecycle_hook(settings, phase, local, domu=domu, peer=peers, status=out.status, log_path=log_path)
         except DomuBackupError as e:
             log.warning("%s hook failed: %s", phase, e)
-    if catalog is not None and out.status in ("OK", "ERROR", "CORRUPT"):
+    if catalog is not None and out.status in ("OK", "PARTIAL", "ERROR", "CORRUPT"):
         if run_id is None:
             run_id = catalog.start(kind, domu, peers, os.getpid(), log_path)
         report = out.freeze
         catalog.finish(run_id, out.status, bytes_sent=out.stats.bytes_sent, files=out.stats.files,
                        total_size=out.stats.total_size, snapshot_peak=out.snapshot_peak,
-                       error=out.error[:2000], consistency=getattr(report, "level", None) or "crash",
+                       error=(out.error or "; ".join(f"not copied: {w}" for w in out.not_copied))[:2000],
+                       consistency=getattr(report, "level", None) or "crash",
                        freeze_window_ms=getattr(report, "window_ms", None))
     return out
 
@@ -731,7 +736,11 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
     stats = RsyncStats()
     with watch:
         try:
-            open_local_tree(session, config, domu, insp, settings, read_only_peers=verify)
+            mounts = open_local_tree(session, config, domu, insp, settings, read_only_peers=verify)
+            placed = {m.filesystem.name for m in mounts}
+            out.not_copied = planner.not_copied(insp.facts, insp.skipped) + [
+                f"{fs.name} ({fs.fstype}): not in the guest's /etc/fstab, not copied (name it in the config's "
+                "mounts to copy it)" for fs in planner.mountable(insp.facts) if fs.name not in placed]
             session.wait_peers()  # checked, and their replicas mapped and mounted
             for step in planner.transfer_steps(settings, domu, insp.peers, progress=progress and not verify,
                                                extra=VERIFY_ARGS if verify else ()):
@@ -766,7 +775,12 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
         raise DomuBackupError(f"{domu}: the replica differs from the snapshot in {len(out.differences)} place(s): "
                               + "; ".join(out.differences[:20]) + (" ..." if len(out.differences) > 20 else ""),
                               hint="the next `domubackup run` repairs it")
-    out.status, out.exit_code = "OK", 0
+    if out.not_copied:
+        for why in out.not_copied:
+            log.warning("%s: %s", domu, why)
+        out.status, out.exit_code = "PARTIAL", EXIT_PARTIAL
+    else:
+        out.status, out.exit_code = "OK", 0
 
 
 def rsync_hint(code) -> str | None:

@@ -39,24 +39,48 @@ class Plan:
 
 # --- filesystems and mount points ---------------------------------------------------------
 
+SWAP_SKIP, NO_FS_SKIP = "swap is not copied", "no filesystem found"  # reasons that lose no file
+
+
 def classify(fs: Filesystem) -> Filesystem:
-    """Set skip_reason for filesystems that are not copied; refuse a guest LVM PV."""
+    """Set skip_reason for filesystems that are not copied."""
     from dataclasses import replace
 
     if assembled_by_udev(fs.fstype):
-        raise InspectError(
-            f"{fs.name}: holds a guest "
-            f"{'LVM physical volume' if fs.fstype == 'LVM2_member' else fs.fstype + ' (a RAID or cache member)'}; "
-            "not supported "
-            "(mapping it on the Dom0 would let udev activate or assemble the guest's volumes there)",
-            hint="exclude this disk with exclude_disks, or back the guest up from inside")
+        what = "LVM physical volume" if fs.fstype == "LVM2_member" else f"{fs.fstype} (a RAID or cache member)"
+        return replace(fs, skip_reason=f"holds a guest {what}: not copied, and its disk is not mapped (udev "
+                                       "would activate or assemble the guest's volumes on the Dom0)")
     if fs.fstype == "swap":
-        return replace(fs, skip_reason="swap is not copied")
+        return replace(fs, skip_reason=SWAP_SKIP)
     if not fs.fstype:
-        return replace(fs, skip_reason="no filesystem found")
+        return replace(fs, skip_reason=NO_FS_SKIP)
     if fs.fstype not in MOUNTABLE:
         return replace(fs, skip_reason=f"filesystem type {fs.fstype!r} is not supported")
     return fs
+
+
+def unmappable(filesystems) -> tuple[Filesystem, ...]:
+    """A disk with a guest PV or RAID member is never mapped: its other filesystems are then
+    not copied either, with that reason."""
+    from dataclasses import replace
+
+    bad = next((fs for fs in filesystems if assembled_by_udev(fs.fstype)), None)
+    if bad is None:
+        return tuple(filesystems)
+    return tuple(fs if fs is bad or fs.skip_reason else
+                 replace(fs, skip_reason=f"not copied: its disk is not mapped ({bad.name} holds a guest {bad.fstype})")
+                 for fs in filesystems)
+
+
+def not_copied(facts: list[DiskFacts], skipped_disks: list[str]) -> list[str]:
+    """What of the guest's data a backup of FACTS leaves out ("xvdc: reason"): a run with any
+    of these is PARTIAL, not OK. Swap, empty partitions and disks left out on purpose lose nothing."""
+    from .domxml import loses_data
+
+    out = [s for s in skipped_disks if loses_data(s.split(": ", 1)[-1])]
+    out += [f"{fs.name}: {fs.skip_reason}" for f in facts for fs in f.filesystems
+            if fs.skip_reason and fs.skip_reason not in (SWAP_SKIP, NO_FS_SKIP)]
+    return out
 
 
 def assembled_by_udev(fstype: str) -> bool:
@@ -157,8 +181,8 @@ def skipped_line(e: FstabEntry) -> str | None:
 def mounts_from_fstab(entries: list[FstabEntry], root: Filesystem,
                       facts: list[DiskFacts]) -> tuple[list[Mount], list[str]]:
     """Mounts for the filesystems the guest's fstab names (as mount -a would: of two lines for
-    one mount point the later one is on top, so it wins); notes for the lines that place nothing
-    and for the filesystems it does not name."""
+    one mount point the later one is on top, so it wins); notes for the lines that place nothing.
+    (A filesystem it does not place is not copied: the run says so, pipeline.not_copied.)"""
     filesystems = mountable(facts)
     at: dict[str, Filesystem] = {}  # mount point -> filesystem, in the order mount -a mounts them
     notes = []
@@ -188,13 +212,7 @@ def mounts_from_fstab(entries: list[FstabEntry], root: Filesystem,
             notes.append(f"fstab: {at[mp].name} and {fs.name} both at {mp}: {fs.name}, the later line, "
                          "is on top (as mount -a does)")
         at[mp] = fs
-    mounts = [Mount(root, "/")] + [Mount(fs, mp) for mp, fs in at.items()]
-    used = {m.filesystem.name for m in mounts}
-    for fs in filesystems:
-        if fs.name not in used:
-            notes.append(f"{fs.name} ({fs.fstype}): not in the guest's /etc/fstab, not copied "
-                         f"(name it in the config's mounts to copy it)")
-    return sort_mounts(mounts), notes
+    return sort_mounts([Mount(root, "/")] + [Mount(fs, mp) for mp, fs in at.items()]), notes
 
 
 def fallback_mounts(facts: list[DiskFacts]) -> list[Mount]:

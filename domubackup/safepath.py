@@ -69,6 +69,14 @@ def _where(tree: str, parts: list[str]) -> str:
     return shown(os.path.join(tree, *parts))
 
 
+def _link(name: str, dir_fd: int) -> str:
+    """Where the symlink NAME points, for a message (it may be gone already)."""
+    try:
+        return shown(os.readlink(name, dir_fd=dir_fd))
+    except OSError:
+        return "somewhere"
+
+
 def open_dir(tree: str, parts: list[str], *, create: bool = False) -> int:
     """An O_PATH descriptor of TREE/PARTS..., every component a real directory (no symlink
     followed, none crossed); ``create`` makes missing components (mode 0755). TREE itself is
@@ -85,8 +93,7 @@ def open_dir(tree: str, parts: list[str], *, create: bool = False) -> int:
                 os.mkdir(name, 0o755, dir_fd=fd)
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
-                target = os.readlink(name, dir_fd=fd)
-                raise Refused(f"{_where(tree, here)} is a symbolic link (to {shown(target)}): not followed")
+                raise Refused(f"{_where(tree, here)} is a symbolic link (to {_link(name, fd)}): not followed")
             if not stat.S_ISDIR(st.st_mode):
                 raise Refused(f"{_where(tree, here)} is not a directory")
             try:
@@ -235,8 +242,7 @@ def read_in(tree: str, path: str, limit: int = READ_LIMIT) -> bytes:
         except FileNotFoundError:
             raise Refused(f"{where} does not exist", EXIT_MISSING) from None
         if stat.S_ISLNK(st.st_mode):
-            raise Refused(f"{where} is a symbolic link (to {shown(os.readlink(parts[-1], dir_fd=dirfd))}): "
-                          "not followed")
+            raise Refused(f"{where} is a symbolic link (to {_link(parts[-1], dirfd)}): not followed")
         if not stat.S_ISREG(st.st_mode):
             raise Refused(f"{where} is not a regular file")
         if st.st_size > limit:

@@ -141,8 +141,10 @@ def test_guest_lvm_pv_refused(conf, fixtures, capsys):
     table[tuple(parsers.blkid_argv("/dev/vg0/web1-disk", 106954752, 417333248))] = (
         0, tool(fixtures, "blkid-lvm2-pv.txt"), "")
     c, out, err = run(["-c", conf(), "plan", "web1"], ReplayRunner(table), capsys)
-    assert c == 1
-    assert "xvda5: holds a guest LVM physical volume" in err
+    assert (c, err) == (0, "")
+    assert "skipped: xvda5: holds a guest LVM physical volume: not copied, and its disk is not mapped" in out
+    assert "skipped: xvda1: not copied: its disk is not mapped (xvda5 holds a guest LVM2_member)" in out
+    assert "kpartx -a" not in out  # never mapped
 
 
 def test_bad_config_exit_78_one_line(tmp_path, capsys):

@@ -63,7 +63,7 @@ def test_created_on_first_use_with_schema_version_and_wal(tmp_path):
     Catalog.in_state_dir(tmp_path / "state").close()
     assert path.exists()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
     Catalog(path).close()  # reopening an existing catalog is fine
@@ -421,3 +421,28 @@ def test_parse_since_is_local_time(tz):
 def test_parse_since_errors(text):
     with pytest.raises(ValueError, match="since value"):
         parse_since(text, NOW)
+
+
+def test_a_version_1_catalog_is_migrated_and_keeps_its_runs(tmp_path):
+    # the schema of version 1, as written by domubackup before PARTIAL existed
+    import sqlite3
+    from domubackup import catalog as C
+    old = C._SCHEMA.replace("'PARTIAL', ", "")
+    assert "PARTIAL" not in old
+    db = sqlite3.connect(tmp_path / C.CATALOG_NAME)
+    db.executescript(old)
+    db.execute("INSERT INTO runs (kind, domu, pid, started, ended, status) VALUES ('backup', 'web1', 1, 10, 20, 'OK')")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    cat = Catalog.in_state_dir(tmp_path)
+    try:
+        assert [(r.domu, r.status) for r in cat.runs()] == [("web1", "OK")]
+        run = cat.start("backup", "web1", "dom0b", os.getpid())
+        assert cat.finish(run, "PARTIAL", error="not copied: xvda3: filesystem type 'ntfs' is not supported").status == "PARTIAL"
+    finally:
+        cat.close()
+    db = sqlite3.connect(tmp_path / C.CATALOG_NAME)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")] == [
+        "runs", "sqlite_sequence"]

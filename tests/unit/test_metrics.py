@@ -36,7 +36,7 @@ ROWS = {
 }
 
 EXPECTED = """\
-# HELP domubackup_last_run_status Whether the last finished run of the DomU succeeded (1) or failed (0).
+# HELP domubackup_last_run_status Whether the last finished run of the DomU succeeded (1), was partial (0.5: something of the guest could not be copied) or failed (0).
 # TYPE domubackup_last_run_status gauge
 domubackup_last_run_status{domu="db\\"1\\\\x\\n",peer="dom0c"} 0
 domubackup_last_run_status{domu="web1",peer="dom0b"} 1

@@ -585,3 +585,35 @@ def test_a_snapshot_at_snapshot_extend_max_stops_the_run_cleanly(tmp_path, fixtu
     opens, undos = opens_and_undos(log)
     assert by_host(undos) == by_host([(h, UNDO[a[0]](a)) for h, a in reversed(opens)])
     assert Journal.load(tmp_path, "web1") is None
+
+
+def test_a_filesystem_the_fstab_does_not_place_makes_the_run_partial(tmp_path, fixtures, monkeypatch, capsys,
+                                                                     package_logger):
+    # /srv (xvdb) is not in the guest's fstab: it is not copied, and the run says so: PARTIAL,
+    # exit 5, in the catalog, the summary, the metrics and the backup-end hook's status
+    import argparse
+    from domubackup import cli, logs
+    from domubackup.catalog import Catalog
+    from domubackup.metrics import render_metrics
+    config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n'
+                          'job_hook = "/etc/domubackup/job-hook"\n', hostname="dom0a", default_uri="test:///default")
+    _, local, peer, log = setup(tmp_path, fixtures)
+    local.probes[("cat", "--", "/mnt/domubackup/source/web1/etc/fstab")] = (0, FSTAB.replace("LABEL=whole /srv", "#"), "")
+    monkeypatch.setattr(pipeline, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
+    backup = pipeline.backup
+    monkeypatch.setattr(pipeline, "backup", lambda *a, **kw: backup(*a, factory=lambda host, ssh: peer, **kw))
+    logs.setup(0, syslog=False)
+    code = cli.run_backups(config, argparse.Namespace(domus=["web1"], verbose=0), local)
+    out, err = capsys.readouterr()
+    why = "xvdb (ext4): not in the guest's /etc/fstab, not copied (name it in the config's mounts to copy it)"
+    assert code == 5
+    assert out.startswith("web1: PARTIAL in ") and out.rstrip().endswith(f"; not copied: {why}"), out
+    assert f"domubackup: web1: {why}\n" in err
+    with Catalog.in_state_dir(tmp_path) as catalog:
+        run, = catalog.runs(domu="web1")
+        assert (run.status, run.error) == ("PARTIAL", f"not copied: {why}")
+        assert 'domubackup_last_run_status{domu="web1",peer="dom0b"} 0.5' in render_metrics({"web1": [run]})
+    hooks = [a[1] for h, a in log if a[0] == "/etc/domubackup/job-hook"]
+    assert hooks == ["job-start", "backup-start", "backup-end", "job-end"]
+    assert not [a for h, a in log if a[0] == "mount" and a[-1].endswith("/srv")]  # never mounted
+    assert Journal.load(tmp_path, "web1") is None

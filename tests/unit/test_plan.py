@@ -152,8 +152,7 @@ def test_fstab_lines_that_place_nothing_and_two_lines_for_one_mount_point():
     assert notes == [
         "fstab: xvda5 and xvdb both at /data: xvdb, the later line, is on top (as mount -a does)",
         "fstab entry UUID=1111-aaaa /again: xvda1 is mounted at / already",
-        "fstab entry UUID=9999 /gone: names no filesystem of this DomU's disks",
-        "xvda5 (xfs): not in the guest's /etc/fstab, not copied (name it in the config's mounts to copy it)"]
+        "fstab entry UUID=9999 /gone: names no filesystem of this DomU's disks"]
 
 
 def test_needs_partition_ids():
@@ -165,7 +164,7 @@ def test_needs_partition_ids():
 
 def test_fstab_missing_filesystem_is_reported_and_wrong_root_refused():
     mounts, notes = mounts_from_fstab([FstabEntry("LABEL=web1-var", "/var", "xfs")], ROOT, web1_facts())
-    assert notes == ["xvdb (ext4): not in the guest's /etc/fstab, not copied (name it in the config's mounts to copy it)"]
+    assert [m.filesystem.name for m in mounts] == ["xvda1", "xvda5"] and notes == []  # xvdb: the run says PARTIAL
     with pytest.raises(InspectError, match="the guest's /etc/fstab mounts xvdb at /, but xvda1 was mounted as root"):
         mounts_from_fstab([FstabEntry("LABEL=web1-srv", "/", "ext4")], ROOT, web1_facts())
 
@@ -175,9 +174,22 @@ def test_mount_order_parents_before_children():
     assert [m.mountpoint for m in sort_mounts(ms)] == ["/", "/srv", "/var", "/var/lib/mysql"]
 
 
-def test_guest_lvm_is_refused():
-    with pytest.raises(InspectError, match="xvda2: holds a guest LVM physical volume"):
-        classify(Filesystem("xvda", 2, "LVM2_member"))
+def test_guest_lvm_is_skipped_and_its_disk_not_mapped():
+    from domubackup.plan import mapped, not_copied, unmappable
+    pv = classify(Filesystem("xvda", 2, "LVM2_member"))
+    assert pv.skip_reason.startswith("holds a guest LVM physical volume: not copied, and its disk is not mapped")
+    fss = unmappable([ROOT, pv, SWAP])
+    assert fss[0].skip_reason == "not copied: its disk is not mapped (xvda2 holds a guest LVM2_member)"
+    f = web1_facts()[0]
+    from dataclasses import replace
+    f = replace(f, filesystems=fss)
+    assert not mapped(f)
+    assert not_copied([f], ["hdc: cdrom is not backed up", "xvdc: file-backed image: file images are not supported yet"]) == [
+        "xvdc: file-backed image: file images are not supported yet",
+        "xvda1: not copied: its disk is not mapped (xvda2 holds a guest LVM2_member)",
+        "xvda2: " + pv.skip_reason]
+    assert classify(Filesystem("xvda", 3, "linux_raid_member")).skip_reason.startswith(
+        "holds a guest linux_raid_member (a RAID or cache member): not copied")
 
 
 def test_no_root_fs_falls_back_to_named_directories():
