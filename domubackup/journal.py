@@ -324,6 +324,14 @@ class Journal:
             self.entries[index].state = UNDONE
             self._save()
 
+    def unseen(self, host: str, undo_prefix: tuple[str, ...]) -> None:
+        """Count HOST's done steps whose undo starts with UNDO_PREFIX as not known to be in
+        place any more (pending: their object being gone at teardown is then no failure)."""
+        with self._lock:
+            for e in self.entries:
+                if e.host == host and e.state == DONE and e.undo and tuple(e.undo[:len(undo_prefix)]) == undo_prefix:
+                    e.state = PENDING
+
     def teardown(self, runners: Mapping[str, "Runner"]) -> list[Result]:
         """Run every undo in reverse order, carrying on after failures. Each host's undos run
         in reverse order; the hosts run at the same time (a peer's steps never depend on this

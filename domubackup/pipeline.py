@@ -770,6 +770,9 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
     if problem:
         if "invalid" in problem:
             out.status = "CORRUPT"
+            # LVM's dmeventd unmounts the filesystems of a snapshot that became invalid (seen in
+            # the lab): their "not mounted" at teardown is then no one else's doing.
+            session.journal.unseen(LOCAL, (cmd.HELPER, "umount-in"))
         raise SnapshotError(f"{domu}: {problem}", hint="raise snapshot_size, or back up at a quieter time")
     if out.differences:
         raise DomuBackupError(f"{domu}: the replica differs from the snapshot in {len(out.differences)} place(s): "

@@ -67,8 +67,8 @@ def test_second_mount_failure_unmounts_the_first(fresh):
         lab.ssh("dom0a", "umount /mnt/guest/srv; umount /mnt/guest; kpartx -d -p p /dev/vg0/web1-disk")
     r = domubackup(lab, "run", "web1")
     assert r.returncode == 1
-    assert "/mnt/domubackup/source/web1/var` exited 32" in r.stderr
-    assert "mount point does not exist" in r.stderr
+    assert "mount-in: '/mnt/domubackup/source/web1/var' does not exist" in r.stderr, r.stderr
+    assert "web1: ERROR" in r.stdout
 
 
 # kill -9 mid-rsync, then cleanup: tests/e2e/test_backup.py::test_kill_9_then_cleanup_clears_both_hosts

@@ -506,3 +506,15 @@ def test_a_mount_the_run_saw_that_is_gone_is_a_failure_a_pending_one_is_not(tmp_
         three_mounts(tmp_path).teardown(rs)
     assert e.value.failures == [f"dom0b: `domubackup umount-in -- {TREE} /var /dev/p5` exited 32: "
                                 f"umount-in: '{TREE}/var': not mounted (no such directory)"]
+
+
+def test_unseen_mounts_may_be_gone_at_teardown(tmp_path):
+    # an invalid snapshot's filesystems are unmounted by LVM's dmeventd: the run says so first
+    gone = (32, "", f"umount-in: '{TREE}/var': not mounted (no such directory)\n")
+    rs, calls = runners({("domubackup", "umount-in", "--", TREE, "/var", "/dev/p5", "/srv", "/dev/p2",
+                          "/", "/dev/p1"): gone,
+                         ("domubackup", "umount-in", "--", TREE, "/var", "/dev/p5"): gone})
+    j = three_mounts(tmp_path)
+    j.unseen(PEER, ("domubackup", "umount-in"))
+    j.teardown(rs)  # no TeardownError
+    assert [e.state for e in j.entries] == []
