@@ -103,48 +103,57 @@ def probe_disk(runner, disk: Disk, *, path: str | None = None, lvs=None) -> Disk
 def probe_layout(runner, dev: str, target: str, size: int) -> tuple[PartitionTable, tuple[Filesystem, ...]]:
     """The partition table of DEV and the filesystem in each partition (or on the whole device)."""
     table = probe_table(runner, dev, size)
-    filesystems = []
     if table.label in ("loop", "unknown"):
-        filesystems.append(probe_fs(runner, dev, target, None, None, None))
         table = replace(table, label="loop")
-    else:
-        for p in table.partitions:
-            if p.is_extended:
-                continue
-            filesystems.append(probe_fs(runner, dev, target, p.number, p.start, p.size))
-    return table, unmappable(filesystems)
+    return table, probe_filesystems(runner, dev, target, table)
 
 
-def check_snapshot(runner, f: DiskFacts, dev: str) -> None:
+def probe_filesystems(runner, dev: str, target: str, table: PartitionTable) -> tuple[Filesystem, ...]:
+    if table.label == "loop":
+        return unmappable([probe_fs(runner, dev, target, None, None, None)])
+    return unmappable([probe_fs(runner, dev, target, p.number, p.start, p.size)
+                       for p in table.partitions if not p.is_extended])
+
+
+def check_snapshot(runner, f: DiskFacts, dev: str, dm_prefix: str, sep: str) -> None:
     """The snapshot DEV of disk F must hold what the probe of the origin found: the guest
     can write between the probe and the snapshot, and what gets mapped and mounted is the
-    snapshot (a guest LVM PV that appears there is refused by classify, before any mapping)."""
-    table, filesystems = probe_layout(runner, dev, f.disk.target, f.lv.size)
-    if (table, filesystems) != (f.table, f.filesystems):
+    snapshot. Its partition table is read with `kpartx -l` (check_mappable, which also refuses
+    what kpartx would map beyond the table); then each filesystem is probed again (a guest
+    LVM PV that appears there is caught before any mapping)."""
+    if f.partitioned:
+        check_mappable(runner, f, dev, dm_prefix, sep)
+    filesystems = probe_filesystems(runner, dev, f.disk.target, f.table)
+    if filesystems != f.filesystems:
         was = ", ".join(f"{fs.name} {fs.fstype or '-'}" for fs in f.filesystems)
         now = ", ".join(f"{fs.name} {fs.fstype or '-'}" for fs in filesystems)
         raise InspectError(f"{f.disk.target}: the disk changed between the probe and its snapshot "
-                           f"(partitions or filesystems: probed {was}; snapshot {now})",
-                           hint="run the backup again")
+                           f"(probed {was}; snapshot {now})", hint="run the backup again")
 
 
 def check_mappable(runner, f: DiskFacts, dev: str, dm_prefix: str, sep: str) -> None:
     """kpartx maps every partition it can find, which may be more than parted shows (a BSD,
     Solaris or UnixWare label nested in a partition): each mapped device would be probed by
     udev on the Dom0, and a guest LVM PV or RAID member in it assembled. Refuse unless
-    `kpartx -l` lists exactly the partitions that were probed."""
+    `kpartx -l` lists exactly the partitions that were probed, where they were probed."""
     res = runner.run(cmd_kpartx_list(dev, sep))
-    try:
-        names = parsers.parse_kpartx_list(res.stdout)
-    except ValueError as e:
-        raise InspectError(f"{f.disk.target}: cannot read `kpartx -l` of {dev} on {runner.host}: {e}") from None
-    expected = sorted(f"{dm_prefix}{sep}{p.number}" for p in f.table.partitions)
-    if sorted(names) != expected:
-        extra = sorted(set(names) - set(expected)) or ["(fewer partitions)"]
+    entries = _parsed(parsers.parse_kpartx_list, runner, res, f"{f.disk.target}: cannot read `kpartx -l` of {dev}")
+    ext = next((p for p in f.table.partitions if p.is_extended), None)
+    found = {name: (offset if parent == dev or ext is None else ext.start // 512 + offset, sectors)
+             for name, sectors, parent, offset in entries}
+    expected = {f"{dm_prefix}{sep}{p.number}": (p.start // 512, p.size // 512) for p in f.table.partitions}
+    extra = sorted(set(found) - set(expected))
+    if extra:
         raise InspectError(f"{f.disk.target}: kpartx would map {', '.join(extra)} on {runner.host}, "
                            f"which the partition table that was probed does not show (a nested "
                            f"partition label?): not mapped",
                            hint="exclude this disk with exclude_disks")
+    moved = sorted(name for name, (start, size) in expected.items() if name not in found
+                   or found[name][0] != start or (found[name][1] != size and not (ext and name.endswith(
+                       f"{sep}{ext.number}"))))  # kpartx maps an extended partition as 2 sectors
+    if moved:
+        raise InspectError(f"{f.disk.target}: the partition table of {dev} on {runner.host} is not the one "
+                           f"that was probed ({', '.join(moved)} differ): not mapped", hint="run the backup again")
 
 
 def layout_differences(local: DiskFacts, peer: DiskFacts) -> list[str]:

@@ -438,19 +438,20 @@ def parse_partx(text: str) -> dict[int, tuple[str, str]]:
 
 # ------------------------------------------------------------------------------------ kpartx
 
-def parse_kpartx_list(text: str) -> list[str]:
-    """The device-mapper names ``kpartx -l -p SEP DEV`` would create, in order: one line
-    ``NAME : 0 SECTORS PARENT OFFSET`` per partition (logical ones relative to their
-    extended partition); nothing for a device without a partition table."""
-    names = []
+def parse_kpartx_list(text: str) -> list[tuple[str, int, str, int]]:
+    """(device-mapper name, sectors, parent device, start sector in the parent) of each
+    mapping ``kpartx -l -p SEP DEV`` would create, in order: one line ``NAME : 0 SECTORS PARENT
+    OFFSET`` per partition (logical ones relative to their extended partition, whose parent
+    kpartx names by a guess); nothing for a device without a partition table."""
+    out = []
     for line in text.splitlines():
         if not line.strip():
             continue
-        m = re.fullmatch(r"(\S+) : 0 \d+ \S+ \d+", line.strip())
+        m = re.fullmatch(r"(\S+) : 0 (\d+) (\S+) (\d+)", line.strip())
         if not m:
             raise _bad("kpartx -l", line)
-        names.append(m.group(1))
-    return names
+        out.append((m.group(1), int(m.group(2)), m.group(3), int(m.group(4))))
+    return out
 
 
 # ------------------------------------------------------------------------------------- rsync

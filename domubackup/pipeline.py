@@ -439,9 +439,8 @@ def open_local_tree(session, config, domu, insp, settings, read_only_peers=False
     for f in facts:  # what is mapped and mounted is the snapshot: look at it first
         snap = planner.snapshot_name(settings, f.lv.lv)
         dev = cmd.lv_path(f.lv.vg, snap)
-        check_snapshot(session.runners[LOCAL], f, dev)
-        if planner.mapped(f):
-            check_mappable(session.runners[LOCAL], f, dev, cmd.dm_name(f.lv.vg, snap), settings.kpartx_separator)
+        if planner.mapped(f) or (not f.partitioned and planner.mountable([f])):
+            check_snapshot(session.runners[LOCAL], f, dev, cmd.dm_name(f.lv.vg, snap), settings.kpartx_separator)
     session.open_all(planner.map_steps(facts, settings, LOCAL, snapshot=True))
     if settings.mounts:
         mounts = planner.mounts_from_config(facts, settings)

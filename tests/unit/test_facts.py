@@ -67,7 +67,10 @@ def web1_disk_facts(fixtures):
     return facts.probe_disk(runner, disk), web1_probes(fixtures)
 
 
-KPARTX = "".join(f"vg0-web1--disk--snapp{n} : 0 2048 /dev/vg0/web1-disk-snap 2048\n" for n in (1, 2, 5, 6))
+SNAP = "/dev/vg0/web1-disk-snap"
+# what kpartx -l prints for the layout of fixtures/tools/parted-msdos-logical.txt
+KPARTX = (f"vg0-web1--disk--snapp1 : 0 204800 {SNAP} 2048\nvg0-web1--disk--snapp2 : 0 2 {SNAP} 206848\n"
+          "vg0-web1--disk--snapp5 : 0 815104 /dev/dm-9 2048\nvg0-web1--disk--snapp6 : 0 202752 /dev/dm-9 819200\n")
 
 
 def snap_table(probes, **changes):
@@ -80,16 +83,16 @@ def snap_table(probes, **changes):
 def test_the_snapshot_must_hold_what_was_probed(fixtures):
     f, probes = web1_disk_facts(fixtures)
     snap = "/dev/vg0/web1-disk-snap"
-    facts.check_snapshot(ReplayRunner(snap_table(probes)), f, snap)  # unchanged: fine
+    facts.check_snapshot(ReplayRunner(snap_table(probes)), f, snap, "vg0-web1--disk--snap", "p")  # unchanged
     facts.check_mappable(ReplayRunner(snap_table(probes)), f, snap, "vg0-web1--disk--snap", "p")
     # the guest made its /var partition an LVM PV after the probe: refused before any mapping
     table = snap_table(probes)
     table[tuple(parsers.blkid_argv(snap, 106954752, 417333248))] = (0, "TYPE=LVM2_member\nUSAGE=raid\n", "")
     with pytest.raises(InspectError, match="the disk changed between the probe and its snapshot .*xvda5 LVM2_member"):
-        facts.check_snapshot(ReplayRunner(table), f, snap)
+        facts.check_snapshot(ReplayRunner(table), f, snap, "vg0-web1--disk--snap", "p")
     table[tuple(parsers.blkid_argv(snap, 106954752, 417333248))] = (0, "TYPE=ext4\n", "")
     with pytest.raises(InspectError, match="xvda: the disk changed between the probe and its snapshot"):
-        facts.check_snapshot(ReplayRunner(table), f, snap)
+        facts.check_snapshot(ReplayRunner(table), f, snap, "vg0-web1--disk--snap", "p")
 
 
 def test_kpartx_must_not_map_more_than_was_probed(fixtures):
@@ -111,3 +114,11 @@ def test_partition_ids_are_read_from_the_snapshot_when_the_fstab_needs_them(fixt
                                                                 ("xvda6", "0a1b2c3d-06")]
     from domubackup.plan import resolve_spec
     assert resolve_spec("PARTUUID=0A1B2C3D-05", list(g.filesystems)).name == "xvda5"
+
+
+def test_a_partition_moved_since_the_probe_is_not_mapped(fixtures):
+    f, probes = web1_disk_facts(fixtures)
+    moved = KPARTX.replace("0 815104 /dev/dm-9 2048", "0 815104 /dev/dm-9 4096")
+    with pytest.raises(InspectError, match="the partition table of /dev/vg0/web1-disk-snap on dom0a is not the one "
+                                           r"that was probed \(vg0-web1--disk--snapp5 differ\): not mapped"):
+        facts.check_snapshot(ReplayRunner(snap_table(probes, kpartx=moved)), f, SNAP, "vg0-web1--disk--snap", "p")

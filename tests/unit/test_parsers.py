@@ -354,8 +354,10 @@ def test_parse_kpartx_list():
             "vg0-web1--diskp2 : 0 2 /dev/vg0/web1-disk 821248\n"
             "vg0-web1--diskp5 : 0 1327104 /dev/dm-1 2048\n"
             "vg0-web1--diskp6 : 0 305152 /dev/dm-1 1331200\n")
-    assert P.parse_kpartx_list(text) == ["vg0-web1--diskp1", "vg0-web1--diskp2", "vg0-web1--diskp5",
-                                         "vg0-web1--diskp6"]
+    assert P.parse_kpartx_list(text) == [("vg0-web1--diskp1", 819200, "/dev/vg0/web1-disk", 2048),
+                                         ("vg0-web1--diskp2", 2, "/dev/vg0/web1-disk", 821248),
+                                         ("vg0-web1--diskp5", 1327104, "/dev/dm-1", 2048),
+                                         ("vg0-web1--diskp6", 305152, "/dev/dm-1", 1331200)]
     assert P.parse_kpartx_list("") == []
 
 

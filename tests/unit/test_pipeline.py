@@ -53,9 +53,11 @@ class Host(Runner):
             return self.probes[argv]
         if argv[0] in ("parted", "blkid") and any("-snap" in a for a in argv):  # the origin's layout
             return self.probes[tuple(a.replace("-snap", "") for a in argv)]
-        if argv[:2] == ("kpartx", "-l"):
-            name = argv[-1].split("/")[-1].replace("-", "--")
-            return 0, "".join(f"vg0-{name}p{n} : 0 2048 {argv[-1]} 2048\n" for n in (1, 2, 5, 6)), ""
+        if argv[:2] == ("kpartx", "-l"):  # the layout of fixtures/tools/parted-msdos-logical.txt
+            name, dev = argv[-1].split("/")[-1].replace("-", "--"), argv[-1]
+            return 0, "".join(f"vg0-{name}p{line}\n" for line in (
+                f"1 : 0 204800 {dev} 2048", f"2 : 0 2 {dev} 206848", "5 : 0 815104 /dev/dm-9 2048",
+                "6 : 0 202752 /dev/dm-9 819200")), ""
         prog = argv[0]
         if prog == "lvs" and argv[-1] not in self.created:
             return 5, "", f'  Failed to find logical volume "{argv[-1][5:]}"\n'
