@@ -324,12 +324,14 @@ class Journal:
             self.entries[index].state = UNDONE
             self._save()
 
-    def unseen(self, host: str, undo_prefix: tuple[str, ...]) -> None:
-        """Count HOST's done steps whose undo starts with UNDO_PREFIX as not known to be in
-        place any more (pending: their object being gone at teardown is then no failure)."""
+    def unseen(self, host: str | None = None, undo_prefix: tuple[str, ...] = ()) -> None:
+        """Count the done steps (of HOST, or of every host; whose undo starts with UNDO_PREFIX)
+        as not known to be in place any more: pending, so that their object being gone at
+        teardown is no failure (see already_gone)."""
         with self._lock:
             for e in self.entries:
-                if e.host == host and e.state == DONE and e.undo and tuple(e.undo[:len(undo_prefix)]) == undo_prefix:
+                if (host is None or e.host == host) and e.state == DONE and e.undo \
+                        and tuple(e.undo[:len(undo_prefix)]) == undo_prefix:
                     e.state = PENDING
 
     def teardown(self, runners: Mapping[str, "Runner"]) -> list[Result]:

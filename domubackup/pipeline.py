@@ -229,9 +229,7 @@ def recover(config, domu: str, local, factory=ssh_runner) -> list[str]:
     journal = Journal.load(config.state_dir, domu)
     if journal is None:
         return []
-    for e in journal.entries:  # a dead run's mounts may be gone for good reasons (a reboot):
-        if e.state == "done":   # "not mounted" is then success (see journal.already_gone)
-            e.state = "pending"
+    journal.unseen()  # a dead run's mounts may be gone for good reasons (a reboot): not a failure
     hosts = {e.host for e in journal.entries if e.host != LOCAL}
     runners = {LOCAL: local, **peer_runners(config, domu, hosts, factory)}
     undone = [f"{e.host}: {' '.join(e.undo)}" for e in reversed(journal.entries) if e.undo]
@@ -737,9 +735,10 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
         try:
             mounts = open_local_tree(session, config, domu, insp, settings, read_only_peers=verify)
             placed = {m.filesystem.name for m in mounts}
+            where = "the config's mounts" if settings.mounts else "the guest's /etc/fstab"
             out.not_copied = planner.not_copied(insp.facts, insp.skipped) + [
-                f"{fs.name} ({fs.fstype}): not in the guest's /etc/fstab, not copied (name it in the config's "
-                "mounts to copy it)" for fs in planner.mountable(insp.facts) if fs.name not in placed]
+                f"{fs.name} ({fs.fstype}): not in {where}, not copied (name it in the config's mounts to copy it)"
+                for fs in planner.mountable(insp.facts) if fs.name not in placed]
             session.wait_peers()  # checked, and their replicas mapped and mounted
             for step in planner.transfer_steps(settings, domu, insp.peers, progress=progress and not verify,
                                                extra=VERIFY_ARGS if verify else ()):
