@@ -174,7 +174,8 @@ def mount_in(tree: str, path: str, dev: str, fstype: str, options: str, *, mkdir
     try:
         res = subprocess.run(["mount", "--no-canonicalize", "-t", fstype, "-o", options, "--", dev,
                               f"/proc/self/fd/{fd}"], pass_fds=(fd,), stdin=subprocess.DEVNULL,
-                             capture_output=True, text=True, errors="replace", timeout=MOUNT_TIMEOUT)
+                             capture_output=True, text=True, errors="replace", timeout=MOUNT_TIMEOUT,
+                             env={"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     finally:
         os.close(fd)
     if res.returncode:
