@@ -46,7 +46,7 @@ class SSHSettings:
 
 @dataclass(frozen=True)
 class RsyncSettings:
-    options: tuple[str, ...] = ("-aHAX", "--numeric-ids", "--delete")
+    options: tuple[str, ...] = ("-aHAX", "--numeric-ids", "--delete", "--sparse")
     extra_options: tuple[str, ...] = ()
     compress: bool = False
     bwlimit: str = ""  # rsync --bwlimit value, e.g. "50M"; empty = none

@@ -21,7 +21,7 @@ def test_example_config_parses(fixtures):
     c = load_config(str(fixtures.parent / "conf" / "domubackup.toml"), hostname="dom0a")
     assert c.dom0s == ("dom0a", "dom0b")
     assert c.peers_for("web1") == ("dom0b",)
-    assert c.defaults.rsync.options == ("-aHAX", "--numeric-ids", "--delete")
+    assert c.defaults.rsync.options == ("-aHAX", "--numeric-ids", "--delete", "--sparse")
     assert c.defaults.rsync.compress is False
 
 

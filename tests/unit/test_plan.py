@@ -71,7 +71,7 @@ EXPECTED = [
     ("peer-mount", "dom0b", "domubackup mount-in --mkdir -- /mnt/domubackup/target/web1 /var /dev/mapper/vg0-web1--diskp5 "
      "xfs rw,nodev,nosuid,noexec,nosymfollow",
      "domubackup umount-in -- /mnt/domubackup/target/web1 /var /dev/mapper/vg0-web1--diskp5"),
-    ("transfer", "local", f"rsync -aHAX --numeric-ids --delete --timeout=300 --stats -e '{SSH_E}' "
+    ("transfer", "local", f"rsync -aHAX --numeric-ids --delete --sparse --timeout=300 --stats -e '{SSH_E}' "
      "/mnt/domubackup/source/web1/ dom0b:/mnt/domubackup/target/web1/", None),
 ]
 
