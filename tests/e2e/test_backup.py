@@ -19,7 +19,7 @@ def test_run_mirrors_guest_tree_exactly(fresh):
     assert b["srv/new dir/link-to-index"]["target"] == "../www/index.html"
     assert b["srv/xattr.txt"]["xattrs"] == {"user.domubackup": b"kept".hex()}
     assert (b["var/owned-by-4242"]["uid"], b["var/owned-by-4242"]["gid"]) == (4242, 4343)
-    assert b["srv/sparse.img"]["size"] == 64 * 1024 * 1024
+    assert b["srv/sparse.img"]["size"] == 64 * 1024 * 1024 and b["srv/sparse.img"]["sparse"] is True
     assert a == b
 
 

@@ -74,7 +74,8 @@ def manifest():
                 with open(p, "rb") as f:
                     for block in iter(lambda: f.read(1 << 20), b""):
                         h.update(block)
-                e.update(size=st.st_size, mtime=int(st.st_mtime), sha256=h.hexdigest())
+                e.update(size=st.st_size, mtime=int(st.st_mtime), sha256=h.hexdigest(),
+                         sparse=st.st_blocks * 512 < st.st_size)  # holes kept (rsync --sparse)
                 if st.st_nlink > 1:
                     e["hardlink"] = inodes.setdefault((st.st_dev, st.st_ino), rel)
             elif stat.S_ISLNK(st.st_mode):
