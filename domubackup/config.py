@@ -48,7 +48,7 @@ class SSHSettings:
 class RsyncSettings:
     options: tuple[str, ...] = ("-aHAX", "--numeric-ids", "--delete", "--sparse")
     extra_options: tuple[str, ...] = ()
-    compress: bool = False
+    compress: bool = True
     bwlimit: str = ""  # rsync --bwlimit value, e.g. "50M"; empty = none
     timeout: float = 0.0  # 0 = no limit on the whole transfer
     # rsync --timeout: both ends give up after this long without data. After a link cut the

@@ -114,6 +114,7 @@ class Mount:
     filesystem: Filesystem
     mountpoint: str  # path inside the guest, "/" for root
     options: tuple[str, ...] = ()
+    tree: str = ""  # "" the guest's tree; "unplaced": the tree of what the guest's layout does not place
 
 
 @dataclass(frozen=True)

@@ -270,11 +270,11 @@ def check_no_stale(insp, settings, local, domu) -> None:
         if exists:
             raise SnapshotError(f"{domu}: a snapshot {snap} already exists and no journal explains it",
                                 hint=f"check it is not in use, then remove it with `lvremove {snap}`")
-    root = planner.tree_root(settings, domu, LOCAL)
+    roots = [planner.tree_root(settings, domu, LOCAL, tree) for tree in ("", planner.UNPLACED)]
     mounted = [m.target for m in parsers.parse_findmnt(local.run(parsers.findmnt_argv()).stdout)
-               if m.target == root or m.target.startswith(root + "/")]
+               if any(m.target == root or m.target.startswith(root + "/") for root in roots)]
     if mounted:
-        raise InspectError(f"{domu}: something is already mounted under {root}: {', '.join(mounted)}",
+        raise InspectError(f"{domu}: something is already mounted under {' or '.join(roots)}: {', '.join(mounted)}",
                            hint=f"unmount it or run `domubackup cleanup {domu}`")
 
 
@@ -480,7 +480,9 @@ def open_local_tree(session, config, domu, insp, settings, read_only_peers=False
     for n in notes:
         log.warning("%s: %s", domu, n)
     session.mount_peers(mounts, read_only_peers)
-    session.open_all(planner.mount_steps(mounts[1:], facts, settings, domu, LOCAL, with_root_dir=False))
+    session.open_all(planner.mount_steps([m for m in mounts[1:] if m.tree != planner.UNPLACED], facts, settings,
+                                         domu, LOCAL, with_root_dir=False)
+                     + planner.unplaced_steps(mounts, facts, settings, domu, LOCAL))
     return mounts
 
 
@@ -734,14 +736,18 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
     with watch:
         try:
             mounts = open_local_tree(session, config, domu, insp, settings, read_only_peers=verify)
-            placed = {m.filesystem.name for m in mounts}
             where = "the config's mounts" if settings.mounts else "the guest's /etc/fstab"
-            out.not_copied = planner.not_copied(insp.facts, insp.skipped) + [
-                f"{fs.name} ({fs.fstype}): not in {where}, not copied (name it in the config's mounts to copy it)"
-                for fs in planner.mountable(insp.facts) if fs.name not in placed]
+            for m in mounts:
+                if m.tree == planner.UNPLACED:
+                    log.warning("%s: %s (%s) is not in %s: copied to %s on the peer", domu, m.filesystem.name,
+                                m.filesystem.fstype, where,
+                                planner.tree_root(settings, domu, insp.peers[0], m.tree) + m.mountpoint)
+            out.not_copied = planner.not_copied(insp.facts, insp.skipped)
             session.wait_peers()  # checked, and their replicas mapped and mounted
-            for step in planner.transfer_steps(settings, domu, insp.peers, progress=progress and not verify,
-                                               extra=VERIFY_ARGS if verify else ()):
+            trees = planner.trees(mounts)
+            steps = planner.transfer_steps(settings, domu, insp.peers, progress=progress and not verify,
+                                           extra=VERIFY_ARGS if verify else (), trees=trees)
+            for step, (peer, tree) in zip(steps, [(p, t) for p in insp.peers for t in trees]):
                 try:
                     res = session.open(step, timeout=settings.rsync.timeout or 7 * 24 * 3600)
                 except CommandError as e:
@@ -751,10 +757,13 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
                                        hint=rsync_hint(e.returncode)) from None
                 s = parsers.parse_rsync_stats(res.stdout)
                 if verify:
-                    out.differences += [f"{step.argv[-1].split(':')[0]}: {code} {path}"
+                    where = f"{os.path.basename(planner.tree_root(settings, domu, peer, tree))}/" if tree else ""
+                    out.differences += [f"{peer}: {code} {where}{path}"
                                         for code, path in parsers.parse_rsync_itemize(res.stdout, link_targets=False)]
-                stats = RsyncStats(files=s.files, files_transferred=stats.files_transferred + s.files_transferred,
-                                   total_size=s.total_size,
+                first = peer == insp.peers[0]  # the files of the guest: its trees, counted once
+                stats = RsyncStats(files=stats.files + s.files * first,
+                                   files_transferred=stats.files_transferred + s.files_transferred,
+                                   total_size=stats.total_size + s.total_size * first,
                                    transferred_size=stats.transferred_size + s.transferred_size,
                                    bytes_sent=stats.bytes_sent + s.bytes_sent,
                                    bytes_received=stats.bytes_received + s.bytes_received,

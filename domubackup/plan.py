@@ -108,7 +108,18 @@ def mounts_from_config(facts: list[DiskFacts], settings: Settings) -> list[Mount
             raise InspectError(f"config mounts names {name!r}, which is not a mountable filesystem of "
                                f"this DomU (found: {', '.join(sorted(by_name)) or 'none'})")
         mounts.append(Mount(by_name[name], mp))
-    return sort_mounts(mounts)
+    return with_unplaced(sort_mounts(mounts), facts)
+
+
+UNPLACED = "unplaced"  # Mount.tree of a filesystem that the guest's layout does not place
+
+
+def with_unplaced(mounts: list[Mount], facts: list[DiskFacts]) -> list[Mount]:
+    """MOUNTS, then every other filesystem to copy, each in the hidden tree of its own
+    (/xvdb3 under unplaced_root): nothing found on the disks is left out because the guest's
+    fstab (or the config) does not name it."""
+    placed = {m.filesystem.name for m in mounts}
+    return mounts + [Mount(fs, "/" + fs.name, tree=UNPLACED) for fs in mountable(facts) if fs.name not in placed]
 
 
 TAGS = ("UUID", "LABEL", "PARTUUID", "PARTLABEL")
@@ -212,7 +223,7 @@ def mounts_from_fstab(entries: list[FstabEntry], root: Filesystem,
             notes.append(f"fstab: {at[mp].name} and {fs.name} both at {mp}: {fs.name}, the later line, "
                          "is on top (as mount -a does)")
         at[mp] = fs
-    return sort_mounts([Mount(root, "/")] + [Mount(fs, mp) for mp, fs in at.items()]), notes
+    return with_unplaced(sort_mounts([Mount(root, "/")] + [Mount(fs, mp) for mp, fs in at.items()]), facts), notes
 
 
 def fallback_mounts(facts: list[DiskFacts]) -> list[Mount]:
@@ -272,9 +283,11 @@ def device_of(fs: Filesystem, facts: list[DiskFacts], settings: Settings, *, sna
     return cmd.partition_device(f.lv.vg, lv, settings.kpartx_separator, fs.partition)
 
 
-def tree_root(settings: Settings, domu: str, host: str) -> str:
+def tree_root(settings: Settings, domu: str, host: str, tree: str = "") -> str:
+    """Where DOMU's tree is on HOST: PREFIX/DOMU, or for the unplaced filesystems the hidden
+    PREFIX/.DOMU.unplaced beside it (a DomU name never starts with a dot)."""
     prefix = settings.source_prefix if host == LOCAL else settings.target_prefix
-    return os.path.join(prefix, domu)
+    return os.path.join(prefix, f".{domu}.{tree}" if tree else domu)
 
 
 def mount_options(fstype: str, *, local: bool, read_only: bool = False) -> tuple[str, ...]:
@@ -292,13 +305,13 @@ def mount_options(fstype: str, *, local: bool, read_only: bool = False) -> tuple
 
 
 def mount_steps(mounts: list[Mount], facts: list[DiskFacts], settings: Settings, domu: str, host: str,
-                *, with_root_dir: bool = True, read_only: bool = False) -> list[Step]:
+                *, with_root_dir: bool = True, read_only: bool = False, tree: str = "") -> list[Step]:
     """mkdir of the tree root (undo rmdir), then one mount per filesystem in the given order,
     each mount point resolved inside the tree without following symlinks (safepath); on the
     peer a missing mount point directory is made (the guest may have made it since the last
     night: rsync brings it only after the mount)."""
     local = host == LOCAL
-    root = tree_root(settings, domu, host)
+    root = tree_root(settings, domu, host, tree)
     phase = "mount" if local else "peer-mount"
     steps = []
     if with_root_dir:
@@ -315,12 +328,19 @@ def mount_steps(mounts: list[Mount], facts: list[DiskFacts], settings: Settings,
     return steps
 
 
+def trees(mounts: list[Mount]) -> tuple[str, ...]:
+    """The trees MOUNTS fill: the guest's (""), and the unplaced one when it has a filesystem."""
+    return ("",) + ((UNPLACED,) if any(m.tree == UNPLACED for m in mounts) else ())
+
+
 def transfer_steps(settings: Settings, domu: str, peers: tuple[str, ...], *, progress=False,
-                   extra: tuple[str, ...] = ()) -> list[Step]:
-    return [Step("transfer", LOCAL, cmd.rsync(tree_root(settings, domu, LOCAL), peer,
-                                              tree_root(settings, domu, peer), settings.rsync, settings.ssh,
-                                              progress=progress, extra=extra), None, note=f"mirror to {peer}")
-            for peer in peers]
+                   extra: tuple[str, ...] = (), trees: tuple[str, ...] = ("",)) -> list[Step]:
+    """One rsync per peer and tree."""
+    return [Step("transfer", LOCAL, cmd.rsync(tree_root(settings, domu, LOCAL, tree), peer,
+                                              tree_root(settings, domu, peer, tree), settings.rsync, settings.ssh,
+                                              progress=progress, extra=extra), None,
+                 note=f"mirror to {peer}" + (" the filesystems the guest's layout does not place" if tree else ""))
+            for peer in peers for tree in trees]
 
 
 def needs_fallback_dirs(mounts: list[Mount]) -> bool:
@@ -367,7 +387,7 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
     for peer in peers:
         plan.steps += map_steps(facts, settings, peer, snapshot=False)
         plan.steps += peer_mount_plan(mounts, facts, settings, domu, peer)
-    plan.steps += transfer_steps(settings, domu, peers, progress=progress)
+    plan.steps += transfer_steps(settings, domu, peers, progress=progress, trees=trees(mounts))
     return plan
 
 
@@ -380,16 +400,29 @@ def peer_mount_plan(mounts, facts, settings, domu, peer, *, read_only=False) -> 
 
 
 def _tree_steps(mounts, facts, settings, domu, host, read_only=False) -> list[Step]:
-    """Mounts with a root fs go straight into the tree root; fallback mounts get their own dirs."""
-    if not needs_fallback_dirs(mounts):
-        return mount_steps(sort_mounts(mounts), facts, settings, domu, host, read_only=read_only)
-    root = tree_root(settings, domu, host)
+    """Mounts with a root fs go straight into the tree root; fallback mounts get their own dirs;
+    then the unplaced filesystems, each in its own directory of the hidden tree."""
+    guest = [m for m in mounts if m.tree != UNPLACED]
+    steps = [] if not guest else (
+        mount_steps(sort_mounts(guest), facts, settings, domu, host, read_only=read_only)
+        if not needs_fallback_dirs(guest) else _dir_steps(guest, facts, settings, domu, host, read_only, ""))
+    return steps + unplaced_steps(mounts, facts, settings, domu, host, read_only)
+
+
+def unplaced_steps(mounts, facts, settings, domu, host, read_only=False) -> list[Step]:
+    unplaced = [m for m in mounts if m.tree == UNPLACED]
+    return _dir_steps(unplaced, facts, settings, domu, host, read_only, UNPLACED) if unplaced else []
+
+
+def _dir_steps(mounts, facts, settings, domu, host, read_only, tree) -> list[Step]:
+    """The tree root, then for each mount a directory of its own (undo rmdir) and the mount."""
+    root = tree_root(settings, domu, host, tree)
     steps = [Step("mount" if host == LOCAL else "peer-mount", host, cmd.mkdir(root), cmd.rmdir(root),
-                  note=f"tree root of {domu}")]
+                  note=f"tree root of {domu}" + (" for the filesystems its layout does not place" if tree else ""))]
     for m in sort_mounts(mounts):
         d = root + m.mountpoint
         steps.append(Step(steps[0].phase, host, cmd.mkdir(d), cmd.rmdir(d), note=f"directory for {m.filesystem.name}"))
-        steps += mount_steps([m], facts, settings, domu, host, with_root_dir=False, read_only=read_only)
+        steps += mount_steps([m], facts, settings, domu, host, with_root_dir=False, read_only=read_only, tree=tree)
     return steps
 
 

@@ -589,10 +589,38 @@ def test_a_snapshot_at_snapshot_extend_max_stops_the_run_cleanly(tmp_path, fixtu
     assert Journal.load(tmp_path, "web1") is None
 
 
-def test_a_filesystem_the_fstab_does_not_place_makes_the_run_partial(tmp_path, fixtures, monkeypatch, capsys,
-                                                                     package_logger):
-    # /srv (xvdb) is not in the guest's fstab: it is not copied, and the run says so: PARTIAL,
-    # exit 5, in the catalog, the summary, the metrics and the backup-end hook's status
+def test_a_filesystem_the_fstab_does_not_place_is_copied_in_the_hidden_tree(tmp_path, fixtures, monkeypatch,
+                                                                             caplog):
+    # /srv (xvdb) is not in the guest's fstab: it goes to .web1.unplaced/xvdb on both hosts,
+    # has an rsync of its own, and the run is OK; everything is closed in reverse
+    config, local, peer, log = setup(tmp_path, fixtures)
+    local.probes[("cat", "--", "/mnt/domubackup/source/web1/etc/fstab")] = (0, FSTAB.replace("LABEL=whole /srv", "#"), "")
+    out = run_backup(config, local, peer, monkeypatch)
+    assert (out.status, out.exit_code, out.not_copied) == ("OK", 0, []), out.summary()
+    hidden = {"dom0a": "/mnt/domubackup/source/.web1.unplaced", "dom0b": "/mnt/domubackup/target/.web1.unplaced"}
+    for host, root in hidden.items():
+        mounts = [a for h, a in log if h == host and a[0] == "mount"]
+        assert [a[-2:] for a in mounts if "unplaced" in a[-1]] == [("/dev/vg0/web1-srv-snap" if host == "dom0a"
+                                                                    else "/dev/vg0/web1-srv", f"{root}/xvdb")]
+        assert not [a for a in mounts if a[-1].endswith("web1/srv")]  # not in the guest's tree
+        assert [a for h, a in log if h == host and a[0] in ("mkdir", "rmdir") and "unplaced" in a[-1]] == [
+            ("mkdir", "-p", "--", root), ("mkdir", "-p", "--", f"{root}/xvdb"),
+            ("rmdir", "--", f"{root}/xvdb"), ("rmdir", "--", root)]
+    rsyncs = [a[-2:] for h, a in log if a[0] == "rsync"]
+    assert rsyncs == [("/mnt/domubackup/source/web1/", "dom0b:/mnt/domubackup/target/web1/"),
+                      (f"{hidden['dom0a']}/", f"dom0b:{hidden['dom0b']}/")]
+    assert ("web1: xvdb (ext4) is not in the guest's /etc/fstab: copied to "
+            "/mnt/domubackup/target/.web1.unplaced/xvdb on the peer") in caplog.text
+    opens, undos = opens_and_undos(log)
+    assert by_host(undos) == by_host([(h, UNDO[a[0]](a)) for h, a in reversed(opens)])
+    assert Journal.load(tmp_path, "web1") is None
+
+
+def test_a_filesystem_that_cannot_be_copied_makes_the_run_partial(tmp_path, fixtures, monkeypatch, capsys,
+                                                                   package_logger):
+    # /srv (xvdb) holds a filesystem that is not supported: the rest is copied, and the run
+    # says what was not: PARTIAL, exit 5, in the catalog, the summary, the metrics and the
+    # backup-end hook's status
     import argparse
     from domubackup import cli, logs
     from domubackup.catalog import Catalog
@@ -600,14 +628,16 @@ def test_a_filesystem_the_fstab_does_not_place_makes_the_run_partial(tmp_path, f
     config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n'
                           'job_hook = "/etc/domubackup/job-hook"\n', hostname="dom0a", default_uri="test:///default")
     _, local, peer, log = setup(tmp_path, fixtures)
-    local.probes[("cat", "--", "/mnt/domubackup/source/web1/etc/fstab")] = (0, FSTAB.replace("LABEL=whole /srv", "#"), "")
+    for host in (local, peer):
+        blkid = tuple(parsers.blkid_argv("/dev/vg0/web1-srv"))
+        host.probes[blkid] = (0, host.probes[blkid][1].replace("TYPE=ext4", "TYPE=ntfs"), "")
     monkeypatch.setattr(pipeline, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
     backup = pipeline.backup
     monkeypatch.setattr(pipeline, "backup", lambda *a, **kw: backup(*a, factory=lambda host, ssh: peer, **kw))
     logs.setup(0, syslog=False)
     code = cli.run_backups(config, argparse.Namespace(domus=["web1"], verbose=0), local)
     out, err = capsys.readouterr()
-    why = "xvdb (ext4): not in the guest's /etc/fstab, not copied (name it in the config's mounts to copy it)"
+    why = "xvdb: filesystem type 'ntfs' is not supported"
     assert code == 5
     assert out.startswith("web1: PARTIAL in ") and out.rstrip().endswith(f"; not copied: {why}"), out
     assert f"domubackup: web1: {why}\n" in err
@@ -617,5 +647,6 @@ def test_a_filesystem_the_fstab_does_not_place_makes_the_run_partial(tmp_path, f
         assert 'domubackup_last_run_status{domu="web1",peer="dom0b"} 0.5' in render_metrics({"web1": [run]})
     hooks = [a[1] for h, a in log if a[0] == "/etc/domubackup/job-hook"]
     assert hooks == ["job-start", "backup-start", "backup-end", "job-end"]
-    assert not [a for h, a in log if a[0] == "mount" and a[-1].endswith("/srv")]  # never mounted
+    assert not [a for h, a in log if a[0] == "mount" and "web1-srv" in a[-2]]  # never mounted
+    assert [a[-2] for h, a in log if a[0] == "rsync"] == ["/mnt/domubackup/source/web1/"]
     assert Journal.load(tmp_path, "web1") is None

@@ -71,7 +71,7 @@ EXPECTED = [
     ("peer-mount", "dom0b", "domubackup mount-in --mkdir -- /mnt/domubackup/target/web1 /var /dev/mapper/vg0-web1--diskp5 "
      "xfs rw,nodev,nosuid,noexec,nosymfollow",
      "domubackup umount-in -- /mnt/domubackup/target/web1 /var /dev/mapper/vg0-web1--diskp5"),
-    ("transfer", "local", f"rsync -aHAX --numeric-ids --delete --sparse --timeout=300 --stats -e '{SSH_E}' "
+    ("transfer", "local", f"rsync -aHAX --numeric-ids --delete --sparse --compress --timeout=300 --stats -e '{SSH_E}' "
      "/mnt/domubackup/source/web1/ dom0b:/mnt/domubackup/target/web1/", None),
 ]
 
@@ -148,7 +148,9 @@ def test_fstab_lines_that_place_nothing_and_two_lines_for_one_mount_point():
                FstabEntry("UUID=1111-aaaa", "/again", "ext4"),  # the root filesystem twice
                FstabEntry("UUID=9999", "/gone", "ext4")]
     mounts, notes = mounts_from_fstab(entries, ROOT, facts)
-    assert [(m.filesystem.name, m.mountpoint) for m in mounts] == [("xvda1", "/"), ("xvdb", "/data")]
+    # xvda5, under xvdb at /data, is not lost: it goes to the hidden tree
+    assert [(m.filesystem.name, m.mountpoint, m.tree) for m in mounts] == [
+        ("xvda1", "/", ""), ("xvdb", "/data", ""), ("xvda5", "/xvda5", "unplaced")]
     assert notes == [
         "fstab: xvda5 and xvdb both at /data: xvdb, the later line, is on top (as mount -a does)",
         "fstab entry UUID=1111-aaaa /again: xvda1 is mounted at / already",
@@ -164,7 +166,9 @@ def test_needs_partition_ids():
 
 def test_fstab_missing_filesystem_is_reported_and_wrong_root_refused():
     mounts, notes = mounts_from_fstab([FstabEntry("LABEL=web1-var", "/var", "xfs")], ROOT, web1_facts())
-    assert [m.filesystem.name for m in mounts] == ["xvda1", "xvda5"] and notes == []  # xvdb: the run says PARTIAL
+    # xvdb, not in the fstab, is copied in the hidden tree
+    assert [(m.filesystem.name, m.mountpoint, m.tree) for m in mounts] == [
+        ("xvda1", "/", ""), ("xvda5", "/var", ""), ("xvdb", "/xvdb", "unplaced")] and notes == []
     with pytest.raises(InspectError, match="the guest's /etc/fstab mounts xvdb at /, but xvda1 was mounted as root"):
         mounts_from_fstab([FstabEntry("LABEL=web1-srv", "/", "ext4")], ROOT, web1_facts())
 
@@ -237,3 +241,23 @@ def test_hostile_names_stay_single_argv_words():
 def test_rsync_ssh_keepalive_follows_alive_interval(value, expected):
     argv = commands.ssh_command(settings("[ssh]\n" + value).settings_for("web1").ssh)
     assert [argv[i + 1] for i, w in enumerate(argv) if w == "-o" and "ServerAlive" in argv[i + 1]] == expected
+
+
+def test_config_mounts_that_leave_a_filesystem_out_copy_it_in_the_hidden_tree():
+    c = settings('[domu.web1]\nmounts = { xvda5 = "/var", xvda1 = "/" }\n')
+    plan = plan_backup("web1", web1_facts(), c.settings_for("web1"), c.peers_for("web1"))
+    steps = [(p, h, a.replace(f"-e '{SSH_E}' ", "")) for p, h, a, u in flat(plan)
+             if "unplaced" in a or p == "transfer"]
+    src, tgt = "/mnt/domubackup/source/.web1.unplaced", "/mnt/domubackup/target/.web1.unplaced"
+    assert steps == [
+        ("mount", "local", f"mkdir -p -- {src}"), ("mount", "local", f"mkdir -p -- {src}/xvdb"),
+        ("mount", "local", f"domubackup mount-in -- {src} /xvdb /dev/vg0/web1-srv-snap ext4 "
+                           "ro,nodev,nosuid,noexec,nosymfollow,errors=remount-ro"),
+        ("peer-mount", "dom0b", f"mkdir -p -- {tgt}"), ("peer-mount", "dom0b", f"mkdir -p -- {tgt}/xvdb"),
+        ("peer-mount", "dom0b", f"domubackup mount-in --mkdir -- {tgt} /xvdb /dev/vg0/web1-srv ext4 "
+                                "rw,nodev,nosuid,noexec,nosymfollow,errors=remount-ro"),
+        ("transfer", "local", "rsync -aHAX --numeric-ids --delete --sparse --compress --timeout=300 --stats "
+                              "/mnt/domubackup/source/web1/ dom0b:/mnt/domubackup/target/web1/"),
+        ("transfer", "local", "rsync -aHAX --numeric-ids --delete --sparse --compress --timeout=300 --stats "
+                              f"{src}/ dom0b:{tgt}/")]
+    assert plan.skipped == ["xvda6: swap is not copied"]  # nothing else is left out
