@@ -166,6 +166,16 @@ class SnapshotUse:
 
 
 @dataclass(frozen=True)
+class Space:
+    """What a mounted filesystem holds and has room for, as `domubackup mount-in` tells it."""
+    size: int  # bytes
+    used: int
+    free: int  # bytes free for root (rsync writes as root)
+    inodes: int = 0  # 0: no fixed number (btrfs, vfat)
+    inodes_used: int = 0
+
+
+@dataclass(frozen=True)
 class RsyncStats:
     files: int = 0  # Number of files
     files_transferred: int = 0  # Number of regular files transferred

@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Mapping
 
-from .model import FstabEntry, LogicalVolume, MountInfo, Partition, PartitionTable, RsyncStats, SnapshotUse
+from .model import FstabEntry, LogicalVolume, MountInfo, Partition, PartitionTable, RsyncStats, SnapshotUse, Space
 
 __all__ = [
     "LVS_FIELDS", "LVS_SEPARATOR", "lvs_argv", "parse_lvs",
@@ -466,6 +466,29 @@ _RSYNC_KEYS = {
     "Total bytes received": "bytes_received",
     "Number of deleted files": "deleted",
 }
+def parse_mount_space(text: str, paths) -> list[Space | None]:
+    """The figures `domubackup mount-in` told for the mounts of PATHS, in order: each item is
+    told as "space SIZE USED FREE INODES INODES_USED\n" then "mounted PATH\n" (PATH is read as
+    the exact text expected: it may hold any character, newlines too). None for an item told
+    without figures; the list stops where the output does."""
+    out, pos = [], 0
+    for path in paths:
+        space = None
+        if text.startswith("space ", pos):
+            end = text.find("\n", pos)
+            words = text[pos:end].split(" ") if end >= 0 else []
+            if len(words) != 6 or not all(w.isdigit() for w in words[1:]):
+                raise ValueError(f"malformed mount-in output at {text[pos:pos + 200]!r}")
+            space, pos = Space(*map(int, words[1:])), end + 1
+        if not text.startswith(f"mounted {path}\n", pos):
+            if space is not None or pos < len(text):
+                raise ValueError(f"malformed mount-in output at {text[pos:pos + 200]!r}")
+            break
+        out.append(space)
+        pos += len(f"mounted {path}\n")
+    return out
+
+
 _RSYNC_REQUIRED = ("files", "total_size", "bytes_sent", "bytes_received")
 
 

@@ -161,6 +161,7 @@ class Session:
         self.runners = runners
         self.timeout = timeout
         self.paused: set[str] = set()
+        self.space: dict[tuple[str, str, str], object] = {}  # (host, tree, path) -> Space of a mount made
         self.start_peers = lambda: None  # peer_session: start checking the peers (background)
         self.mount_peers = lambda mounts, read_only=False: None  # peer_session: what to mount there
         self.wait_peers = lambda: None  # peer_session: blocks until the peers are checked
@@ -174,6 +175,7 @@ class Session:
         i = self.journal.begin(step)
         result = runner.run(step.argv, timeout=limit)
         self.journal.done(i)
+        self._note_space(step.host, [step.argv], result.stdout)
         return result
 
     def open_all(self, steps):
@@ -191,9 +193,24 @@ class Session:
             else:
                 test_pause(steps[i].phase, self.journal, self.paused)
                 recorded = self.journal.begin_many(steps[i:j])
-                self.runners[steps[i].host].run(cmd.batched([s.argv for s in steps[i:j]]), timeout=self.timeout)
+                res = self.runners[steps[i].host].run(cmd.batched([s.argv for s in steps[i:j]]), timeout=self.timeout)
                 self.journal.done_many(recorded)
+                self._note_space(steps[i].host, [s.argv for s in steps[i:j]], res.stdout)
             i = j
+
+    def _note_space(self, host, argvs, stdout) -> None:
+        """Keep what the mounts of ARGVS (mount-in of one tree) said of their filesystems' space."""
+        if argvs[0][:2] != (cmd.HELPER, "mount-in"):
+            return
+        tree, paths = cmd.batch_key(argvs[0])[0][-1], [cmd.batch_key(a)[1][0] for a in argvs]
+        try:
+            figures = parsers.parse_mount_space(stdout, paths)
+        except ValueError as e:
+            raise CommandError(host, argvs[0], 0, str(e), hint="the helper on that host is not this version of "
+                                                               "domubackup: install the same version there") from None
+        for path, space in zip(paths, figures):
+            if space is not None:
+                self.space[(host, tree, path)] = space
 
     def open_prerecorded(self, steps) -> None:
         """Open steps whose entries are already in the journal (`journal.begin_many`): only
@@ -256,6 +273,27 @@ def check_vg_space(facts, settings) -> None:
             raise SnapshotError(f"volume group {vg} has {mib(free[vg])} free, the snapshots need {mib(n)}: "
                                 f"{mib(n - free[vg])} missing",
                                 hint="free space in the VG or lower snapshot_size")
+
+
+def check_room(space, mounts, settings, domu, peers) -> None:
+    """Before the transfer: each replica filesystem must be able to hold what its source holds
+    (bytes and inodes, as the mounts told them: session.space), else nothing is written."""
+    problems = []
+    for m in mounts:
+        src = space.get((LOCAL, planner.tree_root(settings, domu, LOCAL, m.tree), m.mountpoint))
+        for peer in peers:
+            dst = space.get((peer, planner.tree_root(settings, domu, peer, m.tree), m.mountpoint))
+            if src is None or dst is None:
+                continue  # not told (a helper that tells no figures)
+            what = f"{m.filesystem.name} ({m.filesystem.fstype}, {m.mountpoint}) on {peer}"
+            if src.used > dst.used + dst.free:
+                problems.append(f"the replica of {what} has room for {mib(dst.used + dst.free)} "
+                                f"({mib(dst.free)} free now), the source holds {mib(src.used)}")
+            if dst.inodes and src.inodes_used > dst.inodes:
+                problems.append(f"the replica of {what} has {dst.inodes} inodes, the source uses {src.inodes_used}")
+    if problems:
+        raise PeerError(f"{domu}: the replica is too small, nothing was written: " + "; ".join(problems),
+                        hint=f"grow the replica filesystem on the peer, or re-seed it (`domubackup seed {domu}`)")
 
 
 def check_no_stale(insp, settings, local, domu) -> None:
@@ -744,6 +782,8 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
                                 planner.tree_root(settings, domu, insp.peers[0], m.tree) + m.mountpoint)
             out.not_copied = planner.not_copied(insp.facts, insp.skipped)
             session.wait_peers()  # checked, and their replicas mapped and mounted
+            if not verify:
+                check_room(session.space, mounts, settings, domu, insp.peers)
             trees = planner.trees(mounts)
             steps = planner.transfer_steps(settings, domu, insp.peers, progress=progress and not verify,
                                            extra=VERIFY_ARGS if verify else (), trees=trees)

@@ -166,8 +166,9 @@ def _is_the_mount(m: dict | None, fd: int, target: str, dev: str) -> str | None:
     return None
 
 
-def mount_in(tree: str, path: str, dev: str, fstype: str, options: str, *, mkdir: bool = False) -> None:
-    """Mount DEV on TREE/PATH, PATH resolved inside TREE without following symlinks."""
+def mount_in(tree: str, path: str, dev: str, fstype: str, options: str, *, mkdir: bool = False) -> os.statvfs_result:
+    """Mount DEV on TREE/PATH, PATH resolved inside TREE without following symlinks; return the
+    new mount's statvfs (what it holds and has room for: checked before a transfer)."""
     parts = components(path)
     target = os.path.join(os.path.realpath(tree), *parts)
     fd = open_dir(tree, parts, create=mkdir)
@@ -185,10 +186,12 @@ def mount_in(tree: str, path: str, dev: str, fstype: str, options: str, *, mkdir
     fd = open_dir(tree, parts)
     try:
         wrong = _is_the_mount(mount_of(fd), fd, target, dev)
+        space = os.fstatvfs(fd)
     finally:
         os.close(fd)
     if wrong:
         raise Refused(f"the mount of {dev} did not land on {shown(target)}: {wrong}")
+    return space
 
 
 def umount_in(tree: str, path: str, dev: str) -> None:
@@ -274,7 +277,9 @@ def execute(argv: list[str]) -> tuple[int, bytes, str]:
     """Run one helper command (argv[0] is its name): (exit code, stdout, stderr). mount-in and
     umount-in take several items (one command for a host's neighbouring steps), done in order;
     the first failure stops them; each item done is told on stdout ("mounted PATH",
-    "unmounted PATH"), so that a caller knows how far a failed batch got. Used in-process by the
+    "unmounted PATH"), so that a caller knows how far a failed batch got; before each "mounted"
+    line, "space SIZE USED FREE INODES INODES_USED" (bytes; FREE counts root's reserve; INODES 0:
+    the filesystem has no fixed count) of the new mount. Used in-process by the
     local runner and by ``main`` (the program, on the peer)."""
     command, args = argv[0], list(argv[1:])
     flags = {}
@@ -298,8 +303,10 @@ def execute(argv: list[str]) -> tuple[int, bytes, str]:
     for item in items:
         try:
             if command == "mount-in":
-                mount_in(tree, *item, mkdir=flags.get("mkdir", False))
-                out.append(f"mounted {item[0]}\n".encode("utf-8", "surrogateescape"))
+                v = mount_in(tree, *item, mkdir=flags.get("mkdir", False))
+                out.append(f"space {v.f_blocks * v.f_frsize} {(v.f_blocks - v.f_bfree) * v.f_frsize} "
+                           f"{v.f_bfree * v.f_frsize} {v.f_files} {v.f_files - v.f_ffree}\n"
+                           f"mounted {item[0]}\n".encode("utf-8", "surrogateescape"))
             elif command == "umount-in":
                 umount_in(tree, *item)
                 out.append(f"unmounted {item[0]}\n".encode("utf-8", "surrogateescape"))

@@ -214,7 +214,15 @@ def test_batches_say_how_far_they_got(tree, loopdev, tmp_path):
         opts = "ro,nodev,nosuid,noexec,nosymfollow"
         code, out, err = safepath.execute(["mount-in", "--", str(t), "/srv", loopdev, "ext4", opts,
                                            "/var/lib", dev2, "ext4", opts, "/abs", dev2, "ext4", opts])
-        assert (code, out) == (1, b"mounted /srv\nmounted /var/lib\n")  # the symlink stops the batch
+        assert code == 1 and out.decode().endswith("\nmounted /var/lib\n")  # the symlink stops the batch
+        from domubackup.model import Space
+        from domubackup.parsers import parse_mount_space
+        told = parse_mount_space(out.decode(), ["/srv", "/var/lib"])
+        for path, space in zip(("/srv", "/var/lib"), told):  # each mount's own figures
+            v = os.statvfs(f"{t}{path}")
+            assert space == Space(v.f_blocks * v.f_frsize, (v.f_blocks - v.f_bfree) * v.f_frsize,
+                                  v.f_bfree * v.f_frsize, v.f_files, v.f_files - v.f_ffree)
+        assert len(told) == 2 and told[0].size > 20 * 2**20 and told[0].inodes_used == 11  # a fresh ext4
         assert err == f"mount-in: '{t}/abs' is a symbolic link (to '{outside}'): not followed\n"
         code, out, err = safepath.execute(["umount-in", "--", str(t), "/var/lib", dev2, "/srv", loopdev])
         assert (code, out, err) == (0, b"unmounted /var/lib\nunmounted /srv\n", "")

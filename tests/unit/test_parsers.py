@@ -369,3 +369,17 @@ def test_parse_partx():
     assert P.parse_partx("1 627c3b53-01 \n5 627c3b53-05 \n") == {1: ("627c3b53-01", ""), 5: ("627c3b53-05", "")}
     with pytest.raises(ValueError, match="expected NR UUID NAME"):
         P.parse_partx("1 a b c\n")
+
+
+def test_parse_mount_space_reads_each_item_by_its_exact_path():
+    from domubackup.model import Space
+    from domubackup.parsers import parse_mount_space
+    # a mount point with a newline and a fake "space" line in its name is read as one path
+    odd = "/srv\nspace 1 1 1 1 1"
+    text = f"space 100 40 60 10 4\nmounted /\nspace 50 5 45 0 0\nmounted {odd}\nmounted /var\n"
+    assert parse_mount_space(text, ["/", odd, "/var"]) == [Space(100, 40, 60, 10, 4), Space(50, 5, 45), None]
+    assert parse_mount_space("space 100 40 60 10 4\nmounted /\n", ["/", "/var"]) == [Space(100, 40, 60, 10, 4)]
+    assert parse_mount_space("", ["/"]) == []  # a helper that told nothing
+    for bad in ("space 1 2 x 4 5\nmounted /\n", "space 1 2 3 4 5\nmounted /other\n", "garbage\n"):
+        with pytest.raises(ValueError, match="malformed mount-in output"):
+            parse_mount_space(bad, ["/"])

@@ -35,14 +35,16 @@ class Host(Runner):
         self.log = log if log is not None else []
         self.mounted = set()
         self.created = set()
+        self.spaces = {}  # mount target -> "space ..." line that mount-in tells for it
 
     def _execute(self, argv, env, input, timeout):
-        if len(items(argv)) > 1:  # a batch of safepath mounts or unmounts: each item, in order
+        if argv[:2] in (("domubackup", "mount-in"), ("domubackup", "umount-in")):  # each item, in order
             said = []
             for item, word in zip(items(argv), argv[argv.index("--") + 2::2 if argv[1] == "umount-in" else 4]):
                 code, out, err = self._execute_one(item)
                 if code:
                     return code, "".join(said), err
+                said.append(self.spaces.get(item[-1], "") if item[0] == "mount" else "")
                 said.append(f"{'mounted' if item[0] == 'mount' else 'unmounted'} {word}\n")
             return 0, "".join(said), ""
         return self._execute_one(plain(argv))
@@ -650,3 +652,28 @@ def test_a_filesystem_that_cannot_be_copied_makes_the_run_partial(tmp_path, fixt
     assert not [a for h, a in log if a[0] == "mount" and "web1-srv" in a[-2]]  # never mounted
     assert [a[-2] for h, a in log if a[0] == "rsync"] == ["/mnt/domubackup/source/web1/"]
     assert Journal.load(tmp_path, "web1") is None
+
+
+def test_a_replica_too_small_for_its_source_fails_before_anything_is_written(tmp_path, fixtures, monkeypatch):
+    # the mounts tell their filesystems' space: /var's replica holds 200 MiB, the source 300
+    # MiB; the root's replica has too few inodes. No rsync runs; everything is closed.
+    config, local, peer, log = setup(tmp_path, fixtures)
+    src, tgt = "/mnt/domubackup/source/web1", "/mnt/domubackup/target/web1"
+    local.spaces = {f"{src}/var": f"space {400 * MiB} {300 * MiB} {100 * MiB} 0 0\n",
+                    src: f"space {900 * MiB} {100 * MiB} {800 * MiB} 60000 50000\n"}
+    peer.spaces = {f"{tgt}/var": f"space {200 * MiB} {150 * MiB} {50 * MiB} 0 0\n",
+                   tgt: f"space {900 * MiB} {100 * MiB} {800 * MiB} 40000 39000\n"}
+    out = run_backup(config, local, peer, monkeypatch)
+    assert (out.status, out.exit_code) == ("ERROR", 1)
+    assert out.error == ("web1: the replica is too small, nothing was written: the replica of xvda1 (ext4, /) on "
+                         "dom0b has 40000 inodes, the source uses 50000; the replica of xvda5 (xfs, /var) on dom0b "
+                         "has room for 200.0 MiB (50.0 MiB free now), the source holds 300.0 MiB (grow the replica "
+                         "filesystem on the peer, or re-seed it (`domubackup seed web1`))")
+    assert not [a for h, a in log if a[0] == "rsync"]
+    opens, undos = opens_and_undos(log)
+    assert by_host(undos) == by_host([(h, UNDO[a[0]](a)) for h, a in reversed(opens)])
+    assert Journal.load(tmp_path, "web1") is None
+    # room enough (the replica's used + free): the run goes on
+    peer.spaces[f"{tgt}/var"] = f"space {400 * MiB} {350 * MiB} {50 * MiB} 0 0\n"
+    peer.spaces[tgt] = f"space {900 * MiB} {100 * MiB} {800 * MiB} 60000 39000\n"
+    assert run_backup(config, local, peer, monkeypatch).status == "OK"
