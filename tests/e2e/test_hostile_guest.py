@@ -111,8 +111,11 @@ def test_symlink_mount_points_on_both_hosts(evil):
     clean_guest(lab)
     guest(lab, f"sed -i '/evil-srv/d' etc/fstab && rm -rf srv && ln -s {BAIT} srv", srv=False)
     r, _ = watched_run(lab, "run", "evil1")
-    assert "xvda2 (ext4): not in the guest's /etc/fstab, not copied" in r.stderr, r.stderr
-    assert r.returncode == 5 and r.stdout.startswith("evil1: PARTIAL in "), r.stdout  # never OK
+    assert ("xvda2 (ext4) is not in the guest's /etc/fstab: copied to "
+            "/mnt/domubackup/target/.evil1.unplaced/xvda2 on the peer") in r.stderr, r.stderr
+    assert r.returncode == 0 and r.stdout.startswith("evil1: OK in "), r.stdout  # nothing left out
+    assert lab.ssh("dom0b", f"kpartx -a -s -p p {DISK}; mount -o ro {P2} /mnt/guest; cat /mnt/guest/www/index; "
+                            f"umount /mnt/guest; {UNMAP}").stdout == "hello\n"
     assert lab.ssh("dom0b", f"kpartx -a -s -p p {DISK}; mount -o ro {'/dev/mapper/vg0-evil1--diskp1'} /mnt/guest; "
                             f"readlink /mnt/guest/srv; umount /mnt/guest; {UNMAP}").stdout == BAIT + "\n"
     # ... and the next night the guest mounts /srv again on a real directory: dom0a is fine,
