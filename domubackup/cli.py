@@ -10,32 +10,20 @@ import signal
 import sys
 
 from . import __version__, config as cfg, logs, pipeline, virt
-from . import errors
-from .errors import DomuBackupError, UsageError
+from .errors import (EXIT_BUSY, EXIT_FAILED, EXIT_INTERNAL, EXIT_NOT_ELIGIBLE, EXIT_OK, EXIT_PARTIAL,
+                     EXIT_SIGNAL, EXIT_TEARDOWN, EXIT_USAGE, DomuBackupError, Interrupted, UsageError,
+                     signal_exit)
 from .plan import describe
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_ELIGIBLE = 3
-EXIT_TEARDOWN = 4
-EXIT_PARTIAL = errors.EXIT_PARTIAL
-EXIT_BUSY = 75
-EXIT_CONFIG = 78
-# When several DomUs end differently, the most serious outcome decides the exit status.
+# When several DomUs end differently, the most serious outcome decides the exit status (a code
+# not listed, a signal's 128+N, wins over all).
 SEVERITY = [EXIT_OK, EXIT_NOT_ELIGIBLE, EXIT_BUSY, EXIT_PARTIAL, EXIT_FAILED, EXIT_TEARDOWN]
 
 log = logging.getLogger("domubackup")
 
 
-class Interrupted(DomuBackupError):
-    """A signal asked us to stop; raised so that every `finally` and teardown runs."""
-
-    exit_code = 130
-
-
 def _on_signal(signum, frame):
-    raise Interrupted(f"stopped by signal {signal.Signals(signum).name}; closing everything that was opened")
+    raise Interrupted(signum)
 
 
 def say(text: str, file=None) -> None:
@@ -129,7 +117,7 @@ def _main(argv, *, local_runner, hostname) -> int:
         return command(config, args, runner)
     except KeyboardInterrupt:
         say("domubackup: interrupted", file=sys.stderr)
-        return 130
+        return signal_exit(signal.SIGINT)
     except DomuBackupError as e:
         say(f"domubackup: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -215,7 +203,7 @@ def run_backups(config, args, runner) -> int:
                 say(f"domubackup: {name}: undid what a dead run left: " + "; ".join(outcome.undone), file=sys.stderr)
             if outcome.not_here and args.domus:  # named by hand: say why nothing happened
                 say(f"domubackup: {outcome.error}", file=sys.stderr)
-            if outcome.exit_code == Interrupted.exit_code:
+            if outcome.exit_code > EXIT_SIGNAL:
                 break  # a signal: everything of this DomU is closed; do not start the next one
         failed = [o.domu for o in outcomes if o.exit_code]
         try:
