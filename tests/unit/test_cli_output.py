@@ -85,3 +85,23 @@ def test_a_signal_in_one_domu_stops_the_night_with_its_code(config, monkeypatch,
     args = argparse.Namespace(domus=["web1", "web2"], verbose=0)
     assert cli.run_backups(cfg, args, Succeeds()) == 143
     assert started == ["web1"]
+
+
+def domubackup(*argv, stdout=subprocess.PIPE, **kw):
+    """`python -m domubackup ARGV` in a child process (its own signals, its own stdout)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "domubackup", *argv], stdout=stdout, stderr=subprocess.PIPE,
+                          env=env, text=True, timeout=60, **kw)
+
+
+def test_python_m_domubackup_is_the_program():
+    r = domubackup("--version")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"domubackup {cli.__version__}\n", "")
+
+
+def test_python_m_domubackup_runs_the_helpers_too(tmp_path):
+    # entry.main dispatches mount-in/umount-in/read-in without the CLI: read-in of a file in a tree
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "fstab").write_text("/dev/xvda1 / ext4 defaults 0 1\n")
+    r = domubackup("read-in", "--", str(tmp_path), "etc/fstab")
+    assert (r.returncode, r.stdout) == (0, "/dev/xvda1 / ext4 defaults 0 1\n"), r.stderr
