@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from contextlib import contextmanager
 
 from . import __version__, config as cfg, logs, pipeline, virt
 from .errors import (EXIT_BUSY, EXIT_FAILED, EXIT_INTERNAL, EXIT_NOT_ELIGIBLE, EXIT_OK, EXIT_PARTIAL,
@@ -29,7 +30,28 @@ def _on_signal(signum, frame):
 def say(text: str, file=None) -> None:
     """Print one message (stdout by default) with its control characters escaped: messages
     carry strings from the guest's disks (labels, fstab, mount points)."""
-    print(logs.printable(text), file=file or sys.stdout)
+    file = file or sys.stdout
+    try:
+        print(logs.printable(text), file=file, flush=True)
+    except BrokenPipeError:
+        reader_gone(file)
+
+
+def reader_gone(stream) -> None:
+    """Whoever read ``stream`` has gone (`domubackup history | head`): as the Python docs advise
+    for SIGPIPE, its descriptor becomes /dev/null, so that the rest of the output and the flush at
+    exit end quietly. The command carries on and exits with its own code (a backup's result is
+    never hidden by a closed pipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+def flush(stream) -> None:
+    try:
+        stream.flush()
+    except BrokenPipeError:
+        reader_gone(stream)
 
 
 def worst(codes) -> int:
@@ -77,6 +99,7 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
         return _main(argv, local_runner=local_runner, hostname=hostname)
     finally:
         os.umask(umask)
+        flush(sys.stdout)  # argparse's help, say()'s last line: a closed pipe is no traceback
 
 
 def private_dir(path: str) -> None:
@@ -103,6 +126,7 @@ def _main(argv, *, local_runner, hostname) -> int:
     logs.setup(args.verbose, syslog=local_runner is None)
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _on_signal)
+    config = None
     try:
         for name in (getattr(args, "domu", None), *getattr(args, "domus", ())):  # named on the command line
             if name is not None:
@@ -121,6 +145,44 @@ def _main(argv, *, local_runner, hostname) -> int:
     except DomuBackupError as e:
         say(f"domubackup: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # a bug: one line here, the traceback in a log file
+        where = internal_error_log(e, config, args.command)
+        say(f"domubackup: internal error: {type(e).__name__}: {' '.join(str(e).split())}; {where}",
+            file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+@contextmanager
+def run_log(config, domu: str, kind: str = "backup"):
+    """logs.run_log; an exception that is not the tool's own leaves its traceback in that file
+    (and the file's path on the exception, for the one line that `_main` prints)."""
+    with logs.run_log(config.state_dir, domu, kind) as path:
+        try:
+            yield path
+        except Exception as e:
+            if path and not isinstance(e, DomuBackupError):
+                log_traceback(e)
+                e.domubackup_log = path
+            raise
+
+
+def log_traceback(e: BaseException) -> None:
+    """The traceback of ``e`` to the package's log files only (never to the terminal)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "internal error: %s: %s",
+                            (type(e).__name__, e), (type(e), e, e.__traceback__))
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler) and record.levelno >= h.level:
+            h.handle(record)
+
+
+def internal_error_log(e: BaseException, config, command: str) -> str:
+    """Where the traceback of ``e`` is: its run log, else a log file of its own in state_dir."""
+    path = getattr(e, "domubackup_log", None)
+    if path is None and config is not None:
+        with logs.run_log(config.state_dir, "domubackup", command) as path:
+            if path:
+                log_traceback(e)
+    return f"the traceback is in {path}" if path else "no log file could be written: the traceback is not kept"
 
 
 def _local_runner(config):
@@ -194,7 +256,7 @@ def run_backups(config, args, runner) -> int:
     try:
         pipeline.lifecycle_hook(config.defaults, "job-start", runner)
         for name in selected_domus(config, args.domus, conn):
-            with logs.run_log(config.state_dir, name) as log_path:
+            with run_log(config, name) as log_path:
                 log.info("backup starts")
                 outcome = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path)
                 log.info("%s", outcome.summary())
@@ -250,7 +312,7 @@ def cmd_verify(config, args, runner) -> int:
     conn = virt.connect(config.settings_for(name).libvirt_uri)
     catalog = open_catalog(config)
     try:
-        with logs.run_log(config.state_dir, name, "verify") as log_path:
+        with run_log(config, name, "verify") as log_path:
             out = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path, verify=True)
     finally:
         conn.close()
@@ -286,7 +348,7 @@ def cmd_seed(config, args, runner) -> int:
     peers = {}
     run_id = None
     try:
-        with DomuLock(config.state_dir, name), logs.run_log(config.state_dir, name, "seed") as log_path:
+        with DomuLock(config.state_dir, name), run_log(config, name, "seed") as log_path:
             pipeline.recover(config, name, runner)
             insp = pipeline.inspect(config, name, conn, runner)
             peers = pipeline.peer_runners(config, name, insp.peers, pipeline.ssh_runner)

@@ -105,3 +105,76 @@ def test_python_m_domubackup_runs_the_helpers_too(tmp_path):
     (tmp_path / "etc" / "fstab").write_text("/dev/xvda1 / ext4 defaults 0 1\n")
     r = domubackup("read-in", "--", str(tmp_path), "etc/fstab")
     assert (r.returncode, r.stdout) == (0, "/dev/xvda1 / ext4 defaults 0 1\n"), r.stderr
+
+
+def closed_pipe():
+    """The write end of a pipe whose reader has gone: every write to it is EPIPE."""
+    r, w = os.pipe()
+    os.close(r)
+    return w
+
+
+@pytest.mark.parametrize("argv", [["history"], ["--help"], ["history", "--json"]])
+def test_a_closed_stdout_ends_quietly_with_the_commands_own_code(config, argv):
+    w = closed_pipe()
+    try:
+        r = domubackup("-c", config, *argv, stdout=w)
+    finally:
+        os.close(w)
+    assert (r.returncode, r.stderr) == (0, "")
+
+
+def test_a_closed_stdout_does_not_hide_the_exit_code(tmp_path):
+    # the config is wrong: exit 78 whatever happens to the output
+    path = tmp_path / "bad.toml"
+    path.write_text("dom0s = 3\n")
+    w = closed_pipe()
+    try:
+        r = domubackup("-c", str(path), "history", stdout=w)
+    finally:
+        os.close(w)
+    assert r.returncode == 78 and r.stderr.startswith("domubackup: error: ") and "Traceback" not in r.stderr
+
+
+def test_say_to_a_closed_pipe_points_the_descriptor_at_devnull(tmp_path):
+    w = closed_pipe()
+    with os.fdopen(w, "w") as stream:
+        cli.say("x" * 100000, file=stream)  # raised BrokenPipeError before
+        cli.say("more", file=stream)
+        assert os.path.samestat(os.fstat(stream.fileno()), os.stat(os.devnull))
+
+
+def test_an_unexpected_exception_is_one_line_and_exit_70_with_the_traceback_in_a_log(config, tmp_path, monkeypatch,
+                                                                                    capsys):
+    def command(config, args, runner):
+        raise ValueError("boom\n\x1b[2Jsecond line")
+    monkeypatch.setattr(cli, "cmd_history", command)
+    assert cli.main(["-c", config, "history"], local_runner=Succeeds()) == 70
+    logs = list((tmp_path / "state" / "log").glob("domubackup-history-*.log"))
+    assert len(logs) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (f"domubackup: internal error: ValueError: boom \\x1b[2Jsecond line; "
+                   f"the traceback is in {logs[0]}\n")
+    text = logs[0].read_text()
+    assert " ERROR internal error: ValueError: boom" in text and "\n    Traceback (most recent call last):\n" in text
+    assert 'raise ValueError("boom' in text
+
+
+def test_an_unexpected_exception_in_a_runs_log_leaves_its_traceback_there(config, tmp_path, monkeypatch, capsys):
+    def command(config, args, runner):
+        with cli.run_log(config, "web1", "seed"):
+            {}["missing"]
+    monkeypatch.setattr(cli, "cmd_history", command)
+    assert cli.main(["-c", config, "history"], local_runner=Succeeds()) == 70
+    log, = (tmp_path / "state" / "log").glob("*.log")
+    assert log.name.startswith("web1-seed-")
+    assert capsys.readouterr() == ("", f"domubackup: internal error: KeyError: 'missing'; the traceback is in {log}\n")
+    assert "Traceback (most recent call last):" in log.read_text()
+
+
+def test_an_unexpected_exception_before_the_config_is_read_has_no_log_file(config, monkeypatch, capsys):
+    monkeypatch.setattr(cli.cfg, "load_config", lambda *a, **kw: 1 / 0)
+    assert cli.main(["-c", config, "history"], local_runner=Succeeds()) == 70
+    assert capsys.readouterr() == ("", "domubackup: internal error: ZeroDivisionError: division by zero; "
+                                       "no log file could be written: the traceback is not kept\n")
