@@ -60,34 +60,58 @@ def worst(codes) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="domubackup", description="Replicate running DomUs' LVM disks to a peer Dom0.")
-    p.add_argument("--version", action="version", version=f"domubackup {__version__}")
-    p.add_argument("-c", "--config", help=f"configuration file (default: $DOMUBACKUP_CONFIG or {cfg.DEFAULT_PATH})")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv: every command)")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sp = sub.add_parser("plan", help="show the commands a backup of DOMU would run (runs nothing that changes anything)")
-    sp.add_argument("domu")
-    sp.add_argument("--json", action="store_true", help="print the steps as a JSON list")
-    sr = sub.add_parser("run", help="back up the named DomUs (default: every configured DomU eligible here)")
-    sr.add_argument("domus", nargs="*", metavar="DOMU")
+    p = argparse.ArgumentParser(prog="domubackup", description="Keep a copy of each running DomU's LVM disks "
+                                "on a peer Dom0: snapshot, map, mount read-only, rsync over SSH, close everything.")
+    p.add_argument("--version", action="version", version=f"domubackup {__version__}",
+                   help="print the version and exit")
+    # -c and -v are also accepted after the command (`domubackup run -v web1`): each subparser
+    # has them too, with SUPPRESS as default, so that a value given before the command stays.
+    common = argparse.ArgumentParser(add_help=False)
+    for parser, config, verbose in ((p, None, 0), (common, argparse.SUPPRESS, argparse.SUPPRESS)):
+        parser.add_argument("-c", "--config", default=config, metavar="FILE",
+                            help=f"configuration file (default: $DOMUBACKUP_CONFIG or {cfg.DEFAULT_PATH})")
+        parser.add_argument("-v", "--verbose", action="count", default=verbose,
+                            help="more output on stderr: each DomU's summary and the stages (-vv: every command)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", help="`domubackup COMMAND --help` tells more")
+
+    def command(name, help, description):
+        return sub.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}. {description}",
+                              parents=[common])
+
+    def json_option(parser, what):
+        parser.add_argument("--json", action="store_true", help=f"print {what} as JSON (see README, JSON output)")
+
+    sp = command("plan", "show the commands a backup of DOMU would run",
+                 "Reads the domain and probes its disks read-only; runs nothing that changes anything.")
+    sp.add_argument("domu", metavar="DOMU", help="the DomU, as libvirt names it")
+    json_option(sp, "the steps")
+    sr = command("run", "back up the named DomUs (default: every configured DomU that runs here)",
+                 "Quiet when every DomU succeeded; the exit code is the most serious outcome.")
+    sr.add_argument("domus", nargs="*", metavar="DOMU", help="DomUs to back up (default: every configured one)")
     sr.add_argument("--dry-run", action="store_true", help="print the plan of each DomU instead of running it")
-    sr.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
-    se = sub.add_parser("seed", help="first full block copy of DOMU's disks to the replica LVs on the peer(s)")
-    se.add_argument("domu")
+    json_option(sr, "each DomU's outcome (with --dry-run: its plan)")
+    se = command("seed", "first full block copy of DOMU's disks to the replica LVs on the peer(s)",
+                 "Needed once before the first run, so that the replica's filesystem UUIDs match.")
+    se.add_argument("domu", metavar="DOMU", help="the DomU whose disks to copy")
     se.add_argument("--force", action="store_true", help="overwrite a replica LV that already holds data")
-    sv = sub.add_parser("verify", help="compare the replica with a fresh snapshot by checksum (changes nothing)")
-    sv.add_argument("domu")
+    sv = command("verify", "compare the replica with a fresh snapshot by checksum",
+                 "rsync --dry-run --checksum with the replica mounted read-only; changes nothing.")
+    sv.add_argument("domu", metavar="DOMU", help="the DomU to verify")
     sv.add_argument("--fsck", action="store_true",
                     help="also check the replica's filesystems read-only on the peer (e2fsck -n, xfs_repair -n)")
-    sk = sub.add_parser("check", help="before the first night: config, libvirt, tools, SSH, replicas, VG space")
-    sk.add_argument("domus", nargs="*", metavar="DOMU", help="default: every configured DomU")
-    sh_ = sub.add_parser("history", help="the runs recorded in the catalog, newest first")
-    sh_.add_argument("domu", nargs="?")
-    sh_.add_argument("--json", action="store_true")
-    sh_.add_argument("--since", help="e.g. 2026-11-20, 2026-11-20T10:00, 24h, 7d, 2w")
-    sh_.add_argument("--limit", type=int)
-    sc = sub.add_parser("cleanup", help="undo what a dead run left behind (its journal), on both hosts")
-    sc.add_argument("domus", nargs="*", metavar="DOMU", help="default: every DomU with a journal")
+    sk = command("check", "check everything a first night needs",
+                 "Config, libvirt, tools on both hosts, SSH with pinned host keys, replicas, VG space; "
+                 "one line per check.")
+    sk.add_argument("domus", nargs="*", metavar="DOMU", help="DomUs to check (default: every configured one)")
+    sh_ = command("history", "the runs recorded in the catalog, newest first",
+                  "Times are local in the table, UTC in JSON.")
+    sh_.add_argument("domu", nargs="?", metavar="DOMU", help="only this DomU's runs")
+    json_option(sh_, "the runs")
+    sh_.add_argument("--since", metavar="WHEN", help="only runs started since: 2026-11-20, 2026-11-20T10:00, 24h, 7d, 2w")
+    sh_.add_argument("--limit", type=int, metavar="N", help="at most N runs")
+    sc = command("cleanup", "undo what a dead run left behind (its journal), on both hosts",
+                 "The next run does it by itself too.")
+    sc.add_argument("domus", nargs="*", metavar="DOMU", help="DomUs to clean up (default: every DomU with a journal)")
     return p
 
 

@@ -178,3 +178,40 @@ def test_an_unexpected_exception_before_the_config_is_read_has_no_log_file(confi
     assert cli.main(["-c", config, "history"], local_runner=Succeeds()) == 70
     assert capsys.readouterr() == ("", "domubackup: internal error: ZeroDivisionError: division by zero; "
                                        "no log file could be written: the traceback is not kept\n")
+
+
+@pytest.mark.parametrize("argv, config, verbose, domus", [
+    (["run", "web1"], None, 0, ["web1"]),
+    (["-v", "run", "web1"], None, 1, ["web1"]),
+    (["run", "-v", "web1"], None, 1, ["web1"]),
+    (["run", "-vv", "web1"], None, 2, ["web1"]),
+    (["run", "web1", "-c", "F"], "F", 0, ["web1"]),
+    (["-c", "F", "run", "web1"], "F", 0, ["web1"]),  # not overwritten by the subparser's default
+    (["-c", "F", "-v", "run", "--config", "G", "web1"], "G", 1, ["web1"]),
+])
+def test_global_options_before_or_after_the_command(argv, config, verbose, domus):
+    args = cli.build_parser().parse_args(argv)
+    assert (args.config, args.verbose, args.domus) == (config, verbose, domus)
+
+
+def test_global_options_after_the_command_reach_the_command(config, capsys):
+    assert cli.main(["history", "-c", config, "--json"], local_runner=Succeeds()) == 0
+    assert capsys.readouterr() == ("[]\n", "")
+
+
+def subparsers(parser):
+    action, = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return action
+
+
+def test_every_command_and_option_has_help():
+    parser = cli.build_parser()
+    sub = subparsers(parser)
+    assert sorted(sub.choices) == ["check", "cleanup", "history", "plan", "run", "seed", "verify"]
+    assert all(a.help for a in sub._choices_actions)  # the line in `domubackup --help`
+    for name, p in [("domubackup", parser), *sub.choices.items()]:
+        assert p.description, name
+        for a in p._actions:
+            assert a.help and a.help != argparse.SUPPRESS, (name, a.dest)
+    assert {n for n, p in sub.choices.items() if any(a.dest == "json" for a in p._actions)} == {
+        "plan", "run", "history"}
