@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 
 from . import __version__, config as cfg, logs, pipeline, virt
@@ -99,10 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("domu", metavar="DOMU", help="the DomU to verify")
     sv.add_argument("--fsck", action="store_true",
                     help="also check the replica's filesystems read-only on the peer (e2fsck -n, xfs_repair -n)")
+    json_option(sv, "the result")
     sk = command("check", "check everything a first night needs",
                  "Config, libvirt, tools on both hosts, SSH with pinned host keys, replicas, VG space; "
                  "one line per check.")
     sk.add_argument("domus", nargs="*", metavar="DOMU", help="DomUs to check (default: every configured one)")
+    json_option(sk, "the checks")
     sh_ = command("history", "the runs recorded in the catalog, newest first",
                   "Times are local in the table, UTC in JSON.")
     sh_.add_argument("domu", nargs="?", metavar="DOMU", help="only this DomU's runs")
@@ -273,24 +276,27 @@ def open_catalog(config):
 
 def run_backups(config, args, runner) -> int:
     from .metrics import write_metrics
+    from .report import outcome_json
 
     conn = virt.connect(config.defaults.libvirt_uri)
     catalog = open_catalog(config)
-    outcomes = []
+    runs = []  # (outcome, its JSON)
     try:
         pipeline.lifecycle_hook(config.defaults, "job-start", runner)
         for name in selected_domus(config, args.domus, conn):
+            started = time.time()
             with run_log(config, name) as log_path:
                 log.info("backup starts")
                 outcome = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path)
                 log.info("%s", outcome.summary())
-            outcomes.append(outcome)
+            runs.append((outcome, outcome_json(outcome, started, time.time(), log_path)))
             if outcome.undone:
                 say(f"domubackup: {name}: undid what a dead run left: " + "; ".join(outcome.undone), file=sys.stderr)
             if outcome.not_here and args.domus:  # named by hand: say why nothing happened
                 say(f"domubackup: {outcome.error}", file=sys.stderr)
             if outcome.exit_code > EXIT_SIGNAL:
                 break  # a signal: everything of this DomU is closed; do not start the next one
+        outcomes = [o for o, _ in runs]
         failed = [o.domu for o in outcomes if o.exit_code]
         try:
             pipeline.lifecycle_hook(config.defaults, "job-end", runner, domu=" ".join(o.domu for o in outcomes),
@@ -304,62 +310,81 @@ def run_backups(config, args, runner) -> int:
     finally:
         conn.close()
         catalog.close()
-    if not outcomes:
+    code = EXIT_OK
+    if not runs:
         say("domubackup: no DomU to back up (none named, none configured)", file=sys.stderr)
-        return EXIT_NOT_ELIGIBLE
-    if not args.domus:
+        code = EXIT_NOT_ELIGIBLE
+    elif not args.domus:
         # The nightly run on every Dom0: a DomU that runs elsewhere is another Dom0's job.
-        outcomes = [o for o in outcomes if not o.not_here] or outcomes[:0]
-        if not outcomes:
+        runs = [(o, j) for o, j in runs if not o.not_here]
+        if not runs:
             log.info("no configured DomU runs on this host")
-            return EXIT_OK
-    code = worst(o.exit_code for o in outcomes)
-    if code or args.verbose:
-        for o in outcomes:
+    code = worst([code, *(o.exit_code for o, _ in runs)])
+    if getattr(args, "json", False):
+        say(json.dumps([j for _, j in runs], indent=2))
+    elif code or args.verbose:
+        for o, _ in runs:
             say(o.summary())
     return code
 
 
 def cmd_check(config, args, runner) -> int:
+    from dataclasses import asdict
+
     from .preflight import run_checks
 
     checks = run_checks(config, args.domus or list(config.domus), runner)
-    for c in checks:
-        say(c.line())
     failed = sum(not c.ok for c in checks)
-    say(f"check: {len(checks) - failed} OK, {failed} to fix")
+    if args.json:
+        say(json.dumps({"checks": [asdict(c) for c in checks], "failed": failed}, indent=2))
+    else:
+        for c in checks:
+            say(c.line())
+        say(f"check: {len(checks) - failed} OK, {failed} to fix")
     return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_verify(config, args, runner) -> int:
+    from .report import outcome_json
+
     name = args.domu
     conn = virt.connect(config.settings_for(name).libvirt_uri)
     catalog = open_catalog(config)
+    started = time.time()
     try:
         with run_log(config, name, "verify") as log_path:
             out = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path, verify=True)
     finally:
         conn.close()
         catalog.close()
-    for d in out.differences:
-        say(f"{name}: differs: {d}")
+    ended = time.time()
+    lines = [f"{name}: differs: {d}" for d in out.differences]
+    code, fsck = out.exit_code, None
     if args.fsck and out.status in ("OK", "ERROR"):
         conn = virt.connect(config.settings_for(name).libvirt_uri)
         try:
-            problems = pipeline.fsck_replicas(config, name, conn, runner)
+            fsck = pipeline.fsck_replicas(config, name, conn, runner)
         finally:
             conn.close()
-        for p in problems:
-            say(f"{name}: fsck: {p}")
-        if problems:
-            say(f"domubackup: {name}: the replica's filesystems have errors", file=sys.stderr)
-            return max(out.exit_code, EXIT_FAILED)
-        say(f"{name}: fsck OK: every replica filesystem is clean")
-    if out.exit_code:
-        say(f"{name}: verify {out.status} ({len(out.differences)} difference(s))")
+        lines += [f"{name}: fsck: {p}" for p in fsck]
+    if fsck:
+        say(f"domubackup: {name}: the replica's filesystems have errors", file=sys.stderr)
+        code = max(code, EXIT_FAILED)
     else:
-        say(f"{name}: verify OK: the replica matches the snapshot ({out.stats.files} files compared by checksum)")
-    return out.exit_code
+        if fsck is not None:
+            lines.append(f"{name}: fsck OK: every replica filesystem is clean")
+        if code:
+            lines.append(f"{name}: verify {out.status} ({len(out.differences)} difference(s))")
+        else:
+            lines.append(f"{name}: verify OK: the replica matches the snapshot "
+                         f"({out.stats.files} files compared by checksum)")
+    if args.json:
+        say(json.dumps({**outcome_json(out, started, ended, log_path), "exit_code": code,
+                        "differences": out.differences, "fsck": fsck}, indent=2))
+    else:
+        for line in lines:
+            say(line)
+    return code
 
 
 def cmd_seed(config, args, runner) -> int:
@@ -394,8 +419,6 @@ def cmd_seed(config, args, runner) -> int:
 
 
 def cmd_history(config, args, runner=None) -> int:
-    import time
-
     from .report import format_history, history_json, parse_since
 
     since = None

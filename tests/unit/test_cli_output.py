@@ -214,4 +214,108 @@ def test_every_command_and_option_has_help():
         for a in p._actions:
             assert a.help and a.help != argparse.SUPPRESS, (name, a.dest)
     assert {n for n, p in sub.choices.items() if any(a.dest == "json" for a in p._actions)} == {
-        "plan", "run", "history"}
+        "plan", "run", "verify", "check", "history"}
+
+
+ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+OUTCOME_KEYS = ["domu", "status", "exit_code", "started", "ended", "duration_seconds", "bytes_sent", "files",
+                "total_size", "snapshot_peak_percent", "not_copied", "error", "log_path"]
+
+
+def test_outcome_json_has_stable_keys_utc_times_and_raw_numbers():
+    from domubackup.model import RsyncStats
+    from domubackup.report import outcome_json
+    out = pipeline.Outcome("web1", "PARTIAL", 5, duration=12.34567, stats=RsyncStats(files=3, total_size=4096,
+                           bytes_sent=100), snapshot_peak=2.5, not_copied=["xvdb (ext4): not in the guest's fstab"])
+    assert outcome_json(out, 1700000000.2, 1700000012.9, "/s/log/web1.log") == {
+        "domu": "web1", "status": "PARTIAL", "exit_code": 5, "started": "2023-11-14T22:13:20Z",
+        "ended": "2023-11-14T22:13:32Z", "duration_seconds": 12.346, "bytes_sent": 100, "files": 3,
+        "total_size": 4096, "snapshot_peak_percent": 2.5, "not_copied": ["xvdb (ext4): not in the guest's fstab"],
+        "error": "", "log_path": "/s/log/web1.log"}
+    assert list(outcome_json(out, 0, 0, None)) == OUTCOME_KEYS
+
+
+def test_run_json_prints_each_domus_outcome(tmp_path, fixtures, monkeypatch, capsys):
+    # a real run of web1 against scripted hosts (as in test_pipeline), then web2 which is not here
+    import re
+    from test_pipeline import _inspect, setup
+    from domubackup import logs
+    config, local, peer, log = setup(tmp_path, fixtures)
+
+    def inspect(c, n, conn, r, on_eligible=None):
+        if n == "web2":
+            raise errors.NotHereError("web2: not defined on dom0a")
+        return _inspect(c, n, r, on_eligible)
+    monkeypatch.setattr(pipeline, "inspect", inspect)
+    backup = pipeline.backup
+    monkeypatch.setattr(pipeline, "backup", lambda *a, **kw: backup(*a, factory=lambda host, ssh: peer, **kw))
+    monkeypatch.setattr(cli.virt, "connect", lambda uri: type("Conn", (), {"close": lambda self: None})())
+    logs.setup(0, syslog=False)
+    code = cli.run_backups(config, argparse.Namespace(domus=["web1", "web2"], verbose=0, json=True), local)
+    out, err = capsys.readouterr()
+    assert code == 3
+    web1, web2 = json.loads(out)
+    assert list(web1) == OUTCOME_KEYS and list(web2) == OUTCOME_KEYS
+    assert (web1["domu"], web1["status"], web1["exit_code"], web1["error"], web1["not_copied"]) == (
+        "web1", "OK", 0, "", [])
+    assert re.fullmatch(ISO_UTC, web1["started"]) and re.fullmatch(ISO_UTC, web1["ended"])
+    assert web1["started"] <= web1["ended"] and isinstance(web1["duration_seconds"], float)
+    assert web1["files"] > 0 and web1["total_size"] > 0 and web1["bytes_sent"] > 0
+    assert web1["log_path"].startswith(f"{tmp_path}/log/web1-backup-")
+    assert (web2["status"], web2["exit_code"], web2["error"]) == ("SKIPPED", 3, "web2: not defined on dom0a")
+    assert err == "domubackup: web2: not defined on dom0a\n"
+
+
+def test_run_json_with_nothing_to_do_prints_an_empty_list(config, monkeypatch, capsys):
+    from domubackup.config import load_config
+    code = cli.run_backups(load_config(config), argparse.Namespace(domus=[], verbose=0, json=True), Succeeds())
+    assert code == 3
+    assert capsys.readouterr() == ("[]\n", "domubackup: no DomU to back up (none named, none configured)\n")
+
+
+def test_check_json(config, monkeypatch, capsys):
+    from domubackup import preflight
+    monkeypatch.setattr(preflight, "run_checks", lambda config, names, runner: [
+        preflight.Check(True, "config x", "dom0s a, b"), preflight.Check(False, "tools on dom0a", "missing: kpartx")])
+    assert cli.main(["check", "--json", "-c", config], local_runner=Succeeds()) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"checks": [{"ok": True, "what": "config x", "detail": "dom0s a, b"},
+                                          {"ok": False, "what": "tools on dom0a", "detail": "missing: kpartx"}],
+                               "failed": 1}
+    assert err == ""
+
+
+@pytest.mark.parametrize("problems, code", [([], 0), (["vg0/web1-disk: e2fsck -n exited 4: bad inode"], 1)])
+def test_verify_json(config, monkeypatch, capsys, problems, code):
+    from domubackup.model import RsyncStats
+    monkeypatch.setattr(pipeline, "backup", lambda config, name, conn, runner, **kw: pipeline.Outcome(
+        name, "OK", 0, duration=1.5, stats=RsyncStats(files=7)))
+    monkeypatch.setattr(pipeline, "fsck_replicas", lambda config, name, conn, runner: problems)
+    assert cli.main(["verify", "web1", "--fsck", "--json", "-c", config], local_runner=Succeeds()) == code
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert list(data) == [*OUTCOME_KEYS, "differences", "fsck"]
+    assert (data["domu"], data["status"], data["exit_code"], data["files"], data["differences"], data["fsck"]) == (
+        "web1", "OK", code, 7, [], problems)
+    assert err == ("domubackup: web1: the replica's filesystems have errors\n" if problems else "")
+
+
+def test_verify_text_is_unchanged(config, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline, "backup", lambda config, name, conn, runner, **kw: pipeline.Outcome(
+        name, "ERROR", 1, differences=[">fc.T...... etc/motd"]))
+    assert cli.main(["verify", "web1", "-c", config], local_runner=Succeeds()) == 1
+    assert capsys.readouterr() == ("web1: differs: >fc.T...... etc/motd\nweb1: verify ERROR (1 difference(s))\n", "")
+
+
+def test_history_json_keys_and_utc_times(config, tmp_path, capsys):
+    import re
+    from domubackup.catalog import Catalog
+    with Catalog.in_state_dir(tmp_path / "state") as catalog:
+        run = catalog.start("backup", "web1", "dom0b", 123, None)
+        catalog.finish(run, "OK", bytes_sent=10, files=2, total_size=30)
+    assert cli.main(["history", "--json", "-c", config], local_runner=Succeeds()) == 0
+    row, = json.loads(capsys.readouterr().out)
+    assert list(row) == ["id", "kind", "domu", "peer", "host", "pid", "status", "started", "ended",
+                         "duration_seconds", "consistency", "freeze_window_ms", "bytes_sent", "files", "total_size",
+                         "snapshot_peak_percent", "error", "log_path"]
+    assert re.fullmatch(ISO_UTC, row["started"]) and re.fullmatch(ISO_UTC, row["ended"])
