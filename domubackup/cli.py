@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("-c", "--config", default=config, metavar="FILE",
                             help=f"configuration file (default: $DOMUBACKUP_CONFIG or {cfg.DEFAULT_PATH})")
         parser.add_argument("-v", "--verbose", action="count", default=verbose,
-                            help="more output on stderr: each DomU's summary and the stages (-vv: every command)")
+                            help="more output: each DomU's summary, the stages on stderr (-vv: every command)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", help="`domubackup COMMAND --help` tells more")
 
     def command(name, help, description):

@@ -11,29 +11,11 @@ import sys
 import pytest
 
 from domubackup import cli, errors, pipeline
-from domubackup.runner import Runner
+from test_cli import Succeeds, config  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("package_logger")  # cli.main sets the logging up
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class Succeeds(Runner):
-    def __init__(self):
-        super().__init__("dom0a")
-        self.calls = []
-
-    def _execute(self, argv, env, input, timeout):
-        self.calls.append(argv)
-        return 0, "", ""
-
-
-@pytest.fixture
-def config(tmp_path):
-    path = tmp_path / "db.toml"
-    path.write_text(f'dom0s = ["dom0a", "dom0b"]\nthis_host = "dom0a"\nlibvirt_uri = "test:///default"\n'
-                    f'state_dir = "{tmp_path}/state"\n')
-    return str(path)
 
 
 @pytest.fixture
