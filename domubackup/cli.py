@@ -8,40 +8,51 @@ import logging
 import os
 import signal
 import sys
+import time
+from contextlib import contextmanager
 
 from . import __version__, config as cfg, logs, pipeline, virt
-from . import errors
-from .errors import DomuBackupError, UsageError
+from .errors import (EXIT_BUSY, EXIT_FAILED, EXIT_INTERNAL, EXIT_NOT_ELIGIBLE, EXIT_OK, EXIT_PARTIAL,
+                     EXIT_SIGNAL, EXIT_TEARDOWN, EXIT_USAGE, DomuBackupError, Interrupted, UsageError,
+                     signal_exit)
 from .plan import describe
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_ELIGIBLE = 3
-EXIT_TEARDOWN = 4
-EXIT_PARTIAL = errors.EXIT_PARTIAL
-EXIT_BUSY = 75
-EXIT_CONFIG = 78
-# When several DomUs end differently, the most serious outcome decides the exit status.
+# When several DomUs end differently, the most serious outcome decides the exit status (a code
+# not listed, a signal's 128+N, wins over all).
 SEVERITY = [EXIT_OK, EXIT_NOT_ELIGIBLE, EXIT_BUSY, EXIT_PARTIAL, EXIT_FAILED, EXIT_TEARDOWN]
 
 log = logging.getLogger("domubackup")
 
 
-class Interrupted(DomuBackupError):
-    """A signal asked us to stop; raised so that every `finally` and teardown runs."""
-
-    exit_code = 130
-
-
 def _on_signal(signum, frame):
-    raise Interrupted(f"stopped by signal {signal.Signals(signum).name}; closing everything that was opened")
+    raise Interrupted(signum)
 
 
 def say(text: str, file=None) -> None:
     """Print one message (stdout by default) with its control characters escaped: messages
     carry strings from the guest's disks (labels, fstab, mount points)."""
-    print(logs.printable(text), file=file or sys.stdout)
+    file = file or sys.stdout
+    try:
+        print(logs.printable(text), file=file, flush=True)
+    except BrokenPipeError:
+        reader_gone(file)
+
+
+def reader_gone(stream) -> None:
+    """Whoever read ``stream`` has gone (`domubackup history | head`): as the Python docs advise
+    for SIGPIPE, its descriptor becomes /dev/null, so that the rest of the output and the flush at
+    exit end quietly. The command carries on and exits with its own code (a backup's result is
+    never hidden by a closed pipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+def flush(stream) -> None:
+    try:
+        stream.flush()
+    except BrokenPipeError:
+        reader_gone(stream)
 
 
 def worst(codes) -> int:
@@ -50,34 +61,60 @@ def worst(codes) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="domubackup", description="Replicate running DomUs' LVM disks to a peer Dom0.")
-    p.add_argument("--version", action="version", version=f"domubackup {__version__}")
-    p.add_argument("-c", "--config", help=f"configuration file (default: $DOMUBACKUP_CONFIG or {cfg.DEFAULT_PATH})")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv: every command)")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sp = sub.add_parser("plan", help="show the commands a backup of DOMU would run (runs nothing that changes anything)")
-    sp.add_argument("domu")
-    sp.add_argument("--json", action="store_true", help="print the steps as a JSON list")
-    sr = sub.add_parser("run", help="back up the named DomUs (default: every configured DomU eligible here)")
-    sr.add_argument("domus", nargs="*", metavar="DOMU")
+    p = argparse.ArgumentParser(prog="domubackup", description="Keep a copy of each running DomU's LVM disks "
+                                "on a peer Dom0: snapshot, map, mount read-only, rsync over SSH, close everything.")
+    p.add_argument("--version", action="version", version=f"domubackup {__version__}",
+                   help="print the version and exit")
+    # -c and -v are also accepted after the command (`domubackup run -v web1`): each subparser
+    # has them too, with SUPPRESS as default, so that a value given before the command stays.
+    common = argparse.ArgumentParser(add_help=False)
+    for parser, config, verbose in ((p, None, 0), (common, argparse.SUPPRESS, argparse.SUPPRESS)):
+        parser.add_argument("-c", "--config", default=config, metavar="FILE",
+                            help=f"configuration file (default: $DOMUBACKUP_CONFIG or {cfg.DEFAULT_PATH})")
+        parser.add_argument("-v", "--verbose", action="count", default=verbose,
+                            help="more output: each DomU's summary, the stages on stderr (-vv: every command)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", help="`domubackup COMMAND --help` tells more")
+
+    def command(name, help, description):
+        return sub.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}. {description}",
+                              parents=[common])
+
+    def json_option(parser, what):
+        parser.add_argument("--json", action="store_true", help=f"print {what} as JSON (see README, JSON output)")
+
+    sp = command("plan", "show the commands a backup of DOMU would run",
+                 "Reads the domain and probes its disks read-only; runs nothing that changes anything.")
+    sp.add_argument("domu", metavar="DOMU", help="the DomU, as libvirt names it")
+    json_option(sp, "the steps")
+    sr = command("run", "back up the named DomUs (default: every configured DomU that runs here)",
+                 "Quiet when every DomU succeeded; the exit code is the most serious outcome.")
+    sr.add_argument("domus", nargs="*", metavar="DOMU", help="DomUs to back up (default: every configured one)")
     sr.add_argument("--dry-run", action="store_true", help="print the plan of each DomU instead of running it")
-    sr.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
-    se = sub.add_parser("seed", help="first full block copy of DOMU's disks to the replica LVs on the peer(s)")
-    se.add_argument("domu")
+    json_option(sr, "each DomU's outcome (with --dry-run: its plan)")
+    se = command("seed", "first full block copy of DOMU's disks to the replica LVs on the peer(s)",
+                 "Needed once before the first run, so that the replica's filesystem UUIDs match.")
+    se.add_argument("domu", metavar="DOMU", help="the DomU whose disks to copy")
     se.add_argument("--force", action="store_true", help="overwrite a replica LV that already holds data")
-    sv = sub.add_parser("verify", help="compare the replica with a fresh snapshot by checksum (changes nothing)")
-    sv.add_argument("domu")
+    sv = command("verify", "compare the replica with a fresh snapshot by checksum",
+                 "rsync --dry-run --checksum with the replica mounted read-only; changes nothing.")
+    sv.add_argument("domu", metavar="DOMU", help="the DomU to verify")
     sv.add_argument("--fsck", action="store_true",
                     help="also check the replica's filesystems read-only on the peer (e2fsck -n, xfs_repair -n)")
-    sk = sub.add_parser("check", help="before the first night: config, libvirt, tools, SSH, replicas, VG space")
-    sk.add_argument("domus", nargs="*", metavar="DOMU", help="default: every configured DomU")
-    sh_ = sub.add_parser("history", help="the runs recorded in the catalog, newest first")
-    sh_.add_argument("domu", nargs="?")
-    sh_.add_argument("--json", action="store_true")
-    sh_.add_argument("--since", help="e.g. 2026-11-20, 2026-11-20T10:00, 24h, 7d, 2w")
-    sh_.add_argument("--limit", type=int)
-    sc = sub.add_parser("cleanup", help="undo what a dead run left behind (its journal), on both hosts")
-    sc.add_argument("domus", nargs="*", metavar="DOMU", help="default: every DomU with a journal")
+    json_option(sv, "the result")
+    sk = command("check", "check everything a first night needs",
+                 "Config, libvirt, tools on both hosts, SSH with pinned host keys, replicas, VG space; "
+                 "one line per check.")
+    sk.add_argument("domus", nargs="*", metavar="DOMU", help="DomUs to check (default: every configured one)")
+    json_option(sk, "the checks")
+    sh_ = command("history", "the runs recorded in the catalog, newest first",
+                  "Times are local in the table, UTC in JSON.")
+    sh_.add_argument("domu", nargs="?", metavar="DOMU", help="only this DomU's runs")
+    json_option(sh_, "the runs")
+    sh_.add_argument("--since", metavar="WHEN", help="only runs started since: 2026-11-20, 2026-11-20T10:00, 24h, 7d, 2w")
+    sh_.add_argument("--limit", type=int, metavar="N", help="at most N runs")
+    sc = command("cleanup", "undo what a dead run left behind (its journal), on both hosts",
+                 "The next run does it by itself too.")
+    sc.add_argument("domus", nargs="*", metavar="DOMU", help="DomUs to clean up (default: every DomU with a journal)")
     return p
 
 
@@ -89,6 +126,7 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
         return _main(argv, local_runner=local_runner, hostname=hostname)
     finally:
         os.umask(umask)
+        flush(sys.stdout)  # argparse's help, say()'s last line: a closed pipe is no traceback
 
 
 def private_dir(path: str) -> None:
@@ -115,6 +153,7 @@ def _main(argv, *, local_runner, hostname) -> int:
     logs.setup(args.verbose, syslog=local_runner is None)
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _on_signal)
+    config = None
     try:
         for name in (getattr(args, "domu", None), *getattr(args, "domus", ())):  # named on the command line
             if name is not None:
@@ -129,10 +168,48 @@ def _main(argv, *, local_runner, hostname) -> int:
         return command(config, args, runner)
     except KeyboardInterrupt:
         say("domubackup: interrupted", file=sys.stderr)
-        return 130
+        return signal_exit(signal.SIGINT)
     except DomuBackupError as e:
         say(f"domubackup: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # a bug: one line here, the traceback in a log file
+        where = internal_error_log(e, config, args.command)
+        say(f"domubackup: internal error: {type(e).__name__}: {' '.join(str(e).split())}; {where}",
+            file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+@contextmanager
+def run_log(config, domu: str, kind: str = "backup"):
+    """logs.run_log; an exception that is not the tool's own leaves its traceback in that file
+    (and the file's path on the exception, for the one line that `_main` prints)."""
+    with logs.run_log(config.state_dir, domu, kind) as path:
+        try:
+            yield path
+        except Exception as e:
+            if path and not isinstance(e, DomuBackupError):
+                log_traceback(e)
+                e.domubackup_log = path
+            raise
+
+
+def log_traceback(e: BaseException) -> None:
+    """The traceback of ``e`` to the package's log files only (never to the terminal)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "internal error: %s: %s",
+                            (type(e).__name__, e), (type(e), e, e.__traceback__))
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler) and record.levelno >= h.level:
+            h.handle(record)
+
+
+def internal_error_log(e: BaseException, config, command: str) -> str:
+    """Where the traceback of ``e`` is: its run log, else a log file of its own in state_dir."""
+    path = getattr(e, "domubackup_log", None)
+    if path is None and config is not None:
+        with logs.run_log(config.state_dir, "domubackup", command) as path:
+            if path:
+                log_traceback(e)
+    return f"the traceback is in {path}" if path else "no log file could be written: the traceback is not kept"
 
 
 def _local_runner(config):
@@ -199,24 +276,27 @@ def open_catalog(config):
 
 def run_backups(config, args, runner) -> int:
     from .metrics import write_metrics
+    from .report import outcome_json
 
     conn = virt.connect(config.defaults.libvirt_uri)
     catalog = open_catalog(config)
-    outcomes = []
+    runs = []  # (outcome, its JSON)
     try:
         pipeline.lifecycle_hook(config.defaults, "job-start", runner)
         for name in selected_domus(config, args.domus, conn):
-            with logs.run_log(config.state_dir, name) as log_path:
+            started = time.time()
+            with run_log(config, name) as log_path:
                 log.info("backup starts")
                 outcome = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path)
                 log.info("%s", outcome.summary())
-            outcomes.append(outcome)
+            runs.append((outcome, outcome_json(outcome, started, time.time(), log_path)))
             if outcome.undone:
                 say(f"domubackup: {name}: undid what a dead run left: " + "; ".join(outcome.undone), file=sys.stderr)
             if outcome.not_here and args.domus:  # named by hand: say why nothing happened
                 say(f"domubackup: {outcome.error}", file=sys.stderr)
-            if outcome.exit_code == Interrupted.exit_code:
+            if outcome.exit_code > EXIT_SIGNAL:
                 break  # a signal: everything of this DomU is closed; do not start the next one
+        outcomes = [o for o, _ in runs]
         failed = [o.domu for o in outcomes if o.exit_code]
         try:
             pipeline.lifecycle_hook(config.defaults, "job-end", runner, domu=" ".join(o.domu for o in outcomes),
@@ -230,62 +310,81 @@ def run_backups(config, args, runner) -> int:
     finally:
         conn.close()
         catalog.close()
-    if not outcomes:
+    code = EXIT_OK
+    if not runs:
         say("domubackup: no DomU to back up (none named, none configured)", file=sys.stderr)
-        return EXIT_NOT_ELIGIBLE
-    if not args.domus:
+        code = EXIT_NOT_ELIGIBLE
+    elif not args.domus:
         # The nightly run on every Dom0: a DomU that runs elsewhere is another Dom0's job.
-        outcomes = [o for o in outcomes if not o.not_here] or outcomes[:0]
-        if not outcomes:
+        runs = [(o, j) for o, j in runs if not o.not_here]
+        if not runs:
             log.info("no configured DomU runs on this host")
-            return EXIT_OK
-    code = worst(o.exit_code for o in outcomes)
-    if code or args.verbose:
-        for o in outcomes:
+    code = worst([code, *(o.exit_code for o, _ in runs)])
+    if getattr(args, "json", False):
+        say(json.dumps([j for _, j in runs], indent=2))
+    elif code or args.verbose:
+        for o, _ in runs:
             say(o.summary())
     return code
 
 
 def cmd_check(config, args, runner) -> int:
+    from dataclasses import asdict
+
     from .preflight import run_checks
 
     checks = run_checks(config, args.domus or list(config.domus), runner)
-    for c in checks:
-        say(c.line())
     failed = sum(not c.ok for c in checks)
-    say(f"check: {len(checks) - failed} OK, {failed} to fix")
+    if args.json:
+        say(json.dumps({"checks": [asdict(c) for c in checks], "failed": failed}, indent=2))
+    else:
+        for c in checks:
+            say(c.line())
+        say(f"check: {len(checks) - failed} OK, {failed} to fix")
     return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_verify(config, args, runner) -> int:
+    from .report import outcome_json
+
     name = args.domu
     conn = virt.connect(config.settings_for(name).libvirt_uri)
     catalog = open_catalog(config)
+    started = time.time()
     try:
-        with logs.run_log(config.state_dir, name, "verify") as log_path:
+        with run_log(config, name, "verify") as log_path:
             out = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path, verify=True)
     finally:
         conn.close()
         catalog.close()
-    for d in out.differences:
-        say(f"{name}: differs: {d}")
+    ended = time.time()
+    lines = [f"{name}: differs: {d}" for d in out.differences]
+    code, fsck = out.exit_code, None
     if args.fsck and out.status in ("OK", "ERROR"):
         conn = virt.connect(config.settings_for(name).libvirt_uri)
         try:
-            problems = pipeline.fsck_replicas(config, name, conn, runner)
+            fsck = pipeline.fsck_replicas(config, name, conn, runner)
         finally:
             conn.close()
-        for p in problems:
-            say(f"{name}: fsck: {p}")
-        if problems:
-            say(f"domubackup: {name}: the replica's filesystems have errors", file=sys.stderr)
-            return max(out.exit_code, EXIT_FAILED)
-        say(f"{name}: fsck OK: every replica filesystem is clean")
-    if out.exit_code:
-        say(f"{name}: verify {out.status} ({len(out.differences)} difference(s))")
+        lines += [f"{name}: fsck: {p}" for p in fsck]
+    if fsck:
+        say(f"domubackup: {name}: the replica's filesystems have errors", file=sys.stderr)
+        code = max(code, EXIT_FAILED)
     else:
-        say(f"{name}: verify OK: the replica matches the snapshot ({out.stats.files} files compared by checksum)")
-    return out.exit_code
+        if fsck is not None:
+            lines.append(f"{name}: fsck OK: every replica filesystem is clean")
+        if code:
+            lines.append(f"{name}: verify {out.status} ({len(out.differences)} difference(s))")
+        else:
+            lines.append(f"{name}: verify OK: the replica matches the snapshot "
+                         f"({out.stats.files} files compared by checksum)")
+    if args.json:
+        say(json.dumps({**outcome_json(out, started, ended, log_path), "exit_code": code,
+                        "differences": out.differences, "fsck": fsck}, indent=2))
+    else:
+        for line in lines:
+            say(line)
+    return code
 
 
 def cmd_seed(config, args, runner) -> int:
@@ -298,7 +397,7 @@ def cmd_seed(config, args, runner) -> int:
     peers = {}
     run_id = None
     try:
-        with DomuLock(config.state_dir, name), logs.run_log(config.state_dir, name, "seed") as log_path:
+        with DomuLock(config.state_dir, name), run_log(config, name, "seed") as log_path:
             pipeline.recover(config, name, runner)
             insp = pipeline.inspect(config, name, conn, runner)
             peers = pipeline.peer_runners(config, name, insp.peers, pipeline.ssh_runner)
@@ -320,8 +419,6 @@ def cmd_seed(config, args, runner) -> int:
 
 
 def cmd_history(config, args, runner=None) -> int:
-    import time
-
     from .report import format_history, history_json, parse_since
 
     since = None

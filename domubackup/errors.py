@@ -6,15 +6,31 @@ A message says what failed and on which object; ``hint`` says what to do next.
 from __future__ import annotations
 
 
+# The exit codes of the program: the one table (README "Exit codes"). Each error class below
+# carries its code; the CLI maps outcomes and signals with the others.
+EXIT_OK = 0
+EXIT_FAILED = 1  # a backup failed (any DomuBackupError without a code of its own)
+EXIT_USAGE = 2
+EXIT_NOT_ELIGIBLE = 3
+EXIT_TEARDOWN = 4
 # A run that completed, but could not copy everything of the guest (its reasons are listed):
-# not an error class, an outcome (pipeline.Outcome status PARTIAL). In the CLI's table too.
+# not an error class, an outcome (pipeline.Outcome status PARTIAL).
 EXIT_PARTIAL = 5
+EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE: a bug; one line on stderr, the traceback in the log
+EXIT_BUSY = 75  # sysexits EX_TEMPFAIL
+EXIT_CONFIG = 78  # sysexits EX_CONFIG
+EXIT_SIGNAL = 128  # + the signal's number, as a shell reports a process that a signal ended
+
+
+def signal_exit(signum: int) -> int:
+    """The exit code of a run stopped by signal ``signum``: 128+N (SIGTERM 143, SIGINT 130)."""
+    return EXIT_SIGNAL + signum
 
 
 class DomuBackupError(Exception):
     """Base of every error the tool raises on purpose."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILED
 
     def __init__(self, message: str, *, hint: str | None = None):
         super().__init__(message)
@@ -30,13 +46,13 @@ class DomuBackupError(Exception):
 class UsageError(DomuBackupError):
     """Wrong command-line use."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class NotEligibleError(DomuBackupError):
     """The DomU is missing, not running here, or this host may not back it up."""
 
-    exit_code = 3
+    exit_code = EXIT_NOT_ELIGIBLE
 
 
 class NotHereError(NotEligibleError):
@@ -47,7 +63,7 @@ class NotHereError(NotEligibleError):
 class TeardownError(DomuBackupError):
     """One or more undo steps failed: something may be left behind (run `domubackup cleanup`)."""
 
-    exit_code = 4
+    exit_code = EXIT_TEARDOWN
 
     def __init__(self, message: str, failures: list[str] | None = None, *, hint: str | None = None):
         super().__init__(message, hint=hint)
@@ -66,13 +82,25 @@ class TeardownError(DomuBackupError):
 class BusyError(DomuBackupError):
     """Another run holds the lock of this DomU."""
 
-    exit_code = 75
+    exit_code = EXIT_BUSY
 
 
 class ConfigError(DomuBackupError):
     """The configuration file is missing, unreadable or invalid."""
 
-    exit_code = 78
+    exit_code = EXIT_CONFIG
+
+
+class Interrupted(DomuBackupError):
+    """A signal asked us to stop; raised so that every `finally` and teardown runs. Its exit code
+    is 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"stopped by signal {signal.Signals(signum).name}; closing everything that was opened")
+        self.signum = signum
+        self.exit_code = signal_exit(signum)
 
 
 class InspectError(DomuBackupError):

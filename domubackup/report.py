@@ -1,4 +1,5 @@
-"""Pure formatting of catalog rows: the history table, its JSON, and ``--since`` parsing. No I/O.
+"""Pure formatting of catalog rows and run outcomes: the history table, their JSON, and ``--since``
+parsing. No I/O.
 
 Times in the table are local (honouring TZ); times in JSON are UTC ISO 8601 with a ``Z``.
 """
@@ -122,6 +123,27 @@ def history_json(rows: Iterable[RunRow]) -> list[dict]:
     } for r in rows]
 
 
+def outcome_json(out, started: float, ended: float, log_path: str | None) -> dict:
+    """One DomU's run (a pipeline.Outcome) as a JSON-ready dict, for `run --json` and `verify
+    --json`: the keys of ``history_json`` where they mean the same, plus ``exit_code`` and
+    ``not_copied``. ``started`` and ``ended`` are epoch seconds."""
+    return {
+        "domu": out.domu,
+        "status": out.status,
+        "exit_code": out.exit_code,
+        "started": _iso(started),
+        "ended": _iso(ended),
+        "duration_seconds": round(out.duration, 3),
+        "bytes_sent": out.stats.bytes_sent,
+        "files": out.stats.files,
+        "total_size": out.stats.total_size,
+        "snapshot_peak_percent": out.snapshot_peak,
+        "not_copied": list(out.not_copied),
+        "error": out.error,
+        "log_path": log_path,
+    }
+
+
 _AGE = re.compile(r"(\d+)([hdw])")
 _AGE_SECONDS = {"h": 3600, "d": 86400, "w": 7 * 86400}
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?(?:Z|[+-]\d{2}:\d{2})?")
@@ -148,5 +170,5 @@ def parse_since(text: str, now: float) -> float:
                      f"time (2026-11-20T10:00) or an age in hours, days or weeks (24h, 7d, 2w)")
 
 
-__all__ = ["format_history", "history_json", "human_bytes", "human_duration", "parse_since",
+__all__ = ["format_history", "history_json", "human_bytes", "human_duration", "outcome_json", "parse_since",
            "HISTORY_COLUMNS"]
