@@ -72,7 +72,8 @@ from dataclasses import field
 from . import commands as cmd
 from . import parsers
 from . import plan as planner
-from .errors import (EXIT_PARTIAL, CommandError, DomuBackupError, FreezeError, InspectError, PeerError,
+from .errors import (EXIT_BUSY, EXIT_NOT_ELIGIBLE, EXIT_PARTIAL, CommandError, DomuBackupError, FreezeError,
+                     InspectError, PeerError,
                      SnapshotError, TeardownError)
 from .facts import check_mappable, check_snapshot, layout_differences, with_partition_ids
 from .journal import Journal
@@ -595,7 +596,7 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
         out.error = str(e)
         out.exit_code = e.exit_code
         if out.status != "CORRUPT":
-            out.status = {75: "BUSY", 3: "SKIPPED"}.get(e.exit_code, "ERROR")
+            out.status = {EXIT_BUSY: "BUSY", EXIT_NOT_ELIGIBLE: "SKIPPED"}.get(e.exit_code, "ERROR")
         out.not_here = isinstance(e, NotHereError)
         log.log(logging.INFO if out.not_here else logging.ERROR, "%s", e)
     except Exception as e:  # a bug, or guest data that a parser did not expect: this DomU only
