@@ -2,6 +2,7 @@
 
 import pathlib
 import time
+from contextlib import contextmanager
 
 TOOL = (pathlib.Path(__file__).parent / "treetool.py").read_text()
 STATE = "/var/lib/domubackup"
@@ -56,3 +57,31 @@ def kill9(lab, pid, vm="dom0a"):
     lab.ssh(vm, ["kill", "-9", str(pid)])
     while lab.ssh(vm, ["kill", "-0", str(pid)], check=False).returncode == 0:
         time.sleep(0.2)
+
+
+@contextmanager
+def extra_domu(lab, name, uuid, disks, *, unmap="", setup="", teardown=""):
+    """The lab (reset) with one more DomU NAME on DISKS [(LV, target dev)]: running on dom0a,
+    shut off on dom0b, each Dom0 the other's peer. Its LVs are removed before (a killed run of
+    the module may have left them) and after, UNMAP first; SETUP and TEARDOWN (sh) run on both
+    VMs too. The caller creates the LVs."""
+    import labvm
+
+    dom = labvm.NODE_DOMAIN.format(name=name, uuid=uuid, state="{state}",
+                                   disks="".join(labvm.DISK.format(dev=d, target=t) for d, t in disks))
+    lvs = " ".join(d for d, _ in disks)
+    lab.reset()
+    try:
+        for vm in lab.vms:
+            xml = labvm.node_xml(vm).replace("</node>", dom.format(
+                state=labvm.RUNNING if vm == "dom0a" else labvm.SHUTOFF) + "</node>")
+            labvm.push_files(vm, {"/etc/domubackup/lab-node.xml": (xml, 0o644)})
+            peer = [v for v in lab.vms if v != vm][0]
+            lab.ssh(vm, f"printf '\\n[domu.{name}]\\npeers = [\"{peer}\"]\\n' >> /etc/domubackup/domubackup.toml; "
+                        f"{setup or ':'}")
+            lab.ssh(vm, f"{unmap or ':'}; lvremove -q -f {lvs}", check=False)
+        yield lab
+    finally:
+        for vm in lab.vms:
+            lab.ssh(vm, f"{unmap or ':'}; lvremove -q -f {lvs}; {teardown or ':'}", check=False)
+        lab.reset()

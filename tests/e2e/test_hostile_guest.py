@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-import labvm
-from e2ehelp import STATE, domubackup, release, start_paused
+from e2ehelp import STATE, domubackup, extra_domu, release, start_paused
 
 PREFIXES = ("/mnt/domubackup/source/", "/mnt/domubackup/target/")
 DISK = "/dev/vg0/evil1-disk"
@@ -18,13 +17,6 @@ FSTAB = "LABEL=evil-root / ext4 defaults 0 1\nLABEL=evil-srv /srv ext4 defaults 
 BAIT = "/tmp/dom0-bait"  # the Dom0 directory the attacks point at, on both VMs
 # udev may still be probing the partitions the test itself just wrote: settle, retry once
 UNMAP = f"udevadm settle; kpartx -d -p p {DISK} || {{ sleep 1; udevadm settle; kpartx -d -p p {DISK}; }}"
-
-
-def node_xml(vm):
-    evil = labvm.NODE_DOMAIN.format(name="evil1", uuid="6b1e7b3a-1f0e-4c59-9d5a-7a3c0e0b0666",
-                                    disks=labvm.DISK.format(dev=DISK, target="xvda"),
-                                    state=labvm.RUNNING if vm == "dom0a" else labvm.SHUTOFF)
-    return labvm.node_xml(vm).replace("</node>", evil + "</node>")
 
 
 def guest(lab, script, srv=True):
@@ -38,28 +30,17 @@ def guest(lab, script, srv=True):
 
 @pytest.fixture(scope="module")
 def evil(lab):
-    lab.reset()
-    for vm in lab.vms:
-        labvm.push_files(vm, {"/etc/domubackup/lab-node.xml": (node_xml(vm), 0o644)})
-        peer = [v for v in lab.vms if v != vm][0]
-        lab.ssh(vm, f"printf '\\n[domu.evil1]\\npeers = [\"{peer}\"]\\n' >> /etc/domubackup/domubackup.toml; "
-                    f"rm -rf {BAIT}; mkdir {BAIT}; echo dom0 > {BAIT}/keep")
-    for vm in lab.vms:
-        lab.ssh(vm, f"lvremove -q -f {DISK}", check=False)  # a run of this module killed midway
-    lab.ssh("dom0a", f"set -e; lvcreate -q -y -Zy -L 320M -n evil1-disk vg0; "
-                     f"dd if=/dev/zero of={DISK} bs=1M count=320 status=none; "
-                     f"parted -s {DISK} mklabel msdos mkpart primary ext4 1MiB 200MiB mkpart primary ext4 200MiB 319MiB; "
-                     f"kpartx -a -s -p p {DISK}; mkfs.ext4 -q -F -L evil-root {P1}; mkfs.ext4 -q -F -L evil-srv {P2}; "
-                     f"{UNMAP}")
-    guest(lab, f"mkdir -p etc srv/www && printf '{FSTAB}' > etc/fstab && echo hello > srv/www/index", srv=True)
-    r = domubackup(lab, "seed", "evil1")
-    assert r.returncode == 0, r.stdout + r.stderr
-    try:
+    with extra_domu(lab, "evil1", "6b1e7b3a-1f0e-4c59-9d5a-7a3c0e0b0666", [(DISK, "xvda")],
+                    setup=f"rm -rf {BAIT}; mkdir {BAIT}; echo dom0 > {BAIT}/keep", teardown=f"rm -rf {BAIT}"):
+        lab.ssh("dom0a", f"set -e; lvcreate -q -y -Zy -L 320M -n evil1-disk vg0; "
+                         f"dd if=/dev/zero of={DISK} bs=1M count=320 status=none; "
+                         f"parted -s {DISK} mklabel msdos mkpart primary ext4 1MiB 200MiB mkpart primary ext4 200MiB 319MiB; "
+                         f"kpartx -a -s -p p {DISK}; mkfs.ext4 -q -F -L evil-root {P1}; mkfs.ext4 -q -F -L evil-srv {P2}; "
+                         f"{UNMAP}")
+        guest(lab, f"mkdir -p etc srv/www && printf '{FSTAB}' > etc/fstab && echo hello > srv/www/index", srv=True)
+        r = domubackup(lab, "seed", "evil1")
+        assert r.returncode == 0, r.stdout + r.stderr
         yield lab
-    finally:
-        for vm in lab.vms:
-            lab.ssh(vm, f"lvremove -q -f {DISK}; rm -rf {BAIT}", check=False)
-        lab.reset()
 
 
 def clean_guest(lab):

@@ -14,8 +14,7 @@ import json
 
 import pytest
 
-import labvm
-from e2ehelp import TOOL, domubackup
+from e2ehelp import TOOL, domubackup, extra_domu
 
 DISK, DATA = "/dev/vg0/gpt1-disk", "/dev/vg0/gpt1-data"
 D = "/dev/mapper/vg0-gpt1--diskp"
@@ -33,13 +32,6 @@ UNMAP = f"udevadm settle; for d in {DISK} {DATA}; do kpartx -d -p p $d || {{ sle
 def tool(lab, vm, *args, check=True):
     """treetool.py ARGS in VM."""
     return lab.ssh(vm, ["python3", "-", *args], input=TOOL, timeout=900, check=check)
-
-
-def node_xml(vm):
-    disks = labvm.DISK.format(dev=DISK, target="xvda") + labvm.DISK.format(dev=DATA, target="xvdb")
-    dom = labvm.NODE_DOMAIN.format(name="gpt1", uuid="6b1e7b3a-1f0e-4c59-9d5a-7a3c0e0b0777", disks=disks,
-                                   state=labvm.RUNNING if vm == "dom0a" else labvm.SHUTOFF)
-    return labvm.node_xml(vm).replace("</node>", dom + "</node>")
 
 
 def spec(mounts, root="/mnt/guest"):
@@ -75,13 +67,8 @@ def manifests(lab, vm):
 
 @pytest.fixture(scope="module")
 def gpt1(lab):
-    lab.reset()
-    for vm in lab.vms:
-        labvm.push_files(vm, {"/etc/domubackup/lab-node.xml": (node_xml(vm), 0o644)})
-        peer = [v for v in lab.vms if v != vm][0]
-        lab.ssh(vm, f"printf '\\n[domu.gpt1]\\npeers = [\"{peer}\"]\\n' >> /etc/domubackup/domubackup.toml")
-        lab.ssh(vm, f"{UNMAP}; lvremove -q -f {DISK} {DATA}", check=False)  # a run of this module killed midway
-    try:
+    with extra_domu(lab, "gpt1", "6b1e7b3a-1f0e-4c59-9d5a-7a3c0e0b0777", [(DISK, "xvda"), (DATA, "xvdb")],
+                    unmap=UNMAP):
         lab.ssh("dom0a", f"""set -e
             lvcreate -q -y -Zy -Wy -L 604M -n gpt1-disk vg0; lvcreate -q -y -Zy -Wy -L 200M -n gpt1-data vg0
             parted -s {DISK} mklabel gpt mkpart bios 1MiB 2MiB set 1 bios_grub on mkpart root ext4 2MiB 130MiB \
@@ -122,10 +109,6 @@ def gpt1(lab):
         r = domubackup(lab, "seed", "gpt1", timeout=1800)
         assert r.returncode == 0, r.stdout + r.stderr
         yield lab
-    finally:
-        for vm in lab.vms:
-            lab.ssh(vm, f"{UNMAP}; lvremove -q -f {DISK} {DATA}", check=False)
-        lab.reset()
 
 
 def test_every_filesystem_reaches_the_replica_and_sparse_files_stay_cheap(gpt1):
