@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from .errors import ConfigError, NotEligibleError
 
 DEFAULT_PATH = "/etc/domubackup/domubackup.toml"
+EXAMPLE_PATH = "/usr/share/doc/domubackup/examples/domubackup.toml"  # the Debian package's copy
 
 CONSISTENCY_MODES = ("none", "agent", "hooks", "hooks+agent")
 SIZE_RE = re.compile(r"^(\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?|\d+%(ORIGIN|VG|FREE))$")
@@ -304,7 +305,8 @@ def load_config(path: str, **kw) -> Config:
             text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such configuration file",
-                          hint="create it from conf/domubackup.toml or pass -c/--config") from None
+                          hint=f"create it from {EXAMPLE_PATH} or the source's conf/domubackup.toml, "
+                               "which document every key, or pass -c/--config") from None
     except (PermissionError, IsADirectoryError, UnicodeDecodeError, OSError) as e:
         raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror or e}") from None
     return parse_config(text, path, **kw)

@@ -19,6 +19,7 @@ FILES = ["./usr/bin/domubackup", "./etc/domubackup/domubackup.toml",
          "./lib/systemd/system/domubackup-failure@.service", "./usr/lib/domubackup/mail-failure",
          "./usr/share/man/man8/domubackup.8.gz", "./usr/share/doc/domubackup/README.md",
          "./usr/share/doc/domubackup/examples/domubackup.cron",
+         "./usr/share/doc/domubackup/examples/domubackup.toml",  # config.EXAMPLE_PATH
          "./usr/share/doc/domubackup/examples/freeze.d/mysql.example",
          "./usr/share/doc/domubackup/examples/freeze.d/postgresql.example",
          "./usr/lib/python3/dist-packages/domubackup/entry.py"]
