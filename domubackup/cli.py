@@ -12,14 +12,15 @@ import time
 from contextlib import contextmanager
 
 from . import __version__, config as cfg, logs, pipeline, virt
-from .errors import (EXIT_BUSY, EXIT_FAILED, EXIT_INTERNAL, EXIT_NOT_ELIGIBLE, EXIT_OK, EXIT_PARTIAL,
+from .errors import (EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERNAL, EXIT_NOT_ELIGIBLE, EXIT_OK, EXIT_PARTIAL,
                      EXIT_SIGNAL, EXIT_TEARDOWN, EXIT_USAGE, DomuBackupError, Interrupted, UsageError,
                      signal_exit)
 from .plan import describe
 
 # When several DomUs end differently, the most serious outcome decides the exit status (a code
-# not listed, a signal's 128+N, wins over all).
-SEVERITY = [EXIT_OK, EXIT_NOT_ELIGIBLE, EXIT_BUSY, EXIT_PARTIAL, EXIT_FAILED, EXIT_TEARDOWN]
+# not listed, a signal's 128+N, wins over all). EXIT_CONFIG: a DomU that runs here with no
+# replica host but this one (config.no_peer); the rest of the file is valid.
+SEVERITY = [EXIT_OK, EXIT_NOT_ELIGIBLE, EXIT_BUSY, EXIT_PARTIAL, EXIT_FAILED, EXIT_CONFIG, EXIT_TEARDOWN]
 
 log = logging.getLogger("domubackup")
 

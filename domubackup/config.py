@@ -61,7 +61,7 @@ class Settings:
     """Everything that may differ per DomU (global values, overridden by [domu.NAME])."""
 
     libvirt_uri: str = ""
-    peers: tuple[str, ...] = ()  # empty: DOM0S minus this host
+    peers: tuple[str, ...] = ()  # the DomU's replica hosts (empty: DOM0S); this host is left out at run time
     disks: tuple[str, ...] = ()  # only these target devs (empty: all)
     exclude_disks: tuple[str, ...] = ()
     mounts: tuple[tuple[str, str], ...] = ()  # (disk[SEP]N or disk, guest mount point)
@@ -102,8 +102,18 @@ class Config:
         return self.domus.get(domu, self.defaults)
 
     def peers_for(self, domu: str) -> tuple[str, ...]:
+        """Where ``domu`` is copied from this host: its replica hosts (``peers``, else
+        ``dom0s``) minus this host, so that one file serves every Dom0."""
+        return tuple(h for h in self.settings_for(domu).peers or self.dom0s if h != self.this_host)
+
+    def no_peer(self, domu: str) -> ConfigError:
+        """The error of a DomU that runs here and has no replica host but this one."""
         peers = self.settings_for(domu).peers
-        return peers or tuple(h for h in self.dom0s if h != self.this_host)
+        key, what = (f"domu.{domu}.peers" if domu in self.domus else "peers", "its peers") if peers \
+            else ("dom0s", "dom0s")
+        return ConfigError(f"{self.path}: {key}: {domu} runs on {self.this_host}, and {what} "
+                           f"{list(peers or self.dom0s)} name no other Dom0 to copy it to",
+                           hint="add another Dom0 to its peers")
 
 
 GLOBAL_ONLY = {
@@ -275,8 +285,6 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
         for peer in s.peers:
             if peer not in dom0s:
                 raise check.fail(f"domu.{name}.peers", f"peer {peer!r} is not in dom0s {list(dom0s)}")
-            if peer == this_host:
-                raise check.fail(f"domu.{name}.peers", f"peer {peer!r} is this host itself")
         domus[name] = s
     for peer in defaults.peers:
         if peer not in dom0s:

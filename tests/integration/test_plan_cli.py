@@ -189,3 +189,23 @@ def test_nightly_run_skips_domus_running_elsewhere_quietly(conf, capsys):
     assert c == 3  # named by hand: say why nothing happened
     assert "idle1: is shut off on dom0a, not running; nothing to back up here" in err
     assert out.startswith("idle1: SKIPPED in ")
+
+
+def test_one_file_for_both_dom0s_a_domu_without_a_peer_here_fails_alone(conf, fixtures, capsys, tmp_path):
+    # files1 runs here and its only replica host is this one: exit 78 for it, naming the DomU,
+    # the host and its peers; web1 (peers = the other host) is still planned.
+    cfg = conf('[domu.files1]\npeers = ["dom0a"]\n[domu.web1]\npeers = ["dom0b"]\n[domu.idle1]\npeers = ["dom0a"]\n')
+    c, out, err = run(["-c", cfg, "run", "--dry-run", "--json"], ReplayRunner(web1_probes(fixtures)), capsys)
+    assert c == 78
+    assert err == (f"domubackup: {cfg}: domu.files1.peers: files1 runs on dom0a, and its peers ['dom0a'] name no "
+                   "other Dom0 to copy it to (add another Dom0 to its peers)\n"
+                   "domubackup: idle1: is shut off on dom0a, not running; nothing to back up here "
+                   "(it is backed up by the Dom0 it runs on)\n")
+    assert [d["domu"] for d in json.loads(out)] == ["web1"]
+    # the nightly run: files1 ERROR (recorded in the catalog), idle1 runs elsewhere: quiet
+    c, out, err = run(["-c", cfg, "run", "files1", "idle1"], ReplayRunner({}), capsys)
+    assert c == 78
+    assert out.startswith("files1: ERROR in ")
+    assert f"{cfg}: domu.files1.peers: files1 runs on dom0a" in out
+    c, out, err = run(["-c", cfg, "history", "--json"], ReplayRunner({}), capsys)
+    assert [(r["domu"], r["status"]) for r in json.loads(out)] == [("files1", "ERROR")]

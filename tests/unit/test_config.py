@@ -53,7 +53,6 @@ def test_domu_section_overrides_global_and_nested_tables():
     ("state_dir = '/x'\n", "/etc/db.toml: dom0s: missing required key"),
     ('dom0s = "dom0a"\n', "/etc/db.toml: dom0s: expected a list of strings, got 'dom0a'"),
     (BASE + '[domu.web1]\npeers = ["dom0z"]\n', "/etc/db.toml: domu.web1.peers: peer 'dom0z' is not in dom0s ['dom0a', 'dom0b']"),
-    (BASE + '[domu.web1]\npeers = ["dom0a"]\n', "/etc/db.toml: domu.web1.peers: peer 'dom0a' is this host itself"),
     (BASE + '[ssh]\nport = "22"\n', "/etc/db.toml: ssh.port: expected an integer, got '22'"),
     (BASE + '[rsync]\nio_timeout = -5\n', "/etc/db.toml: rsync.io_timeout: expected seconds >= 0, got -5"),
     (BASE + '[ssh]\nalive_interval = -1\n', "/etc/db.toml: ssh.alive_interval: expected seconds >= 0, got -1"),
@@ -105,3 +104,38 @@ def test_snapshot_extend_max():
     for bad in ("10%VG", "50%FREE", "lots", "", "-1G"):
         assert error_of(BASE + f'[domu.web1]\nsnapshot_extend_max = "{bad}"\n') == (
             f"/etc/db.toml: domu.web1.snapshot_extend_max: expected a size like '4G' or '50%ORIGIN', got {bad!r}")
+
+
+ONE_FILE = """dom0s = ["dom0a", "dom0b", "dom0c"]
+[domu.web1]
+peers = ["dom0a"]
+[domu.web2]
+peers = ["dom0b"]
+[domu.web3]
+peers = ["dom0a", "dom0b"]
+[domu.web4]
+"""
+
+
+@pytest.mark.parametrize("host, peers", [
+    ("dom0a", {"web1": (), "web2": ("dom0b",), "web3": ("dom0b",), "web4": ("dom0b", "dom0c")}),
+    ("dom0b", {"web1": ("dom0a",), "web2": (), "web3": ("dom0a",), "web4": ("dom0a", "dom0c")}),
+    ("dom0c", {"web1": ("dom0a",), "web2": ("dom0b",), "web3": ("dom0a", "dom0b"), "web4": ("dom0a", "dom0b")}),
+])
+def test_one_file_for_every_dom0_peers_leave_out_this_host(host, peers):
+    c = parse(ONE_FILE, hostname=host)
+    assert {d: c.peers_for(d) for d in peers} == peers
+
+
+def test_a_domu_with_no_peer_but_this_host_is_an_error_of_its_own():
+    c = parse(ONE_FILE, hostname="dom0a")
+    e = c.no_peer("web1")
+    assert e.exit_code == 78
+    assert str(e) == ("/etc/db.toml: domu.web1.peers: web1 runs on dom0a, and its peers ['dom0a'] name no "
+                      "other Dom0 to copy it to (add another Dom0 to its peers)")
+    alone = parse('dom0s = ["dom0a"]\n')
+    assert alone.peers_for("x") == ()
+    assert str(alone.no_peer("x")).startswith(
+        "/etc/db.toml: dom0s: x runs on dom0a, and dom0s ['dom0a'] name no other Dom0 to copy it to")
+    glob = parse(BASE + 'peers = ["dom0a"]\n')
+    assert str(glob.no_peer("x")).startswith("/etc/db.toml: peers: x runs on dom0a, and its peers ['dom0a']")
