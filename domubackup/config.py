@@ -42,6 +42,16 @@ class SSHSettings:
     # A dead peer is noticed after ~3 x this (OpenSSH ServerAliveCountMax=3) when the link
     # breaks mid-transfer, instead of TCP's ~15 min or never; 0 = off.
     alive_interval: float = 15.0
+    # From the [dom0.NAME] tables, not from [ssh]: (name, address, port; 0 = `port` above).
+    endpoints: tuple[tuple[str, str, int], ...] = ()
+
+    def endpoint(self, host: str) -> tuple[str, int]:
+        """(address, port) by which both SSH clients reach Dom0 ``host``: its [dom0.NAME]
+        address and port, else its name and ``port``. The name stays its identity elsewhere."""
+        for name, address, port in self.endpoints:
+            if name == host:
+                return address or host, port or self.port
+        return host, self.port
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,10 @@ GLOBAL_ONLY = {
 }
 
 
+INTERNAL = {"endpoints"}  # fields filled from elsewhere in the file, not settable by their own name
+ADDRESS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")  # name, IPv4, IPv6
+
+
 def _expect(cls) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
             list: "a list of strings", tuple: "a list of strings", dict: "a table"}.get(cls, cls.__name__)
@@ -166,7 +180,7 @@ class _Checker:
         """Override fields of dataclass instance `base` from TOML table `table`."""
         if not isinstance(table, dict):
             raise self.fail(prefix, f"expected a table, got {table!r}")
-        known = {f.name: f for f in fields(base)}
+        known = {f.name: f for f in fields(base) if f.name not in INTERNAL}
         changes = {}
         for key, raw in table.items():
             name = f"{prefix}.{key}" if prefix else key
@@ -253,6 +267,9 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
     for key, kind in GLOBAL_ONLY.items():
         if key in data:
             globals_[key] = check.value(key, data.pop(key), kind)
+    dom0_tables = data.pop("dom0", {})
+    if not isinstance(dom0_tables, dict) or not all(isinstance(t, dict) for t in dom0_tables.values()):
+        raise check.fail("dom0", 'expected tables like [dom0.dom0b] with address = "10.0.0.2", port = 2222')
     domu_tables = data.pop("domu", {})
     if not isinstance(domu_tables, dict):
         raise check.fail("domu", "expected tables like [domu.web1]")
@@ -269,6 +286,20 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
         if not NAME_RE.match(host):
             raise check.fail("dom0s", f"not a host name: {host!r}")
     this_host = globals_.get("this_host") or (hostname or short_hostname())
+    endpoints = []
+    for name, table in dom0_tables.items():
+        if name not in dom0s:
+            raise check.fail(f"dom0.{name}", f"{name!r} is not in dom0s {list(dom0s)}")
+        for key in sorted(set(table) - {"address", "port"}):
+            raise check.fail(f"dom0.{name}.{key}", "unknown key (known: address, port)")
+        address = check.value(f"dom0.{name}.address", table.get("address", name), str).strip("[]")
+        if not ADDRESS_RE.fullmatch(address):
+            raise check.fail(f"dom0.{name}.address", f"expected a host name or an IP address, got {address!r}")
+        port = check.value(f"dom0.{name}.port", table.get("port", 0), int)
+        if "port" in table and not 0 < port < 65536:
+            raise check.fail(f"dom0.{name}.port", f"expected a TCP port, got {port}")
+        endpoints.append((name, address, port))
+    defaults = replace(defaults, ssh=replace(defaults.ssh, endpoints=tuple(endpoints)))
 
     domus = {}
     for name, table in domu_tables.items():

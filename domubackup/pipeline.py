@@ -235,8 +235,7 @@ def peer_runners(config, domu: str, peers, factory):
 def ssh_runner(host, ssh):
     from .runner import SSHRunner
 
-    return SSHRunner(host, user=ssh.user, port=ssh.port, identity_file=ssh.identity_file,
-                     known_hosts=ssh.known_hosts, connect_timeout=ssh.connect_timeout)
+    return SSHRunner.for_host(host, ssh)
 
 
 def recover(config, domu: str, local, factory=ssh_runner) -> list[str]:

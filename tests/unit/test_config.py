@@ -139,3 +139,29 @@ def test_a_domu_with_no_peer_but_this_host_is_an_error_of_its_own():
         "/etc/db.toml: dom0s: x runs on dom0a, and dom0s ['dom0a'] name no other Dom0 to copy it to")
     glob = parse(BASE + 'peers = ["dom0a"]\n')
     assert str(glob.no_peer("x")).startswith("/etc/db.toml: peers: x runs on dom0a, and its peers ['dom0a']")
+
+
+ADDRESSES = BASE + '[ssh]\nport = 2200\n[dom0.dom0b]\naddress = "10.0.0.2"\nport = 2222\n[domu.web1.ssh]\nuser = "backup"\n'
+
+
+def test_a_dom0_may_have_an_address_and_port_beside_its_name():
+    c = parse(ADDRESSES)
+    assert c.dom0s == ("dom0a", "dom0b") and c.peers_for("web1") == ("dom0b",)
+    for ssh in (c.defaults.ssh, c.settings_for("web1").ssh):  # the [domu.NAME] sections inherit them
+        assert ssh.endpoint("dom0b") == ("10.0.0.2", 2222)
+        assert ssh.endpoint("dom0a") == ("dom0a", 2200)  # no table: the name and ssh.port
+    assert parse(BASE + '[dom0.dom0b]\nport = 2222\n').defaults.ssh.endpoint("dom0b") == ("dom0b", 2222)
+    assert parse(BASE + '[dom0.dom0b]\naddress = "[fd00::2]"\n').defaults.ssh.endpoint("dom0b") == ("fd00::2", 22)
+
+
+@pytest.mark.parametrize("text, message", [
+    (BASE + '[dom0.dom0z]\naddress = "10.0.0.9"\n', "/etc/db.toml: dom0.dom0z: 'dom0z' is not in dom0s ['dom0a', 'dom0b']"),
+    (BASE + '[dom0.dom0b]\nadress = "10.0.0.9"\n', "/etc/db.toml: dom0.dom0b.adress: unknown key (known: address, port)"),
+    (BASE + '[dom0.dom0b]\naddress = "-oProxyCommand=x"\n', "/etc/db.toml: dom0.dom0b.address: expected a host name or an IP address, got '-oProxyCommand=x'"),
+    (BASE + '[dom0.dom0b]\naddress = 10\n', "/etc/db.toml: dom0.dom0b.address: expected a string, got 10"),
+    (BASE + '[dom0.dom0b]\nport = 0\n', "/etc/db.toml: dom0.dom0b.port: expected a TCP port, got 0"),
+    (BASE + 'dom0 = 1\n', "/etc/db.toml: dom0: expected tables like [dom0.dom0b]"),
+    (BASE + '[ssh]\nendpoints = []\n', "/etc/db.toml: ssh.endpoints: unknown key"),
+])
+def test_bad_dom0_tables(text, message):
+    assert error_of(text).startswith(message)
