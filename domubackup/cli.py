@@ -232,22 +232,13 @@ def cmd_plan(config, args, runner) -> int:
     return EXIT_OK
 
 
-def selected_domus(config, names, conn) -> list[str]:
-    if names:
-        return list(names)
-    names = list(config.domus)
-    if config.backup_all_running:
-        names += [n for n in virt.running_domains(conn) if n not in names]
-    return names
-
-
 def cmd_run(config, args, runner) -> int:
     if not args.dry_run:
         return run_backups(config, args, runner)
     conn = virt.connect(config.defaults.libvirt_uri)
     codes, out = [], []
     try:
-        for name in selected_domus(config, args.domus, conn):
+        for name in virt.selected_domus(config, args.domus, conn):
             try:
                 plan = pipeline.make_plan(config, pipeline.inspect(config, name, conn, runner))
             except DomuBackupError as e:
@@ -284,7 +275,7 @@ def run_backups(config, args, runner) -> int:
     runs = []  # (outcome, its JSON)
     try:
         pipeline.lifecycle_hook(config.defaults, "job-start", runner)
-        for name in selected_domus(config, args.domus, conn):
+        for name in virt.selected_domus(config, args.domus, conn):
             started = time.time()
             with run_log(config, name) as log_path:
                 log.info("backup starts")
@@ -334,14 +325,16 @@ def cmd_check(config, args, runner) -> int:
 
     from .preflight import run_checks
 
-    checks = run_checks(config, args.domus or list(config.domus), runner)
-    failed = sum(not c.ok for c in checks)
+    checks = run_checks(config, args.domus, runner)
+    failed = sum(not c.ok and not c.warning for c in checks)
+    warnings = sum(c.warning for c in checks)
     if args.json:
-        say(json.dumps({"checks": [asdict(c) for c in checks], "failed": failed}, indent=2))
+        say(json.dumps({"checks": [asdict(c) for c in checks], "failed": failed, "warnings": warnings}, indent=2))
     else:
         for c in checks:
             say(c.line())
-        say(f"check: {len(checks) - failed} OK, {failed} to fix")
+        say(f"check: {len(checks) - failed - warnings} OK, {failed} to fix"
+            + (f", {warnings} warning{'s' if warnings > 1 else ''}" if warnings else ""))
     return EXIT_FAILED if failed else EXIT_OK
 
 

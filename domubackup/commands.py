@@ -73,6 +73,11 @@ def read_in(tree: str, path: str) -> tuple[str, ...]:
     return (HELPER, "read-in", "--", tree, path)
 
 
+def history_json() -> tuple[str, ...]:
+    """A Dom0's catalog, asked by `check` of another Dom0 (report.newest_ok_per_domu)."""
+    return (HELPER, "history", "--json")
+
+
 def batch_key(argv) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
     """(what a command shares with the neighbours it can run as one command with, the words it
     adds to that command); (None, ()) when it runs alone. `lvremove -f LV...` (each LVM command

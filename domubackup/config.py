@@ -105,6 +105,7 @@ class Config:
     backup_all_running: bool
     catalog_keep_days: int
     metrics_textfile: str
+    max_age: int  # seconds: `check`, the run's summary and the metrics warn past it (no OK on any Dom0)
     defaults: Settings
     domus: dict[str, Settings]
 
@@ -133,7 +134,17 @@ GLOBAL_ONLY = {
     "backup_all_running": bool,
     "catalog_keep_days": int,
     "metrics_textfile": str,
+    "max_age": str,
 }
+
+AGE_RE = re.compile(r"(\d+)([hdw])")
+AGE_SECONDS = {"h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> int | None:
+    """``24h``, ``2d``, ``1w`` in seconds; None when ``text`` is not such an age."""
+    m = AGE_RE.fullmatch(text.strip())
+    return int(m.group(1)) * AGE_SECONDS[m.group(2)] if m else None
 
 
 INTERNAL = {"endpoints"}  # fields filled from elsewhere in the file, not settable by their own name
@@ -327,9 +338,12 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
     state_dir = globals_.get("state_dir", "/var/lib/domubackup")
     if not state_dir.startswith("/"):
         raise check.fail("state_dir", f"expected an absolute path, got {state_dir!r}")
+    max_age = parse_age(globals_.get("max_age", "2d"))
+    if not max_age:
+        raise check.fail("max_age", f"expected an age like '36h', '2d' or '1w', got {globals_['max_age']!r}")
     return Config(path=path, dom0s=dom0s, this_host=this_host, state_dir=state_dir,
                   backup_all_running=globals_.get("backup_all_running", False),
-                  catalog_keep_days=keep, metrics_textfile=globals_.get("metrics_textfile", ""),
+                  catalog_keep_days=keep, metrics_textfile=globals_.get("metrics_textfile", ""), max_age=max_age,
                   defaults=defaults, domus=domus)
 
 

@@ -165,3 +165,11 @@ def test_a_dom0_may_have_an_address_and_port_beside_its_name():
 ])
 def test_bad_dom0_tables(text, message):
     assert error_of(text).startswith(message)
+
+
+def test_max_age():
+    assert parse(BASE).max_age == 2 * 86400
+    assert parse(BASE + 'max_age = "36h"\n').max_age == 36 * 3600
+    assert error_of(BASE + 'max_age = "2 days"\n') == \
+        "/etc/db.toml: max_age: expected an age like '36h', '2d' or '1w', got '2 days'"
+    assert error_of(BASE + 'max_age = "0d"\n').startswith("/etc/db.toml: max_age: expected an age")
