@@ -298,7 +298,8 @@ def run_backups(config, args, runner) -> int:
             log.warning("job-end hook failed: %s", e)
         catalog.prune(config.catalog_keep_days)
         if config.metrics_textfile:
-            write_metrics(catalog, config.metrics_textfile)
+            write_metrics(catalog, config.metrics_textfile, list(config.domus))
+        stale = stale_lines(config, catalog, [o.domu for o in outcomes if o.status != "OK" and not o.not_here])
     finally:
         conn.close()
         catalog.close()
@@ -317,7 +318,25 @@ def run_backups(config, args, runner) -> int:
     elif code or args.verbose:
         for o, _ in runs:
             say(o.summary())
+    for line in stale:  # on stderr, --json or not: cron mails it with the failure
+        say(f"domubackup: {line}", file=sys.stderr)
     return code
+
+
+def stale_lines(config, catalog, domus, now=None) -> list[str]:
+    """What the summary says of each DomU of ``domus`` (those that failed here tonight) with no OK
+    run in this host's catalog within max_age (the metric domubackup_last_ok_age_seconds)."""
+    from .report import last_ok_text
+
+    now = time.time() if now is None else now
+    lines = []
+    for domu in domus:
+        row = catalog.last_ok(domu)
+        fresh, text = last_ok_text(None if row is None else (row.ended or row.started, config.this_host),
+                                   now, config.max_age)
+        if not fresh:
+            lines.append(f"{domu}: {text}")
+    return lines
 
 
 def cmd_check(config, args, runner) -> int:
