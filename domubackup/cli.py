@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also check the replica's filesystems read-only on the peer (e2fsck -n, xfs_repair -n)")
     json_option(sv, "the result")
     sk = command("check", "check everything a first night needs",
-                 "Config, libvirt, tools on both hosts, SSH with pinned host keys, replicas, VG space; "
-                 "one line per check.")
-    sk.add_argument("domus", nargs="*", metavar="DOMU", help="DomUs to check (default: every configured one)")
+                 "Config, libvirt, tools on both hosts, SSH with pinned host keys, replicas, VG space, and (a "
+                 "warning) each DomU's newest OK backup on any Dom0 against max_age; one line per check.")
+    sk.add_argument("domus", nargs="*", metavar="DOMU", help="DomUs to check (default: what the night backs up here)")
     json_option(sk, "the checks")
     sh_ = command("history", "the runs recorded in the catalog, newest first",
                   "Times are local in the table, UTC in JSON.")

@@ -62,6 +62,13 @@ def test_domu_section_overrides_global_and_nested_tables():
     (BASE + '[domu.web1]\nmounts = { xvda1 = "var" }\n', "/etc/db.toml: domu.web1.mounts.xvda1: expected an absolute guest path, got 'var'"),
     (BASE + 'source_prefix = "/"\n', "/etc/db.toml: source_prefix: expected an absolute directory other than /, got '/'"),
     (BASE + '[domu.web1]\nsnapshot_sise = "1G"\n', "/etc/db.toml: domu.web1.snapshot_sise: unknown key"),
+    (BASE + '[dom0.dom0z]\naddress = "10.0.0.9"\n', "/etc/db.toml: dom0.dom0z: 'dom0z' is not in dom0s ['dom0a', 'dom0b']"),
+    (BASE + '[dom0.dom0b]\nadress = "10.0.0.9"\n', "/etc/db.toml: dom0.dom0b.adress: unknown key (known: address, port)"),
+    (BASE + '[dom0.dom0b]\naddress = "-oProxyCommand=x"\n', "/etc/db.toml: dom0.dom0b.address: expected a host name or an IP address, got '-oProxyCommand=x'"),
+    (BASE + '[dom0.dom0b]\naddress = 10\n', "/etc/db.toml: dom0.dom0b.address: expected a string, got 10"),
+    (BASE + '[dom0.dom0b]\nport = 0\n', "/etc/db.toml: dom0.dom0b.port: expected a TCP port, got 0"),
+    (BASE + 'dom0 = 1\n', "/etc/db.toml: dom0: expected tables like [dom0.dom0b]"),
+    (BASE + '[ssh]\nendpoints = []\n', "/etc/db.toml: ssh.endpoints: unknown key"),
 ])
 def test_bad_config_names_file_key_and_expectation(text, message):
     assert error_of(text).startswith(message)
@@ -152,19 +159,6 @@ def test_a_dom0_may_have_an_address_and_port_beside_its_name():
         assert ssh.endpoint("dom0a") == ("dom0a", 2200)  # no table: the name and ssh.port
     assert parse(BASE + '[dom0.dom0b]\nport = 2222\n').defaults.ssh.endpoint("dom0b") == ("dom0b", 2222)
     assert parse(BASE + '[dom0.dom0b]\naddress = "[fd00::2]"\n').defaults.ssh.endpoint("dom0b") == ("fd00::2", 22)
-
-
-@pytest.mark.parametrize("text, message", [
-    (BASE + '[dom0.dom0z]\naddress = "10.0.0.9"\n', "/etc/db.toml: dom0.dom0z: 'dom0z' is not in dom0s ['dom0a', 'dom0b']"),
-    (BASE + '[dom0.dom0b]\nadress = "10.0.0.9"\n', "/etc/db.toml: dom0.dom0b.adress: unknown key (known: address, port)"),
-    (BASE + '[dom0.dom0b]\naddress = "-oProxyCommand=x"\n', "/etc/db.toml: dom0.dom0b.address: expected a host name or an IP address, got '-oProxyCommand=x'"),
-    (BASE + '[dom0.dom0b]\naddress = 10\n', "/etc/db.toml: dom0.dom0b.address: expected a string, got 10"),
-    (BASE + '[dom0.dom0b]\nport = 0\n', "/etc/db.toml: dom0.dom0b.port: expected a TCP port, got 0"),
-    (BASE + 'dom0 = 1\n', "/etc/db.toml: dom0: expected tables like [dom0.dom0b]"),
-    (BASE + '[ssh]\nendpoints = []\n', "/etc/db.toml: ssh.endpoints: unknown key"),
-])
-def test_bad_dom0_tables(text, message):
-    assert error_of(text).startswith(message)
 
 
 def test_max_age():
