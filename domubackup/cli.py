@@ -12,14 +12,15 @@ import time
 from contextlib import contextmanager
 
 from . import __version__, config as cfg, logs, pipeline, virt
-from .errors import (EXIT_BUSY, EXIT_FAILED, EXIT_INTERNAL, EXIT_NOT_ELIGIBLE, EXIT_OK, EXIT_PARTIAL,
+from .errors import (EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERNAL, EXIT_NOT_ELIGIBLE, EXIT_OK, EXIT_PARTIAL,
                      EXIT_SIGNAL, EXIT_TEARDOWN, EXIT_USAGE, DomuBackupError, Interrupted, UsageError,
                      signal_exit)
 from .plan import describe
 
 # When several DomUs end differently, the most serious outcome decides the exit status (a code
-# not listed, a signal's 128+N, wins over all).
-SEVERITY = [EXIT_OK, EXIT_NOT_ELIGIBLE, EXIT_BUSY, EXIT_PARTIAL, EXIT_FAILED, EXIT_TEARDOWN]
+# not listed, a signal's 128+N, wins over all). EXIT_CONFIG: a DomU that runs here with no
+# replica host but this one (config.no_peer); the rest of the file is valid.
+SEVERITY = [EXIT_OK, EXIT_NOT_ELIGIBLE, EXIT_BUSY, EXIT_PARTIAL, EXIT_FAILED, EXIT_CONFIG, EXIT_TEARDOWN]
 
 log = logging.getLogger("domubackup")
 
@@ -102,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also check the replica's filesystems read-only on the peer (e2fsck -n, xfs_repair -n)")
     json_option(sv, "the result")
     sk = command("check", "check everything a first night needs",
-                 "Config, libvirt, tools on both hosts, SSH with pinned host keys, replicas, VG space; "
-                 "one line per check.")
-    sk.add_argument("domus", nargs="*", metavar="DOMU", help="DomUs to check (default: every configured one)")
+                 "Config, libvirt, tools on both hosts, SSH with pinned host keys, replicas, VG space, and (a "
+                 "warning) each DomU's newest OK backup on any Dom0 against max_age; one line per check.")
+    sk.add_argument("domus", nargs="*", metavar="DOMU", help="DomUs to check (default: what the night backs up here)")
     json_option(sk, "the checks")
     sh_ = command("history", "the runs recorded in the catalog, newest first",
                   "Times are local in the table, UTC in JSON.")
@@ -231,22 +232,13 @@ def cmd_plan(config, args, runner) -> int:
     return EXIT_OK
 
 
-def selected_domus(config, names, conn) -> list[str]:
-    if names:
-        return list(names)
-    names = list(config.domus)
-    if config.backup_all_running:
-        names += [n for n in virt.running_domains(conn) if n not in names]
-    return names
-
-
 def cmd_run(config, args, runner) -> int:
     if not args.dry_run:
         return run_backups(config, args, runner)
     conn = virt.connect(config.defaults.libvirt_uri)
     codes, out = [], []
     try:
-        for name in selected_domus(config, args.domus, conn):
+        for name in virt.selected_domus(config, args.domus, conn):
             try:
                 plan = pipeline.make_plan(config, pipeline.inspect(config, name, conn, runner))
             except DomuBackupError as e:
@@ -283,7 +275,7 @@ def run_backups(config, args, runner) -> int:
     runs = []  # (outcome, its JSON)
     try:
         pipeline.lifecycle_hook(config.defaults, "job-start", runner)
-        for name in selected_domus(config, args.domus, conn):
+        for name in virt.selected_domus(config, args.domus, conn):
             started = time.time()
             with run_log(config, name) as log_path:
                 log.info("backup starts")
@@ -306,7 +298,8 @@ def run_backups(config, args, runner) -> int:
             log.warning("job-end hook failed: %s", e)
         catalog.prune(config.catalog_keep_days)
         if config.metrics_textfile:
-            write_metrics(catalog, config.metrics_textfile)
+            write_metrics(catalog, config.metrics_textfile, list(config.domus))
+        stale = stale_lines(config, catalog, [o.domu for o in outcomes if o.status != "OK" and not o.not_here])
     finally:
         conn.close()
         catalog.close()
@@ -325,7 +318,25 @@ def run_backups(config, args, runner) -> int:
     elif code or args.verbose:
         for o, _ in runs:
             say(o.summary())
+    for line in stale:  # on stderr, --json or not: cron mails it with the failure
+        say(f"domubackup: {line}", file=sys.stderr)
     return code
+
+
+def stale_lines(config, catalog, domus, now=None) -> list[str]:
+    """What the summary says of each DomU of ``domus`` (those that failed here tonight) with no OK
+    run in this host's catalog within max_age (the metric domubackup_last_ok_age_seconds)."""
+    from .report import last_ok_text
+
+    now = time.time() if now is None else now
+    lines = []
+    for domu in domus:
+        row = catalog.last_ok(domu)
+        fresh, text = last_ok_text(None if row is None else (row.ended or row.started, config.this_host),
+                                   now, config.max_age)
+        if not fresh:
+            lines.append(f"{domu}: {text}")
+    return lines
 
 
 def cmd_check(config, args, runner) -> int:
@@ -333,14 +344,16 @@ def cmd_check(config, args, runner) -> int:
 
     from .preflight import run_checks
 
-    checks = run_checks(config, args.domus or list(config.domus), runner)
-    failed = sum(not c.ok for c in checks)
+    checks = run_checks(config, args.domus, runner)
+    failed = sum(not c.ok and not c.warning for c in checks)
+    warnings = sum(c.warning for c in checks)
     if args.json:
-        say(json.dumps({"checks": [asdict(c) for c in checks], "failed": failed}, indent=2))
+        say(json.dumps({"checks": [asdict(c) for c in checks], "failed": failed, "warnings": warnings}, indent=2))
     else:
         for c in checks:
             say(c.line())
-        say(f"check: {len(checks) - failed} OK, {failed} to fix")
+        say(f"check: {len(checks) - failed - warnings} OK, {failed} to fix"
+            + (f", {warnings} warning{'s' if warnings > 1 else ''}" if warnings else ""))
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -73,6 +73,11 @@ def read_in(tree: str, path: str) -> tuple[str, ...]:
     return (HELPER, "read-in", "--", tree, path)
 
 
+def history_json() -> tuple[str, ...]:
+    """A Dom0's catalog, asked by `check` of another Dom0 (report.newest_ok_per_domu)."""
+    return (HELPER, "history", "--json")
+
+
 def batch_key(argv) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
     """(what a command shares with the neighbours it can run as one command with, the words it
     adds to that command); (None, ()) when it runs alone. `lvremove -f LV...` (each LVM command
@@ -114,8 +119,9 @@ def _whole_seconds(seconds: float) -> int:
     return max(1, round(seconds))
 
 
-def ssh_command(ssh: SSHSettings) -> tuple[str, ...]:
-    """The ssh client argv rsync uses: same identity, port and pinned known_hosts as paramiko;
+def ssh_command(ssh: SSHSettings, host: str | None = None) -> tuple[str, ...]:
+    """The ssh client argv rsync uses to reach Dom0 ``host``: same identity, port (the host's
+    [dom0.NAME] port, else ssh.port) and pinned known_hosts as paramiko;
     keepalives so that a link that dies mid-transfer ends rsync (exit 255) within
     ~3 x alive_interval. It reads only the files configured here: no ssh_config (`-F none`),
     no global known_hosts, no control socket, agent or forwarding, no host key rewrite."""
@@ -123,7 +129,8 @@ def ssh_command(ssh: SSHSettings) -> tuple[str, ...]:
         if ssh.alive_interval else ()
     isolated = ("GlobalKnownHostsFile=/dev/null", "UpdateHostKeys=no", "ControlMaster=no", "ControlPath=none",
                 "ForwardAgent=no", "ForwardX11=no", "ClearAllForwardings=yes", "PermitLocalCommand=no")
-    return ("ssh", "-F", "none", "-p", str(ssh.port), "-i", ssh.identity_file,
+    port = ssh.port if host is None else ssh.endpoint(host)[1]
+    return ("ssh", "-F", "none", "-p", str(port), "-i", ssh.identity_file,
             "-o", f"UserKnownHostsFile={ssh.known_hosts}", "-o", "StrictHostKeyChecking=yes",
             "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
             *(w for o in isolated for w in ("-o", o)),
@@ -132,7 +139,8 @@ def ssh_command(ssh: SSHSettings) -> tuple[str, ...]:
 
 def rsync(source_dir: str, peer: str, target_dir: str, rs: RsyncSettings, ssh: SSHSettings, *,
           progress: bool = False, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """rsync from SOURCE/ into PEER:TARGET/ (the trailing slashes copy the contents, not the dir)."""
+    """rsync from SOURCE/ into PEER:TARGET/ (the trailing slashes copy the contents, not the dir),
+    PEER reached at its address and port (SSHSettings.endpoint), as paramiko reaches it."""
     argv = ["rsync", *rs.options, *rs.extra_options]
     if rs.compress:
         argv.append("--compress")
@@ -142,8 +150,11 @@ def rsync(source_dir: str, peer: str, target_dir: str, rs: RsyncSettings, ssh: S
         argv.append(f"--timeout={_whole_seconds(rs.io_timeout)}")
     if progress:
         argv.append("--info=progress2")
-    argv += ["--stats", *extra, "-e", shlex.join(ssh_command(ssh))]
-    argv += [source_dir.rstrip("/") + "/", f"{peer}:{target_dir.rstrip('/')}/"]
+    address = ssh.endpoint(peer)[0]
+    if ":" in address:  # IPv6: rsync takes [ADDRESS]:PATH
+        address = f"[{address}]"
+    argv += ["--stats", *extra, "-e", shlex.join(ssh_command(ssh, peer))]
+    argv += [source_dir.rstrip("/") + "/", f"{address}:{target_dir.rstrip('/')}/"]
     return tuple(argv)
 
 

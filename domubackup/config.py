@@ -43,6 +43,16 @@ class SSHSettings:
     # A dead peer is noticed after ~3 x this (OpenSSH ServerAliveCountMax=3) when the link
     # breaks mid-transfer, instead of TCP's ~15 min or never; 0 = off.
     alive_interval: float = 15.0
+    # From the [dom0.NAME] tables, not from [ssh]: (name, address, port; 0 = `port` above).
+    endpoints: tuple[tuple[str, str, int], ...] = ()
+
+    def endpoint(self, host: str) -> tuple[str, int]:
+        """(address, port) by which both SSH clients reach Dom0 ``host``: its [dom0.NAME]
+        address and port, else its name and ``port``. The name stays its identity elsewhere."""
+        for name, address, port in self.endpoints:
+            if name == host:
+                return address or host, port or self.port
+        return host, self.port
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ class Settings:
     """Everything that may differ per DomU (global values, overridden by [domu.NAME])."""
 
     libvirt_uri: str = ""
-    peers: tuple[str, ...] = ()  # empty: DOM0S minus this host
+    peers: tuple[str, ...] = ()  # the DomU's replica hosts (empty: DOM0S); this host is left out at run time
     disks: tuple[str, ...] = ()  # only these target devs (empty: all)
     exclude_disks: tuple[str, ...] = ()
     mounts: tuple[tuple[str, str], ...] = ()  # (disk[SEP]N or disk, guest mount point)
@@ -96,6 +106,7 @@ class Config:
     backup_all_running: bool
     catalog_keep_days: int
     metrics_textfile: str
+    max_age: int  # seconds: `check`, the run's summary and the metrics warn past it (no OK on any Dom0)
     defaults: Settings
     domus: dict[str, Settings]
 
@@ -103,8 +114,18 @@ class Config:
         return self.domus.get(domu, self.defaults)
 
     def peers_for(self, domu: str) -> tuple[str, ...]:
+        """Where ``domu`` is copied from this host: its replica hosts (``peers``, else
+        ``dom0s``) minus this host, so that one file serves every Dom0."""
+        return tuple(h for h in self.settings_for(domu).peers or self.dom0s if h != self.this_host)
+
+    def no_peer(self, domu: str) -> ConfigError:
+        """The error of a DomU that runs here and has no replica host but this one."""
         peers = self.settings_for(domu).peers
-        return peers or tuple(h for h in self.dom0s if h != self.this_host)
+        key, what = (f"domu.{domu}.peers" if domu in self.domus else "peers", "its peers") if peers \
+            else ("dom0s", "dom0s")
+        return ConfigError(f"{self.path}: {key}: {domu} runs on {self.this_host}, and {what} "
+                           f"{list(peers or self.dom0s)} name no other Dom0 to copy it to",
+                           hint="add another Dom0 to its peers")
 
 
 GLOBAL_ONLY = {
@@ -114,7 +135,21 @@ GLOBAL_ONLY = {
     "backup_all_running": bool,
     "catalog_keep_days": int,
     "metrics_textfile": str,
+    "max_age": str,
 }
+
+AGE_RE = re.compile(r"(\d+)([hdw])")
+AGE_SECONDS = {"h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> int | None:
+    """``24h``, ``2d``, ``1w`` in seconds; None when ``text`` is not such an age."""
+    m = AGE_RE.fullmatch(text.strip())
+    return int(m.group(1)) * AGE_SECONDS[m.group(2)] if m else None
+
+
+INTERNAL = {"endpoints"}  # fields filled from elsewhere in the file, not settable by their own name
+ADDRESS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")  # name, IPv4, IPv6
 
 
 def _expect(cls) -> str:
@@ -157,7 +192,7 @@ class _Checker:
         """Override fields of dataclass instance `base` from TOML table `table`."""
         if not isinstance(table, dict):
             raise self.fail(prefix, f"expected a table, got {table!r}")
-        known = {f.name: f for f in fields(base)}
+        known = {f.name: f for f in fields(base) if f.name not in INTERNAL}
         changes = {}
         for key, raw in table.items():
             name = f"{prefix}.{key}" if prefix else key
@@ -244,6 +279,9 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
     for key, kind in GLOBAL_ONLY.items():
         if key in data:
             globals_[key] = check.value(key, data.pop(key), kind)
+    dom0_tables = data.pop("dom0", {})
+    if not isinstance(dom0_tables, dict) or not all(isinstance(t, dict) for t in dom0_tables.values()):
+        raise check.fail("dom0", 'expected tables like [dom0.dom0b] with address = "10.0.0.2", port = 2222')
     domu_tables = data.pop("domu", {})
     if not isinstance(domu_tables, dict):
         raise check.fail("domu", "expected tables like [domu.web1]")
@@ -260,6 +298,20 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
         if not NAME_RE.match(host):
             raise check.fail("dom0s", f"not a host name: {host!r}")
     this_host = globals_.get("this_host") or (hostname or short_hostname())
+    endpoints = []
+    for name, table in dom0_tables.items():
+        if name not in dom0s:
+            raise check.fail(f"dom0.{name}", f"{name!r} is not in dom0s {list(dom0s)}")
+        for key in sorted(set(table) - {"address", "port"}):
+            raise check.fail(f"dom0.{name}.{key}", "unknown key (known: address, port)")
+        address = check.value(f"dom0.{name}.address", table.get("address", name), str).strip("[]")
+        if not ADDRESS_RE.fullmatch(address):
+            raise check.fail(f"dom0.{name}.address", f"expected a host name or an IP address, got {address!r}")
+        port = check.value(f"dom0.{name}.port", table.get("port", 0), int)
+        if "port" in table and not 0 < port < 65536:
+            raise check.fail(f"dom0.{name}.port", f"expected a TCP port, got {port}")
+        endpoints.append((name, address, port))
+    defaults = replace(defaults, ssh=replace(defaults.ssh, endpoints=tuple(endpoints)))
 
     domus = {}
     for name, table in domu_tables.items():
@@ -276,8 +328,6 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
         for peer in s.peers:
             if peer not in dom0s:
                 raise check.fail(f"domu.{name}.peers", f"peer {peer!r} is not in dom0s {list(dom0s)}")
-            if peer == this_host:
-                raise check.fail(f"domu.{name}.peers", f"peer {peer!r} is this host itself")
         domus[name] = s
     for peer in defaults.peers:
         if peer not in dom0s:
@@ -289,9 +339,12 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
     state_dir = globals_.get("state_dir", "/var/lib/domubackup")
     if not state_dir.startswith("/"):
         raise check.fail("state_dir", f"expected an absolute path, got {state_dir!r}")
+    max_age = parse_age(globals_.get("max_age", "2d"))
+    if not max_age:
+        raise check.fail("max_age", f"expected an age like '36h', '2d' or '1w', got {globals_['max_age']!r}")
     return Config(path=path, dom0s=dom0s, this_host=this_host, state_dir=state_dir,
                   backup_all_running=globals_.get("backup_all_running", False),
-                  catalog_keep_days=keep, metrics_textfile=globals_.get("metrics_textfile", ""),
+                  catalog_keep_days=keep, metrics_textfile=globals_.get("metrics_textfile", ""), max_age=max_age,
                   defaults=defaults, domus=domus)
 
 

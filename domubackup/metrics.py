@@ -10,6 +10,7 @@ Every series of a DomU carries the labels of its newest finished run (``domu``, 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 
 from .journal import atomic_write
@@ -30,6 +31,10 @@ METRICS = (
      "How long the guest's filesystems stayed frozen in the last finished run (0: not frozen)."),
     ("domubackup_last_success_timestamp_seconds",
      "End of the last successful run, seconds since the epoch (0: never succeeded)."),
+    ("domubackup_last_ok_age_seconds",
+     "Seconds from the end of the DomU's newest OK run on this Dom0 to the writing of this file "
+     "(+Inf: none here). Every configured DomU has one on every Dom0: the min over the Dom0s is "
+     "how long since any backed it up."),
 )
 
 
@@ -39,6 +44,8 @@ def escape_label_value(value: str) -> str:
 
 
 def _number(value: float | int) -> str:
+    if value == float("inf"):
+        return "+Inf"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return repr(value) if isinstance(value, float) else str(value)
@@ -49,10 +56,15 @@ def _newest(rows: Sequence[RunRow], ok_only: bool) -> RunRow | None:
     return max(candidates, key=lambda r: (r.started, r.id), default=None)
 
 
-def _values(rows: Sequence[RunRow]) -> dict[str, float | int] | None:
+def _ok_age(rows: Sequence[RunRow], now: float) -> float:
+    ok = _newest(rows, ok_only=True)
+    return float("inf") if ok is None else now - (ok.ended if ok.ended is not None else ok.started)
+
+
+def _values(rows: Sequence[RunRow], now: float) -> dict[str, float | int]:
     last = _newest(rows, ok_only=False)
     if last is None:
-        return None
+        return {"domubackup_last_ok_age_seconds": float("inf")}
     ok = _newest(rows, ok_only=True)
     values = {
         "domubackup_last_run_status": 1 if last.status == OK else 0.5 if last.status == PARTIAL else 0,
@@ -62,27 +74,33 @@ def _values(rows: Sequence[RunRow]) -> dict[str, float | int] | None:
         # A success with no end time cannot exist (finish() sets it); fall back to its start.
         "domubackup_last_success_timestamp_seconds":
             0 if ok is None else (ok.ended if ok.ended is not None else ok.started),
+        "domubackup_last_ok_age_seconds": _ok_age(rows, now),
     }
     if last.duration is not None:
         values["domubackup_last_run_duration_seconds"] = last.duration
     return values
 
 
-def render_metrics(rows_by_domu: Mapping[str, Sequence[RunRow]]) -> str:
-    """The textfile for ``{domu: rows}`` (e.g. ``Catalog.latest_per_domu()``).
+def render_metrics(rows_by_domu: Mapping[str, Sequence[RunRow]], domus: Sequence[str] = (),
+                   now: float | None = None) -> str:
+    """The textfile for ``{domu: rows}`` (e.g. ``Catalog.latest_per_domu()``) and the configured
+    ``domus``, at ``now`` (default: the clock).
 
     For each DomU, its newest finished row gives the ``last_run`` series and its newest OK row
-    the ``last_success`` one (0 when there is none, so a "too long since success" alert fires).
-    RUNNING rows are ignored; a DomU without a finished row is left out. DomUs are sorted.
+    the ``last_success`` one (0 when there is none, so a "too long since success" alert fires)
+    and ``last_ok_age`` (+Inf when there is none). RUNNING rows are ignored; a DomU without a
+    finished row has only ``last_ok_age`` (+Inf, ``peer=""``), and only when in ``domus``.
+    DomUs are sorted.
     """
+    now = time.time() if now is None else now
     per_domu = []
-    for domu in sorted(rows_by_domu):
-        values = _values(rows_by_domu[domu])
-        if values is None:
+    for domu in sorted(set(rows_by_domu) | set(domus)):
+        rows = rows_by_domu.get(domu, ())
+        last = _newest(rows, ok_only=False)
+        if last is None and domu not in domus:
             continue
-        last = _newest(rows_by_domu[domu], ok_only=False)
-        labels = f'domu="{escape_label_value(domu)}",peer="{escape_label_value(last.peer)}"'
-        per_domu.append((labels, values))
+        labels = f'domu="{escape_label_value(domu)}",peer="{escape_label_value(last.peer if last else "")}"'
+        per_domu.append((labels, _values(rows, now)))
     lines = []
     for name, help_text in METRICS:
         lines.append(f"# HELP {name} {help_text}")
@@ -99,8 +117,9 @@ def write_textfile(path: str | os.PathLike, text: str) -> None:
     atomic_write(os.fspath(path), text, mode=0o644)
 
 
-def write_metrics(catalog: Catalog, path: str | os.PathLike) -> str:
-    """Render the catalog's latest backup/seed runs into ``path``; return the text written."""
-    text = render_metrics(catalog.latest_per_domu())
+def write_metrics(catalog: Catalog, path: str | os.PathLike, domus: Sequence[str] = ()) -> str:
+    """Render the catalog's latest backup/seed runs (and the configured ``domus``) into
+    ``path``; return the text written."""
+    text = render_metrics(catalog.latest_per_domu(), domus)
     write_textfile(path, text)
     return text

@@ -42,8 +42,7 @@ def inspect(config: Config, name: str, conn, runner, on_eligible=None) -> Inspec
                                hint="it is backed up by the Dom0 it runs on")
     peers = config.peers_for(name)
     if not peers:
-        raise NotEligibleError(f"{name}: no peer to copy to: dom0s {list(config.dom0s)} has no other host",
-                               hint="add the peer Dom0 to dom0s or set peers in [domu." + name + "]")
+        raise config.no_peer(name)
     if on_eligible is not None:
         on_eligible()
     skipped = [f"{d.target}: {d.skip_reason}" for d in domain.disks if d.skip_reason]
@@ -236,8 +235,7 @@ def peer_runners(config, domu: str, peers, factory):
 def ssh_runner(host, ssh):
     from .runner import SSHRunner
 
-    return SSHRunner(host, user=ssh.user, port=ssh.port, identity_file=ssh.identity_file,
-                     known_hosts=ssh.known_hosts, connect_timeout=ssh.connect_timeout)
+    return SSHRunner.for_host(host, ssh)
 
 
 def recover(config, domu: str, local, factory=ssh_runner) -> list[str]:

@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 
-from .catalog import OK, RUNNING, RunRow
+from .catalog import OK, REPLICA_KINDS, RUNNING, RunRow
+from .config import parse_age
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
@@ -144,9 +145,44 @@ def outcome_json(out, started: float, ended: float, log_path: str | None) -> dic
     }
 
 
-_AGE = re.compile(r"(\d+)([hdw])")
-_AGE_SECONDS = {"h": 3600, "d": 86400, "w": 7 * 86400}
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?(?:Z|[+-]\d{2}:\d{2})?")
+
+
+def age_text(seconds: float) -> str:
+    """``2d``, ``36h`` for whole days or hours (max_age), else as ``human_duration``."""
+    for unit, size in (("d", 86400), ("h", 3600)):
+        if seconds and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return human_duration(seconds)
+
+
+def newest_ok_per_domu(history) -> dict[str, float]:
+    """Each DomU's newest OK backup or seed (its end, epoch seconds) in a ``history --json``
+    answer (a peer's). ValueError when the answer is not such a list."""
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise ValueError("not a list of runs")
+    out: dict[str, float] = {}
+    for r in history:
+        if r.get("status") == OK and r.get("kind") in REPLICA_KINDS:
+            try:
+                when = datetime.fromisoformat(str(r.get("ended") or r["started"]).replace("Z", "+00:00")).timestamp()
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"run {r.get('id')!r}: bad time: {e}") from None
+            out[str(r["domu"])] = max(when, out.get(str(r["domu"]), when))
+    return out
+
+
+def last_ok_text(newest: tuple[float, str] | None, now: float, max_age: float) -> tuple[bool, str]:
+    """(whether the newest OK run, (end, host) or None, is within ``max_age`` of ``now``, what to
+    say about it): the one wording of `check`, the run's summary and the metrics' help."""
+    if newest is None:
+        return False, f"no OK backup within {age_text(max_age)}: none recorded"
+    when, host = newest
+    age = now - when
+    text = f"newest OK {human_duration(age)} ago ({_iso(when)}, on {host})"
+    if age > max_age:
+        return False, f"no OK backup within {age_text(max_age)}: {text}"
+    return True, text
 
 
 def parse_since(text: str, now: float) -> float:
@@ -157,9 +193,9 @@ def parse_since(text: str, now: float) -> float:
     offset like ``+01:00``; seconds optional). Anything else raises ValueError.
     """
     value = text.strip()
-    m = _AGE.fullmatch(value)
-    if m:
-        return now - int(m.group(1)) * _AGE_SECONDS[m.group(2)]
+    age = parse_age(value)
+    if age is not None:
+        return now - age
     if _DATE.fullmatch(value):
         try:
             when = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -170,5 +206,6 @@ def parse_since(text: str, now: float) -> float:
                      f"time (2026-11-20T10:00) or an age in hours, days or weeks (24h, 7d, 2w)")
 
 
-__all__ = ["format_history", "history_json", "human_bytes", "human_duration", "outcome_json", "parse_since",
+__all__ = ["age_text", "format_history", "history_json", "human_bytes", "human_duration", "last_ok_text",
+           "newest_ok_per_domu", "outcome_json", "parse_since",
            "HISTORY_COLUMNS"]

@@ -321,8 +321,9 @@ class SSHRunner(Runner):
 
     def __init__(self, host: str, *, user: str = "root", port: int = 22,
                  identity_file: str | None = None, known_hosts: str,
-                 connect_timeout: float = 10, default_timeout: float = 600):
+                 connect_timeout: float = 10, default_timeout: float = 600, address: str | None = None):
         super().__init__(host, default_timeout)
+        self.address = address or host  # where to connect; ``host`` stays the name in messages
         self.user = user
         self.port = port
         self.identity_file = identity_file
@@ -330,13 +331,23 @@ class SSHRunner(Runner):
         self.connect_timeout = connect_timeout
         self._client: paramiko.SSHClient | None = None
 
+    @classmethod
+    def for_host(cls, host: str, ssh) -> "SSHRunner":
+        """The runner of Dom0 ``host`` with config.SSHSettings ``ssh``: its address and port
+        (``ssh.endpoint``) as rsync's ssh (commands.ssh_command) reaches it."""
+        address, port = ssh.endpoint(host)
+        return cls(host, address=address, user=ssh.user, port=port, identity_file=ssh.identity_file,
+                   known_hosts=ssh.known_hosts, connect_timeout=ssh.connect_timeout)
+
     @property
     def _where(self) -> str:
-        return self.host if self.port == 22 else f"{self.host}:{self.port}"
+        at = self.address if self.port == 22 else f"{self.address}:{self.port}"
+        return at if self.address == self.host else f"{self.host} ({at})"
 
     @property
     def _key_name(self) -> str:
-        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        """The known_hosts entry both clients look up (paramiko and OpenSSH alike)."""
+        return self.address if self.port == 22 else f"[{self.address}]:{self.port}"
 
     def connect(self) -> None:
         """Open the connection (done by the first run()); raise PeerError with the cause."""
@@ -355,7 +366,8 @@ class SSHRunner(Runner):
                             hint="check the peer's known_hosts setting") from exc
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
-            client.connect(self.host, port=self.port, username=self.user,
+            # paramiko reads no ssh_config (~/.ssh/config): only what is passed here.
+            client.connect(self.address, port=self.port, username=self.user,
                            key_filename=self.identity_file, look_for_keys=False,
                            allow_agent=False, timeout=self.connect_timeout,
                            banner_timeout=self.connect_timeout,
@@ -380,11 +392,11 @@ class SSHRunner(Runner):
                     f"the host key of {self._where} is unknown: no entry for {self._key_name} "
                     f"in {self.known_hosts}",
                     hint=f"verify the fingerprint, then add it, e.g. "
-                         f"`ssh-keyscan -p {self.port} {self.host} >> {self.known_hosts}`") from exc
+                         f"`ssh-keyscan -p {self.port} {self.address} >> {self.known_hosts}`") from exc
             raise PeerError(f"SSH to {self._where} failed: {exc}") from exc
         except socket.gaierror as exc:
             client.close()
-            raise PeerError(f"cannot resolve peer host name {self.host}: {exc.strerror}") from exc
+            raise PeerError(f"cannot resolve peer host name {self.address}: {exc.strerror}") from exc
         except (TimeoutError, socket.timeout) as exc:
             client.close()
             raise PeerError(f"connection to {self._where} timed out after "

@@ -63,3 +63,14 @@ def running_domains(conn) -> list[str]:
         return sorted(d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
     except libvirt.libvirtError as e:
         raise LibvirtError(f"cannot list domains: {e.get_error_message()}") from None
+
+
+def selected_domus(config, names, conn) -> list[str]:
+    """The DomUs a command works on: ``names``, else what the night backs up here (the
+    configured DomUs, and with ``backup_all_running`` every other DomU running here)."""
+    if names:
+        return list(names)
+    names = list(config.domus)
+    if config.backup_all_running:
+        names += [n for n in running_domains(conn) if n not in names]
+    return names

@@ -189,3 +189,31 @@ def test_nightly_run_skips_domus_running_elsewhere_quietly(conf, capsys):
     assert c == 3  # named by hand: say why nothing happened
     assert "idle1: is shut off on dom0a, not running; nothing to back up here" in err
     assert out.startswith("idle1: SKIPPED in ")
+
+
+def test_one_file_for_both_dom0s_a_domu_without_a_peer_here_fails_alone(conf, fixtures, capsys, tmp_path):
+    # files1 runs here and its only replica host is this one: exit 78 for it, naming the DomU,
+    # the host and its peers; web1 (peers = the other host) is still planned.
+    cfg = conf('[domu.files1]\npeers = ["dom0a"]\n[domu.web1]\npeers = ["dom0b"]\n[domu.idle1]\npeers = ["dom0a"]\n')
+    c, out, err = run(["-c", cfg, "run", "--dry-run", "--json"], ReplayRunner(web1_probes(fixtures)), capsys)
+    assert c == 78
+    assert err == (f"domubackup: {cfg}: domu.files1.peers: files1 runs on dom0a, and its peers ['dom0a'] name no "
+                   "other Dom0 to copy it to (add another Dom0 to its peers)\n"
+                   "domubackup: idle1: is shut off on dom0a, not running; nothing to back up here "
+                   "(it is backed up by the Dom0 it runs on)\n")
+    assert [d["domu"] for d in json.loads(out)] == ["web1"]
+    # run: files1 ERROR (recorded in the catalog, exit 78), idle1 runs elsewhere (exit 3 is less serious)
+    prom = tmp_path / "domubackup.prom"
+    cfg = conf(f'metrics_textfile = "{prom}"\n[domu.files1]\npeers = ["dom0a"]\n[domu.idle1]\n')
+    c, out, err = run(["-c", cfg, "run", "files1", "idle1"], ReplayRunner({}), capsys)
+    assert c == 78
+    metrics = prom.read_text()
+    assert 'domubackup_last_run_status{domu="files1",peer=""} 0\n' in metrics
+    assert 'domubackup_last_ok_age_seconds{domu="files1",peer=""} +Inf\n' in metrics
+    assert 'domubackup_last_ok_age_seconds{domu="idle1",peer=""} +Inf\n' in metrics
+    assert out.startswith("files1: ERROR in ")
+    assert f"{cfg}: domu.files1.peers: files1 runs on dom0a" in out
+    # ...and it has no OK backup within max_age (stderr; the metrics say so for every configured DomU)
+    assert err.splitlines()[-1] == "domubackup: files1: no OK backup within 2d: none recorded"
+    c, out, err = run(["-c", cfg, "history", "--json"], ReplayRunner({}), capsys)
+    assert [(r["domu"], r["status"]) for r in json.loads(out)] == [("files1", "ERROR")]

@@ -268,9 +268,72 @@ def test_ssh_command_options_are_what_openssh_uses(sshd):
     assert {k: got.get(k) for k in ("globalknownhostsfile", "userknownhostsfile", "stricthostkeychecking",
                                     "updatehostkeys", "controlmaster", "controlpath", "forwardagent",
                                     "forwardx11", "clearallforwardings", "permitlocalcommand", "port",
-                                    "batchmode", "identitiesonly", "user")} == {
+                                    "batchmode", "identitiesonly", "user", "checkhostip")} == {
         "globalknownhostsfile": "/dev/null", "userknownhostsfile": sshd.known_hosts,
         "stricthostkeychecking": "true", "updatehostkeys": "false", "controlmaster": "false",
         "controlpath": None, "forwardagent": "no", "forwardx11": "no", "clearallforwardings": "yes",
         "permitlocalcommand": "no", "port": str(sshd.port), "batchmode": "yes", "identitiesonly": "yes",
-        "user": "root"}
+        "user": "root", "checkhostip": "no"}
+
+
+def one_dom0_at_an_address(sshd, known_hosts=None):
+    """The SSH settings of a config that names the private sshd "peerb" (a name that does not
+    resolve) and gives its address and port in [dom0.peerb]."""
+    from domubackup.config import parse_config
+
+    c = parse_config(f'dom0s = ["peera", "peerb"]\n[dom0.peerb]\naddress = "127.0.0.1"\nport = {sshd.port}\n'
+                     f'[ssh]\nidentity_file = "{sshd.identity_file}"\nknown_hosts = "{known_hosts or sshd.known_hosts}"\n',
+                     hostname="peera", default_uri="test:///default")
+    return c.defaults.ssh
+
+
+@pytest.fixture
+def hostile_home(tmp_path, monkeypatch, sshd):
+    """A HOME whose ~/.ssh would send both clients elsewhere, with a wrong key: neither reads it."""
+    ssh_dir = tmp_path / "home" / ".ssh"
+    ssh_dir.mkdir(parents=True)
+    (ssh_dir / "config").write_text("Host *\n  HostName 192.0.2.1\n  Port 1\n  User nobody\n"
+                                    "  ProxyCommand false\n  UserKnownHostsFile ~/.ssh/known_hosts\n")
+    (ssh_dir / "known_hosts").write_text(
+        f"[127.0.0.1]:{sshd.port} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHkFTRy5Ljm3yIkwn3aY7VvgZnFGgjbq6FjcQuGgHhyE\n")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+def test_both_clients_reach_a_dom0_by_its_address_and_port_with_the_same_pinned_key(sshd, tmp_path, hostile_home):
+    # paramiko (the SSHRunner of the pipeline) and rsync's ssh (commands.rsync) both connect to
+    # [dom0.peerb]'s address and port and both look the key up as [127.0.0.1]:PORT.
+    from domubackup import commands, pipeline
+    from domubackup.config import RsyncSettings
+
+    ssh = one_dom0_at_an_address(sshd)
+    with pipeline.ssh_runner("peerb", ssh) as runner:
+        r = runner.run(["echo", "hi"])
+    assert (r.host, r.stdout) == ("peerb", "hi\n")  # the name stays the identity
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "f").write_text("x\n")
+    dst.mkdir()
+    argv = commands.rsync(str(src), "peerb", str(dst), RsyncSettings(), ssh)
+    assert argv[-1] == f"127.0.0.1:{dst}/"
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert (dst / "f").read_text() == "x\n"
+
+
+def test_both_clients_refuse_a_key_pinned_under_the_name_instead_of_the_address(sshd, tmp_path, hostile_home):
+    from domubackup import commands, pipeline
+    from domubackup.config import RsyncSettings
+
+    kh = tmp_path / "known_hosts"
+    kh.write_text(open(sshd.known_hosts).read().replace("[127.0.0.1]", "[peerb]"))
+    ssh = one_dom0_at_an_address(sshd, known_hosts=kh)
+    with pytest.raises(PeerError) as e:
+        pipeline.ssh_runner("peerb", ssh).run(["true"])
+    assert e.value.message == (f"the host key of peerb (127.0.0.1:{sshd.port}) is unknown: no entry for "
+                               f"[127.0.0.1]:{sshd.port} in {kh}")
+    assert e.value.hint.endswith(f"`ssh-keyscan -p {sshd.port} 127.0.0.1 >> {kh}`")
+    (tmp_path / "src").mkdir()
+    res = subprocess.run(commands.rsync(str(tmp_path / "src"), "peerb", str(tmp_path / "dst"), RsyncSettings(), ssh),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 255
+    assert "Host key verification failed" in res.stderr

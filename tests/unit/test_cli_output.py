@@ -258,13 +258,20 @@ def test_run_json_with_nothing_to_do_prints_an_empty_list(config, monkeypatch, c
 def test_check_json(config, monkeypatch, capsys):
     from domubackup import preflight
     monkeypatch.setattr(preflight, "run_checks", lambda config, names, runner: [
-        preflight.Check(True, "config x", "dom0s a, b"), preflight.Check(False, "tools on dom0a", "missing: kpartx")])
+        preflight.Check(True, "config x", "dom0s a, b"), preflight.Check(False, "tools on dom0a", "missing: kpartx"),
+        preflight.Check(False, "web1: last OK backup (max_age 2d)", "no OK backup within 2d: none recorded", warning=True)])
     assert cli.main(["check", "--json", "-c", config], local_runner=Succeeds()) == 1
     out, err = capsys.readouterr()
-    assert json.loads(out) == {"checks": [{"ok": True, "what": "config x", "detail": "dom0s a, b"},
-                                          {"ok": False, "what": "tools on dom0a", "detail": "missing: kpartx"}],
-                               "failed": 1}
+    assert json.loads(out) == {"checks": [
+        {"ok": True, "what": "config x", "detail": "dom0s a, b", "warning": False},
+        {"ok": False, "what": "tools on dom0a", "detail": "missing: kpartx", "warning": False},
+        {"ok": False, "what": "web1: last OK backup (max_age 2d)", "detail": "no OK backup within 2d: none recorded",
+         "warning": True}], "failed": 1, "warnings": 1}
     assert err == ""
+    assert cli.main(["check", "-c", config], local_runner=Succeeds()) == 1
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "WARN web1: last OK backup (max_age 2d): no OK backup within 2d: none recorded",
+        "check: 1 OK, 1 to fix, 1 warning"]
 
 
 @pytest.mark.parametrize("problems, code", [([], 0), (["vg0/web1-disk: e2fsck -n exited 4: bad inode"], 1)])

@@ -53,7 +53,6 @@ def test_domu_section_overrides_global_and_nested_tables():
     ("state_dir = '/x'\n", "/etc/db.toml: dom0s: missing required key"),
     ('dom0s = "dom0a"\n', "/etc/db.toml: dom0s: expected a list of strings, got 'dom0a'"),
     (BASE + '[domu.web1]\npeers = ["dom0z"]\n', "/etc/db.toml: domu.web1.peers: peer 'dom0z' is not in dom0s ['dom0a', 'dom0b']"),
-    (BASE + '[domu.web1]\npeers = ["dom0a"]\n', "/etc/db.toml: domu.web1.peers: peer 'dom0a' is this host itself"),
     (BASE + '[ssh]\nport = "22"\n', "/etc/db.toml: ssh.port: expected an integer, got '22'"),
     (BASE + '[rsync]\nio_timeout = -5\n', "/etc/db.toml: rsync.io_timeout: expected seconds >= 0, got -5"),
     (BASE + '[ssh]\nalive_interval = -1\n', "/etc/db.toml: ssh.alive_interval: expected seconds >= 0, got -1"),
@@ -63,6 +62,13 @@ def test_domu_section_overrides_global_and_nested_tables():
     (BASE + '[domu.web1]\nmounts = { xvda1 = "var" }\n', "/etc/db.toml: domu.web1.mounts.xvda1: expected an absolute guest path, got 'var'"),
     (BASE + 'source_prefix = "/"\n', "/etc/db.toml: source_prefix: expected an absolute directory other than /, got '/'"),
     (BASE + '[domu.web1]\nsnapshot_sise = "1G"\n', "/etc/db.toml: domu.web1.snapshot_sise: unknown key"),
+    (BASE + '[dom0.dom0z]\naddress = "10.0.0.9"\n', "/etc/db.toml: dom0.dom0z: 'dom0z' is not in dom0s ['dom0a', 'dom0b']"),
+    (BASE + '[dom0.dom0b]\nadress = "10.0.0.9"\n', "/etc/db.toml: dom0.dom0b.adress: unknown key (known: address, port)"),
+    (BASE + '[dom0.dom0b]\naddress = "-oProxyCommand=x"\n', "/etc/db.toml: dom0.dom0b.address: expected a host name or an IP address, got '-oProxyCommand=x'"),
+    (BASE + '[dom0.dom0b]\naddress = 10\n', "/etc/db.toml: dom0.dom0b.address: expected a string, got 10"),
+    (BASE + '[dom0.dom0b]\nport = 0\n', "/etc/db.toml: dom0.dom0b.port: expected a TCP port, got 0"),
+    (BASE + 'dom0 = 1\n', "/etc/db.toml: dom0: expected tables like [dom0.dom0b]"),
+    (BASE + '[ssh]\nendpoints = []\n', "/etc/db.toml: ssh.endpoints: unknown key"),
 ])
 def test_bad_config_names_file_key_and_expectation(text, message):
     assert error_of(text).startswith(message)
@@ -105,3 +111,59 @@ def test_snapshot_extend_max():
     for bad in ("10%VG", "50%FREE", "lots", "", "-1G"):
         assert error_of(BASE + f'[domu.web1]\nsnapshot_extend_max = "{bad}"\n') == (
             f"/etc/db.toml: domu.web1.snapshot_extend_max: expected a size like '4G' or '50%ORIGIN', got {bad!r}")
+
+
+ONE_FILE = """dom0s = ["dom0a", "dom0b", "dom0c"]
+[domu.web1]
+peers = ["dom0a"]
+[domu.web2]
+peers = ["dom0b"]
+[domu.web3]
+peers = ["dom0a", "dom0b"]
+[domu.web4]
+"""
+
+
+@pytest.mark.parametrize("host, peers", [
+    ("dom0a", {"web1": (), "web2": ("dom0b",), "web3": ("dom0b",), "web4": ("dom0b", "dom0c")}),
+    ("dom0b", {"web1": ("dom0a",), "web2": (), "web3": ("dom0a",), "web4": ("dom0a", "dom0c")}),
+    ("dom0c", {"web1": ("dom0a",), "web2": ("dom0b",), "web3": ("dom0a", "dom0b"), "web4": ("dom0a", "dom0b")}),
+])
+def test_one_file_for_every_dom0_peers_leave_out_this_host(host, peers):
+    c = parse(ONE_FILE, hostname=host)
+    assert {d: c.peers_for(d) for d in peers} == peers
+
+
+def test_a_domu_with_no_peer_but_this_host_is_an_error_of_its_own():
+    c = parse(ONE_FILE, hostname="dom0a")
+    e = c.no_peer("web1")
+    assert e.exit_code == 78
+    assert str(e) == ("/etc/db.toml: domu.web1.peers: web1 runs on dom0a, and its peers ['dom0a'] name no "
+                      "other Dom0 to copy it to (add another Dom0 to its peers)")
+    alone = parse('dom0s = ["dom0a"]\n')
+    assert alone.peers_for("x") == ()
+    assert str(alone.no_peer("x")).startswith(
+        "/etc/db.toml: dom0s: x runs on dom0a, and dom0s ['dom0a'] name no other Dom0 to copy it to")
+    glob = parse(BASE + 'peers = ["dom0a"]\n')
+    assert str(glob.no_peer("x")).startswith("/etc/db.toml: peers: x runs on dom0a, and its peers ['dom0a']")
+
+
+ADDRESSES = BASE + '[ssh]\nport = 2200\n[dom0.dom0b]\naddress = "10.0.0.2"\nport = 2222\n[domu.web1.ssh]\nuser = "backup"\n'
+
+
+def test_a_dom0_may_have_an_address_and_port_beside_its_name():
+    c = parse(ADDRESSES)
+    assert c.dom0s == ("dom0a", "dom0b") and c.peers_for("web1") == ("dom0b",)
+    for ssh in (c.defaults.ssh, c.settings_for("web1").ssh):  # the [domu.NAME] sections inherit them
+        assert ssh.endpoint("dom0b") == ("10.0.0.2", 2222)
+        assert ssh.endpoint("dom0a") == ("dom0a", 2200)  # no table: the name and ssh.port
+    assert parse(BASE + '[dom0.dom0b]\nport = 2222\n').defaults.ssh.endpoint("dom0b") == ("dom0b", 2222)
+    assert parse(BASE + '[dom0.dom0b]\naddress = "[fd00::2]"\n').defaults.ssh.endpoint("dom0b") == ("fd00::2", 22)
+
+
+def test_max_age():
+    assert parse(BASE).max_age == 2 * 86400
+    assert parse(BASE + 'max_age = "36h"\n').max_age == 36 * 3600
+    assert error_of(BASE + 'max_age = "2 days"\n') == \
+        "/etc/db.toml: max_age: expected an age like '36h', '2d' or '1w', got '2 days'"
+    assert error_of(BASE + 'max_age = "0d"\n').startswith("/etc/db.toml: max_age: expected an age")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import os
 import stat
 
@@ -60,11 +61,17 @@ domubackup_last_run_freeze_window_seconds{domu="web1",peer="dom0b"} 0.84
 # TYPE domubackup_last_success_timestamp_seconds gauge
 domubackup_last_success_timestamp_seconds{domu="db\\"1\\\\x\\n",peer="dom0c"} 1789914000
 domubackup_last_success_timestamp_seconds{domu="web1",peer="dom0b"} 1790000062.5
+# HELP domubackup_last_ok_age_seconds Seconds from the end of the DomU's newest OK run on this Dom0 to the writing of this file (+Inf: none here). Every configured DomU has one on every Dom0: the min over the Dom0s is how long since any backed it up.
+# TYPE domubackup_last_ok_age_seconds gauge
+domubackup_last_ok_age_seconds{domu="db\\"1\\\\x\\n",peer="dom0c"} 96000
+domubackup_last_ok_age_seconds{domu="elsewhere",peer=""} +Inf
+domubackup_last_ok_age_seconds{domu="web1",peer="dom0b"} 9937.5
 """
 
 
 def test_render_exact():
-    assert render_metrics(ROWS) == EXPECTED
+    # "elsewhere" is configured, never backed up here: only its age, +Inf ("only-running" is not configured)
+    assert render_metrics(ROWS, domus=["web1", "elsewhere"], now=T0 + 10000) == EXPECTED
 
 
 def test_escape_label_value():
@@ -80,7 +87,7 @@ def test_never_succeeded_and_died_run():
 
 def test_empty():
     text = render_metrics({})
-    assert text.count("# TYPE") == 6 and "{" not in text
+    assert text.count("# TYPE") == 7 and "{" not in text
 
 
 def _listing(d):
@@ -117,3 +124,14 @@ def test_write_metrics_from_catalog(tmp_path):
     assert (tmp_path / "m.prom").read_text() == text
     assert 'domubackup_last_run_bytes_sent{domu="web1",peer="dom0b"} 42\n' in text
     assert 'domubackup_last_success_timestamp_seconds{domu="web1",peer="dom0b"} 1790000010\n' in text
+
+
+def test_the_example_alert_rules_use_the_metrics_that_exist(fixtures):
+    from domubackup.metrics import METRICS
+
+    rules = (fixtures.parent / "conf" / "domubackup.rules.yml").read_text()
+    names = {n for n, _ in METRICS}
+    used = set(re.findall(r"domubackup_[a-z_]+", rules))
+    assert used and used <= names
+    assert "domubackup_last_run_status != 1" in rules
+    assert "min by (domu) (domubackup_last_ok_age_seconds) > 2 * 86400" in rules

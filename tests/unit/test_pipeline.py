@@ -417,7 +417,8 @@ def test_unexpected_exception_ends_that_domu_only_and_the_night_goes_on(tmp_path
                                                                           package_logger):
     # web1's rsync prints stats its parser refuses (a ValueError, not a DomuBackupError): web1
     # ends ERROR with everything closed, the traceback in its run log only, one line on
-    # stderr; web2 is backed up next as if nothing happened.
+    # stderr (and one more: it has no OK backup within max_age); web2 is backed up next as if
+    # nothing happened.
     import argparse
     from domubackup import cli, logs
     from domubackup.catalog import Catalog
@@ -443,7 +444,7 @@ def test_unexpected_exception_ends_that_domu_only_and_the_night_goes_on(tmp_path
     why = ("web1: internal error: ValueError: malformed rsync --stats line 'Number of files: 2.01M': "
            f"number not plain (rsync -h output? use --no-h); the traceback is in {web1.log_path}")
     assert code == 1
-    assert err == f"domubackup: {why}\n"
+    assert err == f"domubackup: {why}\ndomubackup: web1: no OK backup within 2d: none recorded\n"
     assert (web1.status, web1.error, web2.status, web2.error) == ("ERROR", why, "OK", "")
     assert out.splitlines()[0].startswith("web1: ERROR in ") and out.splitlines()[0].endswith(f": {why}")
     assert out.splitlines()[1].startswith("web2: OK in ")

@@ -1,7 +1,7 @@
 import pytest
 
 from domubackup import commands
-from domubackup.config import parse_config
+from domubackup.config import RsyncSettings, parse_config
 from domubackup.errors import InspectError
 from domubackup.model import (LOCAL, Disk, DiskFacts, Filesystem, FstabEntry, LogicalVolume, Mount,
                               Partition, PartitionTable)
@@ -261,3 +261,14 @@ def test_config_mounts_that_leave_a_filesystem_out_copy_it_in_the_hidden_tree():
         ("transfer", "local", "rsync -aHAX --numeric-ids --delete --sparse --compress --timeout=300 --stats "
                               f"{src}/ dom0b:{tgt}/")]
     assert plan.skipped == ["xvda6: swap is not copied"]  # nothing else is left out
+
+
+def test_rsync_and_its_ssh_reach_a_dom0_at_its_address_and_port():
+    ssh = settings('[dom0.dom0b]\naddress = "10.0.0.2"\nport = 2222\n[dom0.dom0a]\naddress = "fd00::3"\n'
+                   ).settings_for("web1").ssh
+    argv = commands.rsync("/src", "dom0b", "/dst", RsyncSettings(), ssh)
+    assert argv[-1] == "10.0.0.2:/dst/"
+    assert argv[argv.index("-e") + 1] == SSH_E.replace("-p 22 ", "-p 2222 ")
+    assert commands.rsync("/src", "dom0a", "/dst", RsyncSettings(), ssh)[-1] == "[fd00::3]:/dst/"
+    assert commands.ssh_command(ssh, "dom0a")[:4] == ("ssh", "-F", "none", "-p") and \
+        commands.ssh_command(ssh, "dom0a")[4] == "22"
