@@ -60,9 +60,10 @@ def kill9(lab, pid, vm="dom0a"):
 
 
 @contextmanager
-def extra_domu(lab, name, uuid, disks, *, unmap="", setup="", teardown=""):
-    """The lab (reset) with one more DomU NAME on DISKS [(LV, target dev)]: running on dom0a,
-    shut off on dom0b, each Dom0 the other's peer. Its LVs are removed before (a killed run of
+def extra_domu(lab, name, uuid, disks, *, unmap="", setup="", teardown="", runs_on="dom0a", peers=True):
+    """The lab (reset) with one more DomU NAME on DISKS [(LV, target dev)]: running on RUNS_ON,
+    shut off on the other, each Dom0 the other's peer (PEERS false: its config section names no
+    peers: they are the dom0s but the host it runs on). Its LVs are removed before (a killed run of
     the module may have left them) and after, UNMAP first; SETUP and TEARDOWN (sh) run on both
     VMs too. The caller creates the LVs."""
     import labvm
@@ -74,11 +75,11 @@ def extra_domu(lab, name, uuid, disks, *, unmap="", setup="", teardown=""):
     try:
         for vm in lab.vms:
             xml = labvm.node_xml(vm).replace("</node>", dom.format(
-                state=labvm.RUNNING if vm == "dom0a" else labvm.SHUTOFF) + "</node>")
+                state=labvm.RUNNING if vm == runs_on else labvm.SHUTOFF) + "</node>")
             labvm.push_files(vm, {"/etc/domubackup/lab-node.xml": (xml, 0o644)})
             peer = [v for v in lab.vms if v != vm][0]
-            lab.ssh(vm, f"printf '\\n[domu.{name}]\\npeers = [\"{peer}\"]\\n' >> /etc/domubackup/domubackup.toml; "
-                        f"{setup or ':'}")
+            section = f"\\n[domu.{name}]\\n" + (f"peers = [\"{peer}\"]\\n" if peers else "")
+            lab.ssh(vm, f"printf '{section}' >> /etc/domubackup/domubackup.toml; {setup or ':'}")
             lab.ssh(vm, f"{unmap or ':'}; lvremove -q -f {lvs}", check=False)
         yield lab
     finally:
