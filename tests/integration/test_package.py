@@ -17,6 +17,7 @@ DEPENDS = ["python3-libvirt", "python3-lxml", "python3-paramiko", "python3-sh", 
 FILES = ["./usr/bin/domubackup", "./etc/domubackup/domubackup.toml",
          "./lib/systemd/system/domubackup.service", "./lib/systemd/system/domubackup.timer",
          "./lib/systemd/system/domubackup-failure@.service", "./usr/lib/domubackup/mail-failure",
+         "./usr/share/bash-completion/completions/domubackup",
          "./usr/share/man/man8/domubackup.8.gz", "./usr/share/doc/domubackup/README.md",
          "./usr/share/doc/domubackup/examples/domubackup.cron",
          "./usr/share/doc/domubackup/examples/domubackup.toml",  # config.EXAMPLE_PATH
