@@ -83,13 +83,13 @@ def _groups(entries):
     """The (index, entry) pairs in order, neighbouring undos that can run as one command
     (commands.batch_key: `lvremove -f LV`, and the safepath unmounts of one tree whose mounts
     are known to have happened: a pending one may find nothing, and runs alone) in one group."""
+    def key(entry):
+        k = batch_key(entry.undo)[0] if entry.undo is not None else None
+        return None if k is not None and k[0] == HELPER and entry.state != DONE else k
+
     groups: list[list] = []
     for pair in entries:
-        key = batch_key(pair[1].undo)[0] if pair[1].undo is not None else None
-        if key is not None and key[0] == HELPER and pair[1].state != DONE:
-            key = None
-        if groups and key is not None and key == batch_key(groups[-1][-1][1].undo)[0] \
-                and (key[0] != HELPER or groups[-1][-1][1].state == DONE):
+        if groups and key(pair[1]) is not None and key(pair[1]) == key(groups[-1][-1][1]):
             groups[-1].append(pair)
         else:
             groups.append([pair])
@@ -102,7 +102,7 @@ def already_gone(argv: Sequence[str], result: Result, state: str = PENDING) -> b
     pending: a crash between the journal write and the mount)."""
     if not argv or result.exit_code == 0:
         return False
-    if tuple(argv[:2]) == ("domubackup", "umount-in") and state != PENDING:
+    if tuple(argv[:2]) == (HELPER, "umount-in") and state != PENDING:
         return False
     program = os.path.basename(argv[0])
     text = result.stderr + "\n" + result.stdout
