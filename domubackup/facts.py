@@ -148,9 +148,9 @@ def check_mappable(runner, f: DiskFacts, dev: str, dm_prefix: str, sep: str) -> 
                            f"which the partition table that was probed does not show (a nested "
                            f"partition label?): not mapped",
                            hint="exclude this disk with exclude_disks")
+    extended = f"{dm_prefix}{sep}{ext.number}" if ext else None  # kpartx maps it as 2 sectors
     moved = sorted(name for name, (start, size) in expected.items() if name not in found
-                   or found[name][0] != start or (found[name][1] != size and not (ext and name.endswith(
-                       f"{sep}{ext.number}"))))  # kpartx maps an extended partition as 2 sectors
+                   or found[name][0] != start or (found[name][1] != size and name != extended))
     if moved:
         raise InspectError(f"{f.disk.target}: the partition table of {dev} on {runner.host} is not the one "
                            f"that was probed ({', '.join(moved)} differ): not mapped", hint="run the backup again")
