@@ -454,18 +454,8 @@ def parse_kpartx_list(text: str) -> list[tuple[str, int, str, int]]:
     return out
 
 
-# ------------------------------------------------------------------------------------- rsync
+# --------------------------------------------------------------------------------- mount-in
 
-_RSYNC_KEYS = {
-    "Number of files": "files",
-    "Number of regular files transferred": "files_transferred",
-    "Number of files transferred": "files_transferred",  # rsync < 3.1
-    "Total file size": "total_size",
-    "Total transferred file size": "transferred_size",
-    "Total bytes sent": "bytes_sent",
-    "Total bytes received": "bytes_received",
-    "Number of deleted files": "deleted",
-}
 def parse_mount_space(text: str, paths) -> list[Space | None]:
     """The figures `domubackup mount-in` told for the mounts of PATHS, in order: each item is
     told as "space SIZE USED FREE INODES INODES_USED\n" then "mounted PATH\n" (PATH is read as
@@ -489,6 +479,18 @@ def parse_mount_space(text: str, paths) -> list[Space | None]:
     return out
 
 
+# ------------------------------------------------------------------------------------- rsync
+
+_RSYNC_KEYS = {
+    "Number of files": "files",
+    "Number of regular files transferred": "files_transferred",
+    "Number of files transferred": "files_transferred",  # rsync < 3.1
+    "Total file size": "total_size",
+    "Total transferred file size": "transferred_size",
+    "Total bytes sent": "bytes_sent",
+    "Total bytes received": "bytes_received",
+    "Number of deleted files": "deleted",
+}
 _RSYNC_REQUIRED = ("files", "total_size", "bytes_sent", "bytes_received")
 
 

@@ -796,8 +796,8 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
                                        hint=rsync_hint(e.returncode)) from None
                 s = parsers.parse_rsync_stats(res.stdout)
                 if verify:
-                    where = f"{os.path.basename(planner.tree_root(settings, domu, peer, tree))}/" if tree else ""
-                    out.differences += [f"{peer}: {code} {where}{path}"
+                    prefix = f"{os.path.basename(planner.tree_root(settings, domu, peer, tree))}/" if tree else ""
+                    out.differences += [f"{peer}: {code} {prefix}{path}"
                                         for code, path in parsers.parse_rsync_itemize(res.stdout, link_targets=False)]
                 first = peer == insp.peers[0]  # the files of the guest: its trees, counted once
                 stats = RsyncStats(files=stats.files + s.files * first,

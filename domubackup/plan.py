@@ -115,8 +115,8 @@ UNPLACED = "unplaced"  # Mount.tree of a filesystem that the guest's layout does
 
 
 def with_unplaced(mounts: list[Mount], facts: list[DiskFacts]) -> list[Mount]:
-    """MOUNTS, then every other filesystem to copy, each in the hidden tree of its own
-    (/xvdb3 under unplaced_root): nothing found on the disks is left out because the guest's
+    """MOUNTS, then every other filesystem to copy, each at /xvdb3 of the hidden tree
+    (tree_root(..., UNPLACED)): nothing found on the disks is left out because the guest's
     fstab (or the config) does not name it."""
     placed = {m.filesystem.name for m in mounts}
     return mounts + [Mount(fs, "/" + fs.name, tree=UNPLACED) for fs in mountable(facts) if fs.name not in placed]

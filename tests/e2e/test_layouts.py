@@ -11,6 +11,7 @@ replica too small for its source fails before anything is written; a filesystem 
 be copied makes the run PARTIAL. `lab leftovers` is clean after each test (autouse fixture)."""
 
 import json
+from contextlib import contextmanager
 
 import pytest
 
@@ -40,29 +41,32 @@ def spec(mounts, root="/mnt/guest"):
                                   for dev, mp, opts in mounts]})
 
 
-def mounted(lab, vm, script, orphan=True):
-    """Run SCRIPT (sh) on VM with gpt1's tree mounted at /mnt/guest (and the unplaced p6 at
-    /mnt/orphan): the origin on dom0a, the replica on dom0b."""
-    mounts = GUEST + ([(ORPHAN[0], "/mnt/orphan", "defaults")] if orphan else [])
+WITH_ORPHAN = GUEST + [(ORPHAN[0], "/mnt/orphan", "defaults")]
+
+
+@contextmanager
+def tree_mounted(lab, vm, mounts=WITH_ORPHAN):
+    """gpt1's MOUNTS on VM (the origin on dom0a, the replica on dom0b), unmounted and unmapped
+    at the end whatever happened."""
     tool(lab, vm, "mountspec", spec(mounts))
     try:
-        return lab.ssh(vm, f"set -e; {script}", timeout=900)
+        yield
     finally:
         tool(lab, vm, "umountspec", spec(mounts), check=False)
         lab.ssh(vm, UNMAP, check=False)
+
+
+def mounted(lab, vm, script, orphan=True):
+    """Run SCRIPT (sh) on VM with gpt1's tree mounted at /mnt/guest (and the unplaced p6 at
+    /mnt/orphan)."""
+    with tree_mounted(lab, vm, WITH_ORPHAN if orphan else GUEST):
+        return lab.ssh(vm, f"set -e; {script}", timeout=900)
 
 
 def manifests(lab, vm):
-    def one(where):
-        return json.loads(tool(lab, vm, "manifest", where).stdout)
-    mounts = GUEST + [(ORPHAN[0], "/mnt/orphan", "defaults")]
-    tool(lab, vm, "mountspec", spec(mounts))
-    try:
-        out = {"guest": one("/mnt/guest"), "orphan": one("/mnt/orphan")}
-    finally:
-        tool(lab, vm, "umountspec", spec(mounts), check=False)
-        lab.ssh(vm, UNMAP, check=False)
-    return out
+    with tree_mounted(lab, vm):
+        return {where: json.loads(tool(lab, vm, "manifest", f"/mnt/{where}").stdout)
+                for where in ("guest", "orphan")}
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +103,8 @@ def gpt1(lab):
         steps = [(GUEST[0:1], "mkdir -p etc var/lib/db boot/efi srv/big home opt"),
                  (GUEST[0:5], "mkdir -p home/shared/projects")]
         for mounts, script in steps:
-            tool(lab, "dom0a", "mountspec", spec(mounts))
-            try:
+            with tree_mounted(lab, "dom0a", mounts):
                 lab.ssh("dom0a", f"cd /mnt/guest && {script}")
-            finally:
-                tool(lab, "dom0a", "umountspec", spec(mounts), check=False)
-                lab.ssh("dom0a", UNMAP, check=False)
         mounted(lab, "dom0a", f"cat > /mnt/guest/etc/fstab <<'EOF'\n{fstab}EOF\n", orphan=False)
         r = domubackup(lab, "seed", "gpt1", timeout=1800)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -113,17 +113,13 @@ def gpt1(lab):
 
 def test_every_filesystem_reaches_the_replica_and_sparse_files_stay_cheap(gpt1):
     lab = gpt1
-    tool(lab, "dom0a", "mountspec", spec(GUEST + [(ORPHAN[0], '/mnt/orphan', 'defaults')]))
-    try:
+    with tree_mounted(lab, "dom0a"):
         for where in ("/mnt/guest/home/zoo", "/mnt/guest/var/lib/db/zoo"):
             tool(lab, "dom0a", "zoo", where)
         tool(lab, "dom0a", "sparse", "/mnt/guest/srv/big/huge.img", str(SPARSE))
         lab.ssh("dom0a", "echo efi > /mnt/guest/boot/efi/grubx64.efi; echo projects > "
                          "/mnt/guest/home/shared/projects/p.txt; echo opt > /mnt/guest/opt/o.txt; "
                          "echo orphan > /mnt/orphan/orphan.txt; sync")
-    finally:
-        tool(lab, "dom0a", "umountspec", spec(GUEST + [(ORPHAN[0], '/mnt/orphan', 'defaults')]), check=False)
-        lab.ssh("dom0a", UNMAP, check=False)
     r = domubackup(lab, "run", "gpt1", timeout=1800)
     assert r.returncode == 0, r.stdout + r.stderr  # OK (an OK run prints no summary)
     assert ("xvdb6 (ext4) is not in the guest's /etc/fstab: copied to "
