@@ -266,6 +266,15 @@ def open_catalog(config):
     return catalog
 
 
+def terminal_bars(args):
+    """A progress.Progress when a person watches (stderr a TTY, no --json), else None."""
+    if getattr(args, "json", False) or not sys.stderr.isatty():
+        return None
+    from .progress import Progress
+
+    return Progress.for_terminal(sys.stderr)
+
+
 def run_backups(config, args, runner) -> int:
     from .metrics import write_metrics
     from .report import outcome_json
@@ -273,13 +282,15 @@ def run_backups(config, args, runner) -> int:
     conn = virt.connect(config.defaults.libvirt_uri)
     catalog = open_catalog(config)
     runs = []  # (outcome, its JSON)
+    bars = terminal_bars(args)
     try:
         pipeline.lifecycle_hook(config.defaults, "job-start", runner)
         for name in virt.selected_domus(config, args.domus, conn):
             started = time.time()
             with run_log(config, name) as log_path:
                 log.info("backup starts")
-                outcome = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path)
+                outcome = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path,
+                                          progress=bars)
                 log.info("%s", outcome.summary())
             runs.append((outcome, outcome_json(outcome, started, time.time(), log_path)))
             if outcome.undone:
@@ -416,7 +427,7 @@ def cmd_seed(config, args, runner) -> int:
             peers = pipeline.peer_runners(config, name, insp.peers, pipeline.ssh_runner)
             run_id = catalog.start("seed", name, ",".join(insp.peers), os.getpid(), log_path)
             try:
-                lines = seed(config, name, insp, runner, peers, force=args.force)
+                lines = seed(config, name, insp, runner, peers, force=args.force, bars=terminal_bars(args))
             except DomuBackupError as e:
                 catalog.finish(run_id, "ERROR", error=str(e)[:2000])
                 raise

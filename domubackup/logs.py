@@ -7,6 +7,7 @@ import logging
 import logging.handlers
 import os
 import re
+import sys
 import time
 from contextlib import contextmanager
 
@@ -37,16 +38,15 @@ def printable(text: str) -> str:
 class _Formatter(logging.Formatter):
     """Escapes the formatted record (``printable``) and indents its continuation lines, so that
     no string in a message can forge a line that looks like a record of its own. Without
-    ``tracebacks``, a record's exception and stack are left out (they go to the run log file),
-    unless the record asks for them (``extra={"traceback": True}``: there is no run log file)."""
+    ``tracebacks``, a record's exception and stack are left out: they go to the run log file
+    only, never to the terminal or syslog."""
 
     def __init__(self, fmt: str, *, tracebacks: bool):
         super().__init__(fmt)
         self.tracebacks = tracebacks
 
     def format(self, record):
-        if not self.tracebacks and not getattr(record, "traceback", False) \
-                and (record.exc_info or record.exc_text or record.stack_info):
+        if not self.tracebacks and (record.exc_info or record.exc_text or record.stack_info):
             record = logging.makeLogRecord(record.__dict__)
             record.exc_info = record.exc_text = record.stack_info = None
         return printable(super().format(record)).replace("\n", "\n    ")
@@ -62,6 +62,18 @@ class _DomuFilter(logging.Filter):
         return True
 
 
+class _Console(logging.StreamHandler):
+    """stderr. While progress bars are drawn (progress.py), a record clears them first and they
+    are redrawn after it; tqdm is looked up, not imported: without it there are no bars."""
+
+    def emit(self, record):
+        bars = sys.modules.get("tqdm")
+        if bars is None:
+            return super().emit(record)
+        with bars.tqdm.external_write_mode(file=self.stream):
+            super().emit(record)
+
+
 def setup(verbosity: int, *, syslog: bool = True) -> None:
     """stderr: warnings (-v: info, -vv: every command); syslog: info; the package logs everything
     to its handlers, which filter by level."""
@@ -70,7 +82,7 @@ def setup(verbosity: int, *, syslog: bool = True) -> None:
     pkg.propagate = False
     for h in list(pkg.handlers):
         pkg.removeHandler(h)
-    err = logging.StreamHandler()
+    err = _Console()
     err.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING)
     err.setFormatter(_Formatter("domubackup: %(where)s%(message)s", tracebacks=False))
     err.addFilter(_DomuFilter())

@@ -523,6 +523,19 @@ def parse_rsync_stats(text: str) -> RsyncStats:
     return RsyncStats(**values)
 
 
+_PROGRESS2 = re.compile(r"\r *(\d{1,3}(?:,\d{3})+|\d+) +(\d{1,3})% ")
+
+
+def parse_progress2(text: str) -> tuple[int, int] | None:
+    """The last record of rsync's ``--info=progress2`` in ``text`` (each record starts with a
+    CR): (bytes so far, percent of the whole transfer), or None when there is none yet. A
+    record cut short at the end of ``text`` is not taken (it needs its "% ")."""
+    found = None
+    for found in _PROGRESS2.finditer(text):
+        pass
+    return (int(found.group(1).replace(",", "")), int(found.group(2))) if found else None
+
+
 _ITEM = re.compile(r"([<>ch.][fdLDS][ .+?a-zA-Z]{9}) (.*)")
 _ITEM_MSG = re.compile(r"(\*[a-z]+) +(.*)")
 _RSYNC_ESC = re.compile(r"\\#([0-7]{3})")

@@ -166,14 +166,14 @@ class Session:
         self.mount_peers = lambda mounts, read_only=False: None  # peer_session: what to mount there
         self.wait_peers = lambda: None  # peer_session: blocks until the peers are checked
 
-    def open(self, step: Step, *, timeout: float | None = None):
+    def open(self, step: Step, *, timeout: float | None = None, on_output=None):
         test_pause(step.phase, self.journal, self.paused)
         runner = self.runners[step.host]
         limit = timeout if timeout is not None else self.timeout
         if step.undo is None:
-            return runner.run(step.argv, timeout=limit)
+            return runner.run(step.argv, timeout=limit, on_output=on_output)
         i = self.journal.begin(step)
-        result = runner.run(step.argv, timeout=limit)
+        result = runner.run(step.argv, timeout=limit, on_output=on_output)
         self.journal.done(i)
         self._note_space(step.host, [step.argv], result.stdout)
         return result
@@ -554,11 +554,12 @@ def make_freeze(settings, domu, conn, local):
     return window
 
 
-def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False, freeze=None,
+def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=None, freeze=None,
            catalog=None, log_path=None, verify=False) -> Outcome:
     """One DomU: lock, recover, inspect, check, open, transfer, teardown. Never raises
     DomuBackupError: the outcome says what happened. A DomU that is not eligible here or whose
-    lock is held leaves no catalog record; every other run is recorded RUNNING, then final."""
+    lock is held leaves no catalog record; every other run is recorded RUNNING, then final.
+    ``progress`` (a progress.Progress, on a terminal) draws a bar per transfer."""
     out = Outcome(domu)
     start = time.monotonic()
     run_id = None
@@ -599,12 +600,12 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=False
         log.log(logging.INFO if out.not_here else logging.ERROR, "%s", e)
     except Exception as e:  # a bug, or guest data that a parser did not expect: this DomU only
         # (everything it opened is closed by the `finally`s above: lock, peers, journal)
-        where = f"the traceback is in {log_path}" if log_path else "no run log file: the traceback follows"
+        where = f"the traceback is in {log_path}" if log_path else "no log file could be written: the traceback is not kept"
         out.error = f"{domu}: internal error: {type(e).__name__}: {e}; {where}"
         out.exit_code = 1
         if out.status != "CORRUPT":
             out.status = "ERROR"
-        log.error("%s", out.error, exc_info=True, extra={"traceback": not log_path})
+        log.error("%s", out.error, exc_info=True)  # the traceback goes to the run log file only
     out.duration = time.monotonic() - start
     if hooked:
         phase = "backup-end" if out.status in ("OK", "PARTIAL") else "backup-abort"
@@ -784,16 +785,22 @@ def _open_and_transfer(session, config, domu, insp, settings, local, progress, f
             if not verify:
                 check_room(session.space, mounts, settings, domu, insp.peers)
             trees = planner.trees(mounts)
-            steps = planner.transfer_steps(settings, domu, insp.peers, progress=progress and not verify,
+            bars = progress if not verify else None  # a verify transfers nothing to show
+            steps = planner.transfer_steps(settings, domu, insp.peers, progress=bars is not None,
                                            extra=VERIFY_ARGS if verify else (), trees=trees)
             for step, (peer, tree) in zip(steps, [(p, t) for p in insp.peers for t in trees]):
+                meter = bars.meter(f"{domu} -> {peer}" + (f" ({tree})" if tree else "")) if bars else None
                 try:
-                    res = session.open(step, timeout=settings.rsync.timeout or 7 * 24 * 3600)
+                    res = session.open(step, timeout=settings.rsync.timeout or 7 * 24 * 3600,
+                                       on_output=meter.follow_rsync() if meter else None)
                 except CommandError as e:
                     if watch.problem:
                         raise
                     raise CommandError(e.host, e.argv, e.returncode, e.stderr, timeout=e.timeout,
                                        hint=rsync_hint(e.returncode)) from None
+                finally:
+                    if meter:
+                        meter.close()
                 s = parsers.parse_rsync_stats(res.stdout)
                 if verify:
                     prefix = f"{os.path.basename(planner.tree_root(settings, domu, peer, tree))}/" if tree else ""

@@ -88,8 +88,11 @@ class Runner:
 
     def run(self, argv: Sequence[str], *, timeout: float | None = None, ok_codes=(0,),
             env: Mapping[str, str] | None = None, input: bytes | str | None = None,
-            check: bool = True) -> Result:
+            check: bool = True, on_output=None) -> Result:
         """Run ``argv``; return its Result.
+
+        ``on_output(text)``, when given, sees the standard output as it comes, in chunks (a
+        progress display; LocalRunner only). The Result's stdout is the same either way.
 
         Raises CommandError when the exit code is not in ``ok_codes`` (unless ``check`` is
         false), always on a timeout, and always when the program is not installed (127).
@@ -110,7 +113,8 @@ class Runner:
         log.debug("%s: $ %s%s", self.host, cmd, extra)
         start = time.monotonic()
         try:
-            code, out, err = self._execute(argv, full_env, data, limit)
+            more = {"on_output": on_output} if on_output is not None else {}
+            code, out, err = self._execute(argv, full_env, data, limit, **more)
         except CommandError as exc:
             duration = time.monotonic() - start
             code = exc.returncode if exc.returncode is not None else -1
@@ -226,6 +230,16 @@ def _dies_with_us():
     return preexec
 
 
+def _stream(chunk, streamed: list, on_output) -> None:
+    """sh's stdout callback: keep the bytes (surrogateescape undoes sh's per-chunk decoding),
+    show the text. A failing display never fails the command."""
+    streamed.append(chunk.encode("utf-8", "surrogateescape") if isinstance(chunk, str) else chunk)
+    try:
+        on_output(chunk)
+    except Exception as e:  # noqa: BLE001 - a display error: the command goes on
+        log.debug("progress display failed: %s", e)
+
+
 class LocalRunner(Runner):
     """Runs commands on this host with the ``sh`` package, each in its own session so that a
     timeout kills the whole process group (sh's own ``_timeout`` signals only the child), and
@@ -251,7 +265,7 @@ class LocalRunner(Runner):
         for kill in list(self._running.values()):
             kill()
 
-    def _execute(self, argv, env, input, timeout):
+    def _execute(self, argv, env, input, timeout, on_output=None):
         if argv[0] == HELPER and len(argv) > 1 and argv[1] in safepath.COMMANDS:
             # The safepath helpers run in this process: the same code as the program on the
             # peer, without ~0.4 s of interpreter start per mount under the lab's emulation.
@@ -262,10 +276,14 @@ class LocalRunner(Runner):
         # (Python's, and libvirt's, sqlite's and paramiko's; checked with `ls /proc/self/fd`
         # in a child of a run's process: only 0, 1 and 2 arrive).
         released = getattr(self._gate, "released", None)
+        streamed = []
+        more = {} if on_output is None else {
+            "_out": lambda chunk: _stream(chunk, streamed, on_output), "_out_bufsize": 0,
+            "_decode_errors": "surrogateescape"}  # lossless: the bytes are joined again
         proc = sh.Command(program)(
             *argv[1:], _tty_out=False, _bg=True, _bg_exc=False, _new_session=True, _close_fds=False,
             _env=env, _in=input, _ok_code=range(256), _truncate_exc=False,
-            _preexec_fn=_dies_with_us() if released is None else None)
+            _preexec_fn=_dies_with_us() if released is None else None, **more)
         fired, done = threading.Event(), threading.Event()
 
         def kill_group():
@@ -304,6 +322,8 @@ class LocalRunner(Runner):
             done.set()
             timer.cancel()
             self._running.pop(proc.pid, None)
+        if on_output is not None:
+            out = b"".join(streamed)  # sh keeps no stdout of its own when _out is a callback
         if self._cancelled.is_set() and code < 0:
             raise CommandError(self.host, argv, code, _text(err) + "\ncancelled", hint="the run was stopped")
         if fired.is_set() and code < 0:
@@ -432,7 +452,7 @@ class SSHRunner(Runner):
         line = " ".join([*words, shlex.join(["timeout", "-k", str(KILL_AFTER), _seconds(timeout), *argv])])
         return line + " </dev/null" if no_input else line
 
-    def _execute(self, argv, env, input, timeout):
+    def _execute(self, argv, env, input, timeout, on_output=None):  # no streaming over ssh
         import paramiko
 
         self.connect()

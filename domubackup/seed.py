@@ -183,8 +183,9 @@ class BlockStream:
         self.sha256 = total.hexdigest()
 
 
-def seed(config, domu: str, insp, local, peers: dict, *, force=False) -> list[str]:
-    """Seed every disk of `insp` to every peer runner. Returns lines for the report."""
+def seed(config, domu: str, insp, local, peers: dict, *, force=False, bars=None) -> list[str]:
+    """Seed every disk of `insp` to every peer runner. Returns lines for the report.
+    ``bars`` (a progress.Progress, on a terminal) draws a bar per disk and peer."""
     settings = config.settings_for(domu)
     report = []
     for peer, runner in peers.items():
@@ -206,16 +207,23 @@ def seed(config, domu: str, insp, local, peers: dict, *, force=False) -> list[st
             for peer, runner in peers.items():
                 start = time.monotonic()
                 last = [0.0]
+                meter = bars.meter(f"seed {snap} -> {peer}", f.lv.size) if bars else None
 
-                def progress(done, total, sent, peer=peer):
+                def progress(done, total, sent, peer=peer, meter=meter):
+                    if meter:
+                        meter.to(done, total)
                     if done == total or time.monotonic() - last[0] > 5:
                         last[0] = time.monotonic()
                         log.info("seed %s -> %s:%s: %d%% (%d MiB sent)", snap, peer, target,
                                  done * 100 // total, sent >> 20)
 
                 blocks = BlockStream(snap, f.lv.size, progress)
-                res = runner.run(["python3", "-c", RECEIVER, target, str(f.lv.size)],
-                                 input=blocks, timeout=24 * 3600)
+                try:
+                    res = runner.run(["python3", "-c", RECEIVER, target, str(f.lv.size)],
+                                     input=blocks, timeout=24 * 3600)
+                finally:
+                    if meter:
+                        meter.close()
                 theirs = res.stdout.strip()
                 ours = blocks.sha256
                 if theirs != ours:

@@ -25,9 +25,17 @@ def test_run_mirrors_guest_tree_exactly(fresh):
 
 def test_second_run_sends_little_and_quiet_without_v(fresh):
     lab = fresh
-    assert domubackup(lab, "run", "web1").returncode == 0
+    # A person at a terminal (script(1) gives the run a pty) sees a bar per transfer.
+    tree(lab, "dom0a", "mount")
+    try:
+        tree(lab, "dom0a", "change")
+    finally:
+        tree(lab, "dom0a", "umount")
+    r = lab.ssh("dom0a", ["script", "-qec", "domubackup run web1", "/dev/null"], check=False, timeout=900)
+    assert r.returncode == 0, r.stdout
+    assert "web1 -> dom0b: 100%|" in r.stdout and "web1 -> dom0b (unplaced)" not in r.stdout, r.stdout
     r = domubackup(lab, "run", "web1")
-    assert (r.returncode, r.stdout) == (0, "")  # quiet on success: cron mails only failures
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")  # quiet, no bars: cron mails only failures
 
 
 def test_refused_when_domu_runs_on_peer(fresh):

@@ -22,12 +22,13 @@ GUEST_PACKAGES = [
     "linux-image-amd64", "initramfs-tools", "systemd-sysv", "udev", "kmod", "procps",
     "lvm2", "kpartx", "parted", "util-linux", "e2fsprogs", "xfsprogs", "dosfstools",
     "openssh-server", "openssh-client", "rsync", "libvirt-clients",
-    "python3", "python3-venv", "python3-libvirt", "python3-lxml", "python3-paramiko",
+    # domubackup's own dependencies (its .deb, installed by `lab install`, names them):
+    # Debian's versions, so that the lab runs the code on bookworm's python3-sh 1.14.
+    "python3", "python3-libvirt", "python3-lxml", "python3-paramiko", "python3-sh",
+    "python3-tqdm",
     "python3-cffi-backend",  # debootstrap does not resolve the virtual cffi-backend-api deps
     "iproute2", "zstd",
 ]
-# PyPI packages in the VM's venv /opt/domubackup (downloaded by the host's pip, installed in a chroot).
-GUEST_PIP = ["sh>=2,<3", "pytest", "wheel"]
 
 VMS = {
     # name: (link address, MAC of the NAT nic, MAC of the link nic)
@@ -55,14 +56,6 @@ def out(argv):
 
 
 REPO = pathlib.Path(__file__).resolve().parent.parent.parent
-
-
-def repo_files():
-    """Tracked and untracked-but-not-ignored files of the repo (working tree content)."""
-    listing = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
-                              "--exclude-standard"], check=True, stdout=subprocess.PIPE).stdout
-    names = sorted({n for n in listing.decode().split("\0") if n})
-    return [n for n in names if (REPO / n).is_file() and "__pycache__" not in n.split("/")]
 
 
 def recipe_hash():
@@ -116,7 +109,7 @@ def write(path, text, mode=0o644):
     path.chmod(mode)
 
 
-def configure_rootfs(root, keys, wheels):
+def configure_rootfs(root, keys):
     write(root / "etc/hostname", "lab\n")
     write(root / "etc/hosts", "127.0.0.1 localhost\n" + "".join(
         f"{addr} {vm}\n" for vm, (addr, _, _) in VMS.items()))
@@ -181,39 +174,7 @@ def configure_rootfs(root, keys, wheels):
                   "e2scrub_all.timer", "e2scrub_reap.service", "fstrim.timer",
                   "systemd-timesyncd.service", "man-db.timer"])
 
-    # Python venv for the tool, installed natively in the chroot from the host's downloads.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    env["PIP_CONFIG_FILE"] = os.devnull
-    shutil.rmtree(root / "tmp/wheels", ignore_errors=True)
-    shutil.copytree(wheels, root / "tmp/wheels")
-    if not (root / "opt/domubackup/bin/python").exists():
-        run(chroot + ["python3", "-m", "venv", "--system-site-packages", "/opt/domubackup"], env=env)
-    run(chroot + ["/opt/domubackup/bin/pip", "install", "-q", "--disable-pip-version-check",
-                  "--no-index", "--find-links", "/tmp/wheels", *GUEST_PIP], env=env)
-    shutil.rmtree(root / "tmp/wheels")
-    # The working tree as of the build, editable; `lab install` refreshes it (and re-runs pip
-    # inside the VM only when pyproject.toml changed). Not fatal: the tree may be mid-change.
-    src = root / "opt/domubackup/src"
-    shutil.rmtree(src, ignore_errors=True)
-    for name in repo_files():
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, src / name)
-    rc = run(chroot + ["/opt/domubackup/bin/pip", "install", "-q", "--disable-pip-version-check",
-                       "--no-index", "--no-deps", "--no-build-isolation", "-e",
-                       "/opt/domubackup/src"], env=env, check=False).returncode
-    if rc == 0:
-        digest = hashlib.sha256((src / "pyproject.toml").read_bytes()).hexdigest()
-        write(root / "opt/domubackup/.installed-pyproject", digest)
-        os.symlink("/opt/domubackup/bin/domubackup", root / "usr/local/bin/domubackup")
-    else:
-        log("WARNING: pip install -e of the tree failed in the chroot; `lab install` retries")
     run(chroot + ["update-initramfs", "-u", "-k", "all"], stdout=subprocess.DEVNULL)
-
-
-def download_wheels(dest):
-    """The venv's PyPI packages, fetched by the host's pip (it knows the host's index/CA set-up)."""
-    run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
-         "--python-version", "3.11", "--dest", str(dest), *GUEST_PIP])
 
 
 def build_base(cache, keys):
@@ -223,9 +184,6 @@ def build_base(cache, keys):
     mirror = apt_mirror()
     work = pathlib.Path("/dev/shm") / f"dblab-build-{recipe_hash()}"
     root = work / "root"
-    wheels = work / "wheels"
-    wheel_thread = threading.Thread(target=download_wheels, args=(wheels,))
-    wheel_thread.start()
     if not (work / "debootstrap.done").exists():
         shutil.rmtree(work / "root", ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
@@ -239,13 +197,10 @@ def build_base(cache, keys):
             tail = detail.read_text(errors="replace")[-3000:] if detail.exists() else ""
             raise SystemExit(f"debootstrap failed, see {cache / 'debootstrap.log'}\n{tail}")
         (work / "debootstrap.done").write_text("ok\n")
-    wheel_thread.join()
-    if not wheels.exists():
-        raise SystemExit("downloading the venv's wheels with the host's pip failed")
     for fs in ["proc", "sys", "dev"]:
         run(["mount", "--bind", f"/{fs}", str(root / fs)])
     try:
-        configure_rootfs(root, keys, wheels)
+        configure_rootfs(root, keys)
     finally:
         for fs in ["dev", "sys", "proc"]:
             run(["umount", "-l", str(root / fs)], check=False)

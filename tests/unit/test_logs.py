@@ -94,17 +94,6 @@ def test_tracebacks_go_to_the_run_log_file_only(package_logger, tmp_path, capsys
     assert all(line.startswith("    ") for line in lines[1:])
 
 
-def test_a_record_without_a_run_log_file_keeps_its_traceback_on_stderr(package_logger, capsys):
-    logs.setup(0, syslog=False)
-    try:
-        raise KeyError("x")
-    except KeyError:
-        package_logger.error("internal error; no run log file", exc_info=True, extra={"traceback": True})
-    err = capsys.readouterr().err.splitlines()
-    assert err[:2] == ["domubackup: internal error; no run log file", "    Traceback (most recent call last):"]
-    assert err[-1] == "    KeyError: 'x'"
-
-
 def test_stderr_and_syslog_formatters_drop_tracebacks_the_file_keeps_them(tmp_path):
     record = logging.LogRecord("domubackup", logging.ERROR, __file__, 1, "boom", None,
                                (ValueError, ValueError("v"), None))

@@ -462,6 +462,26 @@ def test_unexpected_exception_ends_that_domu_only_and_the_night_goes_on(tmp_path
     assert any(a[0] == "rsync" and a[-1].endswith("/web2/") for h, a in log[abort:])
 
 
+def test_an_internal_error_without_a_run_log_file_is_one_line_never_a_traceback(tmp_path, fixtures, monkeypatch, capsys,
+                                                                                package_logger):
+    import argparse
+    from domubackup import cli, logs
+    (tmp_path / "log").write_text("not a directory\n")  # no run log file can be written
+    config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n',
+                          hostname="dom0a", default_uri="test:///default")
+    _, local, peer, log = setup(tmp_path, fixtures)
+    monkeypatch.setattr(pipeline, "inspect", lambda c, n, conn, r, on_eligible=None: 1 / 0)
+    logs.setup(0, syslog=False)
+    code = cli.run_backups(config, argparse.Namespace(domus=["web1"], verbose=0), local)
+    out, err = capsys.readouterr()
+    why = ("web1: internal error: ZeroDivisionError: division by zero; "
+           "no log file could be written: the traceback is not kept")
+    assert code == 1
+    assert err.splitlines()[0] == f"domubackup: {why}"
+    assert "Traceback" not in err and "Traceback" not in out
+
+
+
 def test_keyboard_interrupt_is_not_contained(tmp_path, fixtures, monkeypatch):
     config, local, peer, log = setup(tmp_path, fixtures)
 
