@@ -18,25 +18,16 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from .errors import DomuBackupError
+from .model import (BACKUP, CONSISTENCY_LEVELS, CORRUPT, ERROR, FINAL_STATUSES, KINDS, OK, PARTIAL,  # noqa: F401
+                    REPLICA_KINDS, RUNNING, SEED, STATUSES, VERIFY, RunRow)
 
 CATALOG_NAME = "catalog.sqlite"
 SCHEMA_VERSION = 2  # 2: status PARTIAL
 
-BACKUP, VERIFY, SEED = "backup", "verify", "seed"
-KINDS = (BACKUP, VERIFY, SEED)
-# Kinds that leave a replica on the peer: what "last success" means for metrics.
-REPLICA_KINDS = (BACKUP, SEED)
-
-RUNNING, OK, PARTIAL, ERROR, CORRUPT = "RUNNING", "OK", "PARTIAL", "ERROR", "CORRUPT"
-FINAL_STATUSES = (OK, PARTIAL, ERROR, CORRUPT)
-STATUSES = (RUNNING, *FINAL_STATUSES)
-
-CONSISTENCY_LEVELS = ("crash", "filesystem", "application")
 
 DIED_MESSAGE = "run died (killed or host crashed) before it finished"
 
@@ -72,37 +63,6 @@ CREATE INDEX IF NOT EXISTS runs_status ON runs (status);
 
 class CatalogError(DomuBackupError):
     """The run catalog cannot be opened, is locked for too long, or has an unknown schema."""
-
-
-@dataclass(frozen=True)
-class RunRow:
-    """One record of the catalog."""
-
-    id: int
-    kind: str
-    domu: str
-    peer: str
-    host: str
-    pid: int
-    pid_start: int | None
-    started: float
-    ended: float | None
-    status: str
-    consistency: str | None
-    freeze_window_ms: int | None
-    bytes_sent: int
-    files: int
-    total_size: int
-    snapshot_peak: float | None
-    error: str
-    log_path: str | None
-
-    @property
-    def duration(self) -> float | None:
-        """Seconds from start to end; None while running or when the end is unknown."""
-        if self.ended is None:
-            return None
-        return self.ended - self.started
 
 
 _COLUMNS = tuple(RunRow.__dataclass_fields__)

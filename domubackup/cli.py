@@ -11,7 +11,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from . import __version__, config as cfg, logs, pipeline, virt
+from . import __version__, config as cfg, jobs, logs, pipeline, virt
 from .errors import (EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERNAL, EXIT_NOT_ELIGIBLE, EXIT_OK, EXIT_PARTIAL,
                      EXIT_SIGNAL, EXIT_TEARDOWN, EXIT_USAGE, DomuBackupError, Interrupted, UsageError,
                      signal_exit)
@@ -222,7 +222,7 @@ def _local_runner(config):
 def cmd_plan(config, args, runner) -> int:
     conn = virt.connect(config.settings_for(args.domu).libvirt_uri)
     try:
-        plan = pipeline.make_plan(config, pipeline.inspect(config, args.domu, conn, runner))
+        plan = pipeline.make_plan(config, jobs.inspect(config, args.domu, conn, runner))
     finally:
         conn.close()
     if args.json:
@@ -240,7 +240,7 @@ def cmd_run(config, args, runner) -> int:
     try:
         for name in virt.selected_domus(config, args.domus, conn):
             try:
-                plan = pipeline.make_plan(config, pipeline.inspect(config, name, conn, runner))
+                plan = pipeline.make_plan(config, jobs.inspect(config, name, conn, runner))
             except DomuBackupError as e:
                 say(f"domubackup: {e}", file=sys.stderr)
                 codes.append(e.exit_code)
@@ -284,7 +284,7 @@ def run_backups(config, args, runner) -> int:
     runs = []  # (outcome, its JSON)
     bars = terminal_bars(args)
     try:
-        pipeline.lifecycle_hook(config.defaults, "job-start", runner)
+        jobs.lifecycle_hook(config.defaults, "job-start", runner)
         for name in virt.selected_domus(config, args.domus, conn):
             started = time.time()
             with run_log(config, name) as log_path:
@@ -302,7 +302,7 @@ def run_backups(config, args, runner) -> int:
         outcomes = [o for o, _ in runs]
         failed = [o.domu for o in outcomes if o.exit_code]
         try:
-            pipeline.lifecycle_hook(config.defaults, "job-end", runner, domu=" ".join(o.domu for o in outcomes),
+            jobs.lifecycle_hook(config.defaults, "job-end", runner, domu=" ".join(o.domu for o in outcomes),
                                     status="ERROR" if set(o.exit_code for o in outcomes) - {0, EXIT_PARTIAL}
                                     else "PARTIAL" if failed else "OK")
         except DomuBackupError as e:
@@ -412,32 +412,21 @@ def cmd_verify(config, args, runner) -> int:
 
 
 def cmd_seed(config, args, runner) -> int:
-    from .lock import DomuLock
     from .seed import seed
 
     name = args.domu
     conn = virt.connect(config.settings_for(name).libvirt_uri)
     catalog = open_catalog(config)
-    peers = {}
-    run_id = None
     try:
-        with DomuLock(config.state_dir, name), run_log(config, name, "seed") as log_path:
-            pipeline.recover(config, name, runner)
-            insp = pipeline.inspect(config, name, conn, runner)
-            peers = pipeline.peer_runners(config, name, insp.peers, pipeline.ssh_runner)
-            run_id = catalog.start("seed", name, ",".join(insp.peers), os.getpid(), log_path)
-            try:
-                lines = seed(config, name, insp, runner, peers, force=args.force, bars=terminal_bars(args))
-            except DomuBackupError as e:
-                catalog.finish(run_id, "ERROR", error=str(e)[:2000])
-                raise
-            catalog.finish(run_id, "OK", total_size=sum(f.lv.size for f in insp.facts))
+        with run_log(config, name, "seed") as log_path:
+            out = seed(config, name, conn, runner, force=args.force, bars=terminal_bars(args), catalog=catalog,
+                       log_path=log_path)
     finally:
-        for r in peers.values():
-            r.close()
         conn.close()
         catalog.close()
-    for line in lines:
+    if out.exit_code:  # the job has logged why
+        return out.exit_code
+    for line in out.report:
         say(f"{name}: {line}")
     return EXIT_OK
 
@@ -472,7 +461,7 @@ def cmd_cleanup(config, args, runner) -> int:
     for name in names:
         try:
             with DomuLock(config.state_dir, name):
-                undone = pipeline.recover(config, name, runner)
+                undone = jobs.recover(config, name, runner)
         except DomuBackupError as e:
             say(f"domubackup: {name}: {e}", file=sys.stderr)
             codes.append(e.exit_code)

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 
 from .errors import ConfigError, NotEligibleError
+from .model import LOCAL
 
 DEFAULT_PATH = "/etc/domubackup/domubackup.toml"
 EXAMPLE_PATH = "/usr/share/doc/domubackup/examples/domubackup.toml"  # the Debian package's copy
@@ -297,6 +298,9 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
     for host in dom0s:
         if not NAME_RE.match(host):
             raise check.fail("dom0s", f"not a host name: {host!r}")
+        if host == LOCAL:  # plans and journals name this host's lane so
+            raise check.fail("dom0s", f"{host!r} is reserved for this host's own steps: give the Dom0 its real "
+                                      "host name (with [dom0.NAME] address if it is reached otherwise)")
     this_host = globals_.get("this_host") or (hostname or short_hostname())
     endpoints = []
     for name, table in dom0_tables.items():

@@ -324,6 +324,26 @@ class Journal:
             self.entries[index].state = UNDONE
             self._save()
 
+    def closed(self, host: str, argv) -> None:
+        """The newest done step of HOST with ARGV was closed by a later step of the plan (a
+        tentative root mount taken back): teardown skips it."""
+        with self._lock:
+            for e in reversed(self.entries):
+                if e.host == host and e.argv == tuple(argv) and e.state == DONE:
+                    e.state = UNDONE
+                    self._save()
+                    return
+        raise ValueError(f"journal of {self.domu}: no done step {argv!r} on {host} to close")
+
+    def close_phase(self, phase: str) -> None:
+        """The done steps of PHASE were closed by the code that opened them (a freeze window
+        that thawed): teardown skips them."""
+        with self._lock:
+            for e in self.entries:
+                if e.phase == phase and e.state == DONE:
+                    e.state = UNDONE
+            self._save()
+
     def unseen(self, host: str | None = None, undo_prefix: tuple[str, ...] = ()) -> None:
         """Count the done steps (of HOST, or of every host; whose undo starts with UNDO_PREFIX)
         as not known to be in place any more: pending, so that their object being gone at

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LOCAL = "local"
-PEER = "peer"
+LOCAL = "local"  # the lane of this host in a plan and a journal (config refuses a Dom0 of that name)
+PEER = "peer"  # the peer's lane in journals of older versions
 
 
 @dataclass(frozen=True)
@@ -119,17 +119,34 @@ class Mount:
 
 @dataclass(frozen=True)
 class Step:
-    """One open command and the command that undoes it."""
+    """One step of a plan, on one host's lane (executor.py runs it).
 
-    phase: str  # snapshot, map, mount, peer-map, peer-mount, transfer, freeze, ...
-    host: str  # LOCAL or PEER
+    A command (``argv``) and the command that undoes it (``undo``, journaled before the
+    step runs), or, with ``check`` and no argv, a check by name (and its words) that the job
+    carries out with its own read-only probes. ``waits``: marks of other steps (of any lane)
+    that must be reached first; ``mark``: the mark this step reaches. ``then``: the name of
+    the job's callback that judges the result (the exit code is not checked then) and may
+    return further steps: a decision (the guest's fstab read says what is mounted next)."""
+
+    phase: str  # check, snapshot, map, mount, peer-map, peer-mount, inspect, transfer, freeze, ...
+    host: str  # LOCAL, or a peer's name
     argv: tuple[str, ...]
     undo: tuple[str, ...] | None = None
     note: str = ""
+    check: tuple[str, ...] = ()
+    waits: tuple[str, ...] = ()
+    mark: str = ""
+    then: str = ""
+    closes: tuple[str, ...] | None = None  # argv of an earlier step whose undo this runs now
+    timeout: float | None = None
 
     def to_json(self) -> dict:
-        return {"phase": self.phase, "host": self.host, "argv": list(self.argv),
-                "undo": list(self.undo) if self.undo is not None else None, "note": self.note}
+        d = {"phase": self.phase, "host": self.host, "argv": list(self.argv),
+             "undo": list(self.undo) if self.undo is not None else None, "note": self.note}
+        for key in ("check", "waits", "mark", "then", "closes"):
+            if getattr(self, key):
+                d[key] = list(getattr(self, key)) if key != "mark" and key != "then" else getattr(self, key)
+        return d
 
 
 @dataclass(frozen=True)
@@ -211,3 +228,48 @@ class RunRecord:
     snapshot_peak: float | None = None
     error: str = ""
     extra: dict = field(default_factory=dict)
+
+
+# --- the catalog's records (catalog.py stores them, report.py shows them) -----------------
+
+BACKUP, VERIFY, SEED = "backup", "verify", "seed"
+KINDS = (BACKUP, VERIFY, SEED)
+# Kinds that leave a replica on the peer: what "last success" means for metrics.
+REPLICA_KINDS = (BACKUP, SEED)
+
+RUNNING, OK, PARTIAL, ERROR, CORRUPT = "RUNNING", "OK", "PARTIAL", "ERROR", "CORRUPT"
+FINAL_STATUSES = (OK, PARTIAL, ERROR, CORRUPT)
+STATUSES = (RUNNING, *FINAL_STATUSES)
+
+CONSISTENCY_LEVELS = ("crash", "filesystem", "application")
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One record of the catalog."""
+
+    id: int
+    kind: str
+    domu: str
+    peer: str
+    host: str
+    pid: int
+    pid_start: int | None
+    started: float
+    ended: float | None
+    status: str
+    consistency: str | None
+    freeze_window_ms: int | None
+    bytes_sent: int
+    files: int
+    total_size: int
+    snapshot_peak: float | None
+    error: str
+    log_path: str | None
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from start to end; None while running or when the end is unknown."""
+        if self.ended is None:
+            return None
+        return self.ended - self.started

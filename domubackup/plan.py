@@ -335,11 +335,12 @@ def trees(mounts: list[Mount]) -> tuple[str, ...]:
 
 def transfer_steps(settings: Settings, domu: str, peers: tuple[str, ...], *, progress=False,
                    extra: tuple[str, ...] = (), trees: tuple[str, ...] = ("",)) -> list[Step]:
-    """One rsync per peer and tree."""
+    """One rsync per peer and tree; the job's "transfer" callback judges each."""
     return [Step("transfer", LOCAL, cmd.rsync(tree_root(settings, domu, LOCAL, tree), peer,
                                               tree_root(settings, domu, peer, tree), settings.rsync, settings.ssh,
                                               progress=progress, extra=extra), None,
-                 note=f"mirror to {peer}" + (" the filesystems the guest's layout does not place" if tree else ""))
+                 note=f"mirror to {peer}" + (" the filesystems the guest's layout does not place" if tree else ""),
+                 then="transfer", timeout=settings.rsync.timeout or 7 * 24 * 3600)
             for peer in peers for tree in trees]
 
 
@@ -347,10 +348,29 @@ def needs_fallback_dirs(mounts: list[Mount]) -> bool:
     return not any(m.mountpoint == "/" for m in mounts)
 
 
+VERIFY_ARGS = ("--dry-run", "--checksum", "--out-format=%i %n")
+MISSING = None  # the guest's fstab, when the root filesystem has none
+
+
+def check(host: str, name: str, *words: str, note: str, waits: tuple[str, ...] = (), mark: str = "") -> Step:
+    return Step("check", host, (), note=note, check=(name, *words), waits=waits, mark=mark)
+
+
+def _mark_last(steps: list[Step], mark: str) -> list[Step]:
+    from dataclasses import replace
+
+    return steps[:-1] + [replace(steps[-1], mark=mark)] if steps else steps
+
+
 def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tuple[str, ...], *,
-                mounts: list[Mount] | None = None, skipped: list[str] = (), progress=False) -> Plan:
-    """The whole backup. Without `mounts` (and without config mounts) the plan mounts the root
-    candidate, reads the guest's /etc/fstab, and says the rest is decided at run time."""
+                mounts: list[Mount] | None = None, skipped: list[str] = (), progress=False,
+                verify=False, frozen=False, fstab: str | None | bool = False) -> Plan:
+    """The whole backup (or verify) as lanes: this host's (LOCAL) and each peer's.
+
+    Without `mounts` (and without config mounts) the plan mounts the root candidate and its
+    "inspect" step reads the guest's /etc/fstab: a decision, whose steps (the other mounts on
+    both hosts, the transfers) follow at run time (`after_fstab`). Given ``fstab`` (its text,
+    or MISSING) the plan holds them too: the plan as the run decided it."""
     plan = Plan(domu, skipped=list(skipped))
     for f in facts:
         for fs in f.filesystems:
@@ -359,35 +379,98 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
     if not mountable(facts):
         raise InspectError(f"{domu}: no filesystem to copy on any disk",
                            hint="check the disks in the plan's skipped list")
-    plan.steps += snapshot_steps(facts, settings)
-    plan.steps += map_steps(facts, settings, LOCAL, snapshot=True)
+    local = [check(LOCAL, "vg-space", note="the volume groups have room for the snapshots"),
+             check(LOCAL, "no-stale", note="no snapshot or mount left from an earlier run", mark="checked")]
+    local += _mark_last(snapshot_steps(facts, settings), "snapshots")
+    local += [check(LOCAL, "snapshot", f.disk.target, note=f"{f.disk.target}: the snapshot holds what was probed")
+              for f in facts if mapped(f) or (not f.partitioned and mountable([f]))]
+    local += map_steps(facts, settings, LOCAL, snapshot=True)
+    lanes = {}
+    for peer in peers:  # nothing is opened there before this host's checks passed ("checked")
+        # (with a freeze window, nothing of ours competes with it: the peer waits for the snapshots)
+        lanes[peer] = peer_checks(domu, peer, waits=("snapshots",) if frozen else ("checked",), frozen=frozen)
+        lanes[peer] += map_steps(facts, settings, peer, snapshot=False)
     if mounts is None and settings.mounts:
         mounts = mounts_from_config(facts, settings)
-    if mounts is None:
-        root = root_candidate(facts, settings)
-        if root is None:
-            mounts = fallback_mounts(facts)
-            plan.notes.append("no Linux root filesystem found: each filesystem goes under a directory "
-                              "named after its disk and partition")
-        else:
-            plan.steps += mount_steps([Mount(root, "/")], facts, settings, domu, LOCAL)
-            plan.steps.append(Step("inspect", LOCAL, cmd.read_in(tree_root(settings, domu, LOCAL), FSTAB), None,
-                                   note="read the guest's /etc/fstab; the remaining mounts on both hosts "
-                                        "are decided at run time from it"))
-            rest = [fs.name + f" ({fs.fstype})" for fs in mountable(facts) if fs.name != root.name]
-            plan.notes.append(f"root candidate {root.name} ({root.fstype}); mount points of "
-                              f"{', '.join(rest) or 'no other filesystem'} come from the guest's /etc/fstab "
-                              "at run time (without one, each goes under /<disk><partition>)")
-            for peer in peers:
-                plan.steps += map_steps(facts, settings, peer, snapshot=False)
-                plan.steps += mount_steps([Mount(root, "/")], facts, settings, domu, peer)
-            plan.steps += transfer_steps(settings, domu, peers, progress=progress)
-            return plan
-    plan.steps += local_mount_plan(mounts, facts, settings, domu)
+    root = root_candidate(facts, settings) if mounts is None else None
+    if mounts is None and root is None:
+        mounts = fallback_mounts(facts)
+        plan.notes.append("no Linux root filesystem found: each filesystem goes under a directory "
+                          "named after its disk and partition")
+    if mounts is not None:
+        local += local_mount_plan(mounts, facts, settings, domu)
+        rest = after_mounts(mounts, facts, settings, domu, peers, progress=progress, verify=verify)
+    else:
+        local += mount_steps([Mount(root, "/")], facts, settings, domu, LOCAL)
+        local.append(Step("inspect", LOCAL, cmd.read_in(tree_root(settings, domu, LOCAL), FSTAB), None,
+                          note="read the guest's /etc/fstab: the other mounts on both hosts follow from it",
+                          then="fstab"))
+        others = [fs.name + f" ({fs.fstype})" for fs in mountable(facts) if fs.name != root.name]
+        plan.notes.append(f"root candidate {root.name} ({root.fstype}); mount points of "
+                          f"{', '.join(others) or 'no other filesystem'} come from the guest's /etc/fstab "
+                          "at run time (without one, each goes under /<disk><partition>)")
+        rest = []
+        if fstab is not False:
+            from .parsers import parse_fstab
+
+            decided = fallback_mounts(facts) if fstab is MISSING else mounts_from_fstab(parse_fstab(fstab), root,
+                                                                                         facts)[0]
+            rest = after_fstab(decided, facts, settings, domu, peers, missing=fstab is MISSING,
+                               progress=progress, verify=verify)
+    plan.steps = local + [s for p in peers for s in lanes[p]] + rest
+    return plan
+
+
+def after_fstab(mounts, facts, settings, domu, peers, *, missing: bool, progress=False, verify=False) -> list[Step]:
+    """The steps that follow from the guest's fstab once the root is mounted and the fstab
+    read: the other mounts here (without an fstab: the root mount taken back, each filesystem
+    under /<disk><partition>), then `after_mounts`."""
+    if missing:
+        root_mount = mount_steps([Mount(root_candidate(facts, settings), "/")], facts, settings, domu, LOCAL,
+                                 with_root_dir=False)[0]
+        local = [Step("mount", LOCAL, root_mount.undo, None, note="no /etc/fstab: take the root mount back",
+                      closes=root_mount.argv)]
+        local += local_mount_plan(mounts, facts, settings, domu)[1:]  # the tree root is there already
+    else:
+        local = (mount_steps([m for m in mounts[1:] if m.tree != UNPLACED], facts, settings, domu, LOCAL,
+                             with_root_dir=False)
+                 + unplaced_steps(mounts, facts, settings, domu, LOCAL))
+    return local + after_mounts(mounts, facts, settings, domu, peers, progress=progress, verify=verify)
+
+
+def after_mounts(mounts, facts, settings, domu, peers, *, progress=False, verify=False) -> list[Step]:
+    """Once the mounts are known: each peer mounts its replica (read-only for a verify), this
+    host checks that the replicas have room, then one rsync per peer and tree."""
+    from dataclasses import replace
+
+    steps = []
     for peer in peers:
-        plan.steps += map_steps(facts, settings, peer, snapshot=False)
-        plan.steps += peer_mount_plan(mounts, facts, settings, domu, peer)
-    plan.steps += transfer_steps(settings, domu, peers, progress=progress, trees=trees(mounts))
+        steps += _mark_last(peer_mount_plan(mounts, facts, settings, domu, peer, read_only=verify), f"ready:{peer}")
+    local = [] if verify else [check(LOCAL, "room", note="each replica filesystem can hold what its source holds")]
+    local += transfer_steps(settings, domu, peers, progress=progress and not verify,
+                            extra=VERIFY_ARGS if verify else (), trees=trees(mounts))
+    local[0] = replace(local[0], waits=tuple(f"ready:{p}" for p in peers))  # every peer mounted
+    return steps + local
+
+
+def peer_checks(domu: str, peer: str, *, waits: tuple[str, ...] = (), frozen=False) -> list[Step]:
+    """The DomU does not run on the peer (asked at once: it overlaps this host's work, unless
+    FROZEN), then, once WAITS are reached, the replicas are checked (what follows may open
+    something)."""
+    return [check(peer, "peer-state", note=f"{domu} is not running on {peer}", waits=waits if frozen else ()),
+            check(peer, "replicas", note=f"the replica LVs on {peer} exist, are closed and match", waits=waits)]
+
+
+def plan_fsck(domu: str, facts: list[DiskFacts], settings: Settings, peers: tuple[str, ...]) -> Plan:
+    """On each peer: its checks, the replica's partitions mapped, a read-only check of each
+    filesystem (judged by the job's "fsck" callback), unmapped at teardown."""
+    plan = Plan(domu)
+    for peer in peers:
+        plan.steps += peer_checks(domu, peer) + map_steps(facts, settings, peer, snapshot=False)
+        for fs in mountable(facts):
+            argv = cmd.fsck_readonly(fs.fstype, device_of(fs, facts, settings, snapshot=False))
+            if argv is not None:
+                plan.steps.append(Step("fsck", peer, argv, None, note=f"{fs.name} ({fs.fstype})", then="fsck"))
     return plan
 
 
@@ -426,9 +509,11 @@ def _dir_steps(mounts, facts, settings, domu, host, read_only, tree) -> list[Ste
     return steps
 
 
-def teardown_order(steps: list[Step]) -> list[tuple[str, ...]]:
-    """The undo argvs in the order teardown runs them: exact reverse of the open steps."""
-    return [s.undo for s in reversed(steps) if s.undo is not None]
+def teardown_order(steps: list[Step]) -> list[tuple[str, tuple[str, ...]]]:
+    """(host, undo argv) in the order teardown runs them on each host: exact reverse of the
+    open steps, but for a step that a later step closed already (Step.closes)."""
+    closed = {(s.host, s.closes) for s in steps if s.closes is not None}
+    return [(s.host, s.undo) for s in reversed(steps) if s.undo is not None and (s.host, s.argv) not in closed]
 
 
 def describe(plan: Plan) -> str:
@@ -446,7 +531,7 @@ def describe(plan: Plan) -> str:
         lines.append(f"  skipped: {s}")
     for n in plan.notes:
         lines.append(f"  note: {n}")
-    undo = [(s.host, s.undo) for s in reversed(plan.steps) if s.undo]
+    undo = teardown_order(plan.steps)
     if undo:
         lines.append("Teardown (reverse order):")
         for host, u in undo:

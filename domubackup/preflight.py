@@ -9,8 +9,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from . import commands as cmd, pipeline, virt
+from . import commands as cmd, jobs, virt
 from .catalog import Catalog
+from .checks import check_peer_state, check_replicas, check_vg_space
 from .errors import DomuBackupError, NotHereError
 from .report import age_text, last_ok_text, newest_ok_per_domu
 
@@ -46,7 +47,7 @@ def _try(what, fn) -> Check:
         return Check(False, what, str(e))
 
 
-def run_checks(config, names, local, *, factory=pipeline.ssh_runner, now=None) -> list[Check]:
+def run_checks(config, names, local, *, factory=jobs.ssh_runner, now=None) -> list[Check]:
     """The checks of ``names``, or (none named) of what the night backs up here."""
     checks = [Check(True, f"config {config.path}", f"dom0s {', '.join(config.dom0s)}; this host {config.this_host}")]
 
@@ -59,7 +60,7 @@ def run_checks(config, names, local, *, factory=pipeline.ssh_runner, now=None) -
             raise DomuBackupError(f"cannot write there: {e.strerror}", hint="create it or fix its permissions")
         return "writable"
     checks.append(_try(f"state directory {config.state_dir}", state_dir))
-    checks.append(_try(f"this host {config.this_host} in dom0s", lambda: pipeline.check_host(config)))
+    checks.append(_try(f"this host {config.this_host} in dom0s", lambda: jobs.check_host(config)))
 
     def tools():
         gone = missing_tools(local, LOCAL_TOOLS)
@@ -101,7 +102,7 @@ def domu_checks(config, names, conn, local, factory, peers_seen, night) -> list[
     for name in names:
         settings = config.settings_for(name)
         try:
-            insp = pipeline.inspect(config, name, conn, local)
+            insp = jobs.inspect(config, name, conn, local)
         except NotHereError as e:
             checks.append(Check(night, f"{name}: eligible here", str(e)))
             continue
@@ -111,7 +112,7 @@ def domu_checks(config, names, conn, local, factory, peers_seen, night) -> list[
         disks = ", ".join(f"{f.disk.target}={f.lv.vg}/{f.lv.lv}" for f in insp.facts)
         checks.append(Check(True, f"{name}: eligible here", f"{insp.domain.state}; disks {disks}"))
         checks.append(_try(f"{name}: VG space for snapshots of {settings.snapshot_size}",
-                           lambda: pipeline.check_vg_space(insp.facts, settings)))
+                           lambda: check_vg_space(insp.facts, settings)))
         for peer in insp.peers:
             if peer not in peers_seen:
                 runner = factory(peer, settings.ssh)
@@ -128,8 +129,8 @@ def domu_checks(config, names, conn, local, factory, peers_seen, night) -> list[
                     checks.append(_try(f"tools on {peer}", peer_tools))
             runner = peers_seen[peer]
             checks.append(_try(f"{name}: replica on {peer} (not running there, LVs present, same layout)",
-                               lambda: pipeline.check_peer(config, name, insp.facts, settings, peer, runner)
-                               and "matches"))
+                               lambda: (check_peer_state(name, settings, peer, runner),
+                                        check_replicas(name, insp.facts, peer, runner)) and "matches"))
     return checks
 
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 
-from .catalog import OK, REPLICA_KINDS, RUNNING, RunRow
+from .model import OK, REPLICA_KINDS, RUNNING, RunRow
 from .config import parse_age
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")

@@ -17,12 +17,15 @@ import struct
 import time
 import zlib
 
+from dataclasses import replace
+
 from . import commands as cmd
 from . import parsers
 from . import plan as planner
-from .errors import PeerError, SnapshotError
+from .errors import CommandError, PeerError, SnapshotError
+from .executor import Executor
 from .journal import Journal
-from .model import LOCAL
+from .model import RsyncStats
 
 log = logging.getLogger("domubackup")
 
@@ -183,54 +186,103 @@ class BlockStream:
         self.sha256 = total.hexdigest()
 
 
-def seed(config, domu: str, insp, local, peers: dict, *, force=False, bars=None) -> list[str]:
-    """Seed every disk of `insp` to every peer runner. Returns lines for the report.
-    ``bars`` (a progress.Progress, on a terminal) draws a bar per disk and peer."""
-    settings = config.settings_for(domu)
-    report = []
-    for peer, runner in peers.items():
-        res = runner.run(cmd.virsh_domstate(settings.libvirt_uri, domu), check=False)
-        if res.exit_code == 0 and res.stdout.strip() not in ("shut off", "crashed"):
-            raise PeerError(f"{domu} is {res.stdout.strip()} on {peer}: refusing to overwrite its disks")
-        for f in insp.facts:
-            report.append(prepare_replica(runner, f, force=force))
-    # the caller holds the DomU's lock
-    journal = Journal.create(config.state_dir, domu, ",".join(peers))
-    try:
-        for step in planner.snapshot_steps(insp.facts, settings):
-            i = journal.begin(step)
-            local.run(step.argv, timeout=settings.command_timeout)
-            journal.done(i)
-        for f in insp.facts:
+def receive_argv(target: str, size: int) -> tuple[str, ...]:
+    return ("python3", "-c", RECEIVER, target, str(size))
+
+
+def plan_seed(domu: str, facts, settings, peers) -> planner.Plan:
+    """On each peer: the DomU not running there, each replica LV ready (created when missing:
+    it stays, it is the replica); then this host's snapshots; then each disk streamed to each
+    peer (judged by the "seed" callback: the checksums of both ends)."""
+    plan = planner.Plan(domu)
+    lanes = []
+    for peer in peers:
+        lane = [planner.check(peer, "peer-state", note=f"{domu} is not running on {peer}")]
+        lane += [planner.check(peer, "replica", f.disk.target,
+                               note=f"{f.disk.target}: the replica {cmd.lv_path(f.lv.vg, f.lv.lv)} on {peer} exists "
+                                    "(made when missing), is closed, big enough, and empty unless --force")
+                 for f in facts]
+        lanes.append(planner._mark_last(lane, f"prepared:{peer}"))
+        for i, f in enumerate(facts):
             snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv))
             target = cmd.lv_path(f.lv.vg, f.lv.lv)
-            for peer, runner in peers.items():
-                start = time.monotonic()
-                last = [0.0]
-                meter = bars.meter(f"seed {snap} -> {peer}", f.lv.size) if bars else None
+            lanes[-1].append(planner.Step("seed", peer, receive_argv(target, f.lv.size), None,
+                                          note=f"{f.disk.target}: {snap} -> {peer}:{target}", then="seed",
+                                          waits=("snapshots",) if i == 0 else (), timeout=24 * 3600))
+    snaps = planner._mark_last(planner.snapshot_steps(facts, settings), "snapshots")
+    snaps[0] = replace(snaps[0], waits=tuple(f"prepared:{p}" for p in peers))
+    plan.steps = snaps + [s for lane in lanes for s in lane]
+    return plan
 
-                def progress(done, total, sent, peer=peer, meter=meter):
-                    if meter:
-                        meter.to(done, total)
-                    if done == total or time.monotonic() - last[0] > 5:
-                        last[0] = time.monotonic()
-                        log.info("seed %s -> %s:%s: %d%% (%d MiB sent)", snap, peer, target,
-                                 done * 100 // total, sent >> 20)
 
-                blocks = BlockStream(snap, f.lv.size, progress)
-                try:
-                    res = runner.run(["python3", "-c", RECEIVER, target, str(f.lv.size)],
-                                     input=blocks, timeout=24 * 3600)
-                finally:
-                    if meter:
-                        meter.close()
-                theirs = res.stdout.strip()
-                ours = blocks.sha256
-                if theirs != ours:
-                    raise SnapshotError(f"seed of {target} on {peer}: checksum differs "
-                                        f"(here {ours}, there {theirs})", hint="seed again")
-                report.append(f"{f.disk.target}: {snap} -> {peer}:{target}: {f.lv.size} bytes in "
-                              f"{time.monotonic() - start:.1f}s, sha256 {ours[:16]}... matches")
-    finally:
-        journal.teardown({LOCAL: local, **peers})
-    return report
+def seed(config, domu: str, conn, local, *, force=False, bars=None, catalog=None, log_path=None,
+         factory=None):
+    """`domubackup seed DOMU` as a job (jobs.run_job): its outcome's report has a line per
+    replica prepared and per disk copied. ``bars`` (a progress.Progress, on a terminal) draws
+    a bar per disk and peer."""
+    from .jobs import run_job, ssh_runner
+
+    return run_job(config, domu, "seed", conn, local, lambda job: Seed(job, force=force, bars=bars).run(),
+                   factory=factory or ssh_runner, catalog=catalog, log_path=log_path)
+
+
+class Seed:
+    def __init__(self, job, *, force=False, bars=None):
+        self.job, self.force, self.bars = job, force, bars
+        self.streams: dict = {}  # seed step -> (BlockStream, meter, start)
+
+    def run(self) -> None:
+        job = self.job
+        journal = Journal.create(job.config.state_dir, job.domu, ",".join(job.insp.peers))
+        ex = Executor(journal, job.runners, timeout=job.settings.command_timeout,
+                      checks={"peer-state": job.check_peer_state, "replica": self._replica},
+                      callbacks={"seed": self._seeded}, feed=self._feed)
+        try:
+            with ex.closing():
+                ex.run(plan_seed(job.domu, job.insp.facts, job.settings, job.insp.peers).steps)
+        finally:
+            for _, meter, _ in self.streams.values():
+                if meter is not None:
+                    meter.close()
+        job.out.stats = RsyncStats(total_size=sum(f.lv.size for f in job.insp.facts))
+        job.out.status, job.out.exit_code = "OK", 0
+
+    def _disk(self, target: str):
+        return next(f for f in self.job.insp.facts if f.disk.target == target)
+
+    def _replica(self, step) -> None:
+        self.job.out.report.append(prepare_replica(self.job.runners[step.host], self._disk(step.check[1]),
+                                                   force=self.force))
+
+    def _feed(self, step):
+        if step.phase != "seed":
+            return None
+        f = self._disk(step.note.split(":", 1)[0])
+        snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(self.job.settings, f.lv.lv))
+        meter = self.bars.meter(f"seed {snap} -> {step.host}", f.lv.size) if self.bars else None
+        last = [0.0]
+
+        def progress(done, total, sent):
+            if meter:
+                meter.to(done, total)
+            if done == total or time.monotonic() - last[0] > 5:
+                last[0] = time.monotonic()
+                log.info("seed %s: %d%% (%d MiB sent)", step.note.split(": ", 1)[1], done * 100 // total, sent >> 20)
+
+        blocks = BlockStream(snap, f.lv.size, progress)
+        self.streams[step] = (blocks, meter, time.monotonic())
+        return blocks
+
+    def _seeded(self, step, res) -> None:
+        blocks, meter, start = self.streams.pop(step)
+        if meter is not None:
+            meter.close()
+        if res.exit_code != 0:
+            raise CommandError(step.host, step.argv, res.exit_code, res.stderr)
+        theirs, ours = res.stdout.strip(), blocks.sha256
+        target = step.argv[-2]
+        if theirs != ours:
+            raise SnapshotError(f"seed of {target} on {step.host}: checksum differs "
+                                f"(here {ours}, there {theirs})", hint="seed again")
+        self.job.out.report.append(f"{step.note}: {step.argv[-1]} bytes in {time.monotonic() - start:.1f}s, "
+                                   f"sha256 {ours[:16]}... matches")

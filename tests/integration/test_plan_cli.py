@@ -61,6 +61,12 @@ def test_plan_json_of_xen_pv_domu_with_two_lv_disks(conf, fixtures, capsys):
     code, out, err = run(["-c", cfg, "plan", "web1", "--json"], runner, capsys)
     assert (code, err) == (0, "")
     steps = json.loads(out)
+    checks = [(s["host"], s["check"], s.get("waits", []), s.get("mark", "")) for s in steps if "check" in s]
+    assert checks == [("local", ["vg-space"], [], ""), ("local", ["no-stale"], [], "checked"),
+                      ("local", ["snapshot", "xvda"], [], ""), ("local", ["snapshot", "xvdb"], [], ""),
+                      ("dom0b", ["peer-state"], [], ""), ("dom0b", ["replicas"], ["checked"], ""),
+                      ("local", ["room"], ["ready:dom0b"], "")]
+    steps = [s for s in steps if "check" not in s]
     assert [(s["phase"], s["host"], s["argv"][0], s["argv"][-1] if s["argv"][0] != "domubackup"
              else os.path.join(s["argv"][-5], s["argv"][-4].lstrip("/")).rstrip("/")) for s in steps] == [
         ("snapshot", "local", "lvcreate", "/dev/vg0/web1-disk"),

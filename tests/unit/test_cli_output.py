@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from domubackup import cli, errors, pipeline
+from domubackup import cli, errors, jobs, pipeline
 from test_cli import Succeeds, config  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("package_logger")  # cli.main sets the logging up
@@ -228,7 +228,7 @@ def test_run_json_prints_each_domus_outcome(tmp_path, fixtures, monkeypatch, cap
         if n == "web2":
             raise errors.NotHereError("web2: not defined on dom0a")
         return _inspect(c, n, r, on_eligible)
-    monkeypatch.setattr(pipeline, "inspect", inspect)
+    monkeypatch.setattr(jobs, "inspect", inspect)
     backup = pipeline.backup
     monkeypatch.setattr(pipeline, "backup", lambda *a, **kw: backup(*a, factory=lambda host, ssh: peer, **kw))
     monkeypatch.setattr(cli.virt, "connect", lambda uri: type("Conn", (), {"close": lambda self: None})())

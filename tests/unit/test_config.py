@@ -69,6 +69,7 @@ def test_domu_section_overrides_global_and_nested_tables():
     (BASE + '[dom0.dom0b]\nport = 0\n', "/etc/db.toml: dom0.dom0b.port: expected a TCP port, got 0"),
     (BASE + 'dom0 = 1\n', "/etc/db.toml: dom0: expected tables like [dom0.dom0b]"),
     (BASE + '[ssh]\nendpoints = []\n', "/etc/db.toml: ssh.endpoints: unknown key"),
+    ('dom0s = ["dom0a", "local"]\n', "/etc/db.toml: dom0s: 'local' is reserved for this host's own steps"),
 ])
 def test_bad_config_names_file_key_and_expectation(text, message):
     assert error_of(text).startswith(message)

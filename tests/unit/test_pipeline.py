@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from domubackup import parsers, pipeline
+from domubackup import jobs, parsers, pipeline
 from domubackup.config import parse_config
 from domubackup.journal import Journal
 from domubackup.runner import Runner
@@ -132,7 +132,7 @@ def setup(tmp_path, fixtures, fail_at=None, fail_undo=None):
 
 
 def run_backup(config, local, peer, monkeypatch):
-    monkeypatch.setattr(pipeline, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
+    monkeypatch.setattr(jobs, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
     return pipeline.backup(config, "web1", None, local, factory=lambda host, ssh: peer)
 
 
@@ -356,13 +356,13 @@ def signal_on(host, prog, event, where=None):
     host._execute = execute
 
 
-def test_peer_is_asked_while_this_host_still_probes(tmp_path, fixtures, monkeypatch):
-    # The peer's libvirt is asked as soon as the DomU is known to be eligible here: this
-    # host's first disk probe can wait for it.
+def test_peer_is_reached_while_this_host_still_probes(tmp_path, fixtures, monkeypatch):
+    # The peer is connected to as soon as the DomU is known to be eligible here: this host's
+    # first disk probe can wait for it.
     import threading
     config, local, peer, log = setup(tmp_path, fixtures)
     asked, seen = threading.Event(), []
-    signal_on(peer, "virsh", asked)
+    peer.connect = asked.set
     wait_in(local, "parted", asked, seen)
     out = run_backup(config, local, peer, monkeypatch)
     assert (out.status, seen) == ("OK", [True])
@@ -409,7 +409,8 @@ def test_peer_unreachable_after_probes_started_leaves_nothing(tmp_path, fixtures
     (4.0, 50.0, 90.0, 2.0),    # past the threshold already
 ])
 def test_next_poll(delay, before, now, expected):
-    got = pipeline.next_poll(delay, before, now, 80.0)
+    from domubackup.checks import next_poll
+    got = next_poll(delay, before, now, 80.0)
     assert got == pytest.approx(expected)
 
 
@@ -432,7 +433,7 @@ def test_unexpected_exception_ends_that_domu_only_and_the_night_goes_on(tmp_path
             return 0, "Number of files: 2.01M\n", ""
         return real(argv, env, input, timeout)
     local._execute = execute
-    monkeypatch.setattr(pipeline, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
+    monkeypatch.setattr(jobs, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
     backup = pipeline.backup
     monkeypatch.setattr(pipeline, "backup", lambda *a, **kw: backup(*a, factory=lambda host, ssh: peer, **kw))
     logs.setup(0, syslog=False)
@@ -470,7 +471,7 @@ def test_an_internal_error_without_a_run_log_file_is_one_line_never_a_traceback(
     config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n',
                           hostname="dom0a", default_uri="test:///default")
     _, local, peer, log = setup(tmp_path, fixtures)
-    monkeypatch.setattr(pipeline, "inspect", lambda c, n, conn, r, on_eligible=None: 1 / 0)
+    monkeypatch.setattr(jobs, "inspect", lambda c, n, conn, r, on_eligible=None: 1 / 0)
     logs.setup(0, syslog=False)
     code = cli.run_backups(config, argparse.Namespace(domus=["web1"], verbose=0), local)
     out, err = capsys.readouterr()
@@ -487,7 +488,7 @@ def test_keyboard_interrupt_is_not_contained(tmp_path, fixtures, monkeypatch):
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
-    monkeypatch.setattr(pipeline, "inspect", interrupted)
+    monkeypatch.setattr(jobs, "inspect", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pipeline.backup(config, "web1", None, local, factory=lambda host, ssh: peer)
 
@@ -654,7 +655,7 @@ def test_a_filesystem_that_cannot_be_copied_makes_the_run_partial(tmp_path, fixt
     for host in (local, peer):
         blkid = tuple(parsers.blkid_argv("/dev/vg0/web1-srv"))
         host.probes[blkid] = (0, host.probes[blkid][1].replace("TYPE=ext4", "TYPE=ntfs"), "")
-    monkeypatch.setattr(pipeline, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
+    monkeypatch.setattr(jobs, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
     backup = pipeline.backup
     monkeypatch.setattr(pipeline, "backup", lambda *a, **kw: backup(*a, factory=lambda host, ssh: peer, **kw))
     logs.setup(0, syslog=False)

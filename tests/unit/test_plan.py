@@ -77,8 +77,10 @@ EXPECTED = [
 
 
 def flat(plan):
+    """The plan's commands (its check steps left out: see test_the_checks_come_first_on_each_lane)."""
     import shlex
-    return [(s.phase, s.host, shlex.join(s.argv), shlex.join(s.undo) if s.undo else None) for s in plan.steps]
+    return [(s.phase, s.host, shlex.join(s.argv), shlex.join(s.undo) if s.undo else None) for s in plan.steps
+            if not s.check]
 
 
 def test_full_plan_with_config_mounts():
@@ -88,11 +90,27 @@ def test_full_plan_with_config_mounts():
     assert plan.skipped == ["xvda6: swap is not copied"]
 
 
+def test_the_checks_come_first_on_each_lane_and_the_lanes_meet_at_marks():
+    plan = plan_backup("web1", web1_facts(), settings(MOUNTS).settings_for("web1"), ("dom0b",))
+    lane = {h: [(s.phase, s.check[:1] or s.argv[:1], s.waits, s.mark) for s in plan.steps if s.host == h]
+            for h in (LOCAL, "dom0b")}
+    assert lane[LOCAL][:4] == [("check", ("vg-space",), (), ""), ("check", ("no-stale",), (), "checked"),
+                               ("snapshot", ("lvcreate",), (), ""), ("snapshot", ("lvcreate",), (), "snapshots")]
+    assert lane[LOCAL][4:6] == [("check", ("snapshot",), (), ""), ("check", ("snapshot",), (), "")]
+    assert lane[LOCAL][-2:] == [("check", ("room",), ("ready:dom0b",), ""), ("transfer", ("rsync",), (), "")]
+    # the peer is asked at once; it opens nothing before this host's checks passed
+    assert lane["dom0b"][:2] == [("check", ("peer-state",), (), ""), ("check", ("replicas",), ("checked",), "")]
+    assert lane["dom0b"][-1][-1] == "ready:dom0b"
+    # with a freeze window, the peer waits for the snapshots (nothing competes with the freeze)
+    frozen = plan_backup("web1", web1_facts(), settings(MOUNTS).settings_for("web1"), ("dom0b",), frozen=True)
+    assert next(s for s in frozen.steps if s.host == "dom0b").waits == ("snapshots",)
+
+
 def test_teardown_is_exact_reverse():
     c = settings(MOUNTS)
     plan = plan_backup("web1", web1_facts(), c.settings_for("web1"), c.peers_for("web1"))
     undos = [e[3] for e in EXPECTED if e[3]]
-    assert [" ".join(u) for u in teardown_order(plan.steps)] == [u.replace("-- ", "-- ") for u in reversed(undos)]
+    assert [" ".join(u) for _, u in teardown_order(plan.steps)] == [u.replace("-- ", "-- ") for u in reversed(undos)]
 
 
 def test_without_fstab_the_plan_says_the_rest_is_decided_at_run_time():
@@ -104,9 +122,18 @@ def test_without_fstab_the_plan_says_the_rest_is_decided_at_run_time():
     assert inspect.argv == ("domubackup", "read-in", "--", "/mnt/domubackup/source/web1", "/etc/fstab")
     assert any("come from the guest's /etc/fstab at run time" in n and "xvda5 (xfs), xvdb (ext4)" in n
                for n in plan.notes)
+    assert inspect.then == "fstab" and plan.steps.index(inspect) == len([s for s in plan.steps if s.host == LOCAL]) - 1
     mounts = [s for s in plan.steps if s.argv[:2] == ("domubackup", "mount-in")]
-    assert [m.argv[m.argv.index("--") + 1:][:2] for m in mounts] == [("/mnt/domubackup/source/web1", "/"),
-                                                                      ("/mnt/domubackup/target/web1", "/")]
+    assert [m.argv[m.argv.index("--") + 1:][:2] for m in mounts] == [("/mnt/domubackup/source/web1", "/")]
+    assert not [s for s in plan.steps if s.phase in ("peer-mount", "transfer")]  # decided by the fstab
+    # given the fstab the run read: the plan as the run decided it
+    fstab = "LABEL=web1-root / ext4 defaults 0 1\nLABEL=web1-var /var xfs defaults 0 2\n/dev/xvdb /srv ext4 defaults 0 2\n"
+    decided = plan_backup("web1", web1_facts(), c.settings_for("web1"), c.peers_for("web1"), fstab=fstab)
+    assert flat(decided)[:len(flat(plan))] == flat(plan)
+    read = ("inspect", LOCAL, "domubackup read-in -- /mnt/domubackup/source/web1 /etc/fstab", None)
+    for host in (LOCAL, "dom0b"):  # each lane: the config-mounts plan's, with the fstab read after the root
+        assert [e for e in flat(decided) if e[1] == host] == [e for e in EXPECTED[:5] + [read] + EXPECTED[5:]
+                                                              if e[1] == host]
 
 
 def test_fstab_by_uuid_label_and_device():
@@ -210,7 +237,7 @@ def test_no_root_fs_falls_back_to_named_directories():
 
 
 def test_peers_get_one_rsync_each_and_bwlimit():
-    c = parse_config('dom0s = ["a", "b", "c"]\n[rsync]\nbwlimit = "10M"\ncompress = true\n', hostname="a",
+    c = parse_config('dom0s = ["a", "b", "c"]\n[rsync]\nbwlimit = "10M"\ncompress = true\n' + MOUNTS, hostname="a",
                      default_uri="x")
     plan = plan_backup("web1", web1_facts(), c.settings_for("web1"), c.peers_for("web1"))
     rsyncs = [s.argv for s in plan.steps if s.phase == "transfer"]
@@ -220,7 +247,7 @@ def test_peers_get_one_rsync_each_and_bwlimit():
 
 @pytest.mark.parametrize("value, expected", [("io_timeout = 0\n", []), ("io_timeout = 45.0\n", ["--timeout=45"])])
 def test_rsync_io_timeout(value, expected):
-    c = settings("[rsync]\n" + value)
+    c = settings(MOUNTS + "[rsync]\n" + value)
     plan = plan_backup("web1", web1_facts(), c.settings_for("web1"), c.peers_for("web1"))
     assert [w for s in plan.steps if s.phase == "transfer" for w in s.argv if w.startswith("--timeout")] == expected
 
@@ -229,7 +256,7 @@ def test_hostile_names_stay_single_argv_words():
     facts = web1_facts()
     c = settings("source_prefix = \"/mnt/a b/$(reboot)\"\n" + MOUNTS)
     plan = plan_backup("web1", facts, c.settings_for("web1"), ("dom0b",))
-    mkdir = next(s for s in plan.steps if s.argv[0] == "mkdir")
+    mkdir = next(s for s in plan.steps if s.argv[:1] == ("mkdir",))
     assert mkdir.argv == ("mkdir", "-p", "--", "/mnt/a b/$(reboot)/web1")
 
 

@@ -1,0 +1,89 @@
+"""What `plan` prints is what `run` does: for several layouts, the commands that open and close
+something (and the reads and transfers between them), run on each host by a backup against
+scripted hosts, equal the plan's steps and teardown for that host, in order, once the plan
+is given what the run decided (the mounts it read from the guest's fstab)."""
+
+from dataclasses import replace
+
+import pytest
+
+from domubackup import jobs, pipeline
+from domubackup import plan as planner
+from domubackup.config import parse_config
+from domubackup.model import LOCAL
+from domubackup.safepath import EXIT_MISSING
+
+import test_pipeline
+from test_pipeline import FSTAB, Host, _inspect, items, setup
+
+PROBES = {"virsh", "lvs", "blkid", "parted", "dmsetup", "findmnt", "partx"}  # read-only facts
+
+
+def effects(log, host):
+    """What the run did on HOST, probes left out; `lvremove -f A B` counts as A's then B's."""
+    out = []
+    for h, argv in log:
+        if h != host or argv[0] in PROBES or argv[:2] == ("kpartx", "-l"):
+            continue
+        out += [argv[:2] + (lv,) for lv in argv[2:]] if argv[0] == "lvremove" else [argv]
+    return out
+
+
+def planned(plan, host):
+    """The plan's commands on HOST (its label in the plan: LOCAL or the peer's name), then its
+    teardown there as `plan` prints it; a safepath helper step as the command it stands for
+    (test_pipeline.items). Check steps run read-only probes only (left out of `effects`)."""
+    opens = [a for s in plan.steps if s.host == host and not s.check for a in items(s.argv)]
+    undos = [a for h, undo in planner.teardown_order(plan.steps) if h == host for a in items(undo)]
+    return opens + undos
+
+
+def decided_plan(config, local, peers, fstab, **kw):
+    """`plan` as the run decided it: given the fstab the run read (or MISSING, or False when
+    there is nothing to decide)."""
+    insp = _inspect(config, "web1", local)
+    return planner.plan_backup("web1", insp.facts, config.settings_for("web1"), peers, skipped=insp.skipped,
+                               fstab=fstab, **kw)
+
+
+CAT = ("cat", "--", "/mnt/domubackup/source/web1/etc/fstab")
+
+
+@pytest.mark.parametrize("layout", ["fstab", "fstab-unplaced", "no-fstab", "config-mounts", "freeze", "two-peers",
+                                    "verify"])
+def test_each_host_runs_exactly_the_plan(tmp_path, fixtures, monkeypatch, layout):
+    config, local, peer, log = setup(tmp_path, fixtures)
+    peers = ("dom0b",)
+    text = FSTAB
+    if layout == "fstab-unplaced":
+        text = FSTAB.replace("LABEL=whole /srv", "#")
+    if layout == "config-mounts":
+        config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n'
+                              '[domu.web1]\nmounts = { xvda1 = "/", xvda5 = "/var", xvdb = "/srv" }\n',
+                              hostname="dom0a", default_uri="test:///x")
+    if layout == "freeze":
+        hooks = tmp_path / "freeze.d"
+        hooks.mkdir()
+        config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n'
+                              f'consistency = "hooks"\nfreeze_hook_dir = "{hooks}"\n',
+                              hostname="dom0a", default_uri="test:///x")
+    if layout == "two-peers":
+        config = parse_config(f'dom0s = ["dom0a", "dom0b", "dom0c"]\nstate_dir = "{tmp_path}"\n'
+                              'snapshot_size = "256M"\n', hostname="dom0a", default_uri="test:///x")
+        third = Host("dom0c", peer.probes, log=log)
+        peers = ("dom0b", "dom0c")
+        monkeypatch.setattr(test_pipeline, "_inspect", lambda c, n, r, on_eligible=None: replace(
+            _inspect(c, n, r, on_eligible), peers=peers))
+    local.probes[CAT] = (EXIT_MISSING, "", "read-in: no such file\n") if layout == "no-fstab" else (0, text, "")
+    hosts = {"dom0b": peer, "dom0c": third} if layout == "two-peers" else {"dom0b": peer}
+    monkeypatch.setattr(jobs, "inspect", lambda c, n, conn, r, on_eligible=None: test_pipeline._inspect(
+        c, n, r, on_eligible))
+    out = pipeline.backup(config, "web1", None, local, factory=lambda host, ssh: hosts[host],
+                          verify=layout == "verify")
+    assert (out.status, out.exit_code) == ("OK", 0), out.summary()
+    fstab = {"no-fstab": planner.MISSING, "config-mounts": False}.get(layout, text)
+    plan = decided_plan(config, local, peers, fstab, frozen=layout == "freeze", verify=layout == "verify")
+    for host in (LOCAL, *peers):
+        assert effects(log, host if host != LOCAL else "dom0a") == planned(plan, host), host
+    if layout != "config-mounts":  # the run mounted the root and read the fstab: a decision
+        assert [s.then for s in plan.steps if s.phase == "inspect"] == ["fstab"]
