@@ -11,11 +11,14 @@ import sys
 import time
 from contextlib import contextmanager
 
-from . import __version__, config as cfg, jobs, logs, pipeline, virt
-from .errors import (EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERNAL, EXIT_NOT_ELIGIBLE, EXIT_OK, EXIT_PARTIAL,
+from . import __version__
+from .core import config as cfg
+from .jobs import backup, frame
+from .hosts import logs, virt
+from .core.errors import (EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERNAL, EXIT_NOT_ELIGIBLE, EXIT_OK, EXIT_PARTIAL,
                      EXIT_SIGNAL, EXIT_TEARDOWN, EXIT_USAGE, DomuBackupError, Interrupted, UsageError,
                      signal_exit)
-from .plan import describe
+from .core.plan import describe
 
 # When several DomUs end differently, the most serious outcome decides the exit status (a code
 # not listed, a signal's 128+N, wins over all). EXIT_CONFIG: a DomU that runs here with no
@@ -25,7 +28,7 @@ SEVERITY = [EXIT_OK, EXIT_NOT_ELIGIBLE, EXIT_BUSY, EXIT_PARTIAL, EXIT_FAILED, EX
 log = logging.getLogger("domubackup")
 
 
-def _on_signal(signum, frame):
+def _on_signal(signum, _frame):
     raise Interrupted(signum)
 
 
@@ -214,7 +217,7 @@ def internal_error_log(e: BaseException, config, command: str) -> str:
 
 
 def _local_runner(config):
-    from .runner import LocalRunner
+    from .hosts.runner import LocalRunner
 
     return LocalRunner(host=config.this_host)
 
@@ -222,7 +225,7 @@ def _local_runner(config):
 def cmd_plan(config, args, runner) -> int:
     conn = virt.connect(config.settings_for(args.domu).libvirt_uri)
     try:
-        plan = pipeline.make_plan(config, jobs.inspect(config, args.domu, conn, runner))
+        plan = backup.make_plan(config, frame.inspect(config, args.domu, conn, runner))
     finally:
         conn.close()
     if args.json:
@@ -240,7 +243,7 @@ def cmd_run(config, args, runner) -> int:
     try:
         for name in virt.selected_domus(config, args.domus, conn):
             try:
-                plan = pipeline.make_plan(config, jobs.inspect(config, name, conn, runner))
+                plan = backup.make_plan(config, frame.inspect(config, name, conn, runner))
             except DomuBackupError as e:
                 say(f"domubackup: {e}", file=sys.stderr)
                 codes.append(e.exit_code)
@@ -258,7 +261,7 @@ def cmd_run(config, args, runner) -> int:
 
 
 def open_catalog(config):
-    from .catalog import Catalog
+    from .hosts.catalog import Catalog
 
     catalog = Catalog.in_state_dir(config.state_dir)
     for run_id in catalog.reap_dead():
@@ -270,26 +273,26 @@ def terminal_bars(args):
     """A progress.Progress when a person watches (stderr a TTY, no --json), else None."""
     if getattr(args, "json", False) or not sys.stderr.isatty():
         return None
-    from .progress import Progress
+    from .hosts.progress import Progress
 
     return Progress.for_terminal(sys.stderr)
 
 
 def run_backups(config, args, runner) -> int:
-    from .metrics import write_metrics
-    from .report import outcome_json
+    from .hosts.metrics import write_metrics
+    from .core.report import outcome_json
 
     conn = virt.connect(config.defaults.libvirt_uri)
     catalog = open_catalog(config)
     runs = []  # (outcome, its JSON)
     bars = terminal_bars(args)
     try:
-        jobs.lifecycle_hook(config.defaults, "job-start", runner)
+        frame.lifecycle_hook(config.defaults, "job-start", runner)
         for name in virt.selected_domus(config, args.domus, conn):
             started = time.time()
             with run_log(config, name) as log_path:
                 log.info("backup starts")
-                outcome = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path,
+                outcome = backup.backup(config, name, conn, runner, catalog=catalog, log_path=log_path,
                                           progress=bars)
                 log.info("%s", outcome.summary())
             runs.append((outcome, outcome_json(outcome, started, time.time(), log_path)))
@@ -302,7 +305,7 @@ def run_backups(config, args, runner) -> int:
         outcomes = [o for o, _ in runs]
         failed = [o.domu for o in outcomes if o.exit_code]
         try:
-            jobs.lifecycle_hook(config.defaults, "job-end", runner, domu=" ".join(o.domu for o in outcomes),
+            frame.lifecycle_hook(config.defaults, "job-end", runner, domu=" ".join(o.domu for o in outcomes),
                                     status="ERROR" if set(o.exit_code for o in outcomes) - {0, EXIT_PARTIAL}
                                     else "PARTIAL" if failed else "OK")
         except DomuBackupError as e:
@@ -337,7 +340,7 @@ def run_backups(config, args, runner) -> int:
 def stale_lines(config, catalog, domus, now=None) -> list[str]:
     """What the summary says of each DomU of ``domus`` (those that failed here tonight) with no OK
     run in this host's catalog within max_age (the metric domubackup_last_ok_age_seconds)."""
-    from .report import last_ok_text
+    from .core.report import last_ok_text
 
     now = time.time() if now is None else now
     lines = []
@@ -353,7 +356,7 @@ def stale_lines(config, catalog, domus, now=None) -> list[str]:
 def cmd_check(config, args, runner) -> int:
     from dataclasses import asdict
 
-    from .preflight import run_checks
+    from .jobs.preflight import run_checks
 
     checks = run_checks(config, args.domus, runner)
     failed = sum(not c.ok and not c.warning for c in checks)
@@ -369,7 +372,7 @@ def cmd_check(config, args, runner) -> int:
 
 
 def cmd_verify(config, args, runner) -> int:
-    from .report import outcome_json
+    from .core.report import outcome_json
 
     name = args.domu
     conn = virt.connect(config.settings_for(name).libvirt_uri)
@@ -377,7 +380,7 @@ def cmd_verify(config, args, runner) -> int:
     started = time.time()
     try:
         with run_log(config, name, "verify") as log_path:
-            out = pipeline.backup(config, name, conn, runner, catalog=catalog, log_path=log_path, verify=True)
+            out = backup.backup(config, name, conn, runner, catalog=catalog, log_path=log_path, verify=True)
     finally:
         conn.close()
         catalog.close()
@@ -387,7 +390,7 @@ def cmd_verify(config, args, runner) -> int:
     if args.fsck and out.status in ("OK", "ERROR"):
         conn = virt.connect(config.settings_for(name).libvirt_uri)
         try:
-            fsck = pipeline.fsck_replicas(config, name, conn, runner)
+            fsck = backup.fsck_replicas(config, name, conn, runner)
         finally:
             conn.close()
         lines += [f"{name}: fsck: {p}" for p in fsck]
@@ -412,7 +415,7 @@ def cmd_verify(config, args, runner) -> int:
 
 
 def cmd_seed(config, args, runner) -> int:
-    from .seed import seed
+    from .jobs.seed import seed
 
     name = args.domu
     conn = virt.connect(config.settings_for(name).libvirt_uri)
@@ -432,7 +435,7 @@ def cmd_seed(config, args, runner) -> int:
 
 
 def cmd_history(config, args, runner=None) -> int:
-    from .report import format_history, history_json, parse_since
+    from .core.report import format_history, history_json, parse_since
 
     since = None
     if args.since:
@@ -453,15 +456,15 @@ def cmd_history(config, args, runner=None) -> int:
 
 
 def cmd_cleanup(config, args, runner) -> int:
-    from .journal import Journal
-    from .lock import DomuLock
+    from .hosts.journal import Journal
+    from .hosts.lock import DomuLock
 
     names = args.domus or Journal.domus(config.state_dir)
     codes = []
     for name in names:
         try:
             with DomuLock(config.state_dir, name):
-                undone = jobs.recover(config, name, runner)
+                undone = frame.recover(config, name, runner)
         except DomuBackupError as e:
             say(f"domubackup: {name}: {e}", file=sys.stderr)
             codes.append(e.exit_code)

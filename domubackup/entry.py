@@ -7,7 +7,7 @@ import sys
 
 
 def main() -> int:
-    from . import safepath
+    from .hosts import safepath
 
     if len(sys.argv) > 1 and sys.argv[1] in safepath.COMMANDS:
         return safepath.main(sys.argv[1:])

@@ -1,6 +1,6 @@
 """A runner that answers read-only probes from captured tool outputs (fixtures/tools)."""
 
-from domubackup.runner import Runner
+from domubackup.hosts.runner import Runner
 
 
 class ReplayRunner(Runner):

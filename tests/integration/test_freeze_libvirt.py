@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from domubackup import errors
-from domubackup.freeze import FreezeSettings, agent_undo_argv, freeze_window
+from domubackup.core import errors
+from domubackup.jobs.freeze import FreezeSettings, agent_undo_argv, freeze_window
 
 libvirt = pytest.importorskip("libvirt")
 

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from domubackup import cli, parsers
+from domubackup import cli
+from domubackup.core import parsers
 from replay import ReplayRunner
 
 MiB = 1024 * 1024

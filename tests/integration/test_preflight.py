@@ -4,11 +4,12 @@ a warning; the peers are asked with `domubackup history --json` through their ru
 
 import json
 
-from domubackup import commands, preflight
-from domubackup.catalog import Catalog
-from domubackup.config import load_config
-from domubackup.errors import PeerError
-from domubackup.runner import Runner
+from domubackup.core import commands
+from domubackup.jobs import preflight
+from domubackup.hosts.catalog import Catalog
+from domubackup.core.config import load_config
+from domubackup.core.errors import PeerError
+from domubackup.hosts.runner import Runner
 from replay import ReplayRunner
 from test_plan_cli import web1_probes
 

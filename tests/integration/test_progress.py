@@ -6,9 +6,10 @@ import logging
 import os
 import subprocess
 
-from domubackup import logs, parsers
-from domubackup.progress import Progress
-from domubackup.runner import LocalRunner
+from domubackup.hosts import logs
+from domubackup.core import parsers
+from domubackup.hosts.progress import Progress
+from domubackup.hosts.runner import LocalRunner
 
 
 class Terminal(io.StringIO):

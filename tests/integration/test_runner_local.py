@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from domubackup.errors import CommandError
-from domubackup.runner import LocalRunner
+from domubackup.core.errors import CommandError
+from domubackup.hosts.runner import LocalRunner
 
 
 @pytest.fixture
@@ -143,7 +143,7 @@ def test_gated_commands_run_at_once_when_the_process_dies(tmp_path):
     marks = [tmp_path / "one", tmp_path / "two"]
     prog = f"""
 import os, signal, time
-from domubackup.runner import LocalRunner
+from domubackup.hosts.runner import LocalRunner
 r = LocalRunner()
 gates = [r.gated(["sh", "-c", "echo out; echo err >&2; echo $$ >> " + m]) for m in {[str(m) for m in marks]!r}]
 time.sleep(0.5)
@@ -166,7 +166,7 @@ def test_a_command_ends_when_the_run_is_killed(where):
     tag = "31.41603" if where == "main thread" else "31.41604"
     prog = f"""
 import threading
-from domubackup.runner import LocalRunner
+from domubackup.hosts.runner import LocalRunner
 run = lambda: LocalRunner().run(["sleep", "{tag}"])
 if {where == "other thread"!r}:
     t = threading.Thread(target=run); t.start(); t.join()

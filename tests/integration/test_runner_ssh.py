@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from domubackup.errors import CommandError, PeerError
-from domubackup.runner import SSHRunner
+from domubackup.core.errors import CommandError, PeerError
+from domubackup.hosts.runner import SSHRunner
 
 ECHO_ARGV = ["python3", "-c", "import sys, json; print(json.dumps(sys.argv[1:]))"]
 
@@ -233,7 +233,7 @@ def test_a_late_eof_never_breaks_the_connection(sshd, monkeypatch):
 
 
 def rsync_ssh_settings(sshd, **kw):
-    from domubackup.config import SSHSettings
+    from domubackup.core.config import SSHSettings
 
     return SSHSettings(user="root", identity_file=sshd.identity_file, known_hosts=sshd.known_hosts,
                        port=sshd.port, connect_timeout=5, **kw)
@@ -242,8 +242,8 @@ def rsync_ssh_settings(sshd, **kw):
 def test_rsync_runs_over_the_ssh_command_of_the_config(sshd, tmp_path):
     # The exact argv a backup runs (commands.rsync and its ssh_command, -F none and all),
     # against the private sshd: it connects with the pinned key only and copies.
-    from domubackup import commands
-    from domubackup.config import RsyncSettings
+    from domubackup.core import commands
+    from domubackup.core.config import RsyncSettings
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "etc").mkdir(parents=True)
@@ -259,7 +259,7 @@ def test_rsync_runs_over_the_ssh_command_of_the_config(sshd, tmp_path):
 
 def test_ssh_command_options_are_what_openssh_uses(sshd):
     # `ssh -G` prints the configuration the options give (nothing is read from ssh_config).
-    from domubackup import commands
+    from domubackup.core import commands
 
     argv = commands.ssh_command(rsync_ssh_settings(sshd))
     r = subprocess.run([*argv, "-G", sshd.host], capture_output=True, text=True, timeout=10)
@@ -279,7 +279,7 @@ def test_ssh_command_options_are_what_openssh_uses(sshd):
 def one_dom0_at_an_address(sshd, known_hosts=None):
     """The SSH settings of a config that names the private sshd "peerb" (a name that does not
     resolve) and gives its address and port in [dom0.peerb]."""
-    from domubackup.config import parse_config
+    from domubackup.core.config import parse_config
 
     c = parse_config(f'dom0s = ["peera", "peerb"]\n[dom0.peerb]\naddress = "127.0.0.1"\nport = {sshd.port}\n'
                      f'[ssh]\nidentity_file = "{sshd.identity_file}"\nknown_hosts = "{known_hosts or sshd.known_hosts}"\n',
@@ -302,11 +302,12 @@ def hostile_home(tmp_path, monkeypatch, sshd):
 def test_both_clients_reach_a_dom0_by_its_address_and_port_with_the_same_pinned_key(sshd, tmp_path, hostile_home):
     # paramiko (the SSHRunner of the pipeline) and rsync's ssh (commands.rsync) both connect to
     # [dom0.peerb]'s address and port and both look the key up as [127.0.0.1]:PORT.
-    from domubackup import commands, pipeline
-    from domubackup.config import RsyncSettings
+    from domubackup.core import commands
+    from domubackup.jobs import backup as backup_job
+    from domubackup.core.config import RsyncSettings
 
     ssh = one_dom0_at_an_address(sshd)
-    with pipeline.ssh_runner("peerb", ssh) as runner:
+    with backup_job.ssh_runner("peerb", ssh) as runner:
         r = runner.run(["echo", "hi"])
     assert (r.host, r.stdout) == ("peerb", "hi\n")  # the name stays the identity
     src, dst = tmp_path / "src", tmp_path / "dst"
@@ -321,14 +322,15 @@ def test_both_clients_reach_a_dom0_by_its_address_and_port_with_the_same_pinned_
 
 
 def test_both_clients_refuse_a_key_pinned_under_the_name_instead_of_the_address(sshd, tmp_path, hostile_home):
-    from domubackup import commands, pipeline
-    from domubackup.config import RsyncSettings
+    from domubackup.core import commands
+    from domubackup.jobs import backup as backup_job
+    from domubackup.core.config import RsyncSettings
 
     kh = tmp_path / "known_hosts"
     kh.write_text(open(sshd.known_hosts).read().replace("[127.0.0.1]", "[peerb]"))
     ssh = one_dom0_at_an_address(sshd, known_hosts=kh)
     with pytest.raises(PeerError) as e:
-        pipeline.ssh_runner("peerb", ssh).run(["true"])
+        backup_job.ssh_runner("peerb", ssh).run(["true"])
     assert e.value.message == (f"the host key of peerb (127.0.0.1:{sshd.port}) is unknown: no entry for "
                                f"[127.0.0.1]:{sshd.port} in {kh}")
     assert e.value.hint.endswith(f"`ssh-keyscan -p {sshd.port} 127.0.0.1 >> {kh}`")

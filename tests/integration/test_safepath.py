@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from domubackup import safepath
-from domubackup.safepath import Refused
+from domubackup.hosts import safepath
+from domubackup.hosts.safepath import Refused
 
 pytestmark = pytest.mark.integration
 HELPER = [sys.executable, "-c", "import sys; from domubackup.entry import main; sys.argv[0] = 'domubackup'; "
@@ -215,8 +215,8 @@ def test_batches_say_how_far_they_got(tree, loopdev, tmp_path):
         code, out, err = safepath.execute(["mount-in", "--", str(t), "/srv", loopdev, "ext4", opts,
                                            "/var/lib", dev2, "ext4", opts, "/abs", dev2, "ext4", opts])
         assert code == 1 and out.decode().endswith("\nmounted /var/lib\n")  # the symlink stops the batch
-        from domubackup.model import Space
-        from domubackup.parsers import parse_mount_space
+        from domubackup.core.model import Space
+        from domubackup.core.parsers import parse_mount_space
         told = parse_mount_space(out.decode(), ["/srv", "/var/lib"])
         for path, space in zip(("/srv", "/var/lib"), told):  # each mount's own figures
             v = os.statvfs(f"{t}{path}")

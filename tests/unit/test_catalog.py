@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from domubackup.catalog import (DIED_MESSAGE, SCHEMA_VERSION, Catalog, CatalogError, RunRow,
+from domubackup.hosts.catalog import (DIED_MESSAGE, SCHEMA_VERSION, Catalog, CatalogError, RunRow,
                                 process_alive, process_start_ticks)
-from domubackup.model import RunRecord
-from domubackup.report import (format_history, history_json, human_bytes, human_duration,
+from domubackup.core.model import RunRecord
+from domubackup.core.report import (format_history, history_json, human_bytes, human_duration,
                                parse_since)
 
 T0 = 1_790_000_000.0  # 2026-09-21T14:13:20Z
@@ -426,7 +426,7 @@ def test_parse_since_errors(text):
 def test_a_version_1_catalog_is_migrated_and_keeps_its_runs(tmp_path):
     # the schema of version 1, as written by domubackup before PARTIAL existed
     import sqlite3
-    from domubackup import catalog as C
+    from domubackup.hosts import catalog as C
     old = C._SCHEMA.replace("'PARTIAL', ", "")
     assert "PARTIAL" not in old
     db = sqlite3.connect(tmp_path / C.CATALOG_NAME)

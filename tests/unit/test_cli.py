@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from domubackup import cli
-from domubackup.runner import Runner
+from domubackup.hosts.runner import Runner
 
 pytestmark = pytest.mark.usefixtures("package_logger")  # cli.main sets the logging up
 

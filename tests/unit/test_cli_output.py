@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from domubackup import cli, errors, jobs, pipeline
+from domubackup import cli
+from domubackup.core import errors
+from domubackup.jobs import frame, backup as backup_job
 from test_cli import Succeeds, config  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("package_logger")  # cli.main sets the logging up
@@ -33,7 +35,7 @@ def test_the_exit_code_table():
             0, 1, 2, 3, 4, 5, 70, 75, 78)
     assert [c.exit_code for c in (errors.DomuBackupError, errors.UsageError, errors.NotEligibleError,
                                   errors.TeardownError, errors.BusyError, errors.ConfigError)] == [1, 2, 3, 4, 75, 78]
-    assert cli.EXIT_PARTIAL is errors.EXIT_PARTIAL and pipeline.EXIT_PARTIAL == 5  # one table, imported
+    assert cli.EXIT_PARTIAL is errors.EXIT_PARTIAL and backup_job.EXIT_PARTIAL == 5  # one table, imported
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
@@ -56,13 +58,13 @@ def test_a_signal_ends_the_command_with_128_plus_its_number_after_its_finally(co
 
 
 def test_a_signal_in_one_domu_stops_the_night_with_its_code(config, monkeypatch, capsys, handlers):
-    from domubackup.config import load_config
+    from domubackup.core.config import load_config
     started = []
 
     def backup(config, name, conn, runner, **kw):
         started.append(name)
-        return pipeline.Outcome(name, "ERROR", errors.signal_exit(signal.SIGTERM), error="stopped by signal SIGTERM")
-    monkeypatch.setattr(pipeline, "backup", backup)
+        return backup_job.Outcome(name, "ERROR", errors.signal_exit(signal.SIGTERM), error="stopped by signal SIGTERM")
+    monkeypatch.setattr(backup_job, "backup", backup)
     cfg = load_config(config)
     args = argparse.Namespace(domus=["web1", "web2"], verbose=0)
     assert cli.run_backups(cfg, args, Succeeds()) == 143
@@ -205,9 +207,9 @@ OUTCOME_KEYS = ["domu", "status", "exit_code", "started", "ended", "duration_sec
 
 
 def test_outcome_json_has_stable_keys_utc_times_and_raw_numbers():
-    from domubackup.model import RsyncStats
-    from domubackup.report import outcome_json
-    out = pipeline.Outcome("web1", "PARTIAL", 5, duration=12.34567, stats=RsyncStats(files=3, total_size=4096,
+    from domubackup.core.model import RsyncStats
+    from domubackup.core.report import outcome_json
+    out = backup_job.Outcome("web1", "PARTIAL", 5, duration=12.34567, stats=RsyncStats(files=3, total_size=4096,
                            bytes_sent=100), snapshot_peak=2.5, not_copied=["xvdb (ext4): not in the guest's fstab"])
     assert outcome_json(out, 1700000000.2, 1700000012.9, "/s/log/web1.log") == {
         "domu": "web1", "status": "PARTIAL", "exit_code": 5, "started": "2023-11-14T22:13:20Z",
@@ -221,16 +223,16 @@ def test_run_json_prints_each_domus_outcome(tmp_path, fixtures, monkeypatch, cap
     # a real run of web1 against scripted hosts (as in test_pipeline), then web2 which is not here
     import re
     from test_pipeline import _inspect, setup
-    from domubackup import logs
+    from domubackup.hosts import logs
     config, local, peer, log = setup(tmp_path, fixtures)
 
     def inspect(c, n, conn, r, on_eligible=None):
         if n == "web2":
             raise errors.NotHereError("web2: not defined on dom0a")
         return _inspect(c, n, r, on_eligible)
-    monkeypatch.setattr(jobs, "inspect", inspect)
-    backup = pipeline.backup
-    monkeypatch.setattr(pipeline, "backup", lambda *a, **kw: backup(*a, factory=lambda host, ssh: peer, **kw))
+    monkeypatch.setattr(frame, "inspect", inspect)
+    backup = backup_job.backup
+    monkeypatch.setattr(backup_job, "backup", lambda *a, **kw: backup(*a, factory=lambda host, ssh: peer, **kw))
     monkeypatch.setattr(cli.virt, "connect", lambda uri: type("Conn", (), {"close": lambda self: None})())
     logs.setup(0, syslog=False)
     code = cli.run_backups(config, argparse.Namespace(domus=["web1", "web2"], verbose=0, json=True), local)
@@ -249,14 +251,14 @@ def test_run_json_prints_each_domus_outcome(tmp_path, fixtures, monkeypatch, cap
 
 
 def test_run_json_with_nothing_to_do_prints_an_empty_list(config, monkeypatch, capsys):
-    from domubackup.config import load_config
+    from domubackup.core.config import load_config
     code = cli.run_backups(load_config(config), argparse.Namespace(domus=[], verbose=0, json=True), Succeeds())
     assert code == 3
     assert capsys.readouterr() == ("[]\n", "domubackup: no DomU to back up (none named, none configured)\n")
 
 
 def test_check_json(config, monkeypatch, capsys):
-    from domubackup import preflight
+    from domubackup.jobs import preflight
     monkeypatch.setattr(preflight, "run_checks", lambda config, names, runner: [
         preflight.Check(True, "config x", "dom0s a, b"), preflight.Check(False, "tools on dom0a", "missing: kpartx"),
         preflight.Check(False, "web1: last OK backup (max_age 2d)", "no OK backup within 2d: none recorded", warning=True)])
@@ -276,10 +278,10 @@ def test_check_json(config, monkeypatch, capsys):
 
 @pytest.mark.parametrize("problems, code", [([], 0), (["vg0/web1-disk: e2fsck -n exited 4: bad inode"], 1)])
 def test_verify_json(config, monkeypatch, capsys, problems, code):
-    from domubackup.model import RsyncStats
-    monkeypatch.setattr(pipeline, "backup", lambda config, name, conn, runner, **kw: pipeline.Outcome(
+    from domubackup.core.model import RsyncStats
+    monkeypatch.setattr(backup_job, "backup", lambda config, name, conn, runner, **kw: backup_job.Outcome(
         name, "OK", 0, duration=1.5, stats=RsyncStats(files=7)))
-    monkeypatch.setattr(pipeline, "fsck_replicas", lambda config, name, conn, runner: problems)
+    monkeypatch.setattr(backup_job, "fsck_replicas", lambda config, name, conn, runner: problems)
     assert cli.main(["verify", "web1", "--fsck", "--json", "-c", config], local_runner=Succeeds()) == code
     out, err = capsys.readouterr()
     data = json.loads(out)
@@ -290,7 +292,7 @@ def test_verify_json(config, monkeypatch, capsys, problems, code):
 
 
 def test_verify_text_is_unchanged(config, monkeypatch, capsys):
-    monkeypatch.setattr(pipeline, "backup", lambda config, name, conn, runner, **kw: pipeline.Outcome(
+    monkeypatch.setattr(backup_job, "backup", lambda config, name, conn, runner, **kw: backup_job.Outcome(
         name, "ERROR", 1, differences=[">fc.T...... etc/motd"]))
     assert cli.main(["verify", "web1", "-c", config], local_runner=Succeeds()) == 1
     assert capsys.readouterr() == ("web1: differs: >fc.T...... etc/motd\nweb1: verify ERROR (1 difference(s))\n", "")
@@ -298,7 +300,7 @@ def test_verify_text_is_unchanged(config, monkeypatch, capsys):
 
 def test_history_json_keys_and_utc_times(config, tmp_path, capsys):
     import re
-    from domubackup.catalog import Catalog
+    from domubackup.hosts.catalog import Catalog
     with Catalog.in_state_dir(tmp_path / "state") as catalog:
         run = catalog.start("backup", "web1", "dom0b", 123, None)
         catalog.finish(run, "OK", bytes_sent=10, files=2, total_size=30)

@@ -1,7 +1,7 @@
 import pytest
 
-from domubackup.config import check_domu_name, load_config, parse_config
-from domubackup.errors import ConfigError, NotEligibleError, UsageError
+from domubackup.core.config import check_domu_name, load_config, parse_config
+from domubackup.core.errors import ConfigError, NotEligibleError, UsageError
 
 BASE = 'dom0s = ["dom0a", "dom0b"]\n'
 

@@ -1,8 +1,8 @@
 import pytest
 
-from domubackup.domxml import parse_domain_xml
-from domubackup.errors import InspectError
-from domubackup.model import Disk
+from domubackup.core.domxml import parse_domain_xml
+from domubackup.core.errors import InspectError
+from domubackup.core.model import Disk
 
 
 def load(fixtures, name, **kw):

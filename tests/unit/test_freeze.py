@@ -1,4 +1,4 @@
-"""Unit tests of domubackup.freeze with real tiny hook scripts and a subprocess-based fake Runner.
+"""Unit tests of domubackup.jobs.freeze with real tiny hook scripts and a subprocess-based fake Runner.
 
 The fake implements the Runner interface of domubackup/runner.py (run(argv, *, timeout, ok_codes,
 env, input, check) -> model.Result; CommandError on failure/timeout; kills the process group on
@@ -16,8 +16,9 @@ import time
 
 import pytest
 
-from domubackup import errors, freeze, model
-from domubackup.freeze import FreezeSettings, freeze_window, frozen
+from domubackup.core import errors, model
+from domubackup.jobs import freeze
+from domubackup.jobs.freeze import FreezeSettings, freeze_window, frozen
 
 DOMU = "web1"
 URI = "xen:///system"
@@ -88,10 +89,10 @@ class FakeDomain:
 
 @pytest.fixture(params=["fake", "LocalRunner"])
 def runner(request):
-    """The fake above, and domubackup.runner.LocalRunner when it is there (minimal env, sh)."""
+    """The fake above, and domubackup.hosts.runner.LocalRunner when it is there (minimal env, sh)."""
     if request.param == "fake":
         return FakeRunner()
-    runner_mod = pytest.importorskip("domubackup.runner")
+    runner_mod = pytest.importorskip("domubackup.hosts.runner")
     return runner_mod.LocalRunner()
 
 

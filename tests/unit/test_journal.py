@@ -3,10 +3,10 @@ import os
 
 import pytest
 
-from domubackup.errors import CommandError, DomuBackupError, PeerError, TeardownError
-from domubackup.journal import Journal, already_gone
-from domubackup.model import LOCAL, PEER, Result, Step
-from domubackup.runner import Runner
+from domubackup.core.errors import CommandError, DomuBackupError, PeerError, TeardownError
+from domubackup.hosts.journal import Journal, already_gone
+from domubackup.core.model import LOCAL, PEER, Result, Step
+from domubackup.hosts.runner import Runner
 
 
 class FakeRunner(Runner):

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from domubackup.errors import BusyError
-from domubackup.lock import DomuLock, holder_pid
+from domubackup.core.errors import BusyError
+from domubackup.hosts.lock import DomuLock, holder_pid
 
 
 def test_lock_writes_pid_and_frees_on_exit(tmp_path):
@@ -37,7 +37,7 @@ def test_domus_lock_independently(tmp_path):
 
 def test_lock_held_by_another_process_and_freed_when_it_dies(tmp_path):
     code = ("import sys, time; sys.path.insert(0, sys.argv[2]);"
-            "from domubackup.lock import DomuLock;"
+            "from domubackup.hosts.lock import DomuLock;"
             "l = DomuLock(sys.argv[1], 'web1'); l.acquire(); print('ok', flush=True); time.sleep(60)")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), root], stdout=subprocess.PIPE,

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from domubackup import logs
+from domubackup.hosts import logs
 
 
 class ListHandler(logging.Handler):

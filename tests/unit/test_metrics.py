@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from domubackup.catalog import Catalog, RunRow
-from domubackup.metrics import escape_label_value, render_metrics, write_metrics, write_textfile
+from domubackup.hosts.catalog import Catalog, RunRow
+from domubackup.hosts.metrics import escape_label_value, render_metrics, write_metrics, write_textfile
 
 T0 = 1_790_000_000.0
 
@@ -127,7 +127,7 @@ def test_write_metrics_from_catalog(tmp_path):
 
 
 def test_the_example_alert_rules_use_the_metrics_that_exist(fixtures):
-    from domubackup.metrics import METRICS
+    from domubackup.hosts.metrics import METRICS
 
     rules = (fixtures.parent / "conf" / "domubackup.rules.yml").read_text()
     names = {n for n, _ in METRICS}

@@ -1,4 +1,4 @@
-"""Data-driven tests of domubackup.parsers on outputs captured from real tools
+"""Data-driven tests of domubackup.core.parsers on outputs captured from real tools
 (fixtures/tools/, see its README for the commands)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from domubackup import parsers as P
-from domubackup.model import (FstabEntry, LogicalVolume, MountInfo, Partition, PartitionTable,
+from domubackup.core import parsers as P
+from domubackup.core.model import (FstabEntry, LogicalVolume, MountInfo, Partition, PartitionTable,
                               RsyncStats)
 
 TOOLS = pathlib.Path(__file__).resolve().parents[2] / "fixtures" / "tools"
@@ -336,12 +336,12 @@ def test_dm_snapshot_status_malformed(line):
     ("/dev/mapper/my--vg-lv", "my-vg"), ("/dev/disk/by-id/dm-name-x", None), ("/dev/sda", None),
     ("/dev/mapper/nohyphen", None), ("/srv/img.qcow2", None)])
 def test_vg_of_path(path, vg):
-    from domubackup.facts import vg_of_path
+    from domubackup.hosts.facts import vg_of_path
     assert vg_of_path(path) == vg
 
 
 def test_find_lv_by_any_path_form():
-    from domubackup.facts import find_lv
+    from domubackup.hosts.facts import find_lv
     lvs = P.parse_lvs("  my-vg|web1-disk|1024|-wi-ao----|||0|/dev/my-vg/web1-disk\n")
     for path in ("/dev/my-vg/web1-disk", "/dev/mapper/my--vg-web1--disk"):
         assert find_lv(lvs, path).lv == "web1-disk"
@@ -372,8 +372,8 @@ def test_parse_partx():
 
 
 def test_parse_mount_space_reads_each_item_by_its_exact_path():
-    from domubackup.model import Space
-    from domubackup.parsers import parse_mount_space
+    from domubackup.core.model import Space
+    from domubackup.core.parsers import parse_mount_space
     # a mount point with a newline and a fake "space" line in its name is read as one path
     odd = "/srv\nspace 1 1 1 1 1"
     text = f"space 100 40 60 10 4\nmounted /\nspace 50 5 45 0 0\nmounted {odd}\nmounted /var\n"

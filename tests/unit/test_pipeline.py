@@ -6,12 +6,13 @@ import os
 
 import pytest
 
-from domubackup import jobs, parsers, pipeline
-from domubackup.config import parse_config
-from domubackup.journal import Journal
-from domubackup.runner import Runner
-from domubackup.pipeline import Inspection
-from domubackup.model import Domain
+from domubackup.jobs import frame, backup as backup_job
+from domubackup.core import parsers
+from domubackup.core.config import parse_config
+from domubackup.hosts.journal import Journal
+from domubackup.hosts.runner import Runner
+from domubackup.jobs.backup import Inspection
+from domubackup.core.model import Domain
 
 import sys, pathlib  # noqa: E401
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "integration"))
@@ -132,13 +133,13 @@ def setup(tmp_path, fixtures, fail_at=None, fail_undo=None):
 
 
 def run_backup(config, local, peer, monkeypatch):
-    monkeypatch.setattr(jobs, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
-    return pipeline.backup(config, "web1", None, local, factory=lambda host, ssh: peer)
+    monkeypatch.setattr(frame, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
+    return backup_job.backup(config, "web1", None, local, factory=lambda host, ssh: peer)
 
 
 def _inspect(config, name, runner, on_eligible=None):
-    from domubackup.domxml import parse_domain_xml
-    from domubackup.facts import list_lvs, probe_disk
+    from domubackup.core.domxml import parse_domain_xml
+    from domubackup.hosts.facts import list_lvs, probe_disk
     xml = (pathlib.Path(__file__).parents[2] / "fixtures/domxml/xen-pv.xml").read_text()
     _, hv, disks = parse_domain_xml(xml)
     if on_eligible is not None:
@@ -383,7 +384,7 @@ def test_peer_mounts_while_this_host_still_mounts(tmp_path, fixtures, monkeypatc
 
 
 def test_peer_unreachable_after_probes_started_leaves_nothing(tmp_path, fixtures, monkeypatch):
-    from domubackup.errors import PeerError
+    from domubackup.core.errors import PeerError
     config, local, peer, log = setup(tmp_path, fixtures)
 
     def unreachable(argv, env, input, timeout):
@@ -409,7 +410,7 @@ def test_peer_unreachable_after_probes_started_leaves_nothing(tmp_path, fixtures
     (4.0, 50.0, 90.0, 2.0),    # past the threshold already
 ])
 def test_next_poll(delay, before, now, expected):
-    from domubackup.checks import next_poll
+    from domubackup.jobs.checks import next_poll
     got = next_poll(delay, before, now, 80.0)
     assert got == pytest.approx(expected)
 
@@ -421,8 +422,9 @@ def test_unexpected_exception_ends_that_domu_only_and_the_night_goes_on(tmp_path
     # stderr (and one more: it has no OK backup within max_age); web2 is backed up next as if
     # nothing happened.
     import argparse
-    from domubackup import cli, logs
-    from domubackup.catalog import Catalog
+    from domubackup import cli
+    from domubackup.hosts import logs
+    from domubackup.hosts.catalog import Catalog
     config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n'
                           'job_hook = "/etc/domubackup/job-hook"\n', hostname="dom0a", default_uri="test:///default")
     _, local, peer, log = setup(tmp_path, fixtures)
@@ -433,9 +435,9 @@ def test_unexpected_exception_ends_that_domu_only_and_the_night_goes_on(tmp_path
             return 0, "Number of files: 2.01M\n", ""
         return real(argv, env, input, timeout)
     local._execute = execute
-    monkeypatch.setattr(jobs, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
-    backup = pipeline.backup
-    monkeypatch.setattr(pipeline, "backup", lambda *a, **kw: backup(*a, factory=lambda host, ssh: peer, **kw))
+    monkeypatch.setattr(frame, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
+    backup = backup_job.backup
+    monkeypatch.setattr(backup_job, "backup", lambda *a, **kw: backup(*a, factory=lambda host, ssh: peer, **kw))
     logs.setup(0, syslog=False)
     code = cli.run_backups(config, argparse.Namespace(domus=["web1", "web2"], verbose=0), local)
     out, err = capsys.readouterr()
@@ -466,12 +468,13 @@ def test_unexpected_exception_ends_that_domu_only_and_the_night_goes_on(tmp_path
 def test_an_internal_error_without_a_run_log_file_is_one_line_never_a_traceback(tmp_path, fixtures, monkeypatch, capsys,
                                                                                 package_logger):
     import argparse
-    from domubackup import cli, logs
+    from domubackup import cli
+    from domubackup.hosts import logs
     (tmp_path / "log").write_text("not a directory\n")  # no run log file can be written
     config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n',
                           hostname="dom0a", default_uri="test:///default")
     _, local, peer, log = setup(tmp_path, fixtures)
-    monkeypatch.setattr(jobs, "inspect", lambda c, n, conn, r, on_eligible=None: 1 / 0)
+    monkeypatch.setattr(frame, "inspect", lambda c, n, conn, r, on_eligible=None: 1 / 0)
     logs.setup(0, syslog=False)
     code = cli.run_backups(config, argparse.Namespace(domus=["web1"], verbose=0), local)
     out, err = capsys.readouterr()
@@ -488,14 +491,14 @@ def test_keyboard_interrupt_is_not_contained(tmp_path, fixtures, monkeypatch):
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
-    monkeypatch.setattr(jobs, "inspect", interrupted)
+    monkeypatch.setattr(frame, "inspect", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.backup(config, "web1", None, local, factory=lambda host, ssh: peer)
+        backup_job.backup(config, "web1", None, local, factory=lambda host, ssh: peer)
 
 
 def test_a_domu_name_from_libvirt_that_cannot_name_files_is_skipped(tmp_path, fixtures):
     config, local, peer, log = setup(tmp_path, fixtures)
-    out = pipeline.backup(config, "../web1", None, local, factory=lambda host, ssh: peer)
+    out = backup_job.backup(config, "../web1", None, local, factory=lambda host, ssh: peer)
     assert (out.status, out.exit_code, out.not_here) == ("SKIPPED", 3, False)
     assert out.error == ("'../web1' is not a usable DomU name: expected 1 to 64 letters, digits, '.', '_', '+' "
                          "or '-', starting with a letter or digit, without '..'")
@@ -557,7 +560,7 @@ EXTEND = ("lvextend", "--size", "+256M", SRV_SNAP)
 ])
 def test_snapshot_extends_up_to_snapshot_extend_max(extra, snap_size, problem):
     host = WatchHost(snap_size)
-    watch = pipeline.SnapshotWatch(host, [SRV_SNAP], watch_settings(extra))
+    watch = backup_job.SnapshotWatch(host, [SRV_SNAP], watch_settings(extra))
     assert watch.check() == problem
     assert (EXTEND in host.calls, watch.extended) == (problem is None, problem is None)
     # the origin's size is asked only for a share of it
@@ -566,7 +569,7 @@ def test_snapshot_extends_up_to_snapshot_extend_max(extra, snap_size, problem):
 
 def test_a_share_of_an_origin_that_cannot_be_found_does_not_extend():
     host = WatchHost(256 * MiB, origin_size=0)
-    watch = pipeline.SnapshotWatch(host, [SRV_SNAP], watch_settings())
+    watch = backup_job.SnapshotWatch(host, [SRV_SNAP], watch_settings())
     assert watch.check() == (f"snapshot {SRV_SNAP} is 85.0% full and its origin's size is not known: "
                              '/dev/vg0/web1-srv disappeared (Failed to find logical volume "vg0/web1-srv")')
     assert EXTEND not in host.calls
@@ -574,7 +577,7 @@ def test_a_share_of_an_origin_that_cannot_be_found_does_not_extend():
 
 def test_the_vg_without_room_is_still_a_problem_under_the_cap():
     host = WatchHost(256 * MiB, free=100 * MiB)
-    watch = pipeline.SnapshotWatch(host, [SRV_SNAP], watch_settings())
+    watch = backup_job.SnapshotWatch(host, [SRV_SNAP], watch_settings())
     assert watch.check() == (f"snapshot {SRV_SNAP} is 85.0% full and volume group vg0 has no room "
                              "to extend it by 256M")
     assert EXTEND not in host.calls
@@ -601,7 +604,7 @@ def test_a_snapshot_at_snapshot_extend_max_stops_the_run_cleanly(tmp_path, fixtu
             return 0, f"  vg0|web1-srv-snap|{256 * MiB}|swi-a-s---|web1-srv|85.00|{4096 * MiB}|{SRV_SNAP}\n", ""
         return real(argv, env, input, timeout)
     local._execute = execute
-    monkeypatch.setattr(pipeline, "SnapshotWatch", functools.partial(pipeline.SnapshotWatch, interval=0.05))
+    monkeypatch.setattr(backup_job, "SnapshotWatch", functools.partial(backup_job.SnapshotWatch, interval=0.05))
     out = run_backup(config, local, peer, monkeypatch)
     assert (out.status, out.exit_code, cancelled.is_set()) == ("ERROR", 1, True)
     assert out.error == (f"web1: snapshot {SRV_SNAP} is 85.0% full and has reached snapshot_extend_max "
@@ -646,18 +649,19 @@ def test_a_filesystem_that_cannot_be_copied_makes_the_run_partial(tmp_path, fixt
     # says what was not: PARTIAL, exit 5, in the catalog, the summary, the metrics and the
     # backup-end hook's status
     import argparse
-    from domubackup import cli, logs
-    from domubackup.catalog import Catalog
-    from domubackup.metrics import render_metrics
+    from domubackup import cli
+    from domubackup.hosts import logs
+    from domubackup.hosts.catalog import Catalog
+    from domubackup.hosts.metrics import render_metrics
     config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n'
                           'job_hook = "/etc/domubackup/job-hook"\n', hostname="dom0a", default_uri="test:///default")
     _, local, peer, log = setup(tmp_path, fixtures)
     for host in (local, peer):
         blkid = tuple(parsers.blkid_argv("/dev/vg0/web1-srv"))
         host.probes[blkid] = (0, host.probes[blkid][1].replace("TYPE=ext4", "TYPE=ntfs"), "")
-    monkeypatch.setattr(jobs, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
-    backup = pipeline.backup
-    monkeypatch.setattr(pipeline, "backup", lambda *a, **kw: backup(*a, factory=lambda host, ssh: peer, **kw))
+    monkeypatch.setattr(frame, "inspect", lambda c, n, conn, r, on_eligible=None: _inspect(c, n, r, on_eligible))
+    backup = backup_job.backup
+    monkeypatch.setattr(backup_job, "backup", lambda *a, **kw: backup(*a, factory=lambda host, ssh: peer, **kw))
     logs.setup(0, syslog=False)
     code = cli.run_backups(config, argparse.Namespace(domus=["web1"], verbose=0), local)
     out, err = capsys.readouterr()

@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import pytest
 
-from domubackup import jobs, pipeline
-from domubackup import plan as planner
-from domubackup.config import parse_config
-from domubackup.model import LOCAL
-from domubackup.safepath import EXIT_MISSING
+from domubackup.jobs import frame, backup as backup_job
+from domubackup.core import plan as planner
+from domubackup.core.config import parse_config
+from domubackup.core.model import LOCAL
+from domubackup.hosts.safepath import EXIT_MISSING
 
 import test_pipeline
 from test_pipeline import FSTAB, Host, _inspect, items, setup
@@ -76,9 +76,9 @@ def test_each_host_runs_exactly_the_plan(tmp_path, fixtures, monkeypatch, layout
             _inspect(c, n, r, on_eligible), peers=peers))
     local.probes[CAT] = (EXIT_MISSING, "", "read-in: no such file\n") if layout == "no-fstab" else (0, text, "")
     hosts = {"dom0b": peer, "dom0c": third} if layout == "two-peers" else {"dom0b": peer}
-    monkeypatch.setattr(jobs, "inspect", lambda c, n, conn, r, on_eligible=None: test_pipeline._inspect(
+    monkeypatch.setattr(frame, "inspect", lambda c, n, conn, r, on_eligible=None: test_pipeline._inspect(
         c, n, r, on_eligible))
-    out = pipeline.backup(config, "web1", None, local, factory=lambda host, ssh: hosts[host],
+    out = backup_job.backup(config, "web1", None, local, factory=lambda host, ssh: hosts[host],
                           verify=layout == "verify")
     assert (out.status, out.exit_code) == ("OK", 0), out.summary()
     fstab = {"no-fstab": planner.MISSING, "config-mounts": False}.get(layout, text)

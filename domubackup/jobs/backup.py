@@ -6,20 +6,20 @@ from __future__ import annotations
 import logging
 import os
 
-from . import commands as cmd
-from . import parsers
-from . import plan as planner
-from . import virt
+from ..core import commands as cmd
+from ..core import parsers
+from ..core import plan as planner
+from ..hosts import virt
 from .checks import SnapshotWatch, check_no_stale, check_replicas, check_room, check_vg_space
-from .config import Config
-from .errors import EXIT_PARTIAL, CommandError, DomuBackupError, InspectError, SnapshotError
+from ..core.config import Config
+from ..core.errors import EXIT_PARTIAL, CommandError, DomuBackupError, InspectError, SnapshotError
 from .executor import Executor
-from .facts import check_mappable, check_snapshot, with_partition_ids
-from .jobs import Inspection, Outcome, inspect, recover, run_job, ssh_runner  # noqa: F401 (the CLI's)
-from .journal import Journal
-from .model import LOCAL, RsyncStats
-from .plan import Plan, plan_backup
-from .safepath import EXIT_MISSING
+from ..hosts.facts import check_mappable, check_snapshot, with_partition_ids
+from .frame import Inspection, Outcome, inspect, recover, run_job, ssh_runner  # noqa: F401 (the CLI's)
+from ..hosts.journal import Journal
+from ..core.model import LOCAL, RsyncStats
+from ..core.plan import Plan, plan_backup
+from ..hosts.safepath import EXIT_MISSING
 
 log = logging.getLogger("domubackup")
 

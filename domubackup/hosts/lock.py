@@ -9,7 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from .errors import BusyError
+from ..core.errors import BusyError
 
 
 def state_file(state_dir: str | os.PathLike, kind: str, domu: str, suffix: str) -> str:

@@ -19,13 +19,13 @@ import zlib
 
 from dataclasses import replace
 
-from . import commands as cmd
-from . import parsers
-from . import plan as planner
-from .errors import CommandError, PeerError, SnapshotError
+from ..core import commands as cmd
+from ..core import parsers
+from ..core import plan as planner
+from ..core.errors import CommandError, PeerError, SnapshotError
 from .executor import Executor
-from .journal import Journal
-from .model import RsyncStats
+from ..hosts.journal import Journal
+from ..core.model import RsyncStats
 
 log = logging.getLogger("domubackup")
 
@@ -220,7 +220,7 @@ def seed(config, domu: str, conn, local, *, force=False, bars=None, catalog=None
     """`domubackup seed DOMU` as a job (jobs.run_job): its outcome's report has a line per
     replica prepared and per disk copied. ``bars`` (a progress.Progress, on a terminal) draws
     a bar per disk and peer."""
-    from .jobs import run_job, ssh_runner
+    from .frame import run_job, ssh_runner
 
     return run_job(config, domu, "seed", conn, local, lambda job: Seed(job, force=force, bars=bars).run(),
                    factory=factory or ssh_runner, catalog=catalog, log_path=log_path)

@@ -7,12 +7,12 @@ import logging
 import re
 import threading
 
-from . import commands as cmd
-from . import parsers
-from . import plan as planner
-from .errors import InspectError, PeerError, SnapshotError
-from .facts import layout_differences, list_lvs, probe_disk
-from .model import LOCAL
+from ..core import commands as cmd
+from ..core import parsers
+from ..core import plan as planner
+from ..core.errors import InspectError, PeerError, SnapshotError
+from ..hosts.facts import layout_differences, list_lvs, probe_disk
+from ..core.model import LOCAL
 
 log = logging.getLogger("domubackup")
 

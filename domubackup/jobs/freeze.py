@@ -55,8 +55,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from . import errors, logs
-from .model import LOCAL, Step
+from ..core import errors
+from ..hosts import logs
+from ..core.model import LOCAL, Step
 
 log = logging.getLogger("domubackup.freeze")
 

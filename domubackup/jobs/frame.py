@@ -12,14 +12,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import virt
-from .config import Config, check_domu_name
-from .errors import (EXIT_BUSY, EXIT_FAILED, EXIT_NOT_ELIGIBLE, CommandError, DomuBackupError, NotEligibleError,
+from ..hosts import virt
+from ..core.config import Config, check_domu_name
+from ..core.errors import (EXIT_BUSY, EXIT_FAILED, EXIT_NOT_ELIGIBLE, CommandError, DomuBackupError, NotEligibleError,
                      NotHereError)
-from .facts import list_lvs, probe_disk
-from .journal import Journal
-from .lock import DomuLock
-from .model import LOCAL, Domain, DiskFacts, RsyncStats
+from ..hosts.facts import list_lvs, probe_disk
+from ..hosts.journal import Journal
+from ..hosts.lock import DomuLock
+from ..core.model import LOCAL, Domain, DiskFacts, RsyncStats
 
 log = logging.getLogger("domubackup")
 
@@ -80,7 +80,7 @@ class Outcome:
     report: list[str] = field(default_factory=list)  # what the job tells: seed's lines, fsck's problems
 
     def summary(self) -> str:
-        from .report import human_bytes
+        from ..core.report import human_bytes
 
         line = f"{self.domu}: {self.status} in {self.duration:.1f}s"
         if self.status in ("OK", "PARTIAL", "CORRUPT", "ERROR") and self.stats.files:
@@ -103,7 +103,7 @@ def peer_runners(config, domu: str, peers, factory):
 
 
 def ssh_runner(host, ssh):
-    from .runner import SSHRunner
+    from ..hosts.runner import SSHRunner
 
     return SSHRunner.for_host(host, ssh)
 

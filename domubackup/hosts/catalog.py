@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from .errors import DomuBackupError
-from .model import (BACKUP, CONSISTENCY_LEVELS, CORRUPT, ERROR, FINAL_STATUSES, KINDS, OK, PARTIAL,  # noqa: F401
+from ..core.errors import DomuBackupError
+from ..core.model import (BACKUP, CONSISTENCY_LEVELS, CORRUPT, ERROR, FINAL_STATUSES, KINDS, OK, PARTIAL,  # noqa: F401
                     REPLICA_KINDS, RUNNING, SEED, STATUSES, VERIFY, RunRow)
 
 CATALOG_NAME = "catalog.sqlite"

@@ -23,10 +23,10 @@ import time
 from collections import deque
 from contextlib import contextmanager
 
-from . import commands as cmd
-from . import parsers
-from .errors import CommandError, TeardownError
-from .model import LOCAL, Step
+from ..core import commands as cmd
+from ..core import parsers
+from ..core.errors import CommandError, TeardownError
+from ..core.model import LOCAL, Step
 
 log = logging.getLogger("domubackup")
 

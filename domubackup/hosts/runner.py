@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     import paramiko
 
 from . import safepath
-from .commands import HELPER
-from .errors import CommandError, PeerError
-from .model import Result
+from ..core.commands import HELPER
+from ..core.errors import CommandError, PeerError
+from ..core.model import Result
 
 log = logging.getLogger("domubackup.run")
 

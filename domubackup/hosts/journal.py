@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from .errors import DomuBackupError, PeerError, TeardownError
-from .commands import HELPER, batch_key, batched
+from ..core.errors import DomuBackupError, PeerError, TeardownError
+from ..core.commands import HELPER, batch_key, batched
 from .lock import state_file
-from .model import PEER, Result, Step
+from ..core.model import PEER, Result, Step
 
 if TYPE_CHECKING:
     from .runner import Runner

@@ -9,11 +9,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from . import commands as cmd, jobs, virt
-from .catalog import Catalog
+from ..core import commands as cmd
+from . import frame as jobs
+from ..hosts import virt
+from ..hosts.catalog import Catalog
 from .checks import check_peer_state, check_replicas, check_vg_space
-from .errors import DomuBackupError, NotHereError
-from .report import age_text, last_ok_text, newest_ok_per_domu
+from ..core.errors import DomuBackupError, NotHereError
+from ..core.report import age_text, last_ok_text, newest_ok_per_domu
 
 LOCAL_TOOLS = ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "kpartx", "parted", "blkid", "findmnt",
                "mount", "umount", "rsync", "ssh")

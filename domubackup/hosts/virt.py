@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import libvirt
 
-from .errors import DomuBackupError, NotHereError
-from .model import Domain
-from .domxml import parse_domain_xml
+from ..core.errors import DomuBackupError, NotHereError
+from ..core.model import Domain
+from ..core.domxml import parse_domain_xml
 
 STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate",
