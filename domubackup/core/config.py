@@ -14,12 +14,12 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 
 from .errors import ConfigError, NotEligibleError
+from .freezing import MODES, POLICIES
 from .model import LOCAL
 
 DEFAULT_PATH = "/etc/domubackup/domubackup.toml"
 EXAMPLE_PATH = "/usr/share/doc/domubackup/examples/domubackup.toml"  # the Debian package's copy
 
-CONSISTENCY_MODES = ("none", "agent", "hooks", "hooks+agent")
 SIZE_RE = re.compile(r"^(\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?|\d+%(ORIGIN|VG|FREE))$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # host, VG/LV-like names
 DOMU_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
@@ -234,10 +234,10 @@ class _Checker:
                             f"expected a size like '4G' or '50%ORIGIN', got {s.snapshot_extend_max!r}")
         if not 0 < s.snapshot_extend_at <= 100:
             raise self.fail(f"{prefix}snapshot_extend_at", "expected a percentage between 1 and 100")
-        if s.consistency not in CONSISTENCY_MODES:
-            raise self.fail(f"{prefix}consistency", f"expected one of {', '.join(CONSISTENCY_MODES)}, "
+        if s.consistency not in MODES:
+            raise self.fail(f"{prefix}consistency", f"expected one of {', '.join(MODES)}, "
                             f"got {s.consistency!r}")
-        if s.freeze_on_failure not in ("fail", "continue"):
+        if s.freeze_on_failure not in POLICIES:
             raise self.fail(f"{prefix}freeze_on_failure", f"expected 'fail' or 'continue', got {s.freeze_on_failure!r}")
         for key in ("source_prefix", "target_prefix"):
             value = getattr(s, key)

@@ -22,8 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..core.errors import DomuBackupError
-from ..core.model import (BACKUP, CONSISTENCY_LEVELS, CORRUPT, ERROR, FINAL_STATUSES, KINDS, OK, PARTIAL,  # noqa: F401
-                    REPLICA_KINDS, RUNNING, SEED, STATUSES, VERIFY, RunRow)
+from ..core.model import CONSISTENCY_LEVELS, ERROR, FINAL_STATUSES, KINDS, OK, REPLICA_KINDS, RUNNING, STATUSES, RunRow
 
 CATALOG_NAME = "catalog.sqlite"
 SCHEMA_VERSION = 2  # 2: status PARTIAL

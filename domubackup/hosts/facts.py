@@ -10,7 +10,7 @@ from ..core import parsers
 from ..core.commands import dm_name, kpartx_list as cmd_kpartx_list
 from ..core.errors import CommandError, InspectError
 from ..core.model import Disk, DiskFacts, Filesystem, LogicalVolume, PartitionTable
-from ..core.plan import classify, unmappable
+from ..core.layout import classify, unmappable
 
 _VG_LV_PATH = re.compile(r"/dev/(?!mapper/)([A-Za-z0-9+_.-]+)/([A-Za-z0-9+_.-]+)")
 _DM_PATH = re.compile(r"/dev/mapper/((?:[A-Za-z0-9+_.]|--)+)-(?:[A-Za-z0-9+_.]|--)+")

@@ -14,7 +14,8 @@ import time
 from collections.abc import Mapping, Sequence
 
 from .journal import atomic_write
-from .catalog import OK, PARTIAL, RUNNING, Catalog, RunRow
+from ..core.model import OK, PARTIAL, RUNNING, RunRow
+from .catalog import Catalog
 
 # (name, help); all gauges, rendered in this order.
 METRICS = (

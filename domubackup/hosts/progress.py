@@ -12,7 +12,7 @@ import sys
 from tqdm import tqdm
 
 from .logs import printable
-from ..core.parsers import parse_progress2
+from ..core.rsyncout import parse_progress2
 
 
 class Meter:

@@ -1,9 +1,10 @@
-"""The one command runner: argv lists in, ``model.Result`` out, locally (sh) or on the peer (paramiko).
+"""The one command runner: argv lists in, ``model.Result`` out, locally (sh) or on the peer
+(paramiko: ssh.py).
 
 Every command, on either side, runs with the same base environment (``BASE_ENV`` plus the
 caller's ``env`` on top), without a TTY and without a shell on our side. On the peer the
 remote command string is built in exactly one place, ``SSHRunner.remote_command``, by
-``shlex.join``: every word is quoted, nothing the caller passes is ever parsed by a shell.
+``shlex.join`` (ssh.py): every word is quoted, nothing the caller passes is ever parsed by a shell.
 """
 
 from __future__ import annotations
@@ -11,23 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import re
-import select
 import shlex
 import shutil
 import signal
-import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import sh
 
-if TYPE_CHECKING:
-    import paramiko
-
 from . import safepath
 from ..core.commands import HELPER
-from ..core.errors import CommandError, PeerError
+from ..core.errors import CommandError
 from ..core.model import Result
 
 log = logging.getLogger("domubackup.run")
@@ -329,199 +325,3 @@ class LocalRunner(Runner):
         if fired.is_set() and code < 0:
             raise CommandError(self.host, argv, code, _text(err), timeout=timeout)
         return code, out, err
-
-
-class SSHRunner(Runner):
-    """Runs commands on the peer over one paramiko connection, opened on first use.
-
-    The host key must already be in ``known_hosts`` (RejectPolicy); no agent, no key search.
-    Each command is wrapped in coreutils ``timeout -k KILL_AFTER T`` on the peer so that a
-    timeout or a dropped connection never leaves the remote process running for long.
-    """
-
-    def __init__(self, host: str, *, user: str = "root", port: int = 22,
-                 identity_file: str | None = None, known_hosts: str,
-                 connect_timeout: float = 10, default_timeout: float = 600, address: str | None = None):
-        super().__init__(host, default_timeout)
-        self.address = address or host  # where to connect; ``host`` stays the name in messages
-        self.user = user
-        self.port = port
-        self.identity_file = identity_file
-        self.known_hosts = known_hosts
-        self.connect_timeout = connect_timeout
-        self._client: paramiko.SSHClient | None = None
-
-    @classmethod
-    def for_host(cls, host: str, ssh) -> "SSHRunner":
-        """The runner of Dom0 ``host`` with config.SSHSettings ``ssh``: its address and port
-        (``ssh.endpoint``) as rsync's ssh (commands.ssh_command) reaches it."""
-        address, port = ssh.endpoint(host)
-        return cls(host, address=address, user=ssh.user, port=port, identity_file=ssh.identity_file,
-                   known_hosts=ssh.known_hosts, connect_timeout=ssh.connect_timeout)
-
-    @property
-    def _where(self) -> str:
-        at = self.address if self.port == 22 else f"{self.address}:{self.port}"
-        return at if self.address == self.host else f"{self.host} ({at})"
-
-    @property
-    def _key_name(self) -> str:
-        """The known_hosts entry both clients look up (paramiko and OpenSSH alike)."""
-        return self.address if self.port == 22 else f"[{self.address}]:{self.port}"
-
-    def connect(self) -> None:
-        """Open the connection (done by the first run()); raise PeerError with the cause."""
-        if self._client is not None:
-            transport = self._client.get_transport()
-            if transport is not None and transport.is_active():
-                return
-            self.close()
-        import paramiko  # here, not at the top: ~1.2 s of imports under emulation, paid in the peer thread
-
-        client = paramiko.SSHClient()
-        try:
-            client.load_host_keys(self.known_hosts)
-        except OSError as exc:
-            raise PeerError(f"cannot read known_hosts file {self.known_hosts}: {exc.strerror or exc}",
-                            hint="check the peer's known_hosts setting") from exc
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        try:
-            # paramiko reads no ssh_config (~/.ssh/config): only what is passed here.
-            client.connect(self.address, port=self.port, username=self.user,
-                           key_filename=self.identity_file, look_for_keys=False,
-                           allow_agent=False, timeout=self.connect_timeout,
-                           banner_timeout=self.connect_timeout,
-                           auth_timeout=self.connect_timeout)
-        except paramiko.BadHostKeyException as exc:
-            client.close()
-            raise PeerError(
-                f"the host key of {self._where} has CHANGED: it does not match the entry for "
-                f"{self._key_name} in {self.known_hosts} (possible man-in-the-middle attack, or "
-                f"the host was reinstalled)",
-                hint=f"verify the new fingerprint out of band, then fix the entry for "
-                     f"{self._key_name} in {self.known_hosts}") from exc
-        except paramiko.AuthenticationException as exc:
-            client.close()
-            raise PeerError(f"authentication to {self.user}@{self._where} failed: {exc}",
-                            hint=f"check that the public key of {self.identity_file or 'the identity file'}"
-                                 f" is in {self.user}'s authorized_keys on {self.host}") from exc
-        except paramiko.SSHException as exc:
-            client.close()
-            if "not found in known_hosts" in str(exc):
-                raise PeerError(
-                    f"the host key of {self._where} is unknown: no entry for {self._key_name} "
-                    f"in {self.known_hosts}",
-                    hint=f"verify the fingerprint, then add it, e.g. "
-                         f"`ssh-keyscan -p {self.port} {self.address} >> {self.known_hosts}`") from exc
-            raise PeerError(f"SSH to {self._where} failed: {exc}") from exc
-        except socket.gaierror as exc:
-            client.close()
-            raise PeerError(f"cannot resolve peer host name {self.address}: {exc.strerror}") from exc
-        except (TimeoutError, socket.timeout) as exc:
-            client.close()
-            raise PeerError(f"connection to {self._where} timed out after "
-                            f"{self.connect_timeout:g}s") from exc
-        except paramiko.ssh_exception.NoValidConnectionsError as exc:
-            client.close()
-            cause = "; ".join(sorted({e.strerror or str(e) for e in exc.errors.values()}))
-            raise PeerError(f"cannot connect to {self._where}: {cause}",
-                            hint="is sshd running there and the port right?") from exc
-        except OSError as exc:
-            client.close()
-            raise PeerError(f"cannot connect to {self._where}: {exc.strerror or exc}") from exc
-        self._client = client
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-    def remote_command(self, argv: Sequence[str], env: Mapping[str, str],
-                       timeout: float, *, no_input: bool = False) -> str:
-        """The only place where a remote command string is made: ``NAME=VALUE`` assignments
-        (names checked, values quoted) before ``timeout -k KILL_AFTER T ARGV...``, every word
-        quoted by ``shlex``. Assignments rather than ``env``: one exec less per command (~45 ms
-        under emulation); the peer's login shell must be a POSIX shell (bash, dash, zsh).
-        ``no_input``: stdin is /dev/null there, so we never send an EOF of our own: paramiko can
-        send it after the CLOSE that answers sshd's (paramiko#1115), and sshd then drops the
-        whole connection ("ieof packet referred to nonexistent channel")."""
-        for name in env:
-            if not ENV_NAME.fullmatch(name):
-                raise ValueError(f"not an environment variable name: {name!r}")
-        words = [f"{k}={shlex.quote(v)}" for k, v in env.items()]
-        line = " ".join([*words, shlex.join(["timeout", "-k", str(KILL_AFTER), _seconds(timeout), *argv])])
-        return line + " </dev/null" if no_input else line
-
-    def _execute(self, argv, env, input, timeout, on_output=None):  # no streaming over ssh
-        import paramiko
-
-        self.connect()
-        transport = self._client.get_transport()
-        cmd = shlex.join(argv)
-        start = time.monotonic()  # before the remote start: our elapsed >= the remote one
-        try:
-            try:
-                chan = transport.open_session(timeout=self.connect_timeout)
-            except paramiko.SSHException:
-                if transport.is_active():
-                    raise  # sshd refused this channel (e.g. MaxSessions): say so
-                self.close()  # the connection was dropped while idle: the command has not started
-                self.connect()
-                transport = self._client.get_transport()
-                chan = transport.open_session(timeout=self.connect_timeout)
-            chan.exec_command(self.remote_command(argv, env, timeout, no_input=input is None))
-        except (paramiko.SSHException, OSError) as exc:
-            self.close()
-            raise PeerError(f"connection to {self._where} failed while starting `{cmd}`: {exc}") from exc
-
-        def feed():  # in a thread: a command that writes while it reads must not deadlock us
-            try:
-                if isinstance(input, (bytes, bytearray)):
-                    chan.sendall(input)
-                else:  # an iterable of chunks: streamed (seed)
-                    for chunk in input:
-                        chan.sendall(chunk)
-                chan.shutdown_write()
-            except (paramiko.SSHException, OSError):
-                pass  # the read loop below reports a dropped connection
-
-        feeder = None  # no input: stdin is /dev/null there (see remote_command)
-        if input is not None:
-            feeder = threading.Thread(target=feed, daemon=True)
-            feeder.start()
-        deadline = start + timeout + KILL_AFTER + REMOTE_GRACE
-        out, err = [], []
-        try:
-            while True:
-                select.select([chan], [], [], 0.5)
-                while chan.recv_ready():
-                    out.append(chan.recv(65536))
-                while chan.recv_stderr_ready():
-                    err.append(chan.recv_stderr(65536))
-                if chan.closed or (chan.exit_status_ready() and chan.eof_received):
-                    break
-                if not transport.is_active():
-                    break
-                if time.monotonic() > deadline:
-                    chan.close()
-                    raise CommandError(self.host, argv, None, _text(b"".join(err)),
-                                       timeout=timeout)
-            while chan.recv_ready():
-                out.append(chan.recv(65536))
-            while chan.recv_stderr_ready():
-                err.append(chan.recv_stderr(65536))
-            code = chan.exit_status if chan.exit_status_ready() else -1
-        finally:
-            if feeder is not None:  # its EOF goes before our CLOSE (see remote_command)
-                feeder.join(FEED_JOIN)  # it ends once all is sent, or when sshd closes the channel
-            chan.close()
-        if code == -1 and not transport.is_active():
-            self.close()
-            raise PeerError(f"connection to {self._where} lost while running `{cmd}`: the command "
-                            f"may or may not have completed there")
-        stderr = _text(b"".join(err))
-        if code in (124, 137) and time.monotonic() - start >= timeout:
-            raise CommandError(self.host, argv, code, stderr, timeout=timeout)
-        if code == 127 and stderr.startswith("timeout: failed to run command"):
-            raise _not_installed(self.host, argv)
-        return code, b"".join(out), stderr

@@ -8,14 +8,16 @@ import os
 
 from ..core import commands as cmd
 from ..core import parsers
+from ..core import layout
 from ..core import plan as planner
+from ..core import rsyncout
 from ..hosts import virt
 from .checks import SnapshotWatch, check_no_stale, check_replicas, check_room, check_vg_space
 from ..core.config import Config
 from ..core.errors import EXIT_PARTIAL, CommandError, DomuBackupError, InspectError, SnapshotError
 from .executor import Executor
 from ..hosts.facts import check_mappable, check_snapshot, with_partition_ids
-from .frame import Inspection, Outcome, inspect, recover, run_job, ssh_runner  # noqa: F401 (the CLI's)
+from .frame import Inspection, Outcome, run_job, ssh_runner
 from ..hosts.journal import Journal
 from ..core.model import LOCAL, RsyncStats
 from ..core.plan import Plan, plan_backup
@@ -114,16 +116,16 @@ class Backup:
     def _tell_unplaced(self) -> None:
         where = "the config's mounts" if self.settings.mounts else "the guest's /etc/fstab"
         for m in self.mounts:
-            if m.tree == planner.UNPLACED:
+            if m.tree == layout.UNPLACED:
                 log.warning("%s: %s (%s) is not in %s: copied to %s on the peer", self.domu, m.filesystem.name,
                             m.filesystem.fstype, where,
                             planner.tree_root(self.settings, self.domu, self.insp.peers[0], m.tree) + m.mountpoint)
 
     def _known_mounts(self):
         if self.settings.mounts:
-            return planner.mounts_from_config(self.facts, self.settings)
-        if planner.root_candidate(self.facts, self.settings) is None:
-            return planner.fallback_mounts(self.facts)
+            return layout.mounts_from_config(self.facts, self.settings)
+        if layout.root_candidate(self.facts, self.settings) is None:
+            return layout.fallback_mounts(self.facts)
         return None  # the guest's fstab says
 
     # --- checks ---------------------------------------------------------------------------
@@ -146,11 +148,11 @@ class Backup:
     def _decide_fstab(self, step, res):
         """The guest's fstab (read from the mounted root) says what is mounted next."""
         domu, settings = self.domu, self.settings
-        root = planner.root_candidate(self.facts, settings)
+        root = layout.root_candidate(self.facts, settings)
         more = dict(progress=self.progress is not None, verify=self.verify)
         if res.exit_code == EXIT_MISSING:
             log.warning("%s: %s has no /etc/fstab: each filesystem goes under /<disk><partition>", domu, root.name)
-            self.mounts = planner.fallback_mounts(self.facts)
+            self.mounts = layout.fallback_mounts(self.facts)
             return planner.after_fstab(self.mounts, self.facts, settings, domu, self.insp.peers, missing=True, **more)
         hint = f"set mounts in [domu.{domu}] to say where each filesystem goes"
         if res.exit_code != 0:
@@ -164,10 +166,10 @@ class Backup:
             raise InspectError(f"{domu}: the guest's /etc/fstab (on {root.name}) is not usable: {e}",
                                hint=hint) from None
         facts = self.facts
-        if planner.needs_partition_ids(entries):
+        if layout.needs_partition_ids(entries):
             facts = with_partition_ids(self.runners[LOCAL], facts, [
                 cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in facts])
-        self.mounts, notes = planner.mounts_from_fstab(entries, root, facts)
+        self.mounts, notes = layout.mounts_from_fstab(entries, root, facts)
         for n in notes:
             log.warning("%s: %s", domu, n)
         self._tell_unplaced()
@@ -187,13 +189,13 @@ class Backup:
             meter.close()
         if res.exit_code != 0:
             raise CommandError(step.host, step.argv, res.exit_code, res.stderr, hint=rsync_hint(res.exit_code))
-        s = parsers.parse_rsync_stats(res.stdout)
+        s = rsyncout.parse_rsync_stats(res.stdout)
         peer = step.argv[-1].split(":", 1)[0]
         if self.verify:
-            tree = planner.UNPLACED if "unplaced" in step.note else ""
+            tree = layout.UNPLACED if "unplaced" in step.note else ""
             prefix = f"{os.path.basename(planner.tree_root(self.settings, self.domu, peer, tree))}/" if tree else ""
             self.out.differences += [f"{peer}: {code} {prefix}{path}"
-                                     for code, path in parsers.parse_rsync_itemize(res.stdout, link_targets=False)]
+                                     for code, path in rsyncout.parse_rsync_itemize(res.stdout, link_targets=False)]
         first = peer == self.insp.peers[0]  # the files of the guest: its trees, counted once
         st = self.stats
         self.stats = RsyncStats(files=st.files + s.files * first, files_transferred=st.files_transferred + s.files_transferred,
@@ -235,7 +237,7 @@ class Backup:
                 # the lab): their "not mounted" at teardown is then no one else's doing.
                 self.journal.unseen(LOCAL, (cmd.HELPER, "umount-in"))
             raise SnapshotError(f"{domu}: {problem}", hint="raise snapshot_size, or back up at a quieter time")
-        out.not_copied = planner.not_copied(self.facts, self.insp.skipped)
+        out.not_copied = layout.not_copied(self.facts, self.insp.skipped)
         if out.differences:
             raise DomuBackupError(f"{domu}: the replica differs from the snapshot in {len(out.differences)} place(s): "
                                   + "; ".join(out.differences[:20]) + (" ..." if len(out.differences) > 20 else ""),

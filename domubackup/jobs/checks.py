@@ -9,6 +9,7 @@ import threading
 
 from ..core import commands as cmd
 from ..core import parsers
+from ..core import layout
 from ..core import plan as planner
 from ..core.errors import InspectError, PeerError, SnapshotError
 from ..hosts.facts import layout_differences, list_lvs, probe_disk
@@ -82,7 +83,7 @@ def check_no_stale(insp, settings, local, domu) -> None:
         if exists:
             raise SnapshotError(f"{domu}: a snapshot {snap} already exists and no journal explains it",
                                 hint=f"check it is not in use, then remove it with `lvremove {snap}`")
-    roots = [planner.tree_root(settings, domu, LOCAL, tree) for tree in ("", planner.UNPLACED)]
+    roots = [planner.tree_root(settings, domu, LOCAL, tree) for tree in ("", layout.UNPLACED)]
     mounted = [m.target for m in parsers.parse_findmnt(local.run(parsers.findmnt_argv()).stdout)
                if any(m.target == root or m.target.startswith(root + "/") for root in roots)]
     if mounted:

@@ -103,7 +103,7 @@ def peer_runners(config, domu: str, peers, factory):
 
 
 def ssh_runner(host, ssh):
-    from ..hosts.runner import SSHRunner
+    from ..hosts.ssh import SSHRunner
 
     return SSHRunner.for_host(host, ssh)
 

@@ -4,10 +4,9 @@ on_output), the bar drawn by tqdm, log records that clear it, and nothing at all
 import io
 import logging
 import os
-import subprocess
 
 from domubackup.hosts import logs
-from domubackup.core import parsers
+from domubackup.core import rsyncout
 from domubackup.hosts.progress import Progress
 from domubackup.hosts.runner import LocalRunner
 
@@ -25,9 +24,9 @@ def test_no_bars_off_a_terminal():
 def test_parse_progress2_takes_the_last_whole_record():
     text = ("\r              2   0%    0.00kB/s    0:00:00 (xfr#1, to-chk=2/4)\n"
             ">f+++++++++ d/big\n\r      3,000,002 100%  408.72MB/s    0:00:00 (xfr#2, to-chk=0/4)\r   3000")
-    assert parsers.parse_progress2(text) == (3000002, 100)
-    assert parsers.parse_progress2(">f+++++++++ small\n") is None
-    assert parsers.parse_progress2("\r      1234  4") is None  # cut short: no "% " yet
+    assert rsyncout.parse_progress2(text) == (3000002, 100)
+    assert rsyncout.parse_progress2(">f+++++++++ small\n") is None
+    assert rsyncout.parse_progress2("\r      1234  4") is None  # cut short: no "% " yet
 
 
 def test_streamed_output_is_the_same_bytes_as_captured_output():
@@ -52,7 +51,7 @@ def test_a_real_rsync_moves_the_bar_to_its_end(tmp_path):
         argv = ["rsync", "-a", "-i", "--no-h", "--stats", "--info=progress2", f"{src}/", f"{dst}/"]
         result = LocalRunner("dom0a", default_timeout=60).run(argv, on_output=meter.follow_rsync())
     drawn = term.getvalue()
-    assert parsers.parse_rsync_stats(result.stdout).total_size == (3 << 20) + 1000  # records ignored
+    assert rsyncout.parse_rsync_stats(result.stdout).total_size == (3 << 20) + 1000  # records ignored
     assert (dst / "d" / "big").read_bytes() == (src / "d" / "big").read_bytes()
     last = drawn.rstrip("\n").rsplit("\r", 1)[-1]
     assert last.startswith("web1 -> dom0b: 100%|") and "3.00M/3.00M" in last, drawn

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from domubackup.core.errors import CommandError, PeerError
-from domubackup.hosts.runner import SSHRunner
+from domubackup.hosts.ssh import SSHRunner
 
 ECHO_ARGV = ["python3", "-c", "import sys, json; print(json.dumps(sys.argv[1:]))"]
 

@@ -113,7 +113,7 @@ def test_partition_ids_are_read_from_the_snapshot_when_the_fstab_needs_them(fixt
     [g] = facts.with_partition_ids(runner, [f], [snap])
     assert [(fs.name, fs.partuuid) for fs in g.filesystems] == [("xvda1", "0a1b2c3d-01"), ("xvda5", "0a1b2c3d-05"),
                                                                 ("xvda6", "0a1b2c3d-06")]
-    from domubackup.core.plan import resolve_spec
+    from domubackup.core.layout import resolve_spec
     assert resolve_spec("PARTUUID=0A1B2C3D-05", list(g.filesystems)).name == "xvda5"
 
 

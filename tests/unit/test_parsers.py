@@ -9,6 +9,7 @@ import re
 import pytest
 
 from domubackup.core import parsers as P
+from domubackup.core import rsyncout as R
 from domubackup.core.model import (FstabEntry, LogicalVolume, MountInfo, Partition, PartitionTable,
                               RsyncStats)
 
@@ -226,17 +227,17 @@ RSYNC_STATS_CASES = [
 
 @pytest.mark.parametrize("name,expected", RSYNC_STATS_CASES, ids=[c[0] for c in RSYNC_STATS_CASES])
 def test_parse_rsync_stats(name, expected):
-    assert P.parse_rsync_stats(fx(name)) == expected
+    assert R.parse_rsync_stats(fx(name)) == expected
 
 
 def test_rsync_stats_old_format():
     text = ("Number of files: 12\nNumber of files transferred: 3\nTotal file size: 100 bytes\n"
             "Total transferred file size: 10 bytes\nTotal bytes sent: 50\nTotal bytes received: 5\n")
-    assert P.parse_rsync_stats(text) == RsyncStats(12, 3, 100, 10, 50, 5, 0)
+    assert R.parse_rsync_stats(text) == RsyncStats(12, 3, 100, 10, 50, 5, 0)
 
 
 def test_parse_rsync_itemize_delete_dryrun():
-    assert P.parse_rsync_itemize(fx("rsync-itemize-delete-dryrun.txt")) == [
+    assert R.parse_rsync_itemize(fx("rsync-itemize-delete-dryrun.txt")) == [
         ("*deleting", "old/file"),
         ("*deleting", "old/"),
         (">fcst......", "etc/passwd"),
@@ -248,7 +249,7 @@ def test_parse_rsync_itemize_delete_dryrun():
 
 
 def test_parse_rsync_itemize_first_sync_with_stats():
-    items = P.parse_rsync_itemize(fx("rsync-itemize-stats-first.txt"))
+    items = R.parse_rsync_itemize(fx("rsync-itemize-stats-first.txt"))
     assert len(items) == 1207  # 1207 itemize lines; the --stats block is not parsed as items
     assert items[:6] == [
         (".d..t......", "./"),
@@ -259,13 +260,13 @@ def test_parse_rsync_itemize_first_sync_with_stats():
         (">f+++++++++", "data/blob.bin"),
     ]
     assert items[-1] == ("hf+++++++++", "hardlink")  # " => data/f2.txt" cut
-    assert P.parse_rsync_itemize("cL+++++++++ a -> b", link_targets=False) == [("cL+++++++++", "a -> b")]
+    assert R.parse_rsync_itemize("cL+++++++++ a -> b", link_targets=False) == [("cL+++++++++", "a -> b")]
 
 
 def test_parse_rsync_itemize_clean_and_verbose():
-    assert P.parse_rsync_itemize(fx("rsync-itemize-verify-clean.txt")) == []
+    assert R.parse_rsync_itemize(fx("rsync-itemize-verify-clean.txt")) == []
     text = "sending incremental file list\n.f          same\n\nsent 10 bytes  received 5 bytes\n"
-    assert P.parse_rsync_itemize(text) == [(".f         ", "same")]
+    assert R.parse_rsync_itemize(text) == [(".f         ", "same")]
 
 
 def test_argv_builders():
@@ -301,9 +302,9 @@ MALFORMED = [
     (P.parse_findmnt, "/a /dev/x ext4\n", "/a /dev/x ext4"),
     (P.parse_findmnt, "/a b /dev/x ext4 rw\n", "/a b /dev/x ext4 rw"),
     (P.parse_findmnt, '{"filesystems": [{"target": "/"}]}', '"target": "/"'),
-    (P.parse_rsync_stats, fx("rsync-stats-human.txt"), "Total file size: 2.01M bytes"),
-    (P.parse_rsync_stats, "hello\n", "hello"),
-    (P.parse_rsync_itemize, ">f+++++++++ ok\nrsync: error in something\n", "rsync: error in something"),
+    (R.parse_rsync_stats, fx("rsync-stats-human.txt"), "Total file size: 2.01M bytes"),
+    (R.parse_rsync_stats, "hello\n", "hello"),
+    (R.parse_rsync_itemize, ">f+++++++++ ok\nrsync: error in something\n", "rsync: error in something"),
 ]
 
 

@@ -11,7 +11,7 @@ from domubackup.core import parsers
 from domubackup.core.config import parse_config
 from domubackup.hosts.journal import Journal
 from domubackup.hosts.runner import Runner
-from domubackup.jobs.backup import Inspection
+from domubackup.jobs.frame import Inspection
 from domubackup.core.model import Domain
 
 import sys, pathlib  # noqa: E401

@@ -5,7 +5,8 @@ from domubackup.core.config import RsyncSettings, parse_config
 from domubackup.core.errors import InspectError
 from domubackup.core.model import (LOCAL, Disk, DiskFacts, Filesystem, FstabEntry, LogicalVolume, Mount,
                               Partition, PartitionTable)
-from domubackup.core.plan import classify, mounts_from_fstab, plan_backup, sort_mounts, teardown_order
+from domubackup.core.layout import classify, mounts_from_fstab, sort_mounts
+from domubackup.core.plan import plan_backup, teardown_order
 
 MiB = 1024 * 1024
 ROOT = Filesystem("xvda", 1, "ext4", uuid="1111-aaaa", label="web1-root")
@@ -158,7 +159,7 @@ GPT_VAR = Filesystem("xvda", 5, "xfs", uuid="2222-bbbb", label="web1-var", partu
     ("LABEL=web1-var ", None), ("UUID=", None), ('UUID="2222-bbbb', None), ("ID=2222-bbbb", None),
 ])
 def test_fstab_specs_as_libmount_reads_them(spec, name):
-    from domubackup.core.plan import resolve_spec
+    from domubackup.core.layout import resolve_spec
     fs = resolve_spec(spec, [ROOT, GPT_VAR, SRV])
     assert (fs.name if fs else None) == name
 
@@ -185,7 +186,7 @@ def test_fstab_lines_that_place_nothing_and_two_lines_for_one_mount_point():
 
 
 def test_needs_partition_ids():
-    from domubackup.core.plan import needs_partition_ids
+    from domubackup.core.layout import needs_partition_ids
     assert not needs_partition_ids([FstabEntry("UUID=1", "/", "ext4"), FstabEntry("/dev/sda1", "/x", "ext4")])
     assert needs_partition_ids([FstabEntry('PARTUUID="a-01"', "/", "ext4")])
     assert needs_partition_ids([FstabEntry("/dev/disk/by-partlabel/root", "/", "ext4")])
@@ -206,7 +207,8 @@ def test_mount_order_parents_before_children():
 
 
 def test_guest_lvm_is_skipped_and_its_disk_not_mapped():
-    from domubackup.core.plan import mapped, not_copied, unmappable
+    from domubackup.core.layout import not_copied, unmappable
+    from domubackup.core.plan import mapped
     pv = classify(Filesystem("xvda", 2, "LVM2_member"))
     assert pv.skip_reason.startswith("holds a guest LVM physical volume: not copied, and its disk is not mapped")
     fss = unmappable([ROOT, pv, SWAP])
