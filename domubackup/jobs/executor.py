@@ -53,6 +53,8 @@ class Executor:
         self._deciding = 0  # `then` steps still to run: their callbacks may add steps to any lane
         self._failure: BaseException | None = None
         self._paused: set[str] = set()
+        self._running = False
+        self._inside = 0  # lanes inside a step now
 
     # --- the lanes ------------------------------------------------------------------------
 
@@ -60,6 +62,8 @@ class Executor:
         """Run ``steps`` (and those their decisions add); raise the first failure once every
         lane has stopped."""
         self._add(steps)
+        self._lanes.setdefault(LOCAL, deque())
+        self._running = True
         peers = [h for h in self._lanes if h != LOCAL]
         threads = [threading.Thread(target=self._lane, args=(h,), name=f"lane-{h}", daemon=True) for h in peers]
         for t in threads:
@@ -92,6 +96,8 @@ class Executor:
     def _add(self, steps) -> None:
         with self._cond:
             for step in steps:
+                if step.host not in self._lanes and self._running:
+                    raise ValueError(f"a decision added a step on {step.host!r}, which has no lane in this plan")
                 self._lanes.setdefault(step.host, deque()).append(step)
                 self._deciding += bool(step.then and step.then in self.callbacks)
             self._cond.notify_all()
@@ -101,8 +107,14 @@ class Executor:
         reached; None when the lane is over (or a lane failed)."""
         with self._cond:
             lane = self._lanes.setdefault(host, deque())
-            while self._failure is None and (not lane and self._deciding
-                                             or lane and not self._marks.issuperset(lane[0].waits)):
+            while self._failure is None and self._blocked(lane):
+                if not self._inside and not any(q and not self._blocked(q) for q in self._lanes.values()):
+                    # no step runs and none can start: what the lanes wait for will never come
+                    waits = {h: sorted(set(q[0].waits) - self._marks) for h, q in self._lanes.items() if q}
+                    self._failure = RuntimeError(f"the plan of {self.journal.domu} is stuck: {waits or 'decisions'} "
+                                                 "can never be reached (a planner bug)")
+                    self._cond.notify_all()
+                    break
                 self._cond.wait()
             if self._failure is not None or not lane:
                 return None
@@ -111,7 +123,12 @@ class Executor:
             while key is not None and lane and _mount_key(lane[0]) == key and not lane[0].waits \
                     and not group[-1].mark:
                 group.append(lane.popleft())
+            self._inside += 1
             return group
+
+    def _blocked(self, lane) -> bool:
+        """A lane waits: for a decision that may give it steps, or for its next step's marks."""
+        return not lane and self._deciding > 0 or bool(lane) and not self._marks.issuperset(lane[0].waits)
 
     def _lane(self, host: str) -> None:
         try:
@@ -119,16 +136,19 @@ class Executor:
                 group = self._next(host)
                 if group is None:
                     return
-                done = self._do(group)
-                if done[-1].mark:
-                    self._reach(done[-1].mark)
-        except BaseException as e:  # noqa: BLE001 - the first failure ends every lane
+                try:
+                    done = self._do(group)
+                    if done[-1].mark:
+                        self._reach(done[-1].mark)
+                finally:
+                    with self._cond:
+                        self._inside -= 1
+                        self._cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 - the first failure ends every lane; run() raises it
             with self._cond:
                 if self._failure is None:
                     self._failure = e
                 self._cond.notify_all()
-            if host == LOCAL and self._failure is e:
-                return  # raised by run() once the other lanes stopped
 
     def _reach(self, mark: str) -> None:
         if mark in self.on_mark:
@@ -142,11 +162,11 @@ class Executor:
     def _do(self, group: list[Step]) -> list[Step]:
         """Run a step (or a batch of mounts); returns the steps done."""
         step = group[0]
+        if step.phase == "snapshot" and self.freeze is not None:
+            return self._frozen(step)  # (its test pause is inside the window)
         self._pause(step.phase)
         if step.check:
             self.checks[step.check[0]](step)
-        elif step.phase == "snapshot" and self.freeze is not None:
-            return self._frozen(step)
         elif len(group) > 1:
             recorded = self.journal.begin_many(group)
             res = self.runners[step.host].run(cmd.batched([s.argv for s in group]), timeout=self.timeout)
@@ -180,8 +200,9 @@ class Executor:
         inside the freeze window; a crash leaves pending entries whose lvremove finds nothing."""
         lane = self._lanes[first.host]
         snaps = [first]
-        while lane and lane[0].phase == "snapshot" and not snaps[-1].mark:
-            snaps.append(lane.popleft())
+        with self._cond:
+            while lane and lane[0].phase == "snapshot" and not lane[0].waits and not snaps[-1].mark:
+                snaps.append(lane.popleft())
         recorded = self.journal.begin_many(snaps)
 
         def open_snapshots():

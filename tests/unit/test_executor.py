@@ -1,0 +1,115 @@
+"""The executor against scripted hosts: lanes at once, marks between them, decisions, checks,
+the first failure stopping every lane, teardown of each lane in reverse, a stuck plan."""
+
+import threading
+
+import pytest
+
+from domubackup.core.errors import CommandError, PeerError
+from domubackup.core.model import LOCAL, Step
+from domubackup.hosts.journal import Journal
+from domubackup.hosts.runner import Runner
+from domubackup.jobs.executor import Executor
+
+
+class Host(Runner):
+    """Records (host, argv) in a shared log; `fail` names an argv that exits 1; `gate` an argv
+    that waits (at most 5 s) for an event before it runs."""
+
+    def __init__(self, name, log, fail=None, gate=None, failed=None, started=None):
+        super().__init__(name)
+        self.log, self.fail, self.gate, self.failed, self.started = log, fail, gate or {}, failed, started or {}
+
+    def _execute(self, argv, env, input, timeout):
+        if argv in self.started:
+            self.started[argv].set()
+        if argv in self.gate:
+            self.gate[argv].wait(5)
+        self.log.append((self.host, argv))
+        if argv == self.fail:
+            if self.failed is not None:
+                self.failed.set()
+            return 1, "", "injected"
+        return 0, " ".join(argv), ""
+
+
+def opened(host, name, **kw):
+    return Step("open", host, ("open", name), ("close", name), **kw)
+
+
+def executor(tmp_path, hosts, **kw):
+    journal = Journal.create(tmp_path, "web1", "dom0b")
+    return Executor(journal, hosts, timeout=10, **kw)
+
+
+def test_lanes_meet_at_marks_and_close_in_reverse_each(tmp_path):
+    log = []
+    hosts = {LOCAL: Host("dom0a", log), "dom0b": Host("dom0b", log)}
+    ex = executor(tmp_path, hosts)
+    steps = [opened(LOCAL, "a1", mark="a1"), opened(LOCAL, "a2", waits=("b1",)),
+             opened("dom0b", "b1", waits=("a1",), mark="b1"), opened("dom0b", "b2")]
+    with ex.closing():
+        ex.run(steps)
+    assert log.index(("dom0a", ("open", "a1"))) < log.index(("dom0b", ("open", "b1"))) \
+        < log.index(("dom0a", ("open", "a2")))
+    assert [a for h, a in log if h == "dom0a"][-2:] == [("close", "a2"), ("close", "a1")]
+    assert [a for h, a in log if h == "dom0b"][-2:] == [("close", "b2"), ("close", "b1")]
+    assert Journal.load(tmp_path, "web1") is None
+
+
+def test_a_decision_adds_the_steps_it_found_to_any_lane(tmp_path):
+    log = []
+    hosts = {LOCAL: Host("dom0a", log), "dom0b": Host("dom0b", log)}
+
+    def decide(step, res):
+        assert res.stdout == "read fstab"
+        return [opened(LOCAL, "var"), opened("dom0b", "var")]
+    ex = executor(tmp_path, hosts, callbacks={"fstab": decide})
+    with ex.closing():
+        ex.run([opened(LOCAL, "root"), Step("inspect", LOCAL, ("read", "fstab"), then="fstab"),
+                opened("dom0b", "root")])
+    assert ("dom0b", ("open", "var")) in log and log.index(("dom0a", ("read", "fstab"))) < log.index(
+        ("dom0b", ("open", "var")))
+
+
+def test_the_first_failure_stops_every_lane_and_everything_opened_is_closed(tmp_path):
+    # dom0b's b2 fails while dom0a runs a2 (it waits for that failure): dom0a opens nothing
+    # more, dom0b neither; every step opened (and the one that failed: it may have opened
+    # something before it failed) is closed, each lane in reverse
+    log = []
+    failed, a2 = threading.Event(), threading.Event()
+    hosts = {LOCAL: Host("dom0a", log, gate={("open", "a2"): failed}, started={("open", "a2"): a2}),
+             "dom0b": Host("dom0b", log, fail=("open", "b2"), failed=failed, gate={("open", "b2"): a2})}
+    ex = executor(tmp_path, hosts)
+    with pytest.raises(CommandError, match="injected"):
+        with ex.closing():
+            ex.run([opened(LOCAL, "a1"), opened(LOCAL, "a2"), opened(LOCAL, "a3"),
+                    opened("dom0b", "b1"), opened("dom0b", "b2", mark="x"), opened("dom0b", "b3")])
+    assert ("dom0a", ("open", "a3")) not in log and ("dom0b", ("open", "b3")) not in log
+    for host in ("dom0a", "dom0b"):
+        opens = [a[1] for h, a in log if h == host and a[0] == "open"]
+        assert [a for h, a in log if h == host and a[0] == "close"] == [("close", n) for n in reversed(opens)]
+    assert failed.is_set() and ("dom0a", ("open", "a2")) in log
+
+
+def test_a_check_that_fails_on_a_peer_opens_nothing_after_it(tmp_path):
+    log = []
+    hosts = {LOCAL: Host("dom0a", log), "dom0b": Host("dom0b", log)}
+
+    def refuse(step):
+        raise PeerError("web1 is running on dom0b")
+    ex = executor(tmp_path, hosts, checks={"peer-state": refuse})
+    with pytest.raises(PeerError):
+        with ex.closing():
+            ex.run([opened(LOCAL, "a1", waits=("checked",)),
+                    Step("check", "dom0b", (), check=("peer-state",), mark="checked"), opened("dom0b", "b1")])
+    assert log == []
+
+
+def test_a_plan_that_waits_for_a_mark_nothing_reaches_fails_instead_of_hanging(tmp_path):
+    log = []
+    ex = executor(tmp_path, {LOCAL: Host("dom0a", log), "dom0b": Host("dom0b", log)})
+    with pytest.raises(RuntimeError, match=r"the plan of web1 is stuck: \{'local': \['never'\]\}"):
+        with ex.closing():
+            ex.run([opened(LOCAL, "a1"), opened(LOCAL, "a2", waits=("never",)), opened("dom0b", "b1")])
+    assert [a for h, a in log if h == "dom0a"] == [("open", "a1"), ("close", "a1")]
