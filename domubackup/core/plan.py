@@ -311,23 +311,27 @@ def teardown_order(steps: list[Step]) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def describe(plan: Plan) -> str:
-    """The plan for a person."""
+    """The plan for a person: each host's lane in order (the lanes run at the same time; a step
+    that waits for a mark starts once a step of any lane reached it)."""
     import shlex
 
     lines = [f"Plan for {plan.domu}:"]
-    for i, s in enumerate(plan.steps, 1):
-        lines.append(f"{i:3}. [{s.phase}] on {s.host}: {shlex.join(s.argv)}")
-        if s.note:
-            lines.append(f"       # {s.note}")
-        if s.undo:
-            lines.append(f"       undo: {shlex.join(s.undo)}")
+    for host in dict.fromkeys(s.host for s in plan.steps):
+        lines.append(f"  on {host}:")
+        for i, s in enumerate((s for s in plan.steps if s.host == host), 1):
+            what = "check " + " ".join(s.check) if s.check else shlex.join(s.argv)
+            lines.append(f"{i:5}. [{s.phase}] {what}" + (f"   (after {', '.join(s.waits)})" if s.waits else ""))
+            for label, value in (("#", s.note), ("undo:", s.undo and shlex.join(s.undo)),
+                                 ("decides:", s.then if s.then == "fstab" else ""), ("reaches:", s.mark)):
+                if value:
+                    lines.append(f"         {label} {value}")
     for s in plan.skipped:
         lines.append(f"  skipped: {s}")
     for n in plan.notes:
         lines.append(f"  note: {n}")
     undo = teardown_order(plan.steps)
     if undo:
-        lines.append("Teardown (reverse order):")
+        lines.append("Teardown (each host in reverse order, the hosts at once):")
         for host, u in undo:
             lines.append(f"     on {host}: {shlex.join(u)}")
     return "\n".join(lines)

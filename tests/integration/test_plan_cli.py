@@ -96,9 +96,15 @@ def test_plan_text_shows_skips_and_deferred_fstab(conf, fixtures, capsys):
     assert code == 0, err
     assert "skipped: hdc: cdrom is not backed up" in out
     assert "skipped: xvda6: swap is not copied" in out
-    assert "[inspect] on local: domubackup read-in -- /mnt/domubackup/source/web1 /etc/fstab" in out
+    lanes = out.split("\n  on ")
+    assert [lane.split(":")[0] for lane in lanes[1:]] == ["local", "dom0b"]
+    assert "[inspect] domubackup read-in -- /mnt/domubackup/source/web1 /etc/fstab\n" \
+           "         # read the guest's /etc/fstab: the other mounts on both hosts follow from it\n" \
+           "         decides: fstab" in lanes[1]
+    assert "    1. [check] check peer-state\n" in lanes[2]
+    assert "[check] check replicas   (after checked)\n" in lanes[2]
     assert "come from the guest's /etc/fstab at run time" in out
-    assert "Teardown (reverse order):" in out
+    assert "Teardown (each host in reverse order, the hosts at once):" in out
 
 
 @pytest.mark.parametrize("domu, code, message", [
