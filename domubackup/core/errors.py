@@ -14,7 +14,7 @@ EXIT_USAGE = 2
 EXIT_NOT_ELIGIBLE = 3
 EXIT_TEARDOWN = 4
 # A run that completed, but could not copy everything of the guest (its reasons are listed):
-# not an error class, an outcome (pipeline.Outcome status PARTIAL).
+# not an error class, an outcome (frame.Outcome status PARTIAL).
 EXIT_PARTIAL = 5
 EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE: a bug; one line on stderr, the traceback in the log
 EXIT_BUSY = 75  # sysexits EX_TEMPFAIL

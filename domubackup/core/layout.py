@@ -173,7 +173,7 @@ def mounts_from_fstab(entries: list[FstabEntry], root: Filesystem,
                       facts: list[DiskFacts]) -> tuple[list[Mount], list[str]]:
     """Mounts for the filesystems the guest's fstab names (as mount -a would: of two lines for
     one mount point the later one is on top, so it wins); notes for the lines that place nothing.
-    (A filesystem it does not place is not copied: the run says so, pipeline.not_copied.)"""
+    A filesystem it does not place goes to the hidden tree (with_unplaced)."""
     filesystems = mountable(facts)
     at: dict[str, Filesystem] = {}  # mount point -> filesystem, in the order mount -a mounts them
     notes = []

@@ -139,11 +139,12 @@ class Step:
     then: str = ""
     closes: tuple[str, ...] | None = None  # argv of an earlier step whose undo this runs now
     timeout: float | None = None
+    about: tuple[str, ...] = ()  # what a `then` step is about, for its callback: (peer, tree), (disk,)
 
     def to_json(self) -> dict:
         d = {"phase": self.phase, "host": self.host, "argv": list(self.argv),
              "undo": list(self.undo) if self.undo is not None else None, "note": self.note}
-        for key in ("check", "waits", "mark", "then", "closes"):
+        for key in ("check", "waits", "mark", "then", "closes", "about"):
             if getattr(self, key):
                 d[key] = list(getattr(self, key)) if key != "mark" and key != "then" else getattr(self, key)
         return d

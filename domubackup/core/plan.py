@@ -134,7 +134,7 @@ def transfer_steps(settings: Settings, domu: str, peers: tuple[str, ...], *, pro
                                               tree_root(settings, domu, peer, tree), settings.rsync, settings.ssh,
                                               progress=progress, extra=extra), None,
                  note=f"mirror to {peer}" + (" the filesystems the guest's layout does not place" if tree else ""),
-                 then="transfer", timeout=settings.rsync.timeout or 7 * 24 * 3600)
+                 then="transfer", timeout=settings.rsync.timeout or 7 * 24 * 3600, about=(peer, tree))
             for peer in peers for tree in trees]
 
 

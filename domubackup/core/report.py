@@ -125,7 +125,7 @@ def history_json(rows: Iterable[RunRow]) -> list[dict]:
 
 
 def outcome_json(out, started: float, ended: float, log_path: str | None) -> dict:
-    """One DomU's run (a pipeline.Outcome) as a JSON-ready dict, for `run --json` and `verify
+    """One DomU's run (a frame.Outcome) as a JSON-ready dict, for `run --json` and `verify
     --json`: the keys of ``history_json`` where they mean the same, plus ``exit_code`` and
     ``not_copied``. ``started`` and ``ended`` are epoch seconds."""
     return {

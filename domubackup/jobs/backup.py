@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import astuple
 
 from ..core import commands as cmd
 from ..core import parsers
@@ -71,6 +72,7 @@ class Backup:
         self.mounts = None  # once known: from the config, the fallback, or the guest's fstab
         self.stats = RsyncStats()
         self.watch = None
+        self._meter = None  # the progress bar of the transfer running now
 
     def plan(self) -> planner.Plan:
         return planner.plan_backup(self.domu, self.facts, self.settings, self.insp.peers, skipped=self.insp.skipped,
@@ -105,6 +107,8 @@ class Backup:
             finally:
                 out.freeze = ex.freeze_report
                 self.watch.stop()
+                if self._meter is not None:  # a transfer that failed
+                    self._meter.close()
             self._judge()
 
     def _snapshots(self, ex) -> None:
@@ -178,31 +182,26 @@ class Backup:
     def _display(self, step):
         if step.phase != "transfer" or self.progress is None or self.verify:
             return None
-        peer = step.argv[-1].split(":", 1)[0]
-        meter = self.progress.meter(f"{self.domu} -> {peer}" + (" (unplaced)" if "unplaced" in step.note else ""))
+        peer, tree = step.about
+        meter = self.progress.meter(f"{self.domu} -> {peer}" + (f" ({tree})" if tree else ""))
         self._meter = meter
         return meter.follow_rsync()
 
     def _transferred(self, step, res):
-        meter, self._meter = getattr(self, "_meter", None), None
+        meter, self._meter = self._meter, None
         if meter is not None:
             meter.close()
         if res.exit_code != 0:
             raise CommandError(step.host, step.argv, res.exit_code, res.stderr, hint=rsync_hint(res.exit_code))
         s = rsyncout.parse_rsync_stats(res.stdout)
-        peer = step.argv[-1].split(":", 1)[0]
+        peer, tree = step.about
         if self.verify:
-            tree = layout.UNPLACED if "unplaced" in step.note else ""
             prefix = f"{os.path.basename(planner.tree_root(self.settings, self.domu, peer, tree))}/" if tree else ""
             self.out.differences += [f"{peer}: {code} {prefix}{path}"
                                      for code, path in rsyncout.parse_rsync_itemize(res.stdout, link_targets=False)]
-        first = peer == self.insp.peers[0]  # the files of the guest: its trees, counted once
-        st = self.stats
-        self.stats = RsyncStats(files=st.files + s.files * first, files_transferred=st.files_transferred + s.files_transferred,
-                                total_size=st.total_size + s.total_size * first,
-                                transferred_size=st.transferred_size + s.transferred_size,
-                                bytes_sent=st.bytes_sent + s.bytes_sent, bytes_received=st.bytes_received + s.bytes_received,
-                                deleted=st.deleted + s.deleted)
+        first = peer == self.insp.peers[0]  # files and total_size are the guest's: its trees, counted once
+        self.stats = RsyncStats(*(a + b * (first or k not in ("files", "total_size"))
+                                  for k, a, b in zip(RsyncStats.__dataclass_fields__, astuple(self.stats), astuple(s))))
         return None
 
     def fsck(self) -> None:

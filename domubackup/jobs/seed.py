@@ -208,7 +208,8 @@ def plan_seed(domu: str, facts, settings, peers) -> planner.Plan:
             target = cmd.lv_path(f.lv.vg, f.lv.lv)
             lanes[-1].append(planner.Step("seed", peer, receive_argv(target, f.lv.size), None,
                                           note=f"{f.disk.target}: {snap} -> {peer}:{target}", then="seed",
-                                          waits=("snapshots",) if i == 0 else (), timeout=24 * 3600))
+                                          waits=("snapshots",) if i == 0 else (), timeout=24 * 3600,
+                                          about=(f.disk.target,)))
     snaps = planner._mark_last(planner.snapshot_steps(facts, settings), "snapshots")
     snaps[0] = replace(snaps[0], waits=tuple(f"prepared:{p}" for p in peers))
     plan.steps = snaps + [s for lane in lanes for s in lane]
@@ -257,7 +258,7 @@ class Seed:
     def _feed(self, step):
         if step.phase != "seed":
             return None
-        f = self._disk(step.note.split(":", 1)[0])
+        f = self._disk(step.about[0])
         snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(self.job.settings, f.lv.lv))
         meter = self.bars.meter(f"seed {snap} -> {step.host}", f.lv.size) if self.bars else None
         last = [0.0]

@@ -300,7 +300,7 @@ def hostile_home(tmp_path, monkeypatch, sshd):
 
 
 def test_both_clients_reach_a_dom0_by_its_address_and_port_with_the_same_pinned_key(sshd, tmp_path, hostile_home):
-    # paramiko (the SSHRunner of the pipeline) and rsync's ssh (commands.rsync) both connect to
+    # paramiko (the SSHRunner of a job) and rsync's ssh (commands.rsync) both connect to
     # [dom0.peerb]'s address and port and both look the key up as [127.0.0.1]:PORT.
     from domubackup.core import commands
     from domubackup.jobs import backup as backup_job
