@@ -301,3 +301,19 @@ def test_rsync_and_its_ssh_reach_a_dom0_at_its_address_and_port():
     assert commands.rsync("/src", "dom0a", "/dst", RsyncSettings(), ssh)[-1] == "[fd00::3]:/dst/"
     assert commands.ssh_command(ssh, "dom0a")[:4] == ("ssh", "-F", "none", "-p") and \
         commands.ssh_command(ssh, "dom0a")[4] == "22"
+
+
+def test_seed_prepares_every_replica_before_the_snapshots_then_streams_each_disk():
+    from domubackup.jobs.seed import plan_seed
+    plan = plan_seed("web1", web1_facts(), settings().settings_for("web1"), ("dom0b",))
+    lane = {h: [(s.phase, s.check or s.argv[:2], s.waits, s.mark) for s in plan.steps if s.host == h]
+            for h in (LOCAL, "dom0b")}
+    assert lane[LOCAL] == [("snapshot", ("lvcreate", "--snapshot"), ("prepared:dom0b",), ""),
+                           ("snapshot", ("lvcreate", "--snapshot"), (), "snapshots")]
+    assert lane["dom0b"] == [("check", ("peer-state",), (), ""), ("check", ("replica", "xvda"), (), ""),
+                             ("check", ("replica", "xvdb"), (), "prepared:dom0b"),
+                             ("seed", ("python3", "-c"), ("snapshots",), ""), ("seed", ("python3", "-c"), (), "")]
+    seeds = [s for s in plan.steps if s.phase == "seed"]
+    assert [(s.argv[-2:], s.about, s.then) for s in seeds] == [
+        (("/dev/vg0/web1-disk", str(1200 * MiB)), ("xvda",), "seed"),
+        (("/dev/vg0/web1-srv", str(1536 * MiB)), ("xvdb",), "seed")]
