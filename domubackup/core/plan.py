@@ -27,6 +27,7 @@ class Plan:
     steps: list[Step] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # "xvdc: reason"
     notes: list[str] = field(default_factory=list)
+    mounts: list[Mount] | None = None  # where each filesystem goes; None: decided by the guest's fstab
 
     def to_json(self) -> list[dict]:
         return [s.to_json() for s in self.steps]
@@ -191,6 +192,7 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
         mounts = fallback_mounts(facts)
         plan.notes.append("no Linux root filesystem found: each filesystem goes under a directory "
                           "named after its disk and partition")
+    plan.mounts = mounts
     if mounts is not None:
         local += local_mount_plan(mounts, facts, settings, domu)
         rest = after_mounts(mounts, facts, settings, domu, peers, progress=progress, verify=verify)

@@ -82,7 +82,7 @@ class Backup:
     def run(self) -> None:
         settings, domu, out = self.settings, self.domu, self.out
         plan = self.plan()
-        self.mounts = self._known_mounts()
+        self.mounts = plan.mounts
         journal = Journal.create(self.config.state_dir, domu, ",".join(self.insp.peers))
         snaps = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in self.facts]
         self.watch = SnapshotWatch(self.runners[LOCAL], snaps, settings,
@@ -124,13 +124,6 @@ class Backup:
                 log.warning("%s: %s (%s) is not in %s: copied to %s on the peer", self.domu, m.filesystem.name,
                             m.filesystem.fstype, where,
                             planner.tree_root(self.settings, self.domu, self.insp.peers[0], m.tree) + m.mountpoint)
-
-    def _known_mounts(self):
-        if self.settings.mounts:
-            return layout.mounts_from_config(self.facts, self.settings)
-        if layout.root_candidate(self.facts, self.settings) is None:
-            return layout.fallback_mounts(self.facts)
-        return None  # the guest's fstab says
 
     # --- checks ---------------------------------------------------------------------------
 
