@@ -40,7 +40,12 @@ class Meter:
                 self.to(done, done * 100 // percent if percent else None)
         return seen
 
-    def close(self) -> None:
+    def close(self, complete: bool = False) -> None:
+        """Take the bar off; ``complete``: the work is done, the bar says 100 % (rsync's last
+        record may be short of it: its total was an estimate)."""
+        if complete and self._bar.n:
+            self._bar.total = self._bar.n
+            self._bar.refresh()
         self._bar.close()
 
     def __enter__(self):

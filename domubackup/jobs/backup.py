@@ -183,7 +183,7 @@ class Backup:
     def _transferred(self, step, res):
         meter, self._meter = self._meter, None
         if meter is not None:
-            meter.close()
+            meter.close(complete=res.exit_code == 0)
         if res.exit_code != 0:
             raise CommandError(step.host, step.argv, res.exit_code, res.stderr, hint=rsync_hint(res.exit_code))
         s = rsyncout.parse_rsync_stats(res.stdout)

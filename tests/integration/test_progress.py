@@ -76,3 +76,18 @@ def test_a_log_record_clears_the_bar_and_is_a_line_of_its_own(package_logger):
     assert not before.rstrip("\r").rsplit("\r", 1)[-1].strip()  # the bar was blanked out first
     assert after.startswith("\rseed vg0/web1-disk-snap -> dom0b:  40%")  # redrawn
     assert "100%" in after
+
+
+def test_a_transfer_that_ended_well_leaves_its_bar_at_100_percent():
+    # rsync's last record may say 98 % of an estimated total: a completed transfer is 100 %
+    term = Terminal()
+    meter = Progress(term).meter("web1 -> dom0b")
+    meter.to(64 << 20, (64 << 20) * 100 // 98)
+    meter.close(complete=True)
+    last = term.getvalue().rstrip("\n").rsplit("\r", 1)[-1]
+    assert last.startswith("web1 -> dom0b: 100%|") and "64.0M/64.0M" in last, term.getvalue()
+    term = Terminal()
+    meter = Progress(term).meter("web1 -> dom0b")
+    meter.to(10, 100)
+    meter.close()  # a failed one stays where it was
+    assert term.getvalue().rstrip("\n").rsplit("\r", 1)[-1].startswith("web1 -> dom0b:  10%")
