@@ -324,6 +324,11 @@ class Journal:
             self.entries[index].state = UNDONE
             self._save()
 
+    def undos(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(host, undo argv) of every entry, newest first: what a teardown would run."""
+        with self._lock:
+            return [(e.host, e.undo) for e in reversed(self.entries) if e.undo]
+
     def closed(self, host: str, argv) -> None:
         """The newest done step of HOST with ARGV was closed by a later step of the plan (a
         tentative root mount taken back): teardown skips it."""

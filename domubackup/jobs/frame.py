@@ -116,9 +116,9 @@ def recover(config, domu: str, local, factory=ssh_runner) -> list[str]:
     if journal is None:
         return []
     journal.unseen()  # a dead run's mounts may be gone for good reasons (a reboot): not a failure
-    hosts = {e.host for e in journal.entries if e.host != LOCAL}
-    runners = {LOCAL: local, **peer_runners(config, domu, hosts, factory)}
-    undone = [f"{e.host}: {' '.join(e.undo)}" for e in reversed(journal.entries) if e.undo]
+    undos = journal.undos()
+    runners = {LOCAL: local, **peer_runners(config, domu, {h for h, _ in undos if h != LOCAL}, factory)}
+    undone = [f"{h}: {' '.join(u)}" for h, u in undos]
     log.warning("%s: found the journal of a dead run (PID %s, started %s): undoing %d step(s)",
                 domu, journal.pid, journal.started, len(undone))
     try:
