@@ -2,6 +2,7 @@
 the first failure stopping every lane, teardown of each lane in reverse, a stuck plan."""
 
 import threading
+import time
 
 import pytest
 
@@ -78,7 +79,13 @@ def test_the_first_failure_stops_every_lane_and_everything_opened_is_closed(tmp_
     # something before it failed) is closed, each lane in reverse
     log = []
     failed, a2 = threading.Event(), threading.Event()
-    hosts = {LOCAL: Host("dom0a", log, gate={("open", "a2"): failed}, started={("open", "a2"): a2}),
+
+    class PeerLaneOver:  # a2 ends once dom0b's lane has stopped (its failure is recorded then)
+        def wait(self, timeout):
+            deadline = time.monotonic() + timeout
+            while any(t.name == "lane-dom0b" for t in threading.enumerate()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+    hosts = {LOCAL: Host("dom0a", log, gate={("open", "a2"): PeerLaneOver()}, started={("open", "a2"): a2}),
              "dom0b": Host("dom0b", log, fail=("open", "b2"), failed=failed, gate={("open", "b2"): a2})}
     ex = executor(tmp_path, hosts)
     with pytest.raises(CommandError, match="injected"):
