@@ -4,6 +4,7 @@ domubackup-failure@, which (no mailer in the lab) writes the run log to the jour
 
 import time
 
+import labvm
 from e2ehelp import manifest, tree
 
 UNIT = "domubackup.service"
@@ -54,5 +55,6 @@ def test_the_timer_starts_a_night_and_a_failed_night_reaches_root(fresh):
         assert "/var/lib/domubackup/log/web1-backup-" in text  # the newest run log, named
         assert show(lab, FAILURE, "Result")["Result"] == "success"
     finally:
+        labvm.push_files("dom0b", {"/etc/domubackup/lab-node.xml": (labvm.node_xml("dom0b"), 0o644)})
         lab.ssh("dom0a", ["systemctl", "disable", "--now", "domubackup.timer"], check=False)
         lab.ssh("dom0a", ["systemctl", "reset-failed"], check=False)
