@@ -136,14 +136,20 @@ class Executor:
                 group = self._next(host)
                 if group is None:
                     return
+                failure = None
                 try:
                     done = self._do(group)
                     if done[-1].mark:
                         self._reach(done[-1].mark)
-                finally:
-                    with self._cond:
-                        self._inside -= 1
-                        self._cond.notify_all()
+                except BaseException as e:  # noqa: BLE001 - recorded below, with the step's end
+                    failure = e
+                with self._cond:  # one atomic change: no lane may see "nothing runs" before the failure
+                    self._inside -= 1
+                    if failure is not None and self._failure is None:
+                        self._failure = failure
+                    self._cond.notify_all()
+                if failure is not None:
+                    return
         except BaseException as e:  # noqa: BLE001 - the first failure ends every lane; run() raises it
             with self._cond:
                 if self._failure is None:
