@@ -27,6 +27,8 @@ GUEST_PACKAGES = [
     "python3", "python3-libvirt", "python3-lxml", "python3-paramiko", "python3-sh",
     "python3-tqdm",
     "python3-cffi-backend",  # debootstrap does not resolve the virtual cffi-backend-api deps
+    "thin-provisioning-tools",  # thin pools: thin replicas and their restore points, thin_delta
+    "python3-xxhash",  # the blocks mode's block hash
     "iproute2", "zstd",
 ]
 
