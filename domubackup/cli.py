@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 from . import __version__
 from .core import config as cfg
@@ -223,11 +223,8 @@ def _local_runner(config):
 
 
 def cmd_plan(config, args, runner) -> int:
-    conn = virt.connect(config.settings_for(args.domu).libvirt_uri)
-    try:
+    with closing(virt.connect(config.settings_for(args.domu).libvirt_uri)) as conn:
         plan = backup.make_plan(config, frame.inspect(config, args.domu, conn, runner))
-    finally:
-        conn.close()
     if args.json:
         say(json.dumps(plan.to_json(), indent=2))
     else:
@@ -238,9 +235,8 @@ def cmd_plan(config, args, runner) -> int:
 def cmd_run(config, args, runner) -> int:
     if not args.dry_run:
         return run_backups(config, args, runner)
-    conn = virt.connect(config.defaults.libvirt_uri)
     codes, out = [], []
-    try:
+    with closing(virt.connect(config.defaults.libvirt_uri)) as conn:
         for name in virt.selected_domus(config, args.domus, conn):
             try:
                 plan = backup.make_plan(config, frame.inspect(config, name, conn, runner))
@@ -253,8 +249,6 @@ def cmd_run(config, args, runner) -> int:
                 out.append({"domu": name, "steps": plan.to_json()})
             else:
                 say(describe(plan))
-    finally:
-        conn.close()
     if args.json:
         say(json.dumps(out, indent=2))
     return worst(codes)
@@ -267,6 +261,19 @@ def open_catalog(config):
     for run_id in catalog.reap_dead():
         log.warning("run %d of the catalog died before it finished: marked ERROR", run_id)
     return catalog
+
+
+@contextmanager
+def one_job(config, name: str, kind: str):
+    """(libvirt connection, catalog, run log path) of one DomU's job of KIND; closed after it."""
+    conn = virt.connect(config.settings_for(name).libvirt_uri)
+    catalog = open_catalog(config)
+    try:
+        with run_log(config, name, kind) as log_path:
+            yield conn, catalog, log_path
+    finally:
+        conn.close()
+        catalog.close()
 
 
 def terminal_bars(args):
@@ -303,13 +310,9 @@ def run_backups(config, args, runner) -> int:
             if outcome.exit_code > EXIT_SIGNAL:
                 break  # a signal: everything of this DomU is closed; do not start the next one
         outcomes = [o for o, _ in runs]
-        failed = [o.domu for o in outcomes if o.exit_code]
-        try:
-            frame.lifecycle_hook(config.defaults, "job-end", runner, domu=" ".join(o.domu for o in outcomes),
-                                    status="ERROR" if set(o.exit_code for o in outcomes) - {0, EXIT_PARTIAL}
-                                    else "PARTIAL" if failed else "OK")
-        except DomuBackupError as e:
-            log.warning("job-end hook failed: %s", e)
+        codes = {o.exit_code for o in outcomes} - {EXIT_OK}
+        frame.hook_or_warn(config.defaults, "job-end", runner, domu=" ".join(o.domu for o in outcomes),
+                           status="ERROR" if codes - {EXIT_PARTIAL} else "PARTIAL" if codes else "OK")
         catalog.prune(config.catalog_keep_days)
         if config.metrics_textfile:
             write_metrics(catalog, config.metrics_textfile, list(config.domus))
@@ -317,10 +320,9 @@ def run_backups(config, args, runner) -> int:
     finally:
         conn.close()
         catalog.close()
-    code = EXIT_OK
+    code = EXIT_OK if runs else EXIT_NOT_ELIGIBLE
     if not runs:
         say("domubackup: no DomU to back up (none named, none configured)", file=sys.stderr)
-        code = EXIT_NOT_ELIGIBLE
     elif not args.domus:
         # The nightly run on every Dom0: a DomU that runs elsewhere is another Dom0's job.
         runs = [(o, j) for o, j in runs if not o.not_here]
@@ -375,24 +377,15 @@ def cmd_verify(config, args, runner) -> int:
     from .core.report import outcome_json
 
     name = args.domu
-    conn = virt.connect(config.settings_for(name).libvirt_uri)
-    catalog = open_catalog(config)
     started = time.time()
-    try:
-        with run_log(config, name, "verify") as log_path:
-            out = backup.backup(config, name, conn, runner, catalog=catalog, log_path=log_path, verify=True)
-    finally:
-        conn.close()
-        catalog.close()
+    with one_job(config, name, "verify") as (conn, catalog, log_path):
+        out = backup.backup(config, name, conn, runner, catalog=catalog, log_path=log_path, verify=True)
     ended = time.time()
     lines = [f"{name}: differs: {d}" for d in out.differences]
     code, fsck = out.exit_code, None
     if args.fsck and out.status in ("OK", "ERROR"):
-        conn = virt.connect(config.settings_for(name).libvirt_uri)
-        try:
+        with closing(virt.connect(config.settings_for(name).libvirt_uri)) as conn:
             fsck = backup.fsck_replicas(config, name, conn, runner)
-        finally:
-            conn.close()
         lines += [f"{name}: fsck: {p}" for p in fsck]
     if fsck:
         say(f"domubackup: {name}: the replica's filesystems have errors", file=sys.stderr)
@@ -418,15 +411,9 @@ def cmd_seed(config, args, runner) -> int:
     from .jobs.seed import seed
 
     name = args.domu
-    conn = virt.connect(config.settings_for(name).libvirt_uri)
-    catalog = open_catalog(config)
-    try:
-        with run_log(config, name, "seed") as log_path:
-            out = seed(config, name, conn, runner, force=args.force, bars=terminal_bars(args), catalog=catalog,
-                       log_path=log_path)
-    finally:
-        conn.close()
-        catalog.close()
+    with one_job(config, name, "seed") as (conn, catalog, log_path):
+        out = seed(config, name, conn, runner, force=args.force, bars=terminal_bars(args), catalog=catalog,
+                   log_path=log_path)
     if out.exit_code:  # the job has logged why
         return out.exit_code
     for line in out.report:

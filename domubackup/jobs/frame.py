@@ -145,6 +145,14 @@ def lifecycle_hook(settings, phase: str, runner, *, domu="", peer="", status="",
         log.info("%s hook: %s", phase, line)
 
 
+def hook_or_warn(settings, phase: str, runner, **env) -> None:
+    """lifecycle_hook, whose failure is only logged (the job's outcome stands)."""
+    try:
+        lifecycle_hook(settings, phase, runner, **env)
+    except DomuBackupError as e:
+        log.warning("%s hook failed: %s", phase, e)
+
+
 class Warmup:
     """Connects to the peers in the background while this host still probes (paramiko's imports
     and the handshake: seconds under emulation); the plan's first step there finds the
@@ -254,11 +262,8 @@ def run_job(config, domu: str, kind: str, conn, local, body, *, factory=ssh_runn
         log.error("%s", out.error, exc_info=True)  # the traceback goes to the run log file only
     out.duration = time.monotonic() - start
     if hooked:
-        phase = "backup-end" if out.status in ("OK", "PARTIAL") else "backup-abort"
-        try:
-            lifecycle_hook(settings, phase, local, domu=domu, peer=peers, status=out.status, log_path=log_path)
-        except DomuBackupError as e:
-            log.warning("%s hook failed: %s", phase, e)
+        hook_or_warn(settings, "backup-end" if out.status in ("OK", "PARTIAL") else "backup-abort", local,
+                     domu=domu, peer=peers, status=out.status, log_path=log_path)
     if catalog is not None and out.status in ("OK", "PARTIAL", "ERROR", "CORRUPT"):
         if run_id is None:
             run_id = catalog.start(kind, domu, peers, os.getpid(), log_path)
