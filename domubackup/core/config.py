@@ -167,27 +167,17 @@ class _Checker:
 
     def value(self, key: str, raw, kind):
         """Check one scalar/list value against the type of the dataclass default."""
-        if kind is bool:
-            if not isinstance(raw, bool):
-                raise self.fail(key, f"expected true or false, got {raw!r}")
-            return raw
-        if kind is int:
-            if isinstance(raw, bool) or not isinstance(raw, int):
-                raise self.fail(key, f"expected an integer, got {raw!r}")
-            return raw
-        if kind is float:
-            if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-                raise self.fail(key, f"expected a number, got {raw!r}")
-            return float(raw)
-        if kind is str:
-            if not isinstance(raw, str):
-                raise self.fail(key, f"expected a string, got {raw!r}")
-            return raw
-        if kind in (tuple, list):
-            if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
-                raise self.fail(key, f"expected a list of strings, got {raw!r}")
-            return tuple(raw)
-        raise AssertionError(kind)
+        if kind in (bool, str):
+            ok = isinstance(raw, kind)
+        elif kind in (int, float):  # a TOML true is no number
+            ok = not isinstance(raw, bool) and isinstance(raw, int if kind is int else (int, float))
+        elif kind in (tuple, list):
+            ok = isinstance(raw, list) and all(isinstance(x, str) for x in raw)
+        else:
+            raise AssertionError(kind)
+        if not ok:
+            raise self.fail(key, f"expected {_expect(kind)}, got {raw!r}")
+        return float(raw) if kind is float else tuple(raw) if kind in (tuple, list) else raw
 
     def dataclass_from(self, prefix: str, table, base):
         """Override fields of dataclass instance `base` from TOML table `table`."""
@@ -205,8 +195,7 @@ class _Checker:
             elif isinstance(current, (SSHSettings, RsyncSettings)):
                 changes[key] = self.dataclass_from(name, raw, current)
             else:
-                kind = type(current)
-                changes[key] = self.value(name, raw, kind)
+                changes[key] = self.value(name, raw, type(current))
         return replace(base, **changes)
 
     def mounts(self, key: str, raw) -> tuple[tuple[str, str], ...]:
@@ -327,8 +316,7 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
             bad = set(table) & set(GLOBAL_ONLY)
             if bad:
                 raise check.fail(f"domu.{name}.{sorted(bad)[0]}", "is a global key and cannot be set per DomU")
-        s = check.dataclass_from(f"domu.{name}", table, defaults)
-        s = check.settings(f"domu.{name}.", s)
+        s = check.settings(f"domu.{name}.", check.dataclass_from(f"domu.{name}", table, defaults))
         for peer in s.peers:
             if peer not in dom0s:
                 raise check.fail(f"domu.{name}.peers", f"peer {peer!r} is not in dom0s {list(dom0s)}")

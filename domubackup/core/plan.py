@@ -9,7 +9,7 @@ TARGET_PREFIX/DOMU, then one rsync per peer. Teardown runs the undos in exact re
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import commands as cmd
 from .config import Settings
@@ -139,10 +139,6 @@ def transfer_steps(settings: Settings, domu: str, peers: tuple[str, ...], *, pro
             for peer in peers for tree in trees]
 
 
-def needs_fallback_dirs(mounts: list[Mount]) -> bool:
-    return not any(m.mountpoint == "/" for m in mounts)
-
-
 VERIFY_ARGS = ("--dry-run", "--checksum", "--out-format=%i %n")
 MISSING = None  # the guest's fstab, when the root filesystem has none
 
@@ -152,8 +148,6 @@ def check(host: str, name: str, *words: str, note: str, waits: tuple[str, ...] =
 
 
 def _mark_last(steps: list[Step], mark: str) -> list[Step]:
-    from dataclasses import replace
-
     return steps[:-1] + [replace(steps[-1], mark=mark)] if steps else steps
 
 
@@ -166,11 +160,8 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
     "inspect" step reads the guest's /etc/fstab: a decision, whose steps (the other mounts on
     both hosts, the transfers) follow at run time (`after_fstab`). Given ``fstab`` (its text,
     or MISSING) the plan holds them too: the plan as the run decided it."""
-    plan = Plan(domu, skipped=list(skipped))
-    for f in facts:
-        for fs in f.filesystems:
-            if fs.skip_reason:
-                plan.skipped.append(f"{fs.name}: {fs.skip_reason}")
+    plan = Plan(domu, skipped=[*skipped, *(f"{fs.name}: {fs.skip_reason}" for f in facts for fs in f.filesystems
+                                           if fs.skip_reason)])
     if not mountable(facts):
         raise InspectError(f"{domu}: no filesystem to copy on any disk",
                            hint="check the disks in the plan's skipped list")
@@ -194,7 +185,7 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
                           "named after its disk and partition")
     plan.mounts = mounts
     if mounts is not None:
-        local += local_mount_plan(mounts, facts, settings, domu)
+        local += tree_steps(mounts, facts, settings, domu, LOCAL)
         rest = after_mounts(mounts, facts, settings, domu, peers, progress=progress, verify=verify)
     else:
         local += mount_steps([Mount(root, "/")], facts, settings, domu, LOCAL)
@@ -226,7 +217,7 @@ def after_fstab(mounts, facts, settings, domu, peers, *, missing: bool, progress
                                  with_root_dir=False)[0]
         local = [Step("mount", LOCAL, root_mount.undo, None, note="no /etc/fstab: take the root mount back",
                       closes=root_mount.argv)]
-        local += local_mount_plan(mounts, facts, settings, domu)[1:]  # the tree root is there already
+        local += tree_steps(mounts, facts, settings, domu, LOCAL)[1:]  # the tree root is there already
     else:
         local = (mount_steps([m for m in mounts[1:] if m.tree != UNPLACED], facts, settings, domu, LOCAL,
                              with_root_dir=False)
@@ -237,11 +228,9 @@ def after_fstab(mounts, facts, settings, domu, peers, *, missing: bool, progress
 def after_mounts(mounts, facts, settings, domu, peers, *, progress=False, verify=False) -> list[Step]:
     """Once the mounts are known: each peer mounts its replica (read-only for a verify), this
     host checks that the replicas have room, then one rsync per peer and tree."""
-    from dataclasses import replace
-
     steps = []
     for peer in peers:
-        steps += _mark_last(peer_mount_plan(mounts, facts, settings, domu, peer, read_only=verify), f"ready:{peer}")
+        steps += _mark_last(tree_steps(mounts, facts, settings, domu, peer, read_only=verify), f"ready:{peer}")
     local = [] if verify else [check(LOCAL, "room", note="each replica filesystem can hold what its source holds")]
     local += transfer_steps(settings, domu, peers, progress=progress and not verify,
                             extra=VERIFY_ARGS if verify else (), trees=trees(mounts))
@@ -270,21 +259,13 @@ def plan_fsck(domu: str, facts: list[DiskFacts], settings: Settings, peers: tupl
     return plan
 
 
-def local_mount_plan(mounts, facts, settings, domu) -> list[Step]:
-    return _tree_steps(mounts, facts, settings, domu, LOCAL)
-
-
-def peer_mount_plan(mounts, facts, settings, domu, peer, *, read_only=False) -> list[Step]:
-    return _tree_steps(mounts, facts, settings, domu, peer, read_only=read_only)
-
-
-def _tree_steps(mounts, facts, settings, domu, host, read_only=False) -> list[Step]:
+def tree_steps(mounts, facts, settings, domu, host, read_only=False) -> list[Step]:
     """Mounts with a root fs go straight into the tree root; fallback mounts get their own dirs;
     then the unplaced filesystems, each in its own directory of the hidden tree."""
     guest = [m for m in mounts if m.tree != UNPLACED]
     steps = [] if not guest else (
         mount_steps(sort_mounts(guest), facts, settings, domu, host, read_only=read_only)
-        if not needs_fallback_dirs(guest) else _dir_steps(guest, facts, settings, domu, host, read_only, ""))
+        if any(m.mountpoint == "/" for m in guest) else _dir_steps(guest, facts, settings, domu, host, read_only, ""))
     return steps + unplaced_steps(mounts, facts, settings, domu, host, read_only)
 
 
