@@ -13,18 +13,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 
 from .model import FstabEntry, LogicalVolume, MountInfo, Partition, PartitionTable, SnapshotUse, Space
-
-__all__ = [
-    "LVS_FIELDS", "LVS_SEPARATOR", "lvs_argv", "parse_lvs",
-    "parted_argv", "parted_human_argv", "parse_parted", "parse_parted_types", "parted_unrecognised",
-    "blkid_argv", "parse_blkid", "fs_of",
-    "parse_fstab",
-    "FINDMNT_COLUMNS", "findmnt_argv", "parse_findmnt", "parse_kpartx_list", "partx_argv", "parse_partx",
-    "dm_snapshot_status_argv", "parse_dm_snapshot_status",
-]
-
 
 def _bad(what: str, line: str, why: str = "") -> ValueError:
     return ValueError(f"malformed {what} line {line!r}" + (f": {why}" if why else ""))
@@ -57,9 +48,8 @@ def lvs_argv(*paths: str) -> list[str]:
 
     lvs exits 5 when a named VG/LV does not exist ("Failed to find logical volume" on stderr).
     """
-    argv = ["lvs", "--noheadings", "--nosuffix", "--units", "b", "--separator", LVS_SEPARATOR,
-            "-o", ",".join(LVS_FIELDS)]
-    return argv + list(paths)
+    return ["lvs", "--noheadings", "--nosuffix", "--units", "b", "--separator", LVS_SEPARATOR,
+            "-o", ",".join(LVS_FIELDS), *paths]
 
 
 def _int_bytes(value: str, line: str, what: str) -> int:
@@ -82,19 +72,13 @@ def parse_lvs(text: str) -> list[LogicalVolume]:
         vg, lv, size, attr, origin, snap, vg_free, path = fields
         if not vg or not lv:
             raise _bad("lvs", line, "empty vg_name or lv_name")
-        if snap:
-            try:
-                snap_percent: float | None = float(snap)
-            except ValueError:
-                raise _bad("lvs", line, f"bad snap_percent {snap!r}") from None
-        else:
-            snap_percent = None
-        out.append(LogicalVolume(
-            vg=vg, lv=lv, size=_int_bytes(size, line, "lvs"), attr=attr, origin=origin,
-            snap_percent=snap_percent,
-            vg_free=_int_bytes(vg_free, line, "lvs") if vg_free else None,
-            path=path,
-        ))
+        try:
+            snap_percent = float(snap) if snap else None
+        except ValueError:
+            raise _bad("lvs", line, f"bad snap_percent {snap!r}") from None
+        out.append(LogicalVolume(vg=vg, lv=lv, size=_int_bytes(size, line, "lvs"), attr=attr, origin=origin,
+                                 snap_percent=snap_percent, path=path,
+                                 vg_free=_int_bytes(vg_free, line, "lvs") if vg_free else None))
     return out
 
 
@@ -215,8 +199,7 @@ def parse_parted(text: str, types: Mapping[int, str] | None = None) -> Partition
             ext = types.get(p.number) == "extended" or (p.number <= 4 and any(
                 q.number >= 5 and p.start <= q.start and q.end <= p.end for q in parts))
             if ext and "extended" not in p.flags:
-                p = Partition(p.number, p.start, p.end, p.size, p.fs, p.name,
-                              p.flags + ("extended",))
+                p = replace(p, flags=p.flags + ("extended",))
             marked.append(p)
         parts = marked
     return PartitionTable(label=label, size=size, partitions=tuple(parts))

@@ -78,14 +78,17 @@ class SSHRunner(Runner):
                             hint="check the peer's known_hosts setting") from exc
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
-            # paramiko reads no ssh_config (~/.ssh/config): only what is passed here.
-            client.connect(self.address, port=self.port, username=self.user,
-                           key_filename=self.identity_file, look_for_keys=False,
-                           allow_agent=False, timeout=self.connect_timeout,
-                           banner_timeout=self.connect_timeout,
-                           auth_timeout=self.connect_timeout)
+            try:
+                # paramiko reads no ssh_config (~/.ssh/config): only what is passed here.
+                client.connect(self.address, port=self.port, username=self.user,
+                               key_filename=self.identity_file, look_for_keys=False,
+                               allow_agent=False, timeout=self.connect_timeout,
+                               banner_timeout=self.connect_timeout,
+                               auth_timeout=self.connect_timeout)
+            except Exception:
+                client.close()
+                raise
         except paramiko.BadHostKeyException as exc:
-            client.close()
             raise PeerError(
                 f"the host key of {self._where} has CHANGED: it does not match the entry for "
                 f"{self._key_name} in {self.known_hosts} (possible man-in-the-middle attack, or "
@@ -93,12 +96,10 @@ class SSHRunner(Runner):
                 hint=f"verify the new fingerprint out of band, then fix the entry for "
                      f"{self._key_name} in {self.known_hosts}") from exc
         except paramiko.AuthenticationException as exc:
-            client.close()
             raise PeerError(f"authentication to {self.user}@{self._where} failed: {exc}",
                             hint=f"check that the public key of {self.identity_file or 'the identity file'}"
                                  f" is in {self.user}'s authorized_keys on {self.host}") from exc
         except paramiko.SSHException as exc:
-            client.close()
             if "not found in known_hosts" in str(exc):
                 raise PeerError(
                     f"the host key of {self._where} is unknown: no entry for {self._key_name} "
@@ -107,19 +108,15 @@ class SSHRunner(Runner):
                          f"`ssh-keyscan -p {self.port} {self.address} >> {self.known_hosts}`") from exc
             raise PeerError(f"SSH to {self._where} failed: {exc}") from exc
         except socket.gaierror as exc:
-            client.close()
             raise PeerError(f"cannot resolve peer host name {self.address}: {exc.strerror}") from exc
         except (TimeoutError, socket.timeout) as exc:
-            client.close()
             raise PeerError(f"connection to {self._where} timed out after "
                             f"{self.connect_timeout:g}s") from exc
         except paramiko.ssh_exception.NoValidConnectionsError as exc:
-            client.close()
             cause = "; ".join(sorted({e.strerror or str(e) for e in exc.errors.values()}))
             raise PeerError(f"cannot connect to {self._where}: {cause}",
                             hint="is sshd running there and the port right?") from exc
         except OSError as exc:
-            client.close()
             raise PeerError(f"cannot connect to {self._where}: {exc.strerror or exc}") from exc
         self._client = client
 
