@@ -102,47 +102,21 @@ def _iso(ts: float | None) -> str | None:
 
 def history_json(rows: Iterable[RunRow]) -> list[dict]:
     """Rows as JSON-ready dicts: UTC ISO 8601 times (to the second), raw numbers, None as null."""
-    return [{
-        "id": r.id,
-        "kind": r.kind,
-        "domu": r.domu,
-        "peer": r.peer,
-        "host": r.host,
-        "pid": r.pid,
-        "status": r.status,
-        "started": _iso(r.started),
-        "ended": _iso(r.ended),
-        "duration_seconds": r.duration,
-        "consistency": r.consistency,
-        "freeze_window_ms": r.freeze_window_ms,
-        "bytes_sent": r.bytes_sent,
-        "files": r.files,
-        "total_size": r.total_size,
-        "snapshot_peak_percent": r.snapshot_peak,
-        "error": r.error,
-        "log_path": r.log_path,
-    } for r in rows]
+    return [{"id": r.id, "kind": r.kind, "domu": r.domu, "peer": r.peer, "host": r.host, "pid": r.pid,
+             "status": r.status, "started": _iso(r.started), "ended": _iso(r.ended), "duration_seconds": r.duration,
+             "consistency": r.consistency, "freeze_window_ms": r.freeze_window_ms, "bytes_sent": r.bytes_sent,
+             "files": r.files, "total_size": r.total_size, "snapshot_peak_percent": r.snapshot_peak,
+             "error": r.error, "log_path": r.log_path} for r in rows]
 
 
 def outcome_json(out, started: float, ended: float, log_path: str | None) -> dict:
     """One DomU's run (a frame.Outcome) as a JSON-ready dict, for `run --json` and `verify
     --json`: the keys of ``history_json`` where they mean the same, plus ``exit_code`` and
     ``not_copied``. ``started`` and ``ended`` are epoch seconds."""
-    return {
-        "domu": out.domu,
-        "status": out.status,
-        "exit_code": out.exit_code,
-        "started": _iso(started),
-        "ended": _iso(ended),
-        "duration_seconds": round(out.duration, 3),
-        "bytes_sent": out.stats.bytes_sent,
-        "files": out.stats.files,
-        "total_size": out.stats.total_size,
-        "snapshot_peak_percent": out.snapshot_peak,
-        "not_copied": list(out.not_copied),
-        "error": out.error,
-        "log_path": log_path,
-    }
+    return {"domu": out.domu, "status": out.status, "exit_code": out.exit_code, "started": _iso(started),
+            "ended": _iso(ended), "duration_seconds": round(out.duration, 3), "bytes_sent": out.stats.bytes_sent,
+            "files": out.stats.files, "total_size": out.stats.total_size, "snapshot_peak_percent": out.snapshot_peak,
+            "not_copied": list(out.not_copied), "error": out.error, "log_path": log_path}
 
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?(?:Z|[+-]\d{2}:\d{2})?")
@@ -204,8 +178,3 @@ def parse_since(text: str, now: float) -> float:
         return when.timestamp()  # naive -> local time
     raise ValueError(f"invalid since value {text!r}: expected a date (2026-11-20), a date and "
                      f"time (2026-11-20T10:00) or an age in hours, days or weeks (24h, 7d, 2w)")
-
-
-__all__ = ["age_text", "format_history", "history_json", "human_bytes", "human_duration", "last_ok_text",
-           "newest_ok_per_domu", "outcome_json", "parse_since",
-           "HISTORY_COLUMNS"]

@@ -124,18 +124,20 @@ def recover(config, domu: str, local, factory=ssh_runner) -> list[str]:
     try:
         journal.teardown(runners)
     finally:
-        for r in runners.values():
-            if r is not local:
-                r.close()
+        close_peers(runners, local)
     return undone
 
 
-HOOK_PHASES = ("job-start", "backup-start", "backup-end", "backup-abort", "job-end")
+def close_peers(runners, local) -> None:
+    for r in runners.values():
+        if r is not local:
+            r.close()
 
 
 def lifecycle_hook(settings, phase: str, runner, *, domu="", peer="", status="", log_path="") -> None:
-    """Run the configured job_hook as `HOOK PHASE` (vzdump's phase names) with the DomU, peer,
-    status and log file in its environment. Raises CommandError when it fails."""
+    """Run the configured job_hook as `HOOK PHASE` (vzdump's phase names: job-start, backup-start,
+    backup-end, backup-abort, job-end) with the DomU, peer, status and log file in its
+    environment. Raises CommandError when it fails."""
     if not settings.job_hook:
         return
     env = {"DOMUBACKUP_PHASE": phase, "DOMUBACKUP_DOMU": domu, "DOMUBACKUP_PEER": peer,
@@ -205,9 +207,6 @@ class Job:
         check_peer_state(self.domu, self.settings, step.host, self.runners[step.host])
 
 
-KINDS = ("backup", "verify", "seed", "fsck")
-
-
 def run_job(config, domu: str, kind: str, conn, local, body, *, factory=ssh_runner, catalog=None,
             log_path=None, warm_early=True) -> Outcome:
     """One DomU's job of KIND; ``body(job)`` does the work and fills ``job.out``. Never raises
@@ -242,24 +241,19 @@ def run_job(config, domu: str, kind: str, conn, local, body, *, factory=ssh_runn
                 body(Job(config, domu, settings, insp, runners, out, warm, conn, log_path))
             finally:
                 warm.join()
-                for r in runners.values():
-                    if r is not local:
-                        r.close()
-    except DomuBackupError as e:
-        out.error = str(e)
-        out.exit_code = e.exit_code
+                close_peers(runners, local)
+    except Exception as e:
+        if isinstance(e, DomuBackupError):
+            out.error, out.exit_code = str(e), e.exit_code
+            out.not_here = isinstance(e, NotHereError)
+            log.log(logging.INFO if out.not_here else logging.ERROR, "%s", e)
+        else:  # a bug, or guest data that a parser did not expect: this DomU only
+            # (everything it opened is closed by the `finally`s above: lock, peers, journal)
+            where = f"the traceback is in {log_path}" if log_path else "no log file could be written: the traceback is not kept"
+            out.error, out.exit_code = f"{domu}: internal error: {type(e).__name__}: {e}; {where}", EXIT_FAILED
+            log.error("%s", out.error, exc_info=True)  # the traceback goes to the run log file only
         if out.status != "CORRUPT":
-            out.status = {EXIT_BUSY: "BUSY", EXIT_NOT_ELIGIBLE: "SKIPPED"}.get(e.exit_code, "ERROR")
-        out.not_here = isinstance(e, NotHereError)
-        log.log(logging.INFO if out.not_here else logging.ERROR, "%s", e)
-    except Exception as e:  # a bug, or guest data that a parser did not expect: this DomU only
-        # (everything it opened is closed by the `finally`s above: lock, peers, journal)
-        where = f"the traceback is in {log_path}" if log_path else "no log file could be written: the traceback is not kept"
-        out.error = f"{domu}: internal error: {type(e).__name__}: {e}; {where}"
-        out.exit_code = EXIT_FAILED
-        if out.status != "CORRUPT":
-            out.status = "ERROR"
-        log.error("%s", out.error, exc_info=True)  # the traceback goes to the run log file only
+            out.status = {EXIT_BUSY: "BUSY", EXIT_NOT_ELIGIBLE: "SKIPPED"}.get(out.exit_code, "ERROR")
     out.duration = time.monotonic() - start
     if hooked:
         hook_or_warn(settings, "backup-end" if out.status in ("OK", "PARTIAL") else "backup-abort", local,
