@@ -22,11 +22,8 @@ def partition_device(vg: str, lv: str, sep: str, number: int) -> str:
 
 
 def lvcreate_snapshot(vg: str, lv: str, snap: str, size: str) -> tuple[str, ...]:
-    if size.endswith(("%ORIGIN", "%VG", "%FREE")):
-        sizing = ("--extents", size)
-    else:
-        sizing = ("--size", size)
-    return ("lvcreate", "--snapshot", *sizing, "--name", snap, lv_path(vg, lv))
+    sizing = "--extents" if size.endswith(("%ORIGIN", "%VG", "%FREE")) else "--size"
+    return ("lvcreate", "--snapshot", sizing, size, "--name", snap, lv_path(vg, lv))
 
 
 def lvremove(vg: str, lv: str) -> tuple[str, ...]:

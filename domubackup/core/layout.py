@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 
 from .config import Settings
 from .errors import InspectError
@@ -24,8 +25,6 @@ SWAP_SKIP, NO_FS_SKIP = "swap is not copied", "no filesystem found"  # reasons t
 
 def classify(fs: Filesystem) -> Filesystem:
     """Set skip_reason for filesystems that are not copied."""
-    from dataclasses import replace
-
     if assembled_by_udev(fs.fstype):
         what = "LVM physical volume" if fs.fstype == "LVM2_member" else f"{fs.fstype} (a RAID or cache member)"
         return replace(fs, skip_reason=f"holds a guest {what}: not copied, and its disk is not mapped (udev "
@@ -42,8 +41,6 @@ def classify(fs: Filesystem) -> Filesystem:
 def unmappable(filesystems) -> tuple[Filesystem, ...]:
     """A disk with a guest PV or RAID member is never mapped: its other filesystems are then
     not copied either, with that reason."""
-    from dataclasses import replace
-
     bad = next((fs for fs in filesystems if assembled_by_udev(fs.fstype)), None)
     if bad is None:
         return tuple(filesystems)
