@@ -1,7 +1,6 @@
 """One small hierarchy of errors. Each class carries the exit code the CLI maps it to.
 
-A message says what failed and on which object; ``hint`` says what to do next.
-"""
+A message says what failed and on which object; ``hint`` says what to do next."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """The guest's layout: which filesystems are copied, and where each is mounted in the tree
 (from the config's mounts, the guest's /etc/fstab as libmount reads it, or the fallback of one
-directory per filesystem). Pure: facts in, Mounts out.
-"""
+directory per filesystem). Pure: facts in, Mounts out."""
 
 from __future__ import annotations
 

@@ -5,8 +5,7 @@ the argv (with LC_ALL=C), checks the exit code, and hands stdout to the parser. 
 this module does I/O.  Malformed input raises ``ValueError`` whose message contains the
 offending line (``repr``), for the caller to wrap.
 
-The formats were checked against real captures in ``fixtures/tools/`` (see its README).
-"""
+The formats were checked against real captures in ``fixtures/tools/`` (see its README)."""
 
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ def _unescape_bytes(text: str, pattern: re.Pattern[str], base: int) -> str:
     """Replace escapes matched by pattern (group 1 = the number) by the raw byte, then decode.
 
     Escapes encode bytes (an UTF-8 "é" is two escapes), so work on bytes; undecodable bytes
-    survive as surrogates (surrogateescape), like os.fsdecode.
-    """
+    survive as surrogates (surrogateescape), like os.fsdecode."""
     if "\\" not in text:
         return text
     raw = text.encode("utf-8", "surrogateescape")
@@ -46,8 +44,7 @@ LVS_SEPARATOR = "|"  # not allowed in VG/LV names ([A-Za-z0-9+_.-])
 def lvs_argv(*paths: str) -> list[str]:
     """argv of ``lvs`` whose output parse_lvs reads; each path: "vg", "vg/lv" or "/dev/vg/lv".
 
-    lvs exits 5 when a named VG/LV does not exist ("Failed to find logical volume" on stderr).
-    """
+    lvs exits 5 when a named VG/LV does not exist ("Failed to find logical volume" on stderr)."""
     return ["lvs", "--noheadings", "--nosuffix", "--units", "b", "--separator", LVS_SEPARATOR,
             "-o", ",".join(LVS_FIELDS), *paths]
 
@@ -90,8 +87,7 @@ def parted_argv(dev: str) -> list[str]:
     Exit codes seen (parted 3.5): 0 ok; 1 with "Error: DEV: unrecognised disk label" on stderr
     for a blank disk or a whole-disk LVM PV -- stdout still holds "BYT;" and the device line
     with label "unknown", which parse_parted reads.  Warnings (e.g. GPT not using all of a
-    grown disk) go to stderr with exit 0.
-    """
+    grown disk) go to stderr with exit 0."""
     return ["parted", "-s", "-m", dev, "unit", "B", "print"]
 
 
@@ -109,8 +105,7 @@ def parted_unrecognised(stderr: str) -> bool:
 def _split_machine(body: str) -> list[str]:
     """Split a parted -m record (trailing ';' already removed) on ':' not escaped by '\\'.
 
-    parted escapes ':' and '\\' in strings with a backslash; ';' is not escaped.
-    """
+    parted escapes ':' and '\\' in strings with a backslash; ';' is not escaped."""
     fields, cur, it = [], [], iter(body)
     for ch in it:
         if ch == "\\":
@@ -155,8 +150,7 @@ def parse_parted(text: str, types: Mapping[int, str] | None = None) -> Partition
     flags "lba" (type 0x0f, what parted itself creates) or nothing (type 0x05).  It is marked
     by adding "extended" to its flags when a logical partition (number >= 5) lies inside it,
     or when ``types`` (from parse_parted_types) says so -- needed for an extended partition
-    holding no logical partition.
-    """
+    holding no logical partition."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise ValueError("empty parted output")
@@ -216,8 +210,7 @@ def blkid_argv(dev: str, offset: int | None = None, size: int | None = None) -> 
     The raw form only breaks on a label containing a newline, which parse_blkid rejects.
 
     Exit codes: 0 found; 2 nothing found (empty stdout); 8 ambivalent result (several
-    signatures); 4 usage/other error.  The caller handles them.
-    """
+    signatures); 4 usage/other error.  The caller handles them."""
     argv = ["blkid", "-p", "-d", "-o", "export"]
     if offset is not None:
         argv += ["-O", str(offset)]
@@ -238,8 +231,7 @@ def parse_blkid(text: str, escaped: bool = False) -> dict[str, str]:
     LABEL_FATBOOT, DEVNAME; PTTYPE/PTUUID when the range holds a partition table (an msdos
     extended partition probes as PTTYPE=dos).
     escaped=True undoes the backslash escaping of output made without ``-d`` (M-x notation
-    for non-ASCII bytes is left as is: it is ambiguous).
-    """
+    for non-ASCII bytes is left as is: it is ambiguous)."""
     out: dict[str, str] = {}
     for line in text.split("\n"):  # values are raw with -d: only "\n" ends a line
         if not line:
@@ -257,8 +249,7 @@ def fs_of(probe: Mapping[str, str]) -> tuple[str, str, str]:
     """(fstype, uuid, label) of a parse_blkid result; "" for what is missing.
 
     fstype is blkid's TYPE: ext4, xfs, vfat, swap, LVM2_member, ...; "" when nothing was found
-    or the range holds a partition table (PTTYPE) rather than a filesystem.
-    """
+    or the range holds a partition table (PTTYPE) rather than a filesystem."""
     return probe.get("TYPE", ""), probe.get("UUID", ""), probe.get("LABEL", "")
 
 
@@ -276,8 +267,7 @@ def parse_fstab(text: str) -> list[FstabEntry]:
     in every field; missing options -> (), missing freq/passno -> 0; fields after passno are
     ignored (libmount does too).  Fewer than 3 fields or a non-numeric freq/passno raise
     ValueError.  Specs are kept as written (UUID=..., LABEL=..., PARTUUID=..., /dev/...);
-    swap entries have vfstype "swap" and file "none" or "swap".
-    """
+    swap entries have vfstype "swap" and file "none" or "swap"."""
     out = []
     for line in text.split("\n"):  # as libmount: "\n" ends a line, other controls do not
         s = line.strip()
@@ -340,8 +330,7 @@ def findmnt_argv(*, json_output: bool = False) -> list[str]:
     non-ASCII bytes escaped as \\xHH, so a line splits on single spaces into exactly 4 fields).
 
     The -r form is the default: it exists in every findmnt; -J needs util-linux >= 2.27.
-    parse_findmnt reads both.  findmnt exits 1 when nothing matches (with -M/-T/-t filters).
-    """
+    parse_findmnt reads both.  findmnt exits 1 when nothing matches (with -M/-T/-t filters)."""
     cols = ",".join(FINDMNT_COLUMNS)
     if json_output:
         return ["findmnt", "-J", "-l", "-o", cols]

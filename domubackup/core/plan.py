@@ -3,8 +3,7 @@
 A backup opens, in this order: snapshots of every disk (the freeze window covers only these),
 partition mappings, read-only mounts under SOURCE_PREFIX/DOMU (root first, parents before
 children), then on each peer the same mappings and read-write mounts of the replica LVs under
-TARGET_PREFIX/DOMU, then one rsync per peer. Teardown runs the undos in exact reverse.
-"""
+TARGET_PREFIX/DOMU, then one rsync per peer. Teardown runs the undos in exact reverse."""
 
 from __future__ import annotations
 

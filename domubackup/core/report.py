@@ -1,8 +1,7 @@
 """Pure formatting of catalog rows and run outcomes: the history table, their JSON, and ``--since``
 parsing. No I/O.
 
-Times in the table are local (honouring TZ); times in JSON are UTC ISO 8601 with a ``Z``.
-"""
+Times in the table are local (honouring TZ); times in JSON are UTC ISO 8601 with a ``Z``."""
 
 from __future__ import annotations
 
@@ -73,8 +72,7 @@ def format_history(rows: Iterable[RunRow], now: float | None = None) -> str:
 
     START is local time; DURATION of a RUNNING run counts up to ``now`` (default: the clock);
     SIZE is the total size of the replicated files and, in parentheses, the bytes sent.
-    Ends with a newline.
-    """
+    Ends with a newline."""
     if now is None:
         now = time.time()
     table = [HISTORY_COLUMNS]
@@ -164,8 +162,7 @@ def parse_since(text: str, now: float) -> float:
 
     Accepts an age before ``now`` (``24h``, ``7d``, ``2w``), a date (``2026-11-20``, local
     midnight) or a date and time (``2026-11-20T10:00``, local unless it ends in ``Z`` or an
-    offset like ``+01:00``; seconds optional). Anything else raises ValueError.
-    """
+    offset like ``+01:00``; seconds optional). Anything else raises ValueError."""
     value = text.strip()
     age = parse_age(value)
     if age is not None:

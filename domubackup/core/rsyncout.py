@@ -28,8 +28,7 @@ def parse_rsync_stats(text: str) -> RsyncStats:
     Numbers may carry thousands commas (rsync >= 3.1 default) or not (``--no-h``).  Numbers
     with a unit suffix or decimals (``-h``: "2.01M bytes") are lossy and raise ValueError:
     run rsync without -h (or with --no-h).  "Number of deleted files" is absent before rsync
-    3.1 and then defaults to 0.
-    """
+    3.1 and then defaults to 0."""
     values: dict[str, int] = {}
     for line in text.splitlines():
         key, sep, rest = line.partition(": ")
@@ -81,8 +80,7 @@ def parse_rsync_itemize(text: str, link_targets: bool = True) -> list[tuple[str,
     name containing " -> " is ambiguous; use --out-format='%i %n' and link_targets=False to
     avoid it).  Parsing stops at a --stats block or at rsync's "sent ... bytes" summary; the
     "sending incremental file list"/"created directory" lines of -v are skipped; any other
-    line raises ValueError.  An empty output (a clean --dry-run --checksum) gives [].
-    """
+    line raises ValueError.  An empty output (a clean --dry-run --checksum) gives []."""
     out = []
     for line in text.splitlines():
         if not line.strip():

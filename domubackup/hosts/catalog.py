@@ -7,8 +7,7 @@ status (``OK``, ``PARTIAL``: done but something of the guest could not be copied
 
 Concurrency: the file is in WAL mode, every write is one short ``BEGIN IMMEDIATE`` transaction,
 and sqlite's busy timeout makes a second process (backing up another DomU) wait for the lock
-instead of failing. Open one :class:`Catalog` per process (never share one across ``fork``).
-"""
+instead of failing. Open one :class:`Catalog` per process (never share one across ``fork``)."""
 
 from __future__ import annotations
 
@@ -90,8 +89,7 @@ def process_start_ticks(pid: int) -> int | None:
 def process_alive(pid: int, start_ticks: int | None = None) -> bool:
     """Whether ``pid`` is a live process, and the same one when its start time is known.
 
-    Uses /proc when it exists (also catching zombies and a reused pid), else ``os.kill(pid, 0)``.
-    """
+    Uses /proc when it exists (also catching zombies and a reused pid), else ``os.kill(pid, 0)``."""
     if pid <= 0:
         return False
     if os.path.isdir("/proc/self"):
@@ -226,8 +224,7 @@ class Catalog:
 
         ``figures`` are any of: consistency, freeze_window_ms, bytes_sent, files, total_size,
         snapshot_peak, error, log_path. Any transition other than RUNNING -> final raises
-        ValueError (finishing twice, an unknown run, a non-final status).
-        """
+        ValueError (finishing twice, an unknown run, a non-final status)."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"cannot finish run {run_id} as {status!r}: "
                              f"expected one of {', '.join(FINAL_STATUSES)}")
@@ -268,8 +265,7 @@ class Catalog:
         By default a process counts as alive when /proc/PID exists, is not a zombie, and has the
         start time recorded by start() (so a reused pid is not mistaken for the run). Runs
         recorded by another host are left alone: their pid means nothing here. A reaped run
-        keeps ``ended`` NULL: when it died is not known.
-        """
+        keeps ``ended`` NULL: when it died is not known."""
         if is_alive is None:
             def alive(row: RunRow) -> bool:
                 return process_alive(row.pid, row.pid_start)
@@ -342,8 +338,7 @@ class Catalog:
 
         Never deletes a RUNNING run (reap_dead() first), and always keeps the newest OK run of
         each DomU and kind, however old, so "when did this DomU last succeed" survives pruning.
-        Log files named by deleted runs are not touched.
-        """
+        Log files named by deleted runs are not touched."""
         if older_than_days < 0:
             raise ValueError(f"older_than_days must be >= 0, not {older_than_days}")
         cutoff = (self.clock() if now is None else now) - older_than_days * 86400

@@ -8,8 +8,7 @@ its own. Every write is atomic: temp file in the same directory, fsync, rename, 
 directory. A reader sees the old journal or the new one, never a mix. A process killed in the
 middle of a write leaves its temp file (``.DOMU.json.XXXX.tmp``) beside the old journal; the
 old one is the truth (a step runs only after the write of its entry returned), so the next run
-or ``cleanup`` removes such temp files under the DomU's lock (``Journal.sweep``).
-"""
+or ``cleanup`` removes such temp files under the DomU's lock (``Journal.sweep``)."""
 
 from __future__ import annotations
 
@@ -365,8 +364,7 @@ class Journal:
         host's, and each ssh round trip would otherwise add to the run).
 
         All undone (or already gone): the journal file is removed. Otherwise the journal is
-        rewritten with only the failed entries and TeardownError lists every failure.
-        """
+        rewritten with only the failed entries and TeardownError lists every failure."""
         todo = [(i, e) for i, e in enumerate(self.entries) if e.undo is not None and e.state != UNDONE]
         hosts = list(dict.fromkeys(e.host for _, e in reversed(todo)))
         outcome: dict[str, tuple[list, list]] = {}

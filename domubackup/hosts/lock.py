@@ -1,8 +1,7 @@
 """One lock per DomU: ``STATE_DIR/lock/DOMU.lock``, held with flock(2) for the whole run.
 
 The kernel releases a flock when its holder dies, so a held lock always means a live process;
-the file is never deleted (deleting a lock file races with flock) and holds the holder's PID.
-"""
+the file is never deleted (deleting a lock file races with flock) and holds the holder's PID."""
 
 from __future__ import annotations
 

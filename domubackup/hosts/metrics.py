@@ -4,8 +4,7 @@
 only ``*.prom`` files of its ``--collector.textfile.directory``, so the temporary file it writes
 first is named ``.NAME.*.tmp`` and never half-read).
 
-Every series of a DomU carries the labels of its newest finished run (``domu``, ``peer``).
-"""
+Every series of a DomU carries the labels of its newest finished run (``domu``, ``peer``)."""
 
 from __future__ import annotations
 
@@ -91,8 +90,7 @@ def render_metrics(rows_by_domu: Mapping[str, Sequence[RunRow]], domus: Sequence
     the ``last_success`` one (0 when there is none, so a "too long since success" alert fires)
     and ``last_ok_age`` (+Inf when there is none). RUNNING rows are ignored; a DomU without a
     finished row has only ``last_ok_age`` (+Inf, ``peer=""``), and only when in ``domus``.
-    DomUs are sorted.
-    """
+    DomUs are sorted."""
     now = time.time() if now is None else now
     per_domu = []
     for domu in sorted(set(rows_by_domu) | set(domus)):

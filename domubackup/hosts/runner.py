@@ -92,8 +92,7 @@ class Runner:
 
         Raises CommandError when the exit code is not in ``ok_codes`` (unless ``check`` is
         false), always on a timeout, and always when the program is not installed (127).
-        SSHRunner raises PeerError when the peer cannot be reached or the connection drops.
-        """
+        SSHRunner raises PeerError when the peer cannot be reached or the connection drops."""
         if isinstance(argv, (str, bytes)):
             raise TypeError(f"argv must be a list of words, not a string: {argv!r}")
         argv = tuple(argv)

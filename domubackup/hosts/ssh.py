@@ -1,8 +1,7 @@
 """The peer's runner: commands over one paramiko connection (see runner.py for the contract).
 
 The remote command string is built in exactly one place, ``SSHRunner.remote_command``, by
-``shlex.join``: every word is quoted, nothing the caller passes is ever parsed by a shell.
-"""
+``shlex.join``: every word is quoted, nothing the caller passes is ever parsed by a shell."""
 
 from __future__ import annotations
 
@@ -28,8 +27,7 @@ class SSHRunner(Runner):
 
     The host key must already be in ``known_hosts`` (RejectPolicy); no agent, no key search.
     Each command is wrapped in coreutils ``timeout -k KILL_AFTER T`` on the peer so that a
-    timeout or a dropped connection never leaves the remote process running for long.
-    """
+    timeout or a dropped connection never leaves the remote process running for long."""
 
     def __init__(self, host: str, *, user: str = "root", port: int = 22,
                  identity_file: str | None = None, known_hosts: str,

@@ -11,8 +11,7 @@ down (each host in reverse, the hosts at once).
 Neighbouring safepath mounts of one tree on one lane run as one helper command (commands.
 batch_key), journaled before it like a single step. With a ``freeze`` window, the snapshot
 steps of this host's lane are journaled at once and run inside it (nothing else runs while the
-guest is frozen), then the journal's freeze entries are closed.
-"""
+guest is frozen), then the journal's freeze entries are closed."""
 
 from __future__ import annotations
 

@@ -6,8 +6,7 @@ header, not as data, and zeroed there with BLKZEROOUT; compressible blocks trave
 the SHA-256 of the SHA-256 digests of every 4 MiB block, read back from the replica device
 (a block of zeros is recognised by a compare and gets the digest of zeros without hashing it,
 which makes a mostly empty disk cheap to check; every byte is still read and compared). The
-snapshots are journaled like a backup's, so a crash is cleaned by `cleanup`.
-"""
+snapshots are journaled like a backup's, so a crash is cleaned by `cleanup`."""
 
 from __future__ import annotations
 
