@@ -266,14 +266,9 @@ class Catalog:
         start time recorded by start() (so a reused pid is not mistaken for the run). Runs
         recorded by another host are left alone: their pid means nothing here. A reaped run
         keeps ``ended`` NULL: when it died is not known."""
-        if is_alive is None:
-            def alive(row: RunRow) -> bool:
-                return process_alive(row.pid, row.pid_start)
-        else:
-            def alive(row: RunRow) -> bool:
-                return is_alive(row.pid)
         running = self._select("status = ? AND host = ?", (RUNNING, self.host), "ORDER BY id")
-        dead = [row.id for row in running if not alive(row)]
+        dead = [row.id for row in running
+                if not (process_alive(row.pid, row.pid_start) if is_alive is None else is_alive(row.pid))]
         reaped = []
         with self._write() as db:
             for run_id in dead:
@@ -292,16 +287,10 @@ class Catalog:
              limit: int | None = None, kind: str | None = None) -> list[RunRow]:
         """Runs newest first (by start time), optionally of one DomU / kind, started at or after
         ``since`` (epoch seconds or an aware datetime), at most ``limit`` of them."""
-        where, params = [], []
-        if domu is not None:
-            where.append("domu = ?")
-            params.append(domu)
-        if kind is not None:
-            where.append("kind = ?")
-            params.append(kind)
         if since is not None:
-            where.append("started >= ?")
-            params.append(since.timestamp() if isinstance(since, datetime) else float(since))
+            since = since.timestamp() if isinstance(since, datetime) else float(since)
+        terms = [(t, v) for t, v in (("domu = ?", domu), ("kind = ?", kind), ("started >= ?", since)) if v is not None]
+        where, params = [t for t, _ in terms], [v for _, v in terms]
         tail = "ORDER BY started DESC, id DESC"
         if limit is not None:
             tail += " LIMIT ?"

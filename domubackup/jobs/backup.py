@@ -157,9 +157,8 @@ class Backup:
         if step.phase != "transfer" or self.progress is None or self.verify:
             return None
         peer, tree = step.about
-        meter = self.progress.meter(f"{self.domu} -> {peer}" + (f" ({tree})" if tree else ""))
-        self._meter = meter
-        return meter.follow_rsync()
+        self._meter = self.progress.meter(f"{self.domu} -> {peer}" + (f" ({tree})" if tree else ""))
+        return self._meter.follow_rsync()
 
     def _transferred(self, step, res):
         meter, self._meter = self._meter, None

@@ -7,10 +7,7 @@ import logging
 import re
 import threading
 
-from ..core import commands as cmd
-from ..core import parsers
-from ..core import layout
-from ..core import plan as planner
+from ..core import commands as cmd, layout, parsers, plan as planner
 from ..core.errors import InspectError, PeerError, SnapshotError
 from ..hosts.facts import layout_differences, list_lvs, probe_disk
 from ..core.model import LOCAL
@@ -33,7 +30,6 @@ def size_bytes(size: str, origin: int, vg_size: int | None = None) -> int:
 
 def mib(n: int) -> str:
     return f"{n / 1024**2:.1f} MiB"
-
 
 
 def check_vg_space(facts, settings) -> None:
@@ -120,7 +116,6 @@ def check_replicas(domu, facts, peer, runner) -> list:
         raise PeerError(f"{domu}: the replica on {peer} does not match: " + "; ".join(diffs),
                         hint=f"re-seed it with `domubackup seed {domu}`")
     return peer_facts
-
 
 
 def next_poll(delay: float, before: float | None, now: float, extend_at: float,

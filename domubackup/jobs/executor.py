@@ -22,8 +22,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 
-from ..core import commands as cmd
-from ..core import parsers
+from ..core import commands as cmd, parsers
 from ..core.errors import CommandError, TeardownError
 from ..core.model import LOCAL, Step
 

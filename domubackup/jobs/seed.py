@@ -18,9 +18,7 @@ import zlib
 
 from dataclasses import replace
 
-from ..core import commands as cmd
-from ..core import parsers
-from ..core import plan as planner
+from ..core import commands as cmd, parsers, plan as planner
 from ..core.errors import CommandError, PeerError, SnapshotError
 from .executor import Executor
 from ..hosts.journal import Journal
@@ -193,7 +191,6 @@ def plan_seed(domu: str, facts, settings, peers) -> planner.Plan:
     """On each peer: the DomU not running there, each replica LV ready (created when missing:
     it stays, it is the replica); then this host's snapshots; then each disk streamed to each
     peer (judged by the "seed" callback: the checksums of both ends)."""
-    plan = planner.Plan(domu)
     lanes = []
     for peer in peers:
         lane = [planner.check(peer, "peer-state", note=f"{domu} is not running on {peer}")]
@@ -211,8 +208,7 @@ def plan_seed(domu: str, facts, settings, peers) -> planner.Plan:
                                           about=(f.disk.target,)))
     snaps = planner._mark_last(planner.snapshot_steps(facts, settings), "snapshots")
     snaps[0] = replace(snaps[0], waits=tuple(f"prepared:{p}" for p in peers))
-    plan.steps = snaps + [s for lane in lanes for s in lane]
-    return plan
+    return planner.Plan(domu, steps=snaps + [s for lane in lanes for s in lane])
 
 
 def seed(config, domu: str, conn, local, *, force=False, bars=None, catalog=None, log_path=None,
