@@ -12,6 +12,7 @@ or ``cleanup`` removes such temp files under the DomU's lock (``Journal.sweep``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -180,6 +181,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _listdir(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
+
+
 def _temp_of(name: str) -> str | None:
     """The file that a temp file of ``atomic_write`` was to replace, from its name
     (``.web1.json.k2x9_a0b.tmp`` -> ``web1.json``); None for any other name."""
@@ -204,10 +212,8 @@ def atomic_write(path: str, text: str, mode: int | None = None) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     _fsync_dir(directory)
 
@@ -215,11 +221,7 @@ def atomic_write(path: str, text: str, mode: int | None = None) -> None:
 class Journal:
     def __init__(self, path: str, domu: str, peer: str, pid: int, started: str,
                  entries: list[Entry] | None = None):
-        self.path = path
-        self.domu = domu
-        self.peer = peer
-        self.pid = pid
-        self.started = started
+        self.path, self.domu, self.peer, self.pid, self.started = path, domu, peer, pid, started
         self.entries: list[Entry] = entries or []
         self._lock = threading.RLock()  # the peer check thread records its steps too
 
@@ -258,12 +260,7 @@ class Journal:
     def domus(state_dir) -> list[str]:
         """Names of the DomUs that have a journal (runs that did not finish their teardown),
         or only the temp file of a write that a killed run left (see ``sweep``)."""
-        directory = os.path.join(os.fspath(state_dir), "journal")
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
-            return []
-        found = {_temp_of(n) or n for n in names}
+        found = {_temp_of(n) or n for n in _listdir(os.path.join(os.fspath(state_dir), "journal"))}
         return sorted(n[:-5] for n in found if n.endswith(".json") and not n.startswith("."))
 
     @staticmethod
@@ -271,11 +268,7 @@ class Journal:
         """Remove the temp files of journal writes that a killed run left; returns their paths.
         Only under the DomU's lock: then no live process is writing one."""
         directory, journal = os.path.split(state_file(state_dir, "journal", domu, "json"))
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
-            return []
-        removed = [os.path.join(directory, n) for n in sorted(names) if _temp_of(n) == journal]
+        removed = [os.path.join(directory, n) for n in sorted(_listdir(directory)) if _temp_of(n) == journal]
         for path in removed:
             os.unlink(path)
         return removed
@@ -383,10 +376,8 @@ class Journal:
         results = [r for h in hosts for r in outcome[h][0]]
         failed = sorted((f for h in hosts for f in outcome[h][1]), key=lambda f: -f[0])
         if not failed:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
             _fsync_dir(os.path.dirname(self.path))
             self.entries = []
             return results

@@ -34,11 +34,8 @@ class SSHRunner(Runner):
                  connect_timeout: float = 10, default_timeout: float = 600, address: str | None = None):
         super().__init__(host, default_timeout)
         self.address = address or host  # where to connect; ``host`` stays the name in messages
-        self.user = user
-        self.port = port
-        self.identity_file = identity_file
-        self.known_hosts = known_hosts
-        self.connect_timeout = connect_timeout
+        self.user, self.port, self.identity_file = user, port, identity_file
+        self.known_hosts, self.connect_timeout = known_hosts, connect_timeout
         self._client: paramiko.SSHClient | None = None
 
     @classmethod

@@ -109,13 +109,8 @@ class _Session:
 
     def __init__(self, settings: FreezeSettings, domu: str, runner, domain, uri, journal,
                  report: FreezeReport):
-        self.s = settings
-        self.domu = domu
-        self.runner = runner
-        self.domain = domain
-        self.uri = uri
-        self.journal = journal
-        self.report = report
+        self.s, self.domu, self.runner, self.domain = settings, domu, runner, domain
+        self.uri, self.journal, self.report = uri, journal, report
         self.stack: list[_Item] = []
         self.lock = threading.Lock()
         self.thaw_errors: list[str] = []
@@ -328,6 +323,7 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
     # 1. freeze: hooks in name order, then the agent
     t_begin = time.monotonic()
     log.info("%s: freeze (%s): begin", domu_name, s.mode)
+    freeze_error = None
     try:
         if s.uses_hooks:
             hooks, report.skipped_hooks = scan_hooks(s.hook_dir)
@@ -341,8 +337,6 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
             sess.freeze_agent()
     except BaseException as e:  # noqa: BLE001 - thaw first, decide below
         freeze_error = e
-    else:
-        freeze_error = None
     if freeze_error is not None:
         e = freeze_error
         stop.set()
