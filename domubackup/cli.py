@@ -391,13 +391,10 @@ def cmd_verify(config, args, runner) -> int:
         say(f"domubackup: {name}: the replica's filesystems have errors", file=sys.stderr)
         code = max(code, EXIT_FAILED)
     else:
-        if fsck is not None:
-            lines.append(f"{name}: fsck OK: every replica filesystem is clean")
-        if code:
-            lines.append(f"{name}: verify {out.status} ({len(out.differences)} difference(s))")
-        else:
-            lines.append(f"{name}: verify OK: the replica matches the snapshot "
-                         f"({out.stats.files} files compared by checksum)")
+        lines += [f"{name}: fsck OK: every replica filesystem is clean"] if fsck is not None else []
+        lines.append(f"{name}: verify {out.status} ({len(out.differences)} difference(s))" if code else
+                     f"{name}: verify OK: the replica matches the snapshot ({out.stats.files} files compared "
+                     "by checksum)")
     if args.json:
         say(json.dumps({**outcome_json(out, started, ended, log_path), "exit_code": code,
                         "differences": out.differences, "fsck": fsck}, indent=2))

@@ -170,11 +170,10 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
     local += [check(LOCAL, "snapshot", f.disk.target, note=f"{f.disk.target}: the snapshot holds what was probed")
               for f in facts if mapped(f) or (not f.partitioned and mountable([f]))]
     local += map_steps(facts, settings, LOCAL, snapshot=True)
-    lanes = {}
-    for peer in peers:  # nothing is opened there before this host's checks passed ("checked")
-        # (with a freeze window, nothing of ours competes with it: the peer waits for the snapshots)
-        lanes[peer] = peer_checks(domu, peer, waits=("snapshots",) if frozen else ("checked",), frozen=frozen)
-        lanes[peer] += map_steps(facts, settings, peer, snapshot=False)
+    # On a peer nothing is opened before this host's checks passed ("checked"); with a freeze
+    # window, nothing of ours competes with it: the peer waits for the snapshots.
+    lanes = [s for peer in peers for s in peer_checks(domu, peer, waits=("snapshots",) if frozen else ("checked",),
+                                                       frozen=frozen) + map_steps(facts, settings, peer, snapshot=False)]
     if mounts is None and settings.mounts:
         mounts = mounts_from_config(facts, settings)
     root = root_candidate(facts, settings) if mounts is None else None
@@ -203,7 +202,7 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
                                                                                          facts)[0]
             rest = after_fstab(decided, facts, settings, domu, peers, missing=fstab is MISSING,
                                progress=progress, verify=verify)
-    plan.steps = local + [s for p in peers for s in lanes[p]] + rest
+    plan.steps = local + lanes + rest
     return plan
 
 
