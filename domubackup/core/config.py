@@ -70,7 +70,6 @@ class RsyncSettings:
 @dataclass(frozen=True)
 class Settings:
     """Everything that may differ per DomU (global values, overridden by [domu.NAME])."""
-
     libvirt_uri: str = ""
     peers: tuple[str, ...] = ()  # the DomU's replica hosts (empty: DOM0S); this host is left out at run time
     disks: tuple[str, ...] = ()  # only these target devs (empty: all)

@@ -28,7 +28,6 @@ def signal_exit(signum: int) -> int:
 
 class DomuBackupError(Exception):
     """Base of every error the tool raises on purpose."""
-
     exit_code = EXIT_FAILED
 
     def __init__(self, message: str, *, hint: str | None = None):
@@ -44,13 +43,11 @@ class DomuBackupError(Exception):
 
 class UsageError(DomuBackupError):
     """Wrong command-line use."""
-
     exit_code = EXIT_USAGE
 
 
 class NotEligibleError(DomuBackupError):
     """The DomU is missing, not running here, or this host may not back it up."""
-
     exit_code = EXIT_NOT_ELIGIBLE
 
 
@@ -61,7 +58,6 @@ class NotHereError(NotEligibleError):
 
 class TeardownError(DomuBackupError):
     """One or more undo steps failed: something may be left behind (run `domubackup cleanup`)."""
-
     exit_code = EXIT_TEARDOWN
 
     def __init__(self, message: str, failures: list[str] | None = None, *, hint: str | None = None):
@@ -80,20 +76,17 @@ class TeardownError(DomuBackupError):
 
 class BusyError(DomuBackupError):
     """Another run holds the lock of this DomU."""
-
     exit_code = EXIT_BUSY
 
 
 class ConfigError(DomuBackupError):
     """The configuration file is missing, unreadable or invalid."""
-
     exit_code = EXIT_CONFIG
 
 
 class Interrupted(DomuBackupError):
     """A signal asked us to stop; raised so that every `finally` and teardown runs. Its exit code
     is 128 + the signal's number."""
-
     def __init__(self, signum: int):
         import signal
 
@@ -108,7 +101,6 @@ class InspectError(DomuBackupError):
 
 class CommandError(DomuBackupError):
     """A command exited non-zero (or timed out) on a host."""
-
     def __init__(self, host: str, argv, exit_code: int | None, stderr: str = "", *,
                  timeout: float | None = None, hint: str | None = None):
         self.host = host

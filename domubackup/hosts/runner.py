@@ -73,7 +73,6 @@ def _program(host: str, argv: tuple[str, ...], path: str) -> str:
 
 class Runner:
     """Runs argv lists on one host. Subclasses implement ``_execute``."""
-
     host: str
     default_timeout: float
 
@@ -156,7 +155,6 @@ class Gated:
     man's switch). It is ``sh -c GATE_SCRIPT domubackup-gate ARGV...``: the release costs one
     exec, no fork. The timeout counts from the release. ``wait()`` releases it if needed and
     returns its Result like ``Runner.run``, or raises what ``run`` raised."""
-
     def __init__(self, runner: "LocalRunner", argv: Sequence[str], kwargs: dict):
         read, self._write = os.pipe()
         self._read = os.fdopen(read, "rb", buffering=0)
@@ -239,7 +237,6 @@ class LocalRunner(Runner):
     """Runs commands on this host with the ``sh`` package, each in its own session so that a
     timeout kills the whole process group (sh's own ``_timeout`` signals only the child), and
     each ended by SIGTERM if this process dies, except a gated command (a thaw: it must run)."""
-
     def __init__(self, host: str = "localhost", default_timeout: float = 600):
         super().__init__(host, default_timeout)
         self._running: dict[int, object] = {}
