@@ -127,15 +127,8 @@ class Config:
                            hint="add another Dom0 to its peers")
 
 
-GLOBAL_ONLY = {
-    "dom0s": list,
-    "this_host": str,
-    "state_dir": str,
-    "backup_all_running": bool,
-    "catalog_keep_days": int,
-    "metrics_textfile": str,
-    "max_age": str,
-}
+GLOBAL_ONLY = {"dom0s": list, "this_host": str, "state_dir": str, "backup_all_running": bool,
+               "catalog_keep_days": int, "metrics_textfile": str, "max_age": str}
 
 AGE_RE = re.compile(r"(\d+)([hdw])")
 AGE_SECONDS = {"h": 3600, "d": 86400, "w": 7 * 86400}

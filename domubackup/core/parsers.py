@@ -35,9 +35,8 @@ def _unescape_bytes(text: str, pattern: re.Pattern[str], base: int) -> str:
 
 # --------------------------------------------------------------------------------------- lvs
 
-LVS_FIELDS: tuple[str, ...] = (
-    "vg_name", "lv_name", "lv_size", "lv_attr", "origin", "snap_percent", "vg_free", "lv_path",
-)
+LVS_FIELDS: tuple[str, ...] = ("vg_name", "lv_name", "lv_size", "lv_attr", "origin", "snap_percent", "vg_free",
+                               "lv_path")
 LVS_SEPARATOR = "|"  # not allowed in VG/LV names ([A-Za-z0-9+_.-])
 
 

@@ -8,16 +8,11 @@ import re
 from .model import RsyncStats
 from .parsers import _bad, _unescape_bytes
 
-_RSYNC_KEYS = {
-    "Number of files": "files",
-    "Number of regular files transferred": "files_transferred",
-    "Number of files transferred": "files_transferred",  # rsync < 3.1
-    "Total file size": "total_size",
-    "Total transferred file size": "transferred_size",
-    "Total bytes sent": "bytes_sent",
-    "Total bytes received": "bytes_received",
-    "Number of deleted files": "deleted",
-}
+_RSYNC_KEYS = {"Number of files": "files", "Number of regular files transferred": "files_transferred",
+               "Number of files transferred": "files_transferred",  # rsync < 3.1
+               "Total file size": "total_size", "Total transferred file size": "transferred_size",
+               "Total bytes sent": "bytes_sent", "Total bytes received": "bytes_received",
+               "Number of deleted files": "deleted"}
 _RSYNC_REQUIRED = ("files", "total_size", "bytes_sent", "bytes_received")
 
 

@@ -215,8 +215,7 @@ def run_job(config, domu: str, kind: str, conn, local, body, *, factory=ssh_runn
     of ours may compete with it)."""
     out = Outcome(domu)
     start = time.monotonic()
-    run_id = None
-    hooked = False
+    run_id, hooked = None, False
     settings = config.settings_for(domu)
     peers = ",".join(config.peers_for(domu))
     try:
