@@ -113,10 +113,8 @@ def mount_steps(mounts: list[Mount], facts: list[DiskFacts], settings: Settings,
     for m in mounts:
         fstype = m.filesystem.fstype
         dev = device_of(m.filesystem, facts, settings, snapshot=local)
-        steps.append(Step(phase, host,
-                          cmd.mount_in(root, m.mountpoint, dev, fstype,
-                                       mount_options(fstype, local=local, read_only=read_only),
-                                       mkdir=not local),
+        options = mount_options(fstype, local=local, read_only=read_only)
+        steps.append(Step(phase, host, cmd.mount_in(root, m.mountpoint, dev, fstype, options, mkdir=not local),
                           cmd.umount_in(root, m.mountpoint, dev),
                           note=f"{m.filesystem.name} ({fstype}) at {m.mountpoint}"))
     return steps
@@ -172,8 +170,9 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
     local += map_steps(facts, settings, LOCAL, snapshot=True)
     # On a peer nothing is opened before this host's checks passed ("checked"); with a freeze
     # window, nothing of ours competes with it: the peer waits for the snapshots.
-    lanes = [s for peer in peers for s in peer_checks(domu, peer, waits=("snapshots",) if frozen else ("checked",),
-                                                       frozen=frozen) + map_steps(facts, settings, peer, snapshot=False)]
+    waits = ("snapshots",) if frozen else ("checked",)
+    lanes = [s for peer in peers for s in (peer_checks(domu, peer, waits=waits, frozen=frozen)
+                                           + map_steps(facts, settings, peer, snapshot=False))]
     if mounts is None and settings.mounts:
         mounts = mounts_from_config(facts, settings)
     root = root_candidate(facts, settings) if mounts is None else None

@@ -74,11 +74,9 @@ class SSHRunner(Runner):
         try:
             try:
                 # paramiko reads no ssh_config (~/.ssh/config): only what is passed here.
-                client.connect(self.address, port=self.port, username=self.user,
-                               key_filename=self.identity_file, look_for_keys=False,
-                               allow_agent=False, timeout=self.connect_timeout,
-                               banner_timeout=self.connect_timeout,
-                               auth_timeout=self.connect_timeout)
+                client.connect(self.address, port=self.port, username=self.user, key_filename=self.identity_file,
+                               look_for_keys=False, allow_agent=False, timeout=self.connect_timeout,
+                               banner_timeout=self.connect_timeout, auth_timeout=self.connect_timeout)
             except Exception:
                 client.close()
                 raise

@@ -214,8 +214,7 @@ def rsync_hint(code) -> str | None:
     return {24: "files vanished from a snapshot, which cannot happen: something else changed the source tree",
             23: "some files could not be transferred: see rsync's messages above",
             12: "the connection or the peer's rsync failed",
-            255: "ssh failed: check the peer, its host key and the identity file",
-            }.get(code)
+            255: "ssh failed: check the peer, its host key and the identity file"}.get(code)
 
 
 def fsck_replicas(config, domu: str, conn, local, *, factory=ssh_runner) -> list[str]:
@@ -226,7 +225,8 @@ def fsck_replicas(config, domu: str, conn, local, *, factory=ssh_runner) -> list
         def fscked(step, res):
             if res.exit_code:
                 tail = " | ".join((res.stdout + res.stderr).strip().splitlines()[-3:])
-                job.out.report.append(f"{step.host}: {step.note}: `{' '.join(step.argv)}` exited {res.exit_code}: {tail}")
+                job.out.report.append(f"{step.host}: {step.note}: `{' '.join(step.argv)}` exited {res.exit_code}: "
+                                      f"{tail}")
             else:
                 log.info("%s: %s: clean", step.host, step.note)
 

@@ -201,10 +201,9 @@ def plan_seed(domu: str, facts, settings, peers) -> planner.Plan:
         for i, f in enumerate(facts):
             snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv))
             target = cmd.lv_path(f.lv.vg, f.lv.lv)
-            lanes[-1].append(planner.Step("seed", peer, receive_argv(target, f.lv.size), None,
-                                          note=f"{f.disk.target}: {snap} -> {peer}:{target}", then="seed",
-                                          waits=("snapshots",) if i == 0 else (), timeout=24 * 3600,
-                                          about=(f.disk.target,)))
+            lanes[-1].append(planner.Step("seed", peer, receive_argv(target, f.lv.size), None, then="seed",
+                                          note=f"{f.disk.target}: {snap} -> {peer}:{target}", timeout=24 * 3600,
+                                          waits=("snapshots",) if i == 0 else (), about=(f.disk.target,)))
     snaps = planner._mark_last(planner.snapshot_steps(facts, settings), "snapshots")
     snaps[0] = replace(snaps[0], waits=tuple(f"prepared:{p}" for p in peers))
     return planner.Plan(domu, steps=snaps + [s for lane in lanes for s in lane])
