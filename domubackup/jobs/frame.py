@@ -44,8 +44,7 @@ def inspect(config: Config, name: str, conn, runner, on_eligible=None) -> Inspec
     ``on_eligible()`` is called once the DomU is known to be eligible, before the probes."""
     check_host(config)
     settings = config.settings_for(name)
-    dom = virt.lookup(conn, name)
-    domain = virt.describe(dom, include=settings.disks, exclude=settings.exclude_disks)
+    domain = virt.describe(virt.lookup(conn, name), include=settings.disks, exclude=settings.exclude_disks)
     if domain.state not in virt.RUNNING_STATES:
         raise NotHereError(f"{name}: is {domain.state} on {config.this_host}, not running; nothing to back up here",
                                hint="it is backed up by the Dom0 it runs on")

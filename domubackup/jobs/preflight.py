@@ -104,11 +104,8 @@ def domu_checks(config, names, conn, local, factory, peers_seen, night) -> list[
         settings = config.settings_for(name)
         try:
             insp = jobs.inspect(config, name, conn, local)
-        except NotHereError as e:
-            checks.append(Check(night, f"{name}: eligible here", str(e)))
-            continue
         except DomuBackupError as e:
-            checks.append(Check(False, f"{name}: eligible here", str(e)))
+            checks.append(Check(night and isinstance(e, NotHereError), f"{name}: eligible here", str(e)))
             continue
         disks = ", ".join(f"{f.disk.target}={f.lv.vg}/{f.lv.lv}" for f in insp.facts)
         checks.append(Check(True, f"{name}: eligible here", f"{insp.domain.state}; disks {disks}"))
