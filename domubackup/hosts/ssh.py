@@ -172,25 +172,22 @@ class SSHRunner(Runner):
             feeder.start()
         deadline = start + timeout + KILL_AFTER + REMOTE_GRACE
         out, err = [], []
-        try:
-            while True:
-                select.select([chan], [], [], 0.5)
-                while chan.recv_ready():
-                    out.append(chan.recv(65536))
-                while chan.recv_stderr_ready():
-                    err.append(chan.recv_stderr(65536))
-                if chan.closed or (chan.exit_status_ready() and chan.eof_received):
-                    break
-                if not transport.is_active():
-                    break
-                if time.monotonic() > deadline:
-                    chan.close()
-                    raise CommandError(self.host, argv, None, _text(b"".join(err)),
-                                       timeout=timeout)
+
+        def drain():
             while chan.recv_ready():
                 out.append(chan.recv(65536))
             while chan.recv_stderr_ready():
                 err.append(chan.recv_stderr(65536))
+        try:
+            while True:
+                select.select([chan], [], [], 0.5)
+                drain()
+                if chan.closed or (chan.exit_status_ready() and chan.eof_received) or not transport.is_active():
+                    break
+                if time.monotonic() > deadline:
+                    chan.close()
+                    raise CommandError(self.host, argv, None, _text(b"".join(err)), timeout=timeout)
+            drain()
             code = chan.exit_status if chan.exit_status_ready() else -1
         finally:
             if feeder is not None:  # its EOF goes before our CLOSE (see remote_command)
