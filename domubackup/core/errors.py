@@ -87,6 +87,7 @@ class ConfigError(DomuBackupError):
 class Interrupted(DomuBackupError):
     """A signal asked us to stop; raised so that every `finally` and teardown runs. Its exit code
     is 128 + the signal's number."""
+
     def __init__(self, signum: int):
         import signal
 
@@ -101,6 +102,7 @@ class InspectError(DomuBackupError):
 
 class CommandError(DomuBackupError):
     """A command exited non-zero (or timed out) on a host."""
+
     def __init__(self, host: str, argv, exit_code: int | None, stderr: str = "", *,
                  timeout: float | None = None, hint: str | None = None):
         self.host = host

@@ -110,6 +110,7 @@ def process_alive(pid: int, start_ticks: int | None = None) -> bool:
 
 class Catalog:
     """The catalog file at ``path`` (created with its parent directory on first use)."""
+
     def __init__(self, path: str | os.PathLike, *, busy_timeout: float = 30.0,
                  clock: Callable[[], float] = time.time, host: str | None = None):
         self.path = Path(path)

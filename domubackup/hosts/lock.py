@@ -45,6 +45,7 @@ def holder_pid(state_dir: str | os.PathLike, domu: str) -> int | None:
 
 class DomuLock:
     """``with DomuLock(state_dir, "web1"):`` -- raises BusyError when another run holds it."""
+
     def __init__(self, state_dir: str | os.PathLike, domu: str):
         self.domu = domu
         self.path = state_file(state_dir, "lock", domu, "lock")

@@ -40,6 +40,7 @@ class _Formatter(logging.Formatter):
     no string in a message can forge a line that looks like a record of its own. Without
     ``tracebacks``, a record's exception and stack are left out: they go to the run log file
     only, never to the terminal or syslog."""
+
     def __init__(self, fmt: str, *, tracebacks: bool):
         super().__init__(fmt)
         self.tracebacks = tracebacks
@@ -53,6 +54,7 @@ class _Formatter(logging.Formatter):
 
 class _DomuFilter(logging.Filter):
     """Adds %(domu)s and %(where)s ("web1: ", or "" when the message names the DomU already)."""
+
     def filter(self, record):
         domu = current_domu.get()
         record.domu = domu
@@ -63,6 +65,7 @@ class _DomuFilter(logging.Filter):
 class _Console(logging.StreamHandler):
     """stderr. While progress bars are drawn (progress.py), a record clears them first and they
     are redrawn after it; tqdm is looked up, not imported: without it there are no bars."""
+
     def emit(self, record):
         bars = sys.modules.get("tqdm")
         if bars is None:
@@ -129,6 +132,7 @@ class Hold(logging.Handler):
     records to them, in order. Used for the freeze window, which should not be spent writing
     logs. A run killed with SIGKILL while holding loses those records (at most
     ``freeze_max_window`` seconds of them); the journal still says what was open."""
+
     def __init__(self, name: str = "domubackup"):
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []

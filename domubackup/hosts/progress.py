@@ -16,6 +16,7 @@ from ..core.rsyncout import parse_progress2
 
 class Meter:
     """One bar: ``to(done, total)`` moves it (total may be learnt late, or change)."""
+
     def __init__(self, bar):
         self._bar = bar
 

@@ -151,6 +151,7 @@ class Gated:
     man's switch). It is ``sh -c GATE_SCRIPT domubackup-gate ARGV...``: the release costs one
     exec, no fork. The timeout counts from the release. ``wait()`` releases it if needed and
     returns its Result like ``Runner.run``, or raises what ``run`` raised."""
+
     def __init__(self, runner: "LocalRunner", argv: Sequence[str], kwargs: dict):
         read, self._write = os.pipe()
         self._read = os.fdopen(read, "rb", buffering=0)
@@ -233,6 +234,7 @@ class LocalRunner(Runner):
     """Runs commands on this host with the ``sh`` package, each in its own session so that a
     timeout kills the whole process group (sh's own ``_timeout`` signals only the child), and
     each ended by SIGTERM if this process dies, except a gated command (a thaw: it must run)."""
+
     def __init__(self, host: str = "localhost", default_timeout: float = 600):
         super().__init__(host, default_timeout)
         self._running: dict[int, object] = {}

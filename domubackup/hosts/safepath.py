@@ -37,6 +37,7 @@ COMMANDS = ("mount-in", "umount-in", "read-in")
 
 class Refused(Exception):
     """The path cannot be used safely (or does not exist): the message says why."""
+
     def __init__(self, message: str, code: int = EXIT_REFUSED):
         super().__init__(message)
         self.code = code

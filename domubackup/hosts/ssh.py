@@ -28,6 +28,7 @@ class SSHRunner(Runner):
     The host key must already be in ``known_hosts`` (RejectPolicy); no agent, no key search.
     Each command is wrapped in coreutils ``timeout -k KILL_AFTER T`` on the peer so that a
     timeout or a dropped connection never leaves the remote process running for long."""
+
     def __init__(self, host: str, *, user: str = "root", port: int = 22,
                  identity_file: str | None = None, known_hosts: str,
                  connect_timeout: float = 10, default_timeout: float = 600, address: str | None = None):

@@ -56,6 +56,7 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=None,
 
 class Backup:
     """One backup (or verify) of a job's DomU: its plan, and the checks and decisions it names."""
+
     def __init__(self, job, *, verify=False, progress=None, freeze=None):
         self.job, self.config, self.domu, self.settings = job, job.config, job.domu, job.settings
         self.insp, self.runners, self.out = job.insp, job.runners, job.out

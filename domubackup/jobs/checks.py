@@ -130,6 +130,7 @@ class SnapshotWatch:
     """Polls the snapshots' fill level while the transfer runs (see next_poll: less often while
     it does not grow, each poll being a process that competes with the transfer); extends them
     or stops the run."""
+
     def __init__(self, runner, paths, settings, interval=2.0, on_abort=None):
         self.runner, self.paths, self.settings = runner, paths, settings
         self.interval, self.on_abort = interval, on_abort

@@ -37,6 +37,7 @@ class Executor:
     None); ``freeze(open_fn)`` is the freeze window around the snapshots; ``on_output(step)``
     may give a display for a step's output; ``feed(step)`` its standard input (an iterable of
     chunks: a seed's blocks); ``on_mark[mark]()`` runs when a mark is reached."""
+
     def __init__(self, journal, runners: dict, *, timeout: float, checks=None, callbacks=None,
                  freeze=None, on_output=None, feed=None, on_mark=None):
         self.journal, self.runners, self.timeout = journal, runners, timeout

@@ -158,6 +158,7 @@ class Warmup:
     """Connects to the peers in the background while this host still probes (paramiko's imports
     and the handshake: seconds under emulation); the plan's first step there finds the
     connection open. A failure is kept for that step to raise (no second connect timeout)."""
+
     def __init__(self, runners):
         self.peers = {h: r for h, r in runners.items() if h != LOCAL and hasattr(r, "connect")}
         self.errors: dict[str, BaseException] = {}

@@ -106,6 +106,7 @@ class _Item:
 
 class _Session:
     """One freeze: the stack of started items and the lock that makes each thaw happen once."""
+
     def __init__(self, settings: FreezeSettings, domu: str, runner, domain, uri, journal,
                  report: FreezeReport):
         self.s, self.domu, self.runner, self.domain = settings, domu, runner, domain

@@ -151,6 +151,7 @@ def prepare_replica(runner, f, *, force: bool) -> str:
 class BlockStream:
     """Iterates framed chunks of the block device `path`; .sha256 is then the SHA-256 of the
     SHA-256 digests of its 4 MiB blocks (RECEIVER computes the same of the replica)."""
+
     def __init__(self, path: str, size: int, progress=None):
         self.path, self.size, self.progress = path, size, progress
         self.sha256 = None
