@@ -256,10 +256,7 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}", hint="fix the syntax at that line") from None
 
-    globals_ = {}
-    for key, kind in GLOBAL_ONLY.items():
-        if key in data:
-            globals_[key] = check.value(key, data.pop(key), kind)
+    globals_ = {key: check.value(key, data.pop(key), kind) for key, kind in GLOBAL_ONLY.items() if key in data}
     dom0_tables = data.pop("dom0", {})
     if not isinstance(dom0_tables, dict) or not all(isinstance(t, dict) for t in dom0_tables.values()):
         raise check.fail("dom0", 'expected tables like [dom0.dom0b] with address = "10.0.0.2", port = 2222')

@@ -105,18 +105,11 @@ class CommandError(DomuBackupError):
 
     def __init__(self, host: str, argv, exit_code: int | None, stderr: str = "", *,
                  timeout: float | None = None, hint: str | None = None):
-        self.host = host
-        self.argv = tuple(argv)
-        self.returncode = exit_code
-        self.stderr = stderr
-        self.timeout = timeout
         import shlex
 
+        self.host, self.argv, self.returncode, self.stderr, self.timeout = host, tuple(argv), exit_code, stderr, timeout
         cmd = shlex.join(self.argv)
-        if timeout is not None:
-            what = f"timed out after {timeout:g}s"
-        else:
-            what = f"exited {exit_code}"
+        what = f"timed out after {timeout:g}s" if timeout is not None else f"exited {exit_code}"
         tail = stderr.strip().splitlines()[-5:]
         msg = f"on {host}: `{cmd}` {what}"
         if tail:

@@ -279,12 +279,10 @@ def parse_fstab(text: str) -> list[FstabEntry]:
         f = [_unescape_bytes(x, _OCTAL, 8) for x in s.split()]
         if len(f) < 3:
             raise _bad("fstab", line, "needs at least spec, file and vfstype")
-        nums = []
         for x in f[4:6]:
             if not x.isdigit():
                 raise _bad("fstab", line, f"freq/passno not a number: {x!r}")
-            nums.append(int(x))
-        nums += [0] * (2 - len(nums))
+        nums = [int(x) for x in f[4:6]] + [0] * (2 - len(f[4:6]))
         options = tuple(o for o in f[3].split(",") if o) if len(f) > 3 else ()
         out.append(FstabEntry(spec=f[0], file=f[1], vfstype=f[2], options=options,
                               freq=nums[0], passno=nums[1]))
@@ -317,10 +315,8 @@ def parse_dm_snapshot_status(text: str) -> dict[str, SnapshotUse]:
         if not sep or len(words) < 4 or words[2] != "snapshot":
             raise _bad("dmsetup status", line, "expected NAME: START LENGTH snapshot STATUS")
         m = re.fullmatch(r"(\d+)/(\d+)", words[3])
-        if m:
-            out[name] = SnapshotUse(name, int(m.group(1)), int(m.group(2)), "valid")
-        else:
-            out[name] = SnapshotUse(name, 0, 0, " ".join(words[3:]).lower())
+        out[name] = SnapshotUse(name, int(m.group(1)), int(m.group(2)), "valid") if m else \
+            SnapshotUse(name, 0, 0, " ".join(words[3:]).lower())
     return out
 
 

@@ -39,12 +39,10 @@ def snapshot_name(settings: Settings, lv: str) -> str:
 
 
 def snapshot_steps(facts: list[DiskFacts], settings: Settings) -> list[Step]:
-    steps = []
-    for f in facts:
-        snap = snapshot_name(settings, f.lv.lv)
-        steps.append(Step("snapshot", LOCAL, cmd.lvcreate_snapshot(f.lv.vg, f.lv.lv, snap, settings.snapshot_size),
-                          cmd.lvremove(f.lv.vg, snap), note=f"{f.disk.target}: snapshot of {f.lv.path or f.lv.lv}"))
-    return steps
+    return [Step("snapshot", LOCAL, cmd.lvcreate_snapshot(f.lv.vg, f.lv.lv, snapshot_name(settings, f.lv.lv),
+                                                          settings.snapshot_size),
+                 cmd.lvremove(f.lv.vg, snapshot_name(settings, f.lv.lv)),
+                 note=f"{f.disk.target}: snapshot of {f.lv.path or f.lv.lv}") for f in facts]
 
 
 def _lv_name(f: DiskFacts, settings: Settings, snapshot: bool) -> str:
@@ -225,9 +223,8 @@ def after_fstab(mounts, facts, settings, domu, peers, *, missing: bool, progress
 def after_mounts(mounts, facts, settings, domu, peers, *, progress=False, verify=False) -> list[Step]:
     """Once the mounts are known: each peer mounts its replica (read-only for a verify), this
     host checks that the replicas have room, then one rsync per peer and tree."""
-    steps = []
-    for peer in peers:
-        steps += _mark_last(tree_steps(mounts, facts, settings, domu, peer, read_only=verify), f"ready:{peer}")
+    steps = [s for peer in peers
+             for s in _mark_last(tree_steps(mounts, facts, settings, domu, peer, read_only=verify), f"ready:{peer}")]
     local = [] if verify else [check(LOCAL, "room", note="each replica filesystem can hold what its source holds")]
     local += transfer_steps(settings, domu, peers, progress=progress and not verify,
                             extra=VERIFY_ARGS if verify else (), trees=trees(mounts))
