@@ -136,8 +136,7 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
 def private_dir(path: str) -> None:
     """Tighten an existing directory to 0700 (state_dir: the umask makes a new one 0700)."""
     try:
-        mode = os.stat(path).st_mode
-        if mode & 0o077:
+        if os.stat(path).st_mode & 0o077:
             os.chmod(path, 0o700)
     except FileNotFoundError:
         return

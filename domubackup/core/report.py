@@ -58,9 +58,7 @@ def _size(row: RunRow) -> str:
 
 
 def _duration(row: RunRow, now: float) -> str:
-    if row.status == RUNNING:
-        return human_duration(now - row.started)
-    return human_duration(row.duration)
+    return human_duration(now - row.started if row.status == RUNNING else row.duration)
 
 
 HISTORY_COLUMNS = ("START", "DOMU", "PEER", "KIND", "MODE", "DURATION", "SIZE", "STATUS")
@@ -73,12 +71,9 @@ def format_history(rows: Iterable[RunRow], now: float | None = None) -> str:
     START is local time; DURATION of a RUNNING run counts up to ``now`` (default: the clock);
     SIZE is the total size of the replicated files and, in parentheses, the bytes sent.
     Ends with a newline."""
-    if now is None:
-        now = time.time()
-    table = [HISTORY_COLUMNS]
-    for r in rows:
-        table.append((_local(r.started), r.domu, r.peer or "-", r.kind, r.consistency or "-",
-                      _duration(r, now), _size(r), r.status))
+    now = time.time() if now is None else now
+    table = [HISTORY_COLUMNS] + [(_local(r.started), r.domu, r.peer or "-", r.kind, r.consistency or "-",
+                                  _duration(r, now), _size(r), r.status) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(HISTORY_COLUMNS))]
 
     def fmt(line) -> str:
@@ -94,8 +89,7 @@ def format_history(rows: Iterable[RunRow], now: float | None = None) -> str:
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def history_json(rows: Iterable[RunRow]) -> list[dict]:

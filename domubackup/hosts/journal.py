@@ -294,10 +294,8 @@ class Journal:
                                  f"{step.argv!r}: {problem}")
         with self._lock:
             first = len(self.entries)
-            for step in steps:
-                self.entries.append(Entry(step.phase, step.host, tuple(step.argv),
-                                          tuple(step.undo) if step.undo is not None else None,
-                                          step.note))
+            self.entries += [Entry(step.phase, step.host, tuple(step.argv),
+                                   tuple(step.undo) if step.undo is not None else None, step.note) for step in steps]
             self._save()
             return list(range(first, len(self.entries)))
 

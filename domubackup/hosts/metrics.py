@@ -102,8 +102,7 @@ def render_metrics(rows_by_domu: Mapping[str, Sequence[RunRow]], domus: Sequence
         per_domu.append((labels, _values(rows, now)))
     lines = []
     for name, help_text in METRICS:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} gauge")
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
         for labels, values in per_domu:
             if name in values:
                 lines.append(f"{name}{{{labels}}} {_number(values[name])}")

@@ -165,18 +165,14 @@ class BlockStream:
                 if not block:
                     raise SnapshotError(f"{self.path}: read ended at {offset} of {self.size} bytes")
                 if block == ZERO[:len(block)]:
-                    n = len(block)
-                    total.update(zero_digests.setdefault(n, hashlib.sha256(block).digest()))
-                    yield HEADER.pack(b"Z", offset, n)
+                    total.update(zero_digests.setdefault(len(block), hashlib.sha256(block).digest()))
+                    yield HEADER.pack(b"Z", offset, len(block))
                 else:
                     total.update(hashlib.sha256(block).digest())
                     packed = compressed(block)
-                    if packed is not None:
-                        yield HEADER.pack(b"C", offset, len(packed)) + packed
-                        sent += len(packed)
-                    else:
-                        yield HEADER.pack(b"D", offset, len(block)) + block
-                        sent += len(block)
+                    kind, data = (b"D", block) if packed is None else (b"C", packed)
+                    yield HEADER.pack(kind, offset, len(data)) + data
+                    sent += len(data)
                 offset += len(block)
                 if self.progress:
                     self.progress(offset, self.size, sent)
