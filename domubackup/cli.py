@@ -224,10 +224,7 @@ def _local_runner(config):
 def cmd_plan(config, args, runner) -> int:
     with closing(virt.connect(config.settings_for(args.domu).libvirt_uri)) as conn:
         plan = backup.make_plan(config, frame.inspect(config, args.domu, conn, runner))
-    if args.json:
-        say(json.dumps(plan.to_json(), indent=2))
-    else:
-        say(describe(plan))
+    say(json.dumps(plan.to_json(), indent=2) if args.json else describe(plan))
     return EXIT_OK
 
 
@@ -431,10 +428,7 @@ def cmd_history(config, args, runner=None) -> int:
         rows = catalog.runs(domu=args.domu, since=since, limit=args.limit)
     finally:
         catalog.close()
-    if args.json:
-        say(json.dumps(history_json(rows), indent=2))
-    else:
-        say(format_history(rows))
+    say(json.dumps(history_json(rows), indent=2) if args.json else format_history(rows))
     return EXIT_OK
 
 

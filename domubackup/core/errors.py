@@ -36,9 +36,7 @@ class DomuBackupError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        if self.hint:
-            return f"{self.message} ({self.hint})"
-        return self.message
+        return f"{self.message} ({self.hint})" if self.hint else self.message
 
 
 class UsageError(DomuBackupError):

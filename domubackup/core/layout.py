@@ -209,6 +209,4 @@ def fallback_mounts(facts: list[DiskFacts]) -> list[Mount]:
 
 def sort_mounts(mounts: list[Mount]) -> list[Mount]:
     """Parents before children: "/" first, then by depth, then by path."""
-    def depth(m: Mount) -> tuple[int, str]:
-        return (0 if m.mountpoint == "/" else m.mountpoint.count("/"), m.mountpoint)
-    return sorted(mounts, key=depth)
+    return sorted(mounts, key=lambda m: (0 if m.mountpoint == "/" else m.mountpoint.count("/"), m.mountpoint))

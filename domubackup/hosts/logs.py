@@ -104,8 +104,7 @@ def setup(verbosity: int, *, syslog: bool = True) -> None:
 def run_log(state_dir: str, domu: str, kind: str = "backup"):
     """Log everything about one DomU's run to STATE_DIR/log/DOMU-KIND-TIME.log; yields the path."""
     token = current_domu.set(domu)
-    path = None
-    handler = None
+    path = handler = None
     try:
         d = os.path.join(state_dir, "log")
         os.makedirs(d, mode=0o700, exist_ok=True)

@@ -42,11 +42,7 @@ FEED_JOIN = 10
 
 
 def _text(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    if isinstance(data, str):
-        return data
-    return data.decode("utf-8", errors="replace")
+    return "" if data is None else data if isinstance(data, str) else data.decode("utf-8", errors="replace")
 
 
 def _seconds(value: float) -> str:

@@ -69,9 +69,8 @@ def _skip_reason(path: pathlib.Path) -> str | None:
 
 def scan_hooks(hook_dir) -> tuple[list[pathlib.Path], list[str]]:
     """(hooks to run in name order, ["NAME: why skipped", ...]). A missing directory: no hooks."""
-    d = pathlib.Path(hook_dir)
     try:
-        entries = sorted(d.iterdir(), key=lambda p: p.name)
+        entries = sorted(pathlib.Path(hook_dir).iterdir(), key=lambda p: p.name)
     except FileNotFoundError:
         return [], []
     hooks, skipped = [], []

@@ -47,8 +47,7 @@ def tools_present(runner, tools, hint=None) -> str:
 
 def _try(what, fn) -> Check:
     try:
-        detail = fn()
-        return Check(True, what, detail or "")
+        return Check(True, what, fn() or "")
     except DomuBackupError as e:
         return Check(False, what, str(e))
 
