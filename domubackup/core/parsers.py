@@ -20,6 +20,10 @@ def _bad(what: str, line: str, why: str = "") -> ValueError:
     return ValueError(f"malformed {what} line {line!r}" + (f": {why}" if why else ""))
 
 
+def _nonblank(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
 def _unescape_bytes(text: str, pattern: re.Pattern[str], base: int) -> str:
     """Replace escapes matched by pattern (group 1 = the number) by the raw byte, then decode.
 
@@ -59,9 +63,7 @@ def _int_bytes(value: str, line: str, what: str) -> int:
 def parse_lvs(text: str) -> list[LogicalVolume]:
     """Parse the output of ``lvs_argv()``: one LV per non-blank line, fields stripped."""
     out = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
+    for line in _nonblank(text):
         fields = [f.strip() for f in line.split(LVS_SEPARATOR)]
         if len(fields) != len(LVS_FIELDS):
             raise _bad("lvs", line, f"expected {len(LVS_FIELDS)} fields, got {len(fields)}")
@@ -150,7 +152,7 @@ def parse_parted(text: str, types: Mapping[int, str] | None = None) -> Partition
     by adding "extended" to its flags when a logical partition (number >= 5) lies inside it,
     or when ``types`` (from parse_parted_types) says so -- needed for an extended partition
     holding no logical partition."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+    lines = _nonblank(text)
     if not lines:
         raise ValueError("empty parted output")
     if lines[0].strip() != "BYT;":
@@ -366,9 +368,7 @@ def parse_findmnt(text: str) -> list[MountInfo]:
     if text.lstrip().startswith("{"):
         return _findmnt_json(text)
     out = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
+    for line in _nonblank(text):
         f = line.split(" ")
         if len(f) != len(FINDMNT_COLUMNS):
             raise _bad("findmnt", line, f"expected {len(FINDMNT_COLUMNS)} space-separated fields")
@@ -392,9 +392,7 @@ def parse_partx(text: str) -> dict[int, tuple[str, str]]:
     """Partition number -> (PARTUUID, PARTLABEL) from ``partx_argv`` output: -r escapes spaces,
     backslashes and other unsafe bytes as \\xHH, so fields split on single spaces."""
     out = {}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
+    for line in _nonblank(text):
         f = line.split(" ")
         if len(f) != 3 or not f[0].isdigit():
             raise _bad("partx", line, "expected NR UUID NAME")
@@ -410,9 +408,7 @@ def parse_kpartx_list(text: str) -> list[tuple[str, int, str, int]]:
     OFFSET`` per partition (logical ones relative to their extended partition, whose parent
     kpartx names by a guess); nothing for a device without a partition table."""
     out = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
+    for line in _nonblank(text):
         m = re.fullmatch(r"(\S+) : 0 (\d+) (\S+) (\d+)", line.strip())
         if not m:
             raise _bad("kpartx -l", line)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from .model import RsyncStats
-from .parsers import _bad, _unescape_bytes
+from .parsers import _bad, _nonblank, _unescape_bytes
 
 _RSYNC_KEYS = {"Number of files": "files", "Number of regular files transferred": "files_transferred",
                "Number of files transferred": "files_transferred",  # rsync < 3.1
@@ -77,9 +77,7 @@ def parse_rsync_itemize(text: str, link_targets: bool = True) -> list[tuple[str,
     "sending incremental file list"/"created directory" lines of -v are skipped; any other
     line raises ValueError.  An empty output (a clean --dry-run --checksum) gives []."""
     out = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
+    for line in _nonblank(text):
         if line.startswith(("Number of files: ", "sent ")) and not _ITEM.fullmatch(line):
             break
         m = _ITEM.fullmatch(line)
