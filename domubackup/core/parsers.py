@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from .model import FstabEntry, LogicalVolume, MountInfo, Partition, PartitionTable, SnapshotUse, Space
 
+
 def _bad(what: str, line: str, why: str = "") -> ValueError:
     return ValueError(f"malformed {what} line {line!r}" + (f": {why}" if why else ""))
 
@@ -36,8 +37,6 @@ def _unescape_bytes(text: str, pattern: re.Pattern[str], base: int) -> str:
     raw = bpat.sub(lambda m: bytes([int(m.group(1), base)]), raw)
     return raw.decode("utf-8", "surrogateescape")
 
-
-# --------------------------------------------------------------------------------------- lvs
 
 LVS_FIELDS: tuple[str, ...] = ("vg_name", "lv_name", "lv_size", "lv_attr", "origin", "snap_percent", "vg_free",
                                "lv_path")
@@ -79,8 +78,6 @@ def parse_lvs(text: str) -> list[LogicalVolume]:
                                  vg_free=_int_bytes(vg_free, line, "lvs") if vg_free else None))
     return out
 
-
-# ------------------------------------------------------------------------------------ parted
 
 def parted_argv(dev: str) -> list[str]:
     """argv of parted's machine-readable print in bytes.
@@ -200,8 +197,6 @@ def parse_parted(text: str, types: Mapping[int, str] | None = None) -> Partition
     return PartitionTable(label=label, size=size, partitions=tuple(parts))
 
 
-# ------------------------------------------------------------------------------------- blkid
-
 def blkid_argv(dev: str, offset: int | None = None, size: int | None = None) -> list[str]:
     """argv of a low-level probe of DEV, or of the range [offset, offset+size) of it.
 
@@ -254,8 +249,6 @@ def fs_of(probe: Mapping[str, str]) -> tuple[str, str, str]:
     return probe.get("TYPE", ""), probe.get("UUID", ""), probe.get("LABEL", "")
 
 
-# ------------------------------------------------------------------------------------- fstab
-
 _OCTAL = re.compile(r"\\([0-7]{3})")
 FSTAB_LINE_MAX = 8192  # two PATH_MAX fields and options: anything longer is not an fstab line
 
@@ -291,13 +284,8 @@ def parse_fstab(text: str) -> list[FstabEntry]:
     return out
 
 
-# ----------------------------------------------------------------------------------- findmnt
-
 FINDMNT_COLUMNS = ("TARGET", "SOURCE", "FSTYPE", "OPTIONS")
 _HEX = re.compile(r"\\x([0-9a-fA-F]{2})")
-
-
-# --- dmsetup status (snapshot targets) -------------------------------------------------------
 
 
 def dm_snapshot_status_argv() -> list[str]:
@@ -379,8 +367,6 @@ def parse_findmnt(text: str) -> list[MountInfo]:
     return out
 
 
-# ------------------------------------------------------------------------------------- partx
-
 def partx_argv(dev: str) -> list[str]:
     """argv of the partition table's ids: number, PARTUUID and PARTLABEL of each partition
     (msdos: "DISKID-NN", no label; gpt: the partition GUID and name), what fstab's PARTUUID=
@@ -400,8 +386,6 @@ def parse_partx(text: str) -> dict[int, tuple[str, str]]:
     return out
 
 
-# ------------------------------------------------------------------------------------ kpartx
-
 def parse_kpartx_list(text: str) -> list[tuple[str, int, str, int]]:
     """(device-mapper name, sectors, parent device, start sector in the parent) of each
     mapping ``kpartx -l -p SEP DEV`` would create, in order: one line ``NAME : 0 SECTORS PARENT
@@ -415,8 +399,6 @@ def parse_kpartx_list(text: str) -> list[tuple[str, int, str, int]]:
         out.append((m.group(1), int(m.group(2)), m.group(3), int(m.group(4))))
     return out
 
-
-# --------------------------------------------------------------------------------- mount-in
 
 def parse_mount_space(text: str, paths) -> list[Space | None]:
     """The figures `domubackup mount-in` told for the mounts of PATHS, in order: each item is

@@ -67,8 +67,6 @@ _COLUMNS = tuple(RunRow.__dataclass_fields__)
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM runs"
 
 
-# --- processes ---------------------------------------------------------------------------------
-
 def process_start_ticks(pid: int) -> int | None:
     """Field 22 (starttime) of /proc/PID/stat, or None when it cannot be read."""
     try:
@@ -105,8 +103,6 @@ def process_alive(pid: int, start_ticks: int | None = None) -> bool:
         return True
     return True
 
-
-# --- the catalog -------------------------------------------------------------------------------
 
 class Catalog:
     """The catalog file at ``path`` (created with its parent directory on first use)."""
