@@ -195,8 +195,6 @@ class Job:
     runners: dict
     out: Outcome
     warm: Warmup
-    conn: object = None
-    log_path: str | None = None
 
     def check_peer_state(self, step) -> None:
         """Check step "peer-state": the DomU does not run on that peer."""
@@ -236,7 +234,7 @@ def run_job(config, domu: str, kind: str, conn, local, body, *, factory=ssh_runn
                         raise DomuBackupError(f"{domu}: the backup-start hook refused the backup: {e}",
                                               hint=f"see {settings.job_hook}") from None
                 warm.join()
-                body(Job(config, domu, settings, insp, runners, out, warm, conn, log_path))
+                body(Job(config, domu, settings, insp, runners, out, warm))
             finally:
                 warm.join()
                 close_peers(runners, local)
