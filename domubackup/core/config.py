@@ -1,8 +1,6 @@
-"""Configuration: TOML, validated into plain frozen dataclasses.
-
-`parse_config` is pure (text in, Config out); `load_config` reads the file. Every error is a
-ConfigError whose message names the file, the key (and the line where TOML gives one) and what is
-expected."""
+"""Configuration: TOML, validated into plain frozen dataclasses. `parse_config` is pure (text in,
+Config out); `load_config` reads the file. Every error is a ConfigError whose message names the
+file, the key (and the line where TOML gives one) and what is expected."""
 
 from __future__ import annotations
 

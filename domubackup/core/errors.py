@@ -1,6 +1,5 @@
-"""One small hierarchy of errors. Each class carries the exit code the CLI maps it to.
-
-A message says what failed and on which object; ``hint`` says what to do next."""
+"""One small hierarchy of errors, each class with the exit code the CLI maps it to. A message
+says what failed and on which object; ``hint`` says what to do next."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""Pure formatting of catalog rows and run outcomes: the history table, their JSON, and ``--since``
-parsing. No I/O.
-
-Times in the table are local (honouring TZ); times in JSON are UTC ISO 8601 with a ``Z``."""
+"""Pure formatting of catalog rows and run outcomes (the history table, their JSON) and ``--since``
+parsing. Times in the table are local (honouring TZ); in JSON, UTC ISO 8601 with a ``Z``."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Like benji's versions, a run is recorded ``RUNNING`` when it starts and promoted to a final
 status (``OK``, ``PARTIAL``: done but something of the guest could not be copied, ``ERROR``,
-``CORRUPT``) only when it ends; a run whose process died leaves a
-``RUNNING`` record that :meth:`Catalog.reap_dead` later turns into ``ERROR``.
+``CORRUPT``) only when it ends; a run whose process died leaves a ``RUNNING`` record that
+:meth:`Catalog.reap_dead` later turns into ``ERROR``.
 
 Concurrency: the file is in WAL mode, every write is one short ``BEGIN IMMEDIATE`` transaction,
 and sqlite's busy timeout makes a second process (backing up another DomU) wait for the lock

@@ -2,9 +2,8 @@
 
 ``render_metrics`` is pure; ``write_textfile`` replaces the file atomically (node_exporter reads
 only ``*.prom`` files of its ``--collector.textfile.directory``, so the temporary file it writes
-first is named ``.NAME.*.tmp`` and never half-read).
-
-Every series of a DomU carries the labels of its newest finished run (``domu``, ``peer``)."""
+first is named ``.NAME.*.tmp`` and never half-read). Every series of a DomU carries the labels of
+its newest finished run (``domu``, ``peer``)."""
 
 from __future__ import annotations
 

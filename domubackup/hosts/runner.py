@@ -2,10 +2,8 @@
 (paramiko: ssh.py).
 
 Every command, on either side, runs with the same base environment (``BASE_ENV`` plus the
-caller's ``env`` on top), without a TTY and without a shell on our side. On the peer the
-remote command string is built in exactly one place, ``SSHRunner.remote_command``, by
-``shlex.join`` (ssh.py): every word is quoted, nothing the caller passes is ever parsed by a shell.
-"""
+caller's ``env`` on top), without a TTY and without a shell on our side. On the peer every word
+is quoted (``SSHRunner.remote_command``, the one place): nothing is ever parsed by a shell."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """`domubackup seed DOMU`: the first full copy of each disk to the replica LV on the peer.
 
 Create the replica LV if missing (same VG/LV name and size), snapshot the origin, stream the
-snapshot block for block over the peer's SSH connection (zero blocks are sent as a 13-byte
-header, not as data, and zeroed there with BLKZEROOUT; compressible blocks travel zlib-compressed), then compare a checksum of both ends:
-the SHA-256 of the SHA-256 digests of every 4 MiB block, read back from the replica device
-(a block of zeros is recognised by a compare and gets the digest of zeros without hashing it,
-which makes a mostly empty disk cheap to check; every byte is still read and compared). The
-snapshots are journaled like a backup's, so a crash is cleaned by `cleanup`."""
+snapshot block for block over the peer's SSH connection (a zero block is sent as a 13-byte
+header, not as data, and zeroed there with BLKZEROOUT; a compressible one travels
+zlib-compressed), then compare a checksum of both ends: the SHA-256 of the SHA-256 digests of
+every 4 MiB block, read back from the replica device (a block of zeros is recognised by a
+compare and gets the digest of zeros without hashing it: a mostly empty disk is cheap to check,
+every byte is still read and compared). The snapshots are journaled like a backup's, so a crash
+is cleaned by `cleanup`."""
 
 from __future__ import annotations
 
