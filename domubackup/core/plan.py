@@ -8,6 +8,7 @@ TARGET_PREFIX/DOMU, then one rsync per peer. Teardown runs the undos in exact re
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field, replace
 
 from . import commands as cmd
@@ -290,8 +291,6 @@ def teardown_order(steps: list[Step]) -> list[tuple[str, tuple[str, ...]]]:
 def describe(plan: Plan) -> str:
     """The plan for a person: each host's lane in order (the lanes run at the same time; a step
     that waits for a mark starts once a step of any lane reached it)."""
-    import shlex
-
     lines = [f"Plan for {plan.domu}:"]
     for host in dict.fromkeys(s.host for s in plan.steps):
         lines.append(f"  on {host}:")

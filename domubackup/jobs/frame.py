@@ -19,6 +19,8 @@ from ..core.errors import (EXIT_BUSY, EXIT_FAILED, EXIT_NOT_ELIGIBLE, CommandErr
 from ..hosts.facts import list_lvs, probe_disk
 from ..hosts.journal import Journal
 from ..hosts.lock import DomuLock
+from ..core.report import human_bytes
+from .checks import check_peer_state
 from ..core.model import LOCAL, Domain, DiskFacts, RsyncStats
 
 log = logging.getLogger("domubackup")
@@ -79,8 +81,6 @@ class Outcome:
     report: list[str] = field(default_factory=list)  # what the job tells: seed's lines, fsck's problems
 
     def summary(self) -> str:
-        from ..core.report import human_bytes
-
         line = f"{self.domu}: {self.status} in {self.duration:.1f}s"
         if self.status in ("OK", "PARTIAL", "CORRUPT", "ERROR") and self.stats.files:
             line += (f", {self.stats.files} files, {human_bytes(self.stats.total_size)} total, "
@@ -198,8 +198,6 @@ class Job:
 
     def check_peer_state(self, step) -> None:
         """Check step "peer-state": the DomU does not run on that peer."""
-        from .checks import check_peer_state
-
         self.warm.raise_for(step.host)
         check_peer_state(self.domu, self.settings, step.host, self.runners[step.host])
 

@@ -22,6 +22,7 @@ from dataclasses import replace
 from ..core import commands as cmd, parsers, plan as planner
 from ..core.errors import CommandError, PeerError, SnapshotError
 from .executor import Executor
+from .frame import run_job, ssh_runner
 from ..hosts.journal import Journal
 from ..core.model import RsyncStats
 
@@ -212,8 +213,6 @@ def seed(config, domu: str, conn, local, *, force=False, bars=None, catalog=None
     """`domubackup seed DOMU` as a job (jobs.run_job): its outcome's report has a line per
     replica prepared and per disk copied. ``bars`` (a progress.Progress, on a terminal) draws
     a bar per disk and peer."""
-    from .frame import run_job, ssh_runner
-
     return run_job(config, domu, "seed", conn, local, lambda job: Seed(job, force=force, bars=bars).run(),
                    factory=factory or ssh_runner, catalog=catalog, log_path=log_path)
 
