@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from contextlib import closing, contextmanager
+from dataclasses import asdict
 
 from . import __version__
 from .core import config as cfg
@@ -19,6 +20,9 @@ from .core.errors import (EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERNAL, EX
                      EXIT_SIGNAL, EXIT_TEARDOWN, EXIT_USAGE, DomuBackupError, Interrupted, UsageError,
                      signal_exit)
 from .core.plan import describe
+from .core.report import format_history, history_json, last_ok_text, outcome_json, parse_since
+from .hosts.journal import Journal
+from .hosts.lock import DomuLock
 
 # When several DomUs end differently, the most serious outcome decides the exit status (a code
 # not listed, a signal's 128+N, wins over all). EXIT_CONFIG: a DomU that runs here with no
@@ -283,7 +287,6 @@ def terminal_bars(args):
 
 def run_backups(config, args, runner) -> int:
     from .hosts.metrics import write_metrics
-    from .core.report import outcome_json
 
     conn = virt.connect(config.defaults.libvirt_uri)
     catalog = open_catalog(config)
@@ -338,8 +341,6 @@ def run_backups(config, args, runner) -> int:
 def stale_lines(config, catalog, domus, now=None) -> list[str]:
     """What the summary says of each DomU of ``domus`` (those that failed here tonight) with no OK
     run in this host's catalog within max_age (the metric domubackup_last_ok_age_seconds)."""
-    from .core.report import last_ok_text
-
     now = time.time() if now is None else now
     lines = []
     for domu in domus:
@@ -352,8 +353,6 @@ def stale_lines(config, catalog, domus, now=None) -> list[str]:
 
 
 def cmd_check(config, args, runner) -> int:
-    from dataclasses import asdict
-
     from .jobs.preflight import run_checks
 
     checks = run_checks(config, args.domus, runner)
@@ -370,8 +369,6 @@ def cmd_check(config, args, runner) -> int:
 
 
 def cmd_verify(config, args, runner) -> int:
-    from .core.report import outcome_json
-
     name = args.domu
     started = time.time()
     with one_job(config, name, "verify") as (conn, catalog, log_path):
@@ -415,8 +412,6 @@ def cmd_seed(config, args, runner) -> int:
 
 
 def cmd_history(config, args, runner=None) -> int:
-    from .core.report import format_history, history_json, parse_since
-
     since = None
     if args.since:
         try:
@@ -433,9 +428,6 @@ def cmd_history(config, args, runner=None) -> int:
 
 
 def cmd_cleanup(config, args, runner) -> int:
-    from .hosts.journal import Journal
-    from .hosts.lock import DomuLock
-
     names = args.domus or Journal.domus(config.state_dir)
     codes = []
     for name in names:

@@ -3,6 +3,8 @@ says what failed and on which object; ``hint`` says what to do next."""
 
 from __future__ import annotations
 
+import shlex
+import signal
 
 # The exit codes of the program: the one table (README "Exit codes"). Each error class below
 # carries its code; the CLI maps outcomes and signals with the others.
@@ -86,8 +88,6 @@ class Interrupted(DomuBackupError):
     is 128 + the signal's number."""
 
     def __init__(self, signum: int):
-        import signal
-
         super().__init__(f"stopped by signal {signal.Signals(signum).name}; closing everything that was opened")
         self.signum = signum
         self.exit_code = signal_exit(signum)
@@ -102,8 +102,6 @@ class CommandError(DomuBackupError):
 
     def __init__(self, host: str, argv, exit_code: int | None, stderr: str = "", *,
                  timeout: float | None = None, hint: str | None = None):
-        import shlex
-
         self.host, self.argv, self.returncode, self.stderr, self.timeout = host, tuple(argv), exit_code, stderr, timeout
         cmd = shlex.join(self.argv)
         what = f"timed out after {timeout:g}s" if timeout is not None else f"exited {exit_code}"
