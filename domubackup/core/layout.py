@@ -9,6 +9,7 @@ import re
 from dataclasses import replace
 
 from .config import Settings
+from .domxml import loses_data
 from .errors import InspectError
 from .model import DiskFacts, FstabEntry, Filesystem, Mount
 
@@ -51,8 +52,6 @@ def unmappable(filesystems) -> tuple[Filesystem, ...]:
 def not_copied(facts: list[DiskFacts], skipped_disks: list[str]) -> list[str]:
     """What of the guest's data a backup of FACTS leaves out ("xvdc: reason"): a run with any
     of these is PARTIAL, not OK. Swap, empty partitions and disks left out on purpose lose nothing."""
-    from .domxml import loses_data
-
     out = [s for s in skipped_disks if loses_data(s.split(": ", 1)[-1])]
     out += [f"{fs.name}: {fs.skip_reason}" for f in facts for fs in f.filesystems
             if fs.skip_reason and fs.skip_reason not in (SWAP_SKIP, NO_FS_SKIP)]

@@ -14,6 +14,7 @@ from ..core.errors import EXIT_PARTIAL, CommandError, DomuBackupError, InspectEr
 from .executor import Executor
 from ..hosts.facts import check_mappable, check_snapshot, with_partition_ids
 from .frame import Outcome, run_job, ssh_runner
+from .freeze import FreezeSettings, freeze_window
 from ..hosts.journal import Journal
 from ..core.model import LOCAL, RsyncStats
 from ..hosts.safepath import EXIT_MISSING
@@ -28,8 +29,6 @@ def make_plan(config, insp, *, progress=False, verify=False, frozen=False) -> pl
 
 def make_freeze(settings, domu, conn, local):
     """The freeze window of the configured consistency mode: freeze, snapshot_fn(), thaw."""
-    from .freeze import FreezeSettings, freeze_window
-
     fs = FreezeSettings(mode=settings.consistency, hook_dir=settings.freeze_hook_dir,
                         hook_timeout=settings.freeze_hook_timeout, max_window=settings.freeze_max_window,
                         agent_timeout=settings.freeze_agent_timeout, agent_mountpoints=settings.freeze_mountpoints,
