@@ -23,6 +23,7 @@ from .core.plan import describe
 from .core.report import format_history, history_json, last_ok_text, outcome_json, parse_since
 from .hosts.journal import Journal
 from .hosts.lock import DomuLock
+from .jobs.seed import seed
 
 # When several DomUs end differently, the most serious outcome decides the exit status (a code
 # not listed, a signal's 128+N, wins over all). EXIT_CONFIG: a DomU that runs here with no
@@ -398,8 +399,6 @@ def cmd_verify(config, args, runner) -> int:
 
 
 def cmd_seed(config, args, runner) -> int:
-    from .jobs.seed import seed
-
     name = args.domu
     with one_job(config, name, "seed") as (conn, catalog, log_path):
         out = seed(config, name, conn, runner, force=args.force, bars=terminal_bars(args), catalog=catalog,

@@ -16,6 +16,7 @@ from .config import Settings
 from .errors import InspectError
 from .layout import FSTAB, UNPLACED, fallback_mounts, mountable, mounts_from_config, mounts_from_fstab, root_candidate, sort_mounts
 from .model import LOCAL, DiskFacts, Filesystem, Mount, Step
+from .parsers import parse_fstab
 
 LOCAL_OPTIONS = ("ro", "nodev", "nosuid", "noexec", "nosymfollow")
 PEER_OPTIONS = ("rw", "nodev", "nosuid", "noexec", "nosymfollow")
@@ -194,8 +195,6 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
                           "at run time (without one, each goes under /<disk><partition>)")
         rest = []
         if fstab is not False:
-            from .parsers import parse_fstab
-
             decided = fallback_mounts(facts) if fstab is MISSING else mounts_from_fstab(parse_fstab(fstab), root,
                                                                                          facts)[0]
             rest = after_fstab(decided, facts, settings, domu, peers, missing=fstab is MISSING,
