@@ -63,8 +63,6 @@ def _program(host: str, argv: tuple[str, ...], path: str) -> str:
 
 class Runner:
     """Runs argv lists on one host. Subclasses implement ``_execute``."""
-    host: str
-    default_timeout: float
 
     def __init__(self, host: str, default_timeout: float = 600):
         self.host = host
