@@ -142,13 +142,11 @@ def parse_parted(text: str, types: Mapping[int, str] | None = None) -> Partition
     """Parse ``parted -s -m DEV unit B print`` stdout.
 
     Labels: msdos, gpt, ..., "loop" (a filesystem on the whole disk: one partition 1 from 0B)
-    and "unknown" (no table; parted exits 1 but still prints the device line).
-
-    parted -m never says "extended": an msdos extended partition shows up with an empty fs and
-    flags "lba" (type 0x0f, what parted itself creates) or nothing (type 0x05).  It is marked
-    by adding "extended" to its flags when a logical partition (number >= 5) lies inside it,
-    or when ``types`` (from parse_parted_types) says so -- needed for an extended partition
-    holding no logical partition."""
+    and "unknown" (no table; parted exits 1 but still prints the device line). parted -m never
+    says "extended": an msdos extended partition shows up with an empty fs and flags "lba"
+    (type 0x0f, what parted itself creates) or nothing (type 0x05).  It is marked by adding
+    "extended" to its flags when a logical partition (number >= 5) lies inside it, or when
+    ``types`` (from parse_parted_types) says so -- needed for one holding no logical partition."""
     lines = _nonblank(text)
     if not lines:
         raise ValueError("empty parted output")

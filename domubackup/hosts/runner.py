@@ -75,9 +75,8 @@ class Runner:
         """Run ``argv``; return its Result.
 
         ``on_output(text)``, when given, sees the standard output as it comes, in chunks (a
-        progress display; LocalRunner only). The Result's stdout is the same either way.
-
-        Raises CommandError when the exit code is not in ``ok_codes`` (unless ``check`` is
+        progress display; LocalRunner only). The Result's stdout is the same either way. Raises
+        CommandError when the exit code is not in ``ok_codes`` (unless ``check`` is
         false), always on a timeout, and always when the program is not installed (127).
         SSHRunner raises PeerError when the peer cannot be reached or the connection drops."""
         if isinstance(argv, (str, bytes)):

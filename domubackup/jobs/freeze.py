@@ -284,9 +284,8 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
 
     ``runner``: the Dom0's local Runner (hooks). ``domain``: its libvirt virDomain (agent modes).
     ``uri``: the libvirt URI for the journaled ``virsh`` argvs (default: the domain's connection).
-    ``journal``: an object with ``begin(step) -> int`` and ``done(i)``, or None.
-
-    The report is complete after the ``with`` block, also when it raised."""
+    ``journal``: an object with ``begin(step) -> int`` and ``done(i)``, or None. The report is
+    complete after the ``with`` block, also when it raised."""
     s = settings
     report = FreezeReport(domu=domu_name, mode=s.mode, on_failure=s.on_failure)
     if s.mode == "none":
