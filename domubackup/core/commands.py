@@ -91,8 +91,7 @@ def batch_key(argv) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
 
 def batched(argvs) -> tuple[str, ...]:
     """One command for neighbouring commands of the same batch_key, in their order."""
-    key = batch_key(argvs[0])[0]
-    return key + tuple(w for a in argvs for w in batch_key(a)[1])
+    return batch_key(argvs[0])[0] + tuple(w for a in argvs for w in batch_key(a)[1])
 
 
 def umount(target: str) -> tuple[str, ...]:

@@ -33,8 +33,7 @@ def _unescape_bytes(text: str, pattern: re.Pattern[str], base: int) -> str:
     if "\\" not in text:
         return text
     raw = text.encode("utf-8", "surrogateescape")
-    bpat = re.compile(pattern.pattern.encode())
-    raw = bpat.sub(lambda m: bytes([int(m.group(1), base)]), raw)
+    raw = re.compile(pattern.pattern.encode()).sub(lambda m: bytes([int(m.group(1), base)]), raw)
     return raw.decode("utf-8", "surrogateescape")
 
 

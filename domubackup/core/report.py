@@ -80,8 +80,7 @@ def format_history(rows: Iterable[RunRow], now: float | None = None) -> str:
         return "  ".join(cells).rstrip()
 
     rule = "=" * (sum(widths) + 2 * (len(widths) - 1))
-    lines = [rule, fmt(table[0]), rule] + [fmt(line) for line in table[1:]]
-    return "\n".join(lines) + "\n"
+    return "\n".join([rule, fmt(table[0]), rule] + [fmt(line) for line in table[1:]]) + "\n"
 
 
 def _iso(ts: float | None) -> str | None:

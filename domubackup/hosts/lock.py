@@ -27,9 +27,8 @@ def _read_pid(fd: int) -> int | None:
 
 def holder_pid(state_dir: str | os.PathLike, domu: str) -> int | None:
     """PID of the process holding the lock of ``domu``, or None when it is free."""
-    path = state_file(state_dir, "lock", domu, "lock")
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(state_file(state_dir, "lock", domu, "lock"), os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:

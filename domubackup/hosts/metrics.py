@@ -51,8 +51,8 @@ def _number(value: float | int) -> str:
 
 
 def _newest(rows: Sequence[RunRow], ok_only: bool) -> RunRow | None:
-    candidates = [r for r in rows if r.status != RUNNING and (r.status == OK or not ok_only)]
-    return max(candidates, key=lambda r: (r.started, r.id), default=None)
+    return max((r for r in rows if r.status != RUNNING and (r.status == OK or not ok_only)),
+               key=lambda r: (r.started, r.id), default=None)
 
 
 def _ok_age(rows: Sequence[RunRow], now: float) -> float:

@@ -169,8 +169,7 @@ class _Session:
             out = ""
         for line in out.splitlines():
             log.info("hook %s %s: %s", script.name, phase, line)
-        level = logging.INFO if hr.ok else logging.ERROR
-        log.log(level, "hook %s %s: end, exit %s%s in %.3f s", script.name, phase, hr.exit_code,
+        log.log(logging.INFO if hr.ok else logging.ERROR, "hook %s %s: end, exit %s%s in %.3f s", script.name, phase, hr.exit_code,
                 " (timed out)" if hr.timed_out else "", hr.duration)
         self.report.hooks.append(hr)
         return hr
@@ -373,8 +372,7 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
         sess.thaw_all("end of window")
         hold[0].end()
         dog.join()
-        thawed_at = sess.thawed_at or time.monotonic()
-        report.window_ms = int(round((thawed_at - t_frozen) * 1000))
+        report.window_ms = int(round(((sess.thawed_at or time.monotonic()) - t_frozen) * 1000))
         report.level = "crash" if report.watchdog_fired else _reached_level(s, report)
         if sess.thaw_errors:
             report.thaw_failed = True
