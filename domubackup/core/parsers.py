@@ -201,7 +201,6 @@ def blkid_argv(dev: str, offset: int | None = None, size: int | None = None) -> 
     shell characters with a backslash ("LABEL=data\\ vol") and non-ASCII bytes in cat -v
     notation ("M-CM-)" for "é"), which cannot be undone (a literal "M-A" is not escaped).
     The raw form only breaks on a label containing a newline, which parse_blkid rejects.
-
     Exit codes: 0 found; 2 nothing found (empty stdout); 8 ambivalent result (several
     signatures); 4 usage/other error.  The caller handles them."""
     argv = ["blkid", "-p", "-d", "-o", "export"]

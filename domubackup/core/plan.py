@@ -152,7 +152,6 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
                 mounts: list[Mount] | None = None, skipped: list[str] = (), progress=False,
                 verify=False, frozen=False, fstab: str | None | bool = False) -> Plan:
     """The whole backup (or verify) as lanes: this host's (LOCAL) and each peer's.
-
     Without `mounts` (and without config mounts) the plan mounts the root candidate and its
     "inspect" step reads the guest's /etc/fstab: a decision, whose steps (the other mounts on
     both hosts, the transfers) follow at run time (`after_fstab`). Given ``fstab`` (its text,

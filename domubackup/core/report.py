@@ -65,7 +65,6 @@ _RIGHT = {"DURATION", "SIZE"}
 
 def format_history(rows: Iterable[RunRow], now: float | None = None) -> str:
     """A ``pg_rman show``-like table of runs, in the order given (the catalog gives newest first).
-
     START is local time; DURATION of a RUNNING run counts up to ``now`` (default: the clock);
     SIZE is the total size of the replicated files and, in parentheses, the bytes sent.
     Ends with a newline."""
@@ -150,7 +149,6 @@ def last_ok_text(newest: tuple[float, str] | None, now: float, max_age: float) -
 
 def parse_since(text: str, now: float) -> float:
     """A ``--since`` value to epoch seconds.
-
     Accepts an age before ``now`` (``24h``, ``7d``, ``2w``), a date (``2026-11-20``, local
     midnight) or a date and time (``2026-11-20T10:00``, local unless it ends in ``Z`` or an
     offset like ``+01:00``; seconds optional). Anything else raises ValueError."""

@@ -19,7 +19,6 @@ _RSYNC_REQUIRED = ("files", "total_size", "bytes_sent", "bytes_received")
 def parse_rsync_stats(text: str) -> RsyncStats:
     """Parse the ``--stats`` block of rsync's stdout (other lines -- itemize lines, the
     "sent ... received ..." summary -- are ignored).
-
     Numbers may carry thousands commas (rsync >= 3.1 default) or not (``--no-h``).  Numbers
     with a unit suffix or decimals (``-h``: "2.01M bytes") are lossy and raise ValueError:
     run rsync without -h (or with --no-h).  "Number of deleted files" is absent before rsync
@@ -66,7 +65,6 @@ _RSYNC_INFO = ("sending incremental file list", "receiving incremental file list
 
 def parse_rsync_itemize(text: str, link_targets: bool = True) -> list[tuple[str, str]]:
     """(code, path) pairs from ``rsync -i`` (``--itemize-changes``) stdout.
-
     code is the 11-char %i field (">f.st......", "cd+++++++++", ".d..t......") or the message
     ("*deleting"); path is as rsync prints it, relative to the transfer root, directories
     with a trailing "/", non-printable bytes' \\#ooo escapes decoded.

@@ -217,7 +217,6 @@ class Catalog:
 
     def finish(self, run_id: int, status: str, **figures) -> RunRow:
         """Promote a RUNNING run to ``status`` (OK, ERROR or CORRUPT) with its figures.
-
         ``figures`` are any of: consistency, freeze_window_ms, bytes_sent, files, total_size,
         snapshot_peak, error, log_path. Any transition other than RUNNING -> final raises
         ValueError (finishing twice, an unknown run, a non-final status)."""
@@ -257,7 +256,6 @@ class Catalog:
 
     def reap_dead(self, is_alive: Callable[[int], bool] | None = None) -> list[int]:
         """Turn RUNNING runs of this host whose process is gone into ERROR; return their ids.
-
         By default a process counts as alive when /proc/PID exists, is not a zombie, and has the
         start time recorded by start() (so a reused pid is not mistaken for the run). Runs
         recorded by another host are left alone: their pid means nothing here. A reaped run
@@ -320,7 +318,6 @@ class Catalog:
 
     def prune(self, older_than_days: float, now: float | None = None) -> int:
         """Delete runs started more than ``older_than_days`` before ``now``; return how many.
-
         Never deletes a RUNNING run (reap_dead() first), and always keeps the newest OK run of
         each DomU and kind, however old, so "when did this DomU last succeed" survives pruning.
         Log files named by deleted runs are not touched."""

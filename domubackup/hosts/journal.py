@@ -353,7 +353,6 @@ class Journal:
         """Run every undo in reverse order, carrying on after failures. Each host's undos run
         in reverse order; the hosts run at the same time (a peer's steps never depend on this
         host's, and each ssh round trip would otherwise add to the run).
-
         All undone (or already gone): the journal file is removed. Otherwise the journal is
         rewritten with only the failed entries and TeardownError lists every failure."""
         todo = [(i, e) for i, e in enumerate(self.entries) if e.undo is not None and e.state != UNDONE]

@@ -84,7 +84,6 @@ def render_metrics(rows_by_domu: Mapping[str, Sequence[RunRow]], domus: Sequence
                    now: float | None = None) -> str:
     """The textfile for ``{domu: rows}`` (e.g. ``Catalog.latest_per_domu()``) and the configured
     ``domus``, at ``now`` (default: the clock).
-
     For each DomU, its newest finished row gives the ``last_run`` series and its newest OK row
     the ``last_success`` one (0 when there is none, so a "too long since success" alert fires)
     and ``last_ok_age`` (+Inf when there is none). RUNNING rows are ignored; a DomU without a

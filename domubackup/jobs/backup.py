@@ -230,8 +230,8 @@ def fsck_replicas(config, domu: str, conn, local, *, factory=ssh_runner) -> list
             else:
                 log.info("%s: %s: clean", step.host, step.note)
 
-        journal = Journal.create(config.state_dir, domu, ",".join(job.insp.peers))
-        ex = Executor(journal, job.runners, timeout=job.settings.command_timeout, callbacks={"fsck": fscked},
+        ex = Executor(Journal.create(config.state_dir, domu, ",".join(job.insp.peers)), job.runners,
+                      timeout=job.settings.command_timeout, callbacks={"fsck": fscked},
                       checks={"peer-state": job.check_peer_state, "replicas": lambda s: check_replica_maps(job, s)})
         with ex.closing():
             ex.run(planner.plan_fsck(domu, job.insp.facts, job.settings, job.insp.peers).steps)

@@ -400,7 +400,6 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
 def freeze_window(settings: FreezeSettings, domu: str, snapshot_fn: Callable[[], None], *, runner,
                   domain=None, uri: str | None = None, journal=None) -> FreezeReport:
     """Freeze, ``snapshot_fn()`` (snapshots of ALL disks), thaw; returns the report.
-
     A FreezeError raised here carries the report as ``.report``; an error of ``snapshot_fn``
     propagates unchanged after the thaw."""
     with frozen(settings, domu, runner=runner, domain=domain, uri=uri, journal=journal) as report:

@@ -224,10 +224,9 @@ class Seed:
 
     def run(self) -> None:
         job = self.job
-        journal = Journal.create(job.config.state_dir, job.domu, ",".join(job.insp.peers))
-        ex = Executor(journal, job.runners, timeout=job.settings.command_timeout,
-                      checks={"peer-state": job.check_peer_state, "replica": self._replica},
-                      callbacks={"seed": self._seeded}, feed=self._feed)
+        ex = Executor(Journal.create(job.config.state_dir, job.domu, ",".join(job.insp.peers)), job.runners,
+                      timeout=job.settings.command_timeout, feed=self._feed, callbacks={"seed": self._seeded},
+                      checks={"peer-state": job.check_peer_state, "replica": self._replica})
         try:
             with ex.closing():
                 ex.run(plan_seed(job.domu, job.insp.facts, job.settings, job.insp.peers).steps)
