@@ -109,8 +109,7 @@ class Catalog:
 
     def __init__(self, path: str | os.PathLike, *, busy_timeout: float = 30.0,
                  clock: Callable[[], float] = time.time, host: str | None = None):
-        self.path = Path(path)
-        self.clock = clock
+        self.path, self.clock = Path(path), clock
         self.host = host if host is not None else socket.gethostname()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

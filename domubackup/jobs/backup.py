@@ -58,12 +58,10 @@ class Backup:
 
     def __init__(self, job, *, verify=False, progress=None, freeze=None):
         self.job, self.config, self.domu, self.settings = job, job.config, job.domu, job.settings
-        self.insp, self.runners, self.out = job.insp, job.runners, job.out
-        self.facts = job.insp.facts
+        self.insp, self.runners, self.out, self.facts = job.insp, job.runners, job.out, job.insp.facts
         self.verify, self.progress, self.freeze = verify, progress, freeze
         self.mounts = None  # once known: from the config, the fallback, or the guest's fstab
-        self.stats = RsyncStats()
-        self.watch = None
+        self.stats, self.watch = RsyncStats(), None
         self._meter = None  # the progress bar of the transfer running now
 
     def run(self) -> None:
