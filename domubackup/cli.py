@@ -9,7 +9,8 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from dataclasses import asdict
 
 from . import __version__
 from .core import config as cfg
@@ -19,6 +20,10 @@ from .core.errors import (EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERNAL, EX
                      EXIT_SIGNAL, EXIT_TEARDOWN, EXIT_USAGE, DomuBackupError, Interrupted, UsageError,
                      signal_exit)
 from .core.plan import describe
+from .core.report import format_history, history_json, last_ok_text, outcome_json, parse_since
+from .hosts.journal import Journal
+from .hosts.lock import DomuLock
+from .jobs.seed import seed
 
 # When several DomUs end differently, the most serious outcome decides the exit status (a code
 # not listed, a signal's 128+N, wins over all). EXIT_CONFIG: a DomU that runs here with no
@@ -136,8 +141,7 @@ def main(argv=None, *, local_runner=None, hostname=None) -> int:
 def private_dir(path: str) -> None:
     """Tighten an existing directory to 0700 (state_dir: the umask makes a new one 0700)."""
     try:
-        mode = os.stat(path).st_mode
-        if mode & 0o077:
+        if os.stat(path).st_mode & 0o077:
             os.chmod(path, 0o700)
     except FileNotFoundError:
         return
@@ -223,24 +227,17 @@ def _local_runner(config):
 
 
 def cmd_plan(config, args, runner) -> int:
-    conn = virt.connect(config.settings_for(args.domu).libvirt_uri)
-    try:
+    with closing(virt.connect(config.settings_for(args.domu).libvirt_uri)) as conn:
         plan = backup.make_plan(config, frame.inspect(config, args.domu, conn, runner))
-    finally:
-        conn.close()
-    if args.json:
-        say(json.dumps(plan.to_json(), indent=2))
-    else:
-        say(describe(plan))
+    say(json.dumps(plan.to_json(), indent=2) if args.json else describe(plan))
     return EXIT_OK
 
 
 def cmd_run(config, args, runner) -> int:
     if not args.dry_run:
         return run_backups(config, args, runner)
-    conn = virt.connect(config.defaults.libvirt_uri)
     codes, out = [], []
-    try:
+    with closing(virt.connect(config.defaults.libvirt_uri)) as conn:
         for name in virt.selected_domus(config, args.domus, conn):
             try:
                 plan = backup.make_plan(config, frame.inspect(config, name, conn, runner))
@@ -253,8 +250,6 @@ def cmd_run(config, args, runner) -> int:
                 out.append({"domu": name, "steps": plan.to_json()})
             else:
                 say(describe(plan))
-    finally:
-        conn.close()
     if args.json:
         say(json.dumps(out, indent=2))
     return worst(codes)
@@ -269,6 +264,19 @@ def open_catalog(config):
     return catalog
 
 
+@contextmanager
+def one_job(config, name: str, kind: str):
+    """(libvirt connection, catalog, run log path) of one DomU's job of KIND; closed after it."""
+    conn = virt.connect(config.settings_for(name).libvirt_uri)
+    catalog = open_catalog(config)
+    try:
+        with run_log(config, name, kind) as log_path:
+            yield conn, catalog, log_path
+    finally:
+        conn.close()
+        catalog.close()
+
+
 def terminal_bars(args):
     """A progress.Progress when a person watches (stderr a TTY, no --json), else None."""
     if getattr(args, "json", False) or not sys.stderr.isatty():
@@ -280,7 +288,6 @@ def terminal_bars(args):
 
 def run_backups(config, args, runner) -> int:
     from .hosts.metrics import write_metrics
-    from .core.report import outcome_json
 
     conn = virt.connect(config.defaults.libvirt_uri)
     catalog = open_catalog(config)
@@ -303,13 +310,9 @@ def run_backups(config, args, runner) -> int:
             if outcome.exit_code > EXIT_SIGNAL:
                 break  # a signal: everything of this DomU is closed; do not start the next one
         outcomes = [o for o, _ in runs]
-        failed = [o.domu for o in outcomes if o.exit_code]
-        try:
-            frame.lifecycle_hook(config.defaults, "job-end", runner, domu=" ".join(o.domu for o in outcomes),
-                                    status="ERROR" if set(o.exit_code for o in outcomes) - {0, EXIT_PARTIAL}
-                                    else "PARTIAL" if failed else "OK")
-        except DomuBackupError as e:
-            log.warning("job-end hook failed: %s", e)
+        codes = {o.exit_code for o in outcomes} - {EXIT_OK}
+        frame.hook_or_warn(config.defaults, "job-end", runner, domu=" ".join(o.domu for o in outcomes),
+                           status="ERROR" if codes - {EXIT_PARTIAL} else "PARTIAL" if codes else "OK")
         catalog.prune(config.catalog_keep_days)
         if config.metrics_textfile:
             write_metrics(catalog, config.metrics_textfile, list(config.domus))
@@ -317,10 +320,9 @@ def run_backups(config, args, runner) -> int:
     finally:
         conn.close()
         catalog.close()
-    code = EXIT_OK
+    code = EXIT_OK if runs else EXIT_NOT_ELIGIBLE
     if not runs:
         say("domubackup: no DomU to back up (none named, none configured)", file=sys.stderr)
-        code = EXIT_NOT_ELIGIBLE
     elif not args.domus:
         # The nightly run on every Dom0: a DomU that runs elsewhere is another Dom0's job.
         runs = [(o, j) for o, j in runs if not o.not_here]
@@ -340,8 +342,6 @@ def run_backups(config, args, runner) -> int:
 def stale_lines(config, catalog, domus, now=None) -> list[str]:
     """What the summary says of each DomU of ``domus`` (those that failed here tonight) with no OK
     run in this host's catalog within max_age (the metric domubackup_last_ok_age_seconds)."""
-    from .core.report import last_ok_text
-
     now = time.time() if now is None else now
     lines = []
     for domu in domus:
@@ -354,8 +354,6 @@ def stale_lines(config, catalog, domus, now=None) -> list[str]:
 
 
 def cmd_check(config, args, runner) -> int:
-    from dataclasses import asdict
-
     from .jobs.preflight import run_checks
 
     checks = run_checks(config, args.domus, runner)
@@ -372,39 +370,25 @@ def cmd_check(config, args, runner) -> int:
 
 
 def cmd_verify(config, args, runner) -> int:
-    from .core.report import outcome_json
-
     name = args.domu
-    conn = virt.connect(config.settings_for(name).libvirt_uri)
-    catalog = open_catalog(config)
     started = time.time()
-    try:
-        with run_log(config, name, "verify") as log_path:
-            out = backup.backup(config, name, conn, runner, catalog=catalog, log_path=log_path, verify=True)
-    finally:
-        conn.close()
-        catalog.close()
+    with one_job(config, name, "verify") as (conn, catalog, log_path):
+        out = backup.backup(config, name, conn, runner, catalog=catalog, log_path=log_path, verify=True)
     ended = time.time()
     lines = [f"{name}: differs: {d}" for d in out.differences]
     code, fsck = out.exit_code, None
     if args.fsck and out.status in ("OK", "ERROR"):
-        conn = virt.connect(config.settings_for(name).libvirt_uri)
-        try:
+        with closing(virt.connect(config.settings_for(name).libvirt_uri)) as conn:
             fsck = backup.fsck_replicas(config, name, conn, runner)
-        finally:
-            conn.close()
         lines += [f"{name}: fsck: {p}" for p in fsck]
     if fsck:
         say(f"domubackup: {name}: the replica's filesystems have errors", file=sys.stderr)
         code = max(code, EXIT_FAILED)
     else:
-        if fsck is not None:
-            lines.append(f"{name}: fsck OK: every replica filesystem is clean")
-        if code:
-            lines.append(f"{name}: verify {out.status} ({len(out.differences)} difference(s))")
-        else:
-            lines.append(f"{name}: verify OK: the replica matches the snapshot "
-                         f"({out.stats.files} files compared by checksum)")
+        lines += [f"{name}: fsck OK: every replica filesystem is clean"] if fsck is not None else []
+        lines.append(f"{name}: verify {out.status} ({len(out.differences)} difference(s))" if code else
+                     f"{name}: verify OK: the replica matches the snapshot ({out.stats.files} files compared "
+                     "by checksum)")
     if args.json:
         say(json.dumps({**outcome_json(out, started, ended, log_path), "exit_code": code,
                         "differences": out.differences, "fsck": fsck}, indent=2))
@@ -415,18 +399,10 @@ def cmd_verify(config, args, runner) -> int:
 
 
 def cmd_seed(config, args, runner) -> int:
-    from .jobs.seed import seed
-
     name = args.domu
-    conn = virt.connect(config.settings_for(name).libvirt_uri)
-    catalog = open_catalog(config)
-    try:
-        with run_log(config, name, "seed") as log_path:
-            out = seed(config, name, conn, runner, force=args.force, bars=terminal_bars(args), catalog=catalog,
-                       log_path=log_path)
-    finally:
-        conn.close()
-        catalog.close()
+    with one_job(config, name, "seed") as (conn, catalog, log_path):
+        out = seed(config, name, conn, runner, force=args.force, bars=terminal_bars(args), catalog=catalog,
+                   log_path=log_path)
     if out.exit_code:  # the job has logged why
         return out.exit_code
     for line in out.report:
@@ -435,8 +411,6 @@ def cmd_seed(config, args, runner) -> int:
 
 
 def cmd_history(config, args, runner=None) -> int:
-    from .core.report import format_history, history_json, parse_since
-
     since = None
     if args.since:
         try:
@@ -448,17 +422,11 @@ def cmd_history(config, args, runner=None) -> int:
         rows = catalog.runs(domu=args.domu, since=since, limit=args.limit)
     finally:
         catalog.close()
-    if args.json:
-        say(json.dumps(history_json(rows), indent=2))
-    else:
-        say(format_history(rows))
+    say(json.dumps(history_json(rows), indent=2) if args.json else format_history(rows))
     return EXIT_OK
 
 
 def cmd_cleanup(config, args, runner) -> int:
-    from .hosts.journal import Journal
-    from .hosts.lock import DomuLock
-
     names = args.domus or Journal.domus(config.state_dir)
     codes = []
     for name in names:

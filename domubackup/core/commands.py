@@ -22,11 +22,8 @@ def partition_device(vg: str, lv: str, sep: str, number: int) -> str:
 
 
 def lvcreate_snapshot(vg: str, lv: str, snap: str, size: str) -> tuple[str, ...]:
-    if size.endswith(("%ORIGIN", "%VG", "%FREE")):
-        sizing = ("--extents", size)
-    else:
-        sizing = ("--size", size)
-    return ("lvcreate", "--snapshot", *sizing, "--name", snap, lv_path(vg, lv))
+    sizing = "--extents" if size.endswith(("%ORIGIN", "%VG", "%FREE")) else "--size"
+    return ("lvcreate", "--snapshot", sizing, size, "--name", snap, lv_path(vg, lv))
 
 
 def lvremove(vg: str, lv: str) -> tuple[str, ...]:
@@ -94,8 +91,7 @@ def batch_key(argv) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
 
 def batched(argvs) -> tuple[str, ...]:
     """One command for neighbouring commands of the same batch_key, in their order."""
-    key = batch_key(argvs[0])[0]
-    return key + tuple(w for a in argvs for w in batch_key(a)[1])
+    return batch_key(argvs[0])[0] + tuple(w for a in argvs for w in batch_key(a)[1])
 
 
 def umount(target: str) -> tuple[str, ...]:

@@ -1,9 +1,6 @@
-"""Configuration: TOML, validated into plain frozen dataclasses.
-
-`parse_config` is pure (text in, Config out); `load_config` reads the file. Every error is a
-ConfigError whose message names the file, the key (and the line where TOML gives one) and what is
-expected.
-"""
+"""Configuration: TOML, validated into plain frozen dataclasses. `parse_config` is pure (text in,
+Config out); `load_config` reads the file. Every error is a ConfigError whose message names the
+file, the key (and the line where TOML gives one) and what is expected."""
 
 from __future__ import annotations
 
@@ -71,7 +68,6 @@ class RsyncSettings:
 @dataclass(frozen=True)
 class Settings:
     """Everything that may differ per DomU (global values, overridden by [domu.NAME])."""
-
     libvirt_uri: str = ""
     peers: tuple[str, ...] = ()  # the DomU's replica hosts (empty: DOM0S); this host is left out at run time
     disks: tuple[str, ...] = ()  # only these target devs (empty: all)
@@ -129,15 +125,8 @@ class Config:
                            hint="add another Dom0 to its peers")
 
 
-GLOBAL_ONLY = {
-    "dom0s": list,
-    "this_host": str,
-    "state_dir": str,
-    "backup_all_running": bool,
-    "catalog_keep_days": int,
-    "metrics_textfile": str,
-    "max_age": str,
-}
+GLOBAL_ONLY = {"dom0s": list, "this_host": str, "state_dir": str, "backup_all_running": bool,
+               "catalog_keep_days": int, "metrics_textfile": str, "max_age": str}
 
 AGE_RE = re.compile(r"(\d+)([hdw])")
 AGE_SECONDS = {"h": 3600, "d": 86400, "w": 7 * 86400}
@@ -167,27 +156,17 @@ class _Checker:
 
     def value(self, key: str, raw, kind):
         """Check one scalar/list value against the type of the dataclass default."""
-        if kind is bool:
-            if not isinstance(raw, bool):
-                raise self.fail(key, f"expected true or false, got {raw!r}")
-            return raw
-        if kind is int:
-            if isinstance(raw, bool) or not isinstance(raw, int):
-                raise self.fail(key, f"expected an integer, got {raw!r}")
-            return raw
-        if kind is float:
-            if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-                raise self.fail(key, f"expected a number, got {raw!r}")
-            return float(raw)
-        if kind is str:
-            if not isinstance(raw, str):
-                raise self.fail(key, f"expected a string, got {raw!r}")
-            return raw
-        if kind in (tuple, list):
-            if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
-                raise self.fail(key, f"expected a list of strings, got {raw!r}")
-            return tuple(raw)
-        raise AssertionError(kind)
+        if kind in (bool, str):
+            ok = isinstance(raw, kind)
+        elif kind in (int, float):  # a TOML true is no number
+            ok = not isinstance(raw, bool) and isinstance(raw, int if kind is int else (int, float))
+        elif kind in (tuple, list):
+            ok = isinstance(raw, list) and all(isinstance(x, str) for x in raw)
+        else:
+            raise AssertionError(kind)
+        if not ok:
+            raise self.fail(key, f"expected {_expect(kind)}, got {raw!r}")
+        return float(raw) if kind is float else tuple(raw) if kind in (tuple, list) else raw
 
     def dataclass_from(self, prefix: str, table, base):
         """Override fields of dataclass instance `base` from TOML table `table`."""
@@ -205,8 +184,7 @@ class _Checker:
             elif isinstance(current, (SSHSettings, RsyncSettings)):
                 changes[key] = self.dataclass_from(name, raw, current)
             else:
-                kind = type(current)
-                changes[key] = self.value(name, raw, kind)
+                changes[key] = self.value(name, raw, type(current))
         return replace(base, **changes)
 
     def mounts(self, key: str, raw) -> tuple[tuple[str, str], ...]:
@@ -276,10 +254,7 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}", hint="fix the syntax at that line") from None
 
-    globals_ = {}
-    for key, kind in GLOBAL_ONLY.items():
-        if key in data:
-            globals_[key] = check.value(key, data.pop(key), kind)
+    globals_ = {key: check.value(key, data.pop(key), kind) for key, kind in GLOBAL_ONLY.items() if key in data}
     dom0_tables = data.pop("dom0", {})
     if not isinstance(dom0_tables, dict) or not all(isinstance(t, dict) for t in dom0_tables.values()):
         raise check.fail("dom0", 'expected tables like [dom0.dom0b] with address = "10.0.0.2", port = 2222')
@@ -327,8 +302,7 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
             bad = set(table) & set(GLOBAL_ONLY)
             if bad:
                 raise check.fail(f"domu.{name}.{sorted(bad)[0]}", "is a global key and cannot be set per DomU")
-        s = check.dataclass_from(f"domu.{name}", table, defaults)
-        s = check.settings(f"domu.{name}.", s)
+        s = check.settings(f"domu.{name}.", check.dataclass_from(f"domu.{name}", table, defaults))
         for peer in s.peers:
             if peer not in dom0s:
                 raise check.fail(f"domu.{name}.peers", f"peer {peer!r} is not in dom0s {list(dom0s)}")

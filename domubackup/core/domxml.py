@@ -32,17 +32,12 @@ def parse_domain_xml(xml: str | bytes, *, include: tuple[str, ...] = (),
     hypervisor = root.get("type")
     disks = []
     for node in root.xpath("/domain/devices/disk"):
-        disk = Disk(
-            type=node.get("type", "file"),
-            device=node.get("device", "disk"),
-            source=_first(node, "source/@dev") or _first(node, "source/@file")
-            or _first(node, "source/@name") or _first(node, "source/@volume"),
-            target=_first(node, "target/@dev") or "",
-            bus=_first(node, "target/@bus"),
-            driver_name=_first(node, "driver/@name"),
-            driver_type=_first(node, "driver/@type"),
-            protocol=_first(node, "source/@protocol"),
-        )
+        disk = Disk(type=node.get("type", "file"), device=node.get("device", "disk"),
+                    source=_first(node, "source/@dev") or _first(node, "source/@file")
+                    or _first(node, "source/@name") or _first(node, "source/@volume"),
+                    target=_first(node, "target/@dev") or "", bus=_first(node, "target/@bus"),
+                    driver_name=_first(node, "driver/@name"), driver_type=_first(node, "driver/@type"),
+                    protocol=_first(node, "source/@protocol"))
         disks.append(replace(disk, skip_reason=skip_reason(disk, include, exclude)))
     return name, hypervisor, tuple(disks)
 

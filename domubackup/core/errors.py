@@ -1,10 +1,10 @@
-"""One small hierarchy of errors. Each class carries the exit code the CLI maps it to.
-
-A message says what failed and on which object; ``hint`` says what to do next.
-"""
+"""One small hierarchy of errors, each class with the exit code the CLI maps it to. A message
+says what failed and on which object; ``hint`` says what to do next."""
 
 from __future__ import annotations
 
+import shlex
+import signal
 
 # The exit codes of the program: the one table (README "Exit codes"). Each error class below
 # carries its code; the CLI maps outcomes and signals with the others.
@@ -29,7 +29,6 @@ def signal_exit(signum: int) -> int:
 
 class DomuBackupError(Exception):
     """Base of every error the tool raises on purpose."""
-
     exit_code = EXIT_FAILED
 
     def __init__(self, message: str, *, hint: str | None = None):
@@ -38,20 +37,16 @@ class DomuBackupError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        if self.hint:
-            return f"{self.message} ({self.hint})"
-        return self.message
+        return f"{self.message} ({self.hint})" if self.hint else self.message
 
 
 class UsageError(DomuBackupError):
     """Wrong command-line use."""
-
     exit_code = EXIT_USAGE
 
 
 class NotEligibleError(DomuBackupError):
     """The DomU is missing, not running here, or this host may not back it up."""
-
     exit_code = EXIT_NOT_ELIGIBLE
 
 
@@ -62,7 +57,6 @@ class NotHereError(NotEligibleError):
 
 class TeardownError(DomuBackupError):
     """One or more undo steps failed: something may be left behind (run `domubackup cleanup`)."""
-
     exit_code = EXIT_TEARDOWN
 
     def __init__(self, message: str, failures: list[str] | None = None, *, hint: str | None = None):
@@ -81,13 +75,11 @@ class TeardownError(DomuBackupError):
 
 class BusyError(DomuBackupError):
     """Another run holds the lock of this DomU."""
-
     exit_code = EXIT_BUSY
 
 
 class ConfigError(DomuBackupError):
     """The configuration file is missing, unreadable or invalid."""
-
     exit_code = EXIT_CONFIG
 
 
@@ -96,8 +88,6 @@ class Interrupted(DomuBackupError):
     is 128 + the signal's number."""
 
     def __init__(self, signum: int):
-        import signal
-
         super().__init__(f"stopped by signal {signal.Signals(signum).name}; closing everything that was opened")
         self.signum = signum
         self.exit_code = signal_exit(signum)
@@ -112,18 +102,9 @@ class CommandError(DomuBackupError):
 
     def __init__(self, host: str, argv, exit_code: int | None, stderr: str = "", *,
                  timeout: float | None = None, hint: str | None = None):
-        self.host = host
-        self.argv = tuple(argv)
-        self.returncode = exit_code
-        self.stderr = stderr
-        self.timeout = timeout
-        import shlex
-
+        self.host, self.argv, self.returncode, self.stderr, self.timeout = host, tuple(argv), exit_code, stderr, timeout
         cmd = shlex.join(self.argv)
-        if timeout is not None:
-            what = f"timed out after {timeout:g}s"
-        else:
-            what = f"exited {exit_code}"
+        what = f"timed out after {timeout:g}s" if timeout is not None else f"exited {exit_code}"
         tail = stderr.strip().splitlines()[-5:]
         msg = f"on {host}: `{cmd}` {what}"
         if tail:

@@ -126,10 +126,7 @@ def hook_undo_argv(domu: str, script) -> list[str]:
 
 def agent_freeze_argv(uri: str, domu: str, mountpoints=()) -> list[str]:
     """The virsh equivalent of the agent freeze (recorded in the journal; not run)."""
-    argv = ["virsh", "-c", uri, "domfsfreeze", domu]
-    for m in mountpoints:
-        argv += ["--mountpoint", m]
-    return argv
+    return ["virsh", "-c", uri, "domfsfreeze", domu, *(w for m in mountpoints for w in ("--mountpoint", m))]
 
 
 def agent_undo_argv(uri: str, domu: str) -> list[str]:

@@ -1,14 +1,15 @@
 """The guest's layout: which filesystems are copied, and where each is mounted in the tree
 (from the config's mounts, the guest's /etc/fstab as libmount reads it, or the fallback of one
-directory per filesystem). Pure: facts in, Mounts out.
-"""
+directory per filesystem). Pure: facts in, Mounts out."""
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 
 from .config import Settings
+from .domxml import loses_data
 from .errors import InspectError
 from .model import DiskFacts, FstabEntry, Filesystem, Mount
 
@@ -24,8 +25,6 @@ SWAP_SKIP, NO_FS_SKIP = "swap is not copied", "no filesystem found"  # reasons t
 
 def classify(fs: Filesystem) -> Filesystem:
     """Set skip_reason for filesystems that are not copied."""
-    from dataclasses import replace
-
     if assembled_by_udev(fs.fstype):
         what = "LVM physical volume" if fs.fstype == "LVM2_member" else f"{fs.fstype} (a RAID or cache member)"
         return replace(fs, skip_reason=f"holds a guest {what}: not copied, and its disk is not mapped (udev "
@@ -42,8 +41,6 @@ def classify(fs: Filesystem) -> Filesystem:
 def unmappable(filesystems) -> tuple[Filesystem, ...]:
     """A disk with a guest PV or RAID member is never mapped: its other filesystems are then
     not copied either, with that reason."""
-    from dataclasses import replace
-
     bad = next((fs for fs in filesystems if assembled_by_udev(fs.fstype)), None)
     if bad is None:
         return tuple(filesystems)
@@ -55,8 +52,6 @@ def unmappable(filesystems) -> tuple[Filesystem, ...]:
 def not_copied(facts: list[DiskFacts], skipped_disks: list[str]) -> list[str]:
     """What of the guest's data a backup of FACTS leaves out ("xvdc: reason"): a run with any
     of these is PARTIAL, not OK. Swap, empty partitions and disks left out on purpose lose nothing."""
-    from .domxml import loses_data
-
     out = [s for s in skipped_disks if loses_data(s.split(": ", 1)[-1])]
     out += [f"{fs.name}: {fs.skip_reason}" for f in facts for fs in f.filesystems
             if fs.skip_reason and fs.skip_reason not in (SWAP_SKIP, NO_FS_SKIP)]
@@ -213,6 +208,4 @@ def fallback_mounts(facts: list[DiskFacts]) -> list[Mount]:
 
 def sort_mounts(mounts: list[Mount]) -> list[Mount]:
     """Parents before children: "/" first, then by depth, then by path."""
-    def depth(m: Mount) -> tuple[int, str]:
-        return (0 if m.mountpoint == "/" else m.mountpoint.count("/"), m.mountpoint)
-    return sorted(mounts, key=depth)
+    return sorted(mounts, key=lambda m: (0 if m.mountpoint == "/" else m.mountpoint.count("/"), m.mountpoint))

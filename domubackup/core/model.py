@@ -11,7 +11,6 @@ PEER = "peer"  # the peer's lane in journals of older versions
 @dataclass(frozen=True)
 class Disk:
     """One <disk> of a domain's XML."""
-
     type: str  # block, file, network, volume, ...
     device: str  # disk, cdrom, floppy, lun
     source: str | None  # dev= or file= (or network name=)
@@ -79,7 +78,6 @@ class PartitionTable:
 @dataclass(frozen=True)
 class Filesystem:
     """A filesystem found on a disk: a partition, or the whole disk (partition None)."""
-
     disk: str  # target dev of the disk, e.g. xvda
     partition: int | None
     fstype: str  # ext4, xfs, swap, vfat, LVM2_member, ...
@@ -98,7 +96,6 @@ class Filesystem:
 @dataclass(frozen=True)
 class DiskFacts:
     """What the read-only probes found out about one disk."""
-
     disk: Disk
     lv: LogicalVolume
     table: PartitionTable
@@ -127,7 +124,6 @@ class Step:
     that must be reached first; ``mark``: the mark this step reaches. ``then``: the name of
     the job's callback that judges the result (the exit code is not checked then) and may
     return further steps: a decision (the guest's fstab read says what is mounted next)."""
-
     phase: str  # check, snapshot, map, mount, peer-map, peer-mount, inspect, transfer, freeze, ...
     host: str  # LOCAL, or a peer's name
     argv: tuple[str, ...]
@@ -163,7 +159,6 @@ class FstabEntry:
 @dataclass(frozen=True)
 class MountInfo:
     """One line of findmnt."""
-
     target: str
     source: str
     fstype: str
@@ -207,7 +202,6 @@ class RsyncStats:
 @dataclass(frozen=True)
 class Result:
     """What one command did."""
-
     host: str
     argv: tuple[str, ...]
     exit_code: int
@@ -248,7 +242,6 @@ CONSISTENCY_LEVELS = ("crash", "filesystem", "application")
 @dataclass(frozen=True)
 class RunRow:
     """One record of the catalog."""
-
     id: int
     kind: str
     domu: str

@@ -5,61 +5,49 @@ the argv (with LC_ALL=C), checks the exit code, and hands stdout to the parser. 
 this module does I/O.  Malformed input raises ``ValueError`` whose message contains the
 offending line (``repr``), for the caller to wrap.
 
-The formats were checked against real captures in ``fixtures/tools/`` (see its README).
-"""
+The formats were checked against real captures in ``fixtures/tools/`` (see its README)."""
 
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 
 from .model import FstabEntry, LogicalVolume, MountInfo, Partition, PartitionTable, SnapshotUse, Space
-
-__all__ = [
-    "LVS_FIELDS", "LVS_SEPARATOR", "lvs_argv", "parse_lvs",
-    "parted_argv", "parted_human_argv", "parse_parted", "parse_parted_types", "parted_unrecognised",
-    "blkid_argv", "parse_blkid", "fs_of",
-    "parse_fstab",
-    "FINDMNT_COLUMNS", "findmnt_argv", "parse_findmnt", "parse_kpartx_list", "partx_argv", "parse_partx",
-    "dm_snapshot_status_argv", "parse_dm_snapshot_status",
-]
 
 
 def _bad(what: str, line: str, why: str = "") -> ValueError:
     return ValueError(f"malformed {what} line {line!r}" + (f": {why}" if why else ""))
 
 
+def _nonblank(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
 def _unescape_bytes(text: str, pattern: re.Pattern[str], base: int) -> str:
     """Replace escapes matched by pattern (group 1 = the number) by the raw byte, then decode.
 
     Escapes encode bytes (an UTF-8 "é" is two escapes), so work on bytes; undecodable bytes
-    survive as surrogates (surrogateescape), like os.fsdecode.
-    """
+    survive as surrogates (surrogateescape), like os.fsdecode."""
     if "\\" not in text:
         return text
     raw = text.encode("utf-8", "surrogateescape")
-    bpat = re.compile(pattern.pattern.encode())
-    raw = bpat.sub(lambda m: bytes([int(m.group(1), base)]), raw)
+    raw = re.compile(pattern.pattern.encode()).sub(lambda m: bytes([int(m.group(1), base)]), raw)
     return raw.decode("utf-8", "surrogateescape")
 
 
-# --------------------------------------------------------------------------------------- lvs
-
-LVS_FIELDS: tuple[str, ...] = (
-    "vg_name", "lv_name", "lv_size", "lv_attr", "origin", "snap_percent", "vg_free", "lv_path",
-)
+LVS_FIELDS: tuple[str, ...] = ("vg_name", "lv_name", "lv_size", "lv_attr", "origin", "snap_percent", "vg_free",
+                               "lv_path")
 LVS_SEPARATOR = "|"  # not allowed in VG/LV names ([A-Za-z0-9+_.-])
 
 
 def lvs_argv(*paths: str) -> list[str]:
     """argv of ``lvs`` whose output parse_lvs reads; each path: "vg", "vg/lv" or "/dev/vg/lv".
 
-    lvs exits 5 when a named VG/LV does not exist ("Failed to find logical volume" on stderr).
-    """
-    argv = ["lvs", "--noheadings", "--nosuffix", "--units", "b", "--separator", LVS_SEPARATOR,
-            "-o", ",".join(LVS_FIELDS)]
-    return argv + list(paths)
+    lvs exits 5 when a named VG/LV does not exist ("Failed to find logical volume" on stderr)."""
+    return ["lvs", "--noheadings", "--nosuffix", "--units", "b", "--separator", LVS_SEPARATOR,
+            "-o", ",".join(LVS_FIELDS), *paths]
 
 
 def _int_bytes(value: str, line: str, what: str) -> int:
@@ -73,32 +61,22 @@ def _int_bytes(value: str, line: str, what: str) -> int:
 def parse_lvs(text: str) -> list[LogicalVolume]:
     """Parse the output of ``lvs_argv()``: one LV per non-blank line, fields stripped."""
     out = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
+    for line in _nonblank(text):
         fields = [f.strip() for f in line.split(LVS_SEPARATOR)]
         if len(fields) != len(LVS_FIELDS):
             raise _bad("lvs", line, f"expected {len(LVS_FIELDS)} fields, got {len(fields)}")
         vg, lv, size, attr, origin, snap, vg_free, path = fields
         if not vg or not lv:
             raise _bad("lvs", line, "empty vg_name or lv_name")
-        if snap:
-            try:
-                snap_percent: float | None = float(snap)
-            except ValueError:
-                raise _bad("lvs", line, f"bad snap_percent {snap!r}") from None
-        else:
-            snap_percent = None
-        out.append(LogicalVolume(
-            vg=vg, lv=lv, size=_int_bytes(size, line, "lvs"), attr=attr, origin=origin,
-            snap_percent=snap_percent,
-            vg_free=_int_bytes(vg_free, line, "lvs") if vg_free else None,
-            path=path,
-        ))
+        try:
+            snap_percent = float(snap) if snap else None
+        except ValueError:
+            raise _bad("lvs", line, f"bad snap_percent {snap!r}") from None
+        out.append(LogicalVolume(vg=vg, lv=lv, size=_int_bytes(size, line, "lvs"), attr=attr, origin=origin,
+                                 snap_percent=snap_percent, path=path,
+                                 vg_free=_int_bytes(vg_free, line, "lvs") if vg_free else None))
     return out
 
-
-# ------------------------------------------------------------------------------------ parted
 
 def parted_argv(dev: str) -> list[str]:
     """argv of parted's machine-readable print in bytes.
@@ -106,8 +84,7 @@ def parted_argv(dev: str) -> list[str]:
     Exit codes seen (parted 3.5): 0 ok; 1 with "Error: DEV: unrecognised disk label" on stderr
     for a blank disk or a whole-disk LVM PV -- stdout still holds "BYT;" and the device line
     with label "unknown", which parse_parted reads.  Warnings (e.g. GPT not using all of a
-    grown disk) go to stderr with exit 0.
-    """
+    grown disk) go to stderr with exit 0."""
     return ["parted", "-s", "-m", dev, "unit", "B", "print"]
 
 
@@ -125,8 +102,7 @@ def parted_unrecognised(stderr: str) -> bool:
 def _split_machine(body: str) -> list[str]:
     """Split a parted -m record (trailing ';' already removed) on ':' not escaped by '\\'.
 
-    parted escapes ':' and '\\' in strings with a backslash; ';' is not escaped.
-    """
+    parted escapes ':' and '\\' in strings with a backslash; ';' is not escaped."""
     fields, cur, it = [], [], iter(body)
     for ch in it:
         if ch == "\\":
@@ -165,15 +141,12 @@ def parse_parted(text: str, types: Mapping[int, str] | None = None) -> Partition
     """Parse ``parted -s -m DEV unit B print`` stdout.
 
     Labels: msdos, gpt, ..., "loop" (a filesystem on the whole disk: one partition 1 from 0B)
-    and "unknown" (no table; parted exits 1 but still prints the device line).
-
-    parted -m never says "extended": an msdos extended partition shows up with an empty fs and
-    flags "lba" (type 0x0f, what parted itself creates) or nothing (type 0x05).  It is marked
-    by adding "extended" to its flags when a logical partition (number >= 5) lies inside it,
-    or when ``types`` (from parse_parted_types) says so -- needed for an extended partition
-    holding no logical partition.
-    """
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+    and "unknown" (no table; parted exits 1 but still prints the device line). parted -m never
+    says "extended": an msdos extended partition shows up with an empty fs and flags "lba"
+    (type 0x0f, what parted itself creates) or nothing (type 0x05).  It is marked by adding
+    "extended" to its flags when a logical partition (number >= 5) lies inside it, or when
+    ``types`` (from parse_parted_types) says so -- needed for one holding no logical partition."""
+    lines = _nonblank(text)
     if not lines:
         raise ValueError("empty parted output")
     if lines[0].strip() != "BYT;":
@@ -215,14 +188,11 @@ def parse_parted(text: str, types: Mapping[int, str] | None = None) -> Partition
             ext = types.get(p.number) == "extended" or (p.number <= 4 and any(
                 q.number >= 5 and p.start <= q.start and q.end <= p.end for q in parts))
             if ext and "extended" not in p.flags:
-                p = Partition(p.number, p.start, p.end, p.size, p.fs, p.name,
-                              p.flags + ("extended",))
+                p = replace(p, flags=p.flags + ("extended",))
             marked.append(p)
         parts = marked
     return PartitionTable(label=label, size=size, partitions=tuple(parts))
 
-
-# ------------------------------------------------------------------------------------- blkid
 
 def blkid_argv(dev: str, offset: int | None = None, size: int | None = None) -> list[str]:
     """argv of a low-level probe of DEV, or of the range [offset, offset+size) of it.
@@ -231,10 +201,8 @@ def blkid_argv(dev: str, offset: int | None = None, size: int | None = None) -> 
     shell characters with a backslash ("LABEL=data\\ vol") and non-ASCII bytes in cat -v
     notation ("M-CM-)" for "é"), which cannot be undone (a literal "M-A" is not escaped).
     The raw form only breaks on a label containing a newline, which parse_blkid rejects.
-
     Exit codes: 0 found; 2 nothing found (empty stdout); 8 ambivalent result (several
-    signatures); 4 usage/other error.  The caller handles them.
-    """
+    signatures); 4 usage/other error.  The caller handles them."""
     argv = ["blkid", "-p", "-d", "-o", "export"]
     if offset is not None:
         argv += ["-O", str(offset)]
@@ -255,8 +223,7 @@ def parse_blkid(text: str, escaped: bool = False) -> dict[str, str]:
     LABEL_FATBOOT, DEVNAME; PTTYPE/PTUUID when the range holds a partition table (an msdos
     extended partition probes as PTTYPE=dos).
     escaped=True undoes the backslash escaping of output made without ``-d`` (M-x notation
-    for non-ASCII bytes is left as is: it is ambiguous).
-    """
+    for non-ASCII bytes is left as is: it is ambiguous)."""
     out: dict[str, str] = {}
     for line in text.split("\n"):  # values are raw with -d: only "\n" ends a line
         if not line:
@@ -274,12 +241,9 @@ def fs_of(probe: Mapping[str, str]) -> tuple[str, str, str]:
     """(fstype, uuid, label) of a parse_blkid result; "" for what is missing.
 
     fstype is blkid's TYPE: ext4, xfs, vfat, swap, LVM2_member, ...; "" when nothing was found
-    or the range holds a partition table (PTTYPE) rather than a filesystem.
-    """
+    or the range holds a partition table (PTTYPE) rather than a filesystem."""
     return probe.get("TYPE", ""), probe.get("UUID", ""), probe.get("LABEL", "")
 
-
-# ------------------------------------------------------------------------------------- fstab
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
 FSTAB_LINE_MAX = 8192  # two PATH_MAX fields and options: anything longer is not an fstab line
@@ -293,8 +257,7 @@ def parse_fstab(text: str) -> list[FstabEntry]:
     in every field; missing options -> (), missing freq/passno -> 0; fields after passno are
     ignored (libmount does too).  Fewer than 3 fields or a non-numeric freq/passno raise
     ValueError.  Specs are kept as written (UUID=..., LABEL=..., PARTUUID=..., /dev/...);
-    swap entries have vfstype "swap" and file "none" or "swap".
-    """
+    swap entries have vfstype "swap" and file "none" or "swap"."""
     out = []
     for line in text.split("\n"):  # as libmount: "\n" ends a line, other controls do not
         s = line.strip()
@@ -307,25 +270,18 @@ def parse_fstab(text: str) -> list[FstabEntry]:
         f = [_unescape_bytes(x, _OCTAL, 8) for x in s.split()]
         if len(f) < 3:
             raise _bad("fstab", line, "needs at least spec, file and vfstype")
-        nums = []
         for x in f[4:6]:
             if not x.isdigit():
                 raise _bad("fstab", line, f"freq/passno not a number: {x!r}")
-            nums.append(int(x))
-        nums += [0] * (2 - len(nums))
+        nums = [int(x) for x in f[4:6]] + [0] * (2 - len(f[4:6]))
         options = tuple(o for o in f[3].split(",") if o) if len(f) > 3 else ()
         out.append(FstabEntry(spec=f[0], file=f[1], vfstype=f[2], options=options,
                               freq=nums[0], passno=nums[1]))
     return out
 
 
-# ----------------------------------------------------------------------------------- findmnt
-
 FINDMNT_COLUMNS = ("TARGET", "SOURCE", "FSTYPE", "OPTIONS")
 _HEX = re.compile(r"\\x([0-9a-fA-F]{2})")
-
-
-# --- dmsetup status (snapshot targets) -------------------------------------------------------
 
 
 def dm_snapshot_status_argv() -> list[str]:
@@ -345,10 +301,8 @@ def parse_dm_snapshot_status(text: str) -> dict[str, SnapshotUse]:
         if not sep or len(words) < 4 or words[2] != "snapshot":
             raise _bad("dmsetup status", line, "expected NAME: START LENGTH snapshot STATUS")
         m = re.fullmatch(r"(\d+)/(\d+)", words[3])
-        if m:
-            out[name] = SnapshotUse(name, int(m.group(1)), int(m.group(2)), "valid")
-        else:
-            out[name] = SnapshotUse(name, 0, 0, " ".join(words[3:]).lower())
+        out[name] = SnapshotUse(name, int(m.group(1)), int(m.group(2)), "valid") if m else \
+            SnapshotUse(name, 0, 0, " ".join(words[3:]).lower())
     return out
 
 
@@ -357,8 +311,7 @@ def findmnt_argv(*, json_output: bool = False) -> list[str]:
     non-ASCII bytes escaped as \\xHH, so a line splits on single spaces into exactly 4 fields).
 
     The -r form is the default: it exists in every findmnt; -J needs util-linux >= 2.27.
-    parse_findmnt reads both.  findmnt exits 1 when nothing matches (with -M/-T/-t filters).
-    """
+    parse_findmnt reads both.  findmnt exits 1 when nothing matches (with -M/-T/-t filters)."""
     cols = ",".join(FINDMNT_COLUMNS)
     if json_output:
         return ["findmnt", "-J", "-l", "-o", cols]
@@ -399,9 +352,7 @@ def parse_findmnt(text: str) -> list[MountInfo]:
     if text.lstrip().startswith("{"):
         return _findmnt_json(text)
     out = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
+    for line in _nonblank(text):
         f = line.split(" ")
         if len(f) != len(FINDMNT_COLUMNS):
             raise _bad("findmnt", line, f"expected {len(FINDMNT_COLUMNS)} space-separated fields")
@@ -411,8 +362,6 @@ def parse_findmnt(text: str) -> list[MountInfo]:
         out.append(_mountinfo(target, source, fstype, options))
     return out
 
-
-# ------------------------------------------------------------------------------------- partx
 
 def partx_argv(dev: str) -> list[str]:
     """argv of the partition table's ids: number, PARTUUID and PARTLABEL of each partition
@@ -425,9 +374,7 @@ def parse_partx(text: str) -> dict[int, tuple[str, str]]:
     """Partition number -> (PARTUUID, PARTLABEL) from ``partx_argv`` output: -r escapes spaces,
     backslashes and other unsafe bytes as \\xHH, so fields split on single spaces."""
     out = {}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
+    for line in _nonblank(text):
         f = line.split(" ")
         if len(f) != 3 or not f[0].isdigit():
             raise _bad("partx", line, "expected NR UUID NAME")
@@ -435,25 +382,19 @@ def parse_partx(text: str) -> dict[int, tuple[str, str]]:
     return out
 
 
-# ------------------------------------------------------------------------------------ kpartx
-
 def parse_kpartx_list(text: str) -> list[tuple[str, int, str, int]]:
     """(device-mapper name, sectors, parent device, start sector in the parent) of each
     mapping ``kpartx -l -p SEP DEV`` would create, in order: one line ``NAME : 0 SECTORS PARENT
     OFFSET`` per partition (logical ones relative to their extended partition, whose parent
     kpartx names by a guess); nothing for a device without a partition table."""
     out = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
+    for line in _nonblank(text):
         m = re.fullmatch(r"(\S+) : 0 (\d+) (\S+) (\d+)", line.strip())
         if not m:
             raise _bad("kpartx -l", line)
         out.append((m.group(1), int(m.group(2)), m.group(3), int(m.group(4))))
     return out
 
-
-# --------------------------------------------------------------------------------- mount-in
 
 def parse_mount_space(text: str, paths) -> list[Space | None]:
     """The figures `domubackup mount-in` told for the mounts of PATHS, in order: each item is

@@ -3,19 +3,20 @@
 A backup opens, in this order: snapshots of every disk (the freeze window covers only these),
 partition mappings, read-only mounts under SOURCE_PREFIX/DOMU (root first, parents before
 children), then on each peer the same mappings and read-write mounts of the replica LVs under
-TARGET_PREFIX/DOMU, then one rsync per peer. Teardown runs the undos in exact reverse.
-"""
+TARGET_PREFIX/DOMU, then one rsync per peer. Teardown runs the undos in exact reverse."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import shlex
+from dataclasses import dataclass, field, replace
 
 from . import commands as cmd
 from .config import Settings
 from .errors import InspectError
 from .layout import FSTAB, UNPLACED, fallback_mounts, mountable, mounts_from_config, mounts_from_fstab, root_candidate, sort_mounts
 from .model import LOCAL, DiskFacts, Filesystem, Mount, Step
+from .parsers import parse_fstab
 
 LOCAL_OPTIONS = ("ro", "nodev", "nosuid", "noexec", "nosymfollow")
 PEER_OPTIONS = ("rw", "nodev", "nosuid", "noexec", "nosymfollow")
@@ -40,12 +41,10 @@ def snapshot_name(settings: Settings, lv: str) -> str:
 
 
 def snapshot_steps(facts: list[DiskFacts], settings: Settings) -> list[Step]:
-    steps = []
-    for f in facts:
-        snap = snapshot_name(settings, f.lv.lv)
-        steps.append(Step("snapshot", LOCAL, cmd.lvcreate_snapshot(f.lv.vg, f.lv.lv, snap, settings.snapshot_size),
-                          cmd.lvremove(f.lv.vg, snap), note=f"{f.disk.target}: snapshot of {f.lv.path or f.lv.lv}"))
-    return steps
+    return [Step("snapshot", LOCAL, cmd.lvcreate_snapshot(f.lv.vg, f.lv.lv, snapshot_name(settings, f.lv.lv),
+                                                          settings.snapshot_size),
+                 cmd.lvremove(f.lv.vg, snapshot_name(settings, f.lv.lv)),
+                 note=f"{f.disk.target}: snapshot of {f.lv.path or f.lv.lv}") for f in facts]
 
 
 def _lv_name(f: DiskFacts, settings: Settings, snapshot: bool) -> str:
@@ -114,10 +113,8 @@ def mount_steps(mounts: list[Mount], facts: list[DiskFacts], settings: Settings,
     for m in mounts:
         fstype = m.filesystem.fstype
         dev = device_of(m.filesystem, facts, settings, snapshot=local)
-        steps.append(Step(phase, host,
-                          cmd.mount_in(root, m.mountpoint, dev, fstype,
-                                       mount_options(fstype, local=local, read_only=read_only),
-                                       mkdir=not local),
+        options = mount_options(fstype, local=local, read_only=read_only)
+        steps.append(Step(phase, host, cmd.mount_in(root, m.mountpoint, dev, fstype, options, mkdir=not local),
                           cmd.umount_in(root, m.mountpoint, dev),
                           note=f"{m.filesystem.name} ({fstype}) at {m.mountpoint}"))
     return steps
@@ -139,10 +136,6 @@ def transfer_steps(settings: Settings, domu: str, peers: tuple[str, ...], *, pro
             for peer in peers for tree in trees]
 
 
-def needs_fallback_dirs(mounts: list[Mount]) -> bool:
-    return not any(m.mountpoint == "/" for m in mounts)
-
-
 VERIFY_ARGS = ("--dry-run", "--checksum", "--out-format=%i %n")
 MISSING = None  # the guest's fstab, when the root filesystem has none
 
@@ -152,8 +145,6 @@ def check(host: str, name: str, *words: str, note: str, waits: tuple[str, ...] =
 
 
 def _mark_last(steps: list[Step], mark: str) -> list[Step]:
-    from dataclasses import replace
-
     return steps[:-1] + [replace(steps[-1], mark=mark)] if steps else steps
 
 
@@ -161,16 +152,12 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
                 mounts: list[Mount] | None = None, skipped: list[str] = (), progress=False,
                 verify=False, frozen=False, fstab: str | None | bool = False) -> Plan:
     """The whole backup (or verify) as lanes: this host's (LOCAL) and each peer's.
-
     Without `mounts` (and without config mounts) the plan mounts the root candidate and its
     "inspect" step reads the guest's /etc/fstab: a decision, whose steps (the other mounts on
     both hosts, the transfers) follow at run time (`after_fstab`). Given ``fstab`` (its text,
     or MISSING) the plan holds them too: the plan as the run decided it."""
-    plan = Plan(domu, skipped=list(skipped))
-    for f in facts:
-        for fs in f.filesystems:
-            if fs.skip_reason:
-                plan.skipped.append(f"{fs.name}: {fs.skip_reason}")
+    plan = Plan(domu, skipped=[*skipped, *(f"{fs.name}: {fs.skip_reason}" for f in facts for fs in f.filesystems
+                                           if fs.skip_reason)])
     if not mountable(facts):
         raise InspectError(f"{domu}: no filesystem to copy on any disk",
                            hint="check the disks in the plan's skipped list")
@@ -180,11 +167,11 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
     local += [check(LOCAL, "snapshot", f.disk.target, note=f"{f.disk.target}: the snapshot holds what was probed")
               for f in facts if mapped(f) or (not f.partitioned and mountable([f]))]
     local += map_steps(facts, settings, LOCAL, snapshot=True)
-    lanes = {}
-    for peer in peers:  # nothing is opened there before this host's checks passed ("checked")
-        # (with a freeze window, nothing of ours competes with it: the peer waits for the snapshots)
-        lanes[peer] = peer_checks(domu, peer, waits=("snapshots",) if frozen else ("checked",), frozen=frozen)
-        lanes[peer] += map_steps(facts, settings, peer, snapshot=False)
+    # On a peer nothing is opened before this host's checks passed ("checked"); with a freeze
+    # window, nothing of ours competes with it: the peer waits for the snapshots.
+    waits = ("snapshots",) if frozen else ("checked",)
+    lanes = [s for peer in peers for s in (peer_checks(domu, peer, waits=waits, frozen=frozen)
+                                           + map_steps(facts, settings, peer, snapshot=False))]
     if mounts is None and settings.mounts:
         mounts = mounts_from_config(facts, settings)
     root = root_candidate(facts, settings) if mounts is None else None
@@ -194,7 +181,7 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
                           "named after its disk and partition")
     plan.mounts = mounts
     if mounts is not None:
-        local += local_mount_plan(mounts, facts, settings, domu)
+        local += tree_steps(mounts, facts, settings, domu, LOCAL)
         rest = after_mounts(mounts, facts, settings, domu, peers, progress=progress, verify=verify)
     else:
         local += mount_steps([Mount(root, "/")], facts, settings, domu, LOCAL)
@@ -207,13 +194,11 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
                           "at run time (without one, each goes under /<disk><partition>)")
         rest = []
         if fstab is not False:
-            from .parsers import parse_fstab
-
             decided = fallback_mounts(facts) if fstab is MISSING else mounts_from_fstab(parse_fstab(fstab), root,
                                                                                          facts)[0]
             rest = after_fstab(decided, facts, settings, domu, peers, missing=fstab is MISSING,
                                progress=progress, verify=verify)
-    plan.steps = local + [s for p in peers for s in lanes[p]] + rest
+    plan.steps = local + lanes + rest
     return plan
 
 
@@ -226,7 +211,7 @@ def after_fstab(mounts, facts, settings, domu, peers, *, missing: bool, progress
                                  with_root_dir=False)[0]
         local = [Step("mount", LOCAL, root_mount.undo, None, note="no /etc/fstab: take the root mount back",
                       closes=root_mount.argv)]
-        local += local_mount_plan(mounts, facts, settings, domu)[1:]  # the tree root is there already
+        local += tree_steps(mounts, facts, settings, domu, LOCAL)[1:]  # the tree root is there already
     else:
         local = (mount_steps([m for m in mounts[1:] if m.tree != UNPLACED], facts, settings, domu, LOCAL,
                              with_root_dir=False)
@@ -237,11 +222,8 @@ def after_fstab(mounts, facts, settings, domu, peers, *, missing: bool, progress
 def after_mounts(mounts, facts, settings, domu, peers, *, progress=False, verify=False) -> list[Step]:
     """Once the mounts are known: each peer mounts its replica (read-only for a verify), this
     host checks that the replicas have room, then one rsync per peer and tree."""
-    from dataclasses import replace
-
-    steps = []
-    for peer in peers:
-        steps += _mark_last(peer_mount_plan(mounts, facts, settings, domu, peer, read_only=verify), f"ready:{peer}")
+    steps = [s for peer in peers
+             for s in _mark_last(tree_steps(mounts, facts, settings, domu, peer, read_only=verify), f"ready:{peer}")]
     local = [] if verify else [check(LOCAL, "room", note="each replica filesystem can hold what its source holds")]
     local += transfer_steps(settings, domu, peers, progress=progress and not verify,
                             extra=VERIFY_ARGS if verify else (), trees=trees(mounts))
@@ -270,21 +252,13 @@ def plan_fsck(domu: str, facts: list[DiskFacts], settings: Settings, peers: tupl
     return plan
 
 
-def local_mount_plan(mounts, facts, settings, domu) -> list[Step]:
-    return _tree_steps(mounts, facts, settings, domu, LOCAL)
-
-
-def peer_mount_plan(mounts, facts, settings, domu, peer, *, read_only=False) -> list[Step]:
-    return _tree_steps(mounts, facts, settings, domu, peer, read_only=read_only)
-
-
-def _tree_steps(mounts, facts, settings, domu, host, read_only=False) -> list[Step]:
+def tree_steps(mounts, facts, settings, domu, host, read_only=False) -> list[Step]:
     """Mounts with a root fs go straight into the tree root; fallback mounts get their own dirs;
     then the unplaced filesystems, each in its own directory of the hidden tree."""
     guest = [m for m in mounts if m.tree != UNPLACED]
     steps = [] if not guest else (
         mount_steps(sort_mounts(guest), facts, settings, domu, host, read_only=read_only)
-        if not needs_fallback_dirs(guest) else _dir_steps(guest, facts, settings, domu, host, read_only, ""))
+        if any(m.mountpoint == "/" for m in guest) else _dir_steps(guest, facts, settings, domu, host, read_only, ""))
     return steps + unplaced_steps(mounts, facts, settings, domu, host, read_only)
 
 
@@ -315,8 +289,6 @@ def teardown_order(steps: list[Step]) -> list[tuple[str, tuple[str, ...]]]:
 def describe(plan: Plan) -> str:
     """The plan for a person: each host's lane in order (the lanes run at the same time; a step
     that waits for a mark starts once a step of any lane reached it)."""
-    import shlex
-
     lines = [f"Plan for {plan.domu}:"]
     for host in dict.fromkeys(s.host for s in plan.steps):
         lines.append(f"  on {host}:")

@@ -1,8 +1,5 @@
-"""Pure formatting of catalog rows and run outcomes: the history table, their JSON, and ``--since``
-parsing. No I/O.
-
-Times in the table are local (honouring TZ); times in JSON are UTC ISO 8601 with a ``Z``.
-"""
+"""Pure formatting of catalog rows and run outcomes (the history table, their JSON) and ``--since``
+parsing. Times in the table are local (honouring TZ); in JSON, UTC ISO 8601 with a ``Z``."""
 
 from __future__ import annotations
 
@@ -59,9 +56,7 @@ def _size(row: RunRow) -> str:
 
 
 def _duration(row: RunRow, now: float) -> str:
-    if row.status == RUNNING:
-        return human_duration(now - row.started)
-    return human_duration(row.duration)
+    return human_duration(now - row.started if row.status == RUNNING else row.duration)
 
 
 HISTORY_COLUMNS = ("START", "DOMU", "PEER", "KIND", "MODE", "DURATION", "SIZE", "STATUS")
@@ -70,17 +65,12 @@ _RIGHT = {"DURATION", "SIZE"}
 
 def format_history(rows: Iterable[RunRow], now: float | None = None) -> str:
     """A ``pg_rman show``-like table of runs, in the order given (the catalog gives newest first).
-
     START is local time; DURATION of a RUNNING run counts up to ``now`` (default: the clock);
     SIZE is the total size of the replicated files and, in parentheses, the bytes sent.
-    Ends with a newline.
-    """
-    if now is None:
-        now = time.time()
-    table = [HISTORY_COLUMNS]
-    for r in rows:
-        table.append((_local(r.started), r.domu, r.peer or "-", r.kind, r.consistency or "-",
-                      _duration(r, now), _size(r), r.status))
+    Ends with a newline."""
+    now = time.time() if now is None else now
+    table = [HISTORY_COLUMNS] + [(_local(r.started), r.domu, r.peer or "-", r.kind, r.consistency or "-",
+                                  _duration(r, now), _size(r), r.status) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(HISTORY_COLUMNS))]
 
     def fmt(line) -> str:
@@ -89,60 +79,32 @@ def format_history(rows: Iterable[RunRow], now: float | None = None) -> str:
         return "  ".join(cells).rstrip()
 
     rule = "=" * (sum(widths) + 2 * (len(widths) - 1))
-    lines = [rule, fmt(table[0]), rule] + [fmt(line) for line in table[1:]]
-    return "\n".join(lines) + "\n"
+    return "\n".join([rule, fmt(table[0]), rule] + [fmt(line) for line in table[1:]]) + "\n"
 
 
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def history_json(rows: Iterable[RunRow]) -> list[dict]:
     """Rows as JSON-ready dicts: UTC ISO 8601 times (to the second), raw numbers, None as null."""
-    return [{
-        "id": r.id,
-        "kind": r.kind,
-        "domu": r.domu,
-        "peer": r.peer,
-        "host": r.host,
-        "pid": r.pid,
-        "status": r.status,
-        "started": _iso(r.started),
-        "ended": _iso(r.ended),
-        "duration_seconds": r.duration,
-        "consistency": r.consistency,
-        "freeze_window_ms": r.freeze_window_ms,
-        "bytes_sent": r.bytes_sent,
-        "files": r.files,
-        "total_size": r.total_size,
-        "snapshot_peak_percent": r.snapshot_peak,
-        "error": r.error,
-        "log_path": r.log_path,
-    } for r in rows]
+    return [{"id": r.id, "kind": r.kind, "domu": r.domu, "peer": r.peer, "host": r.host, "pid": r.pid,
+             "status": r.status, "started": _iso(r.started), "ended": _iso(r.ended), "duration_seconds": r.duration,
+             "consistency": r.consistency, "freeze_window_ms": r.freeze_window_ms, "bytes_sent": r.bytes_sent,
+             "files": r.files, "total_size": r.total_size, "snapshot_peak_percent": r.snapshot_peak,
+             "error": r.error, "log_path": r.log_path} for r in rows]
 
 
 def outcome_json(out, started: float, ended: float, log_path: str | None) -> dict:
     """One DomU's run (a frame.Outcome) as a JSON-ready dict, for `run --json` and `verify
     --json`: the keys of ``history_json`` where they mean the same, plus ``exit_code`` and
     ``not_copied``. ``started`` and ``ended`` are epoch seconds."""
-    return {
-        "domu": out.domu,
-        "status": out.status,
-        "exit_code": out.exit_code,
-        "started": _iso(started),
-        "ended": _iso(ended),
-        "duration_seconds": round(out.duration, 3),
-        "bytes_sent": out.stats.bytes_sent,
-        "files": out.stats.files,
-        "total_size": out.stats.total_size,
-        "snapshot_peak_percent": out.snapshot_peak,
-        "not_copied": list(out.not_copied),
-        "error": out.error,
-        "log_path": log_path,
-    }
+    return {"domu": out.domu, "status": out.status, "exit_code": out.exit_code, "started": _iso(started),
+            "ended": _iso(ended), "duration_seconds": round(out.duration, 3), "bytes_sent": out.stats.bytes_sent,
+            "files": out.stats.files, "total_size": out.stats.total_size, "snapshot_peak_percent": out.snapshot_peak,
+            "not_copied": list(out.not_copied), "error": out.error, "log_path": log_path}
 
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?(?:Z|[+-]\d{2}:\d{2})?")
@@ -187,11 +149,9 @@ def last_ok_text(newest: tuple[float, str] | None, now: float, max_age: float) -
 
 def parse_since(text: str, now: float) -> float:
     """A ``--since`` value to epoch seconds.
-
     Accepts an age before ``now`` (``24h``, ``7d``, ``2w``), a date (``2026-11-20``, local
     midnight) or a date and time (``2026-11-20T10:00``, local unless it ends in ``Z`` or an
-    offset like ``+01:00``; seconds optional). Anything else raises ValueError.
-    """
+    offset like ``+01:00``; seconds optional). Anything else raises ValueError."""
     value = text.strip()
     age = parse_age(value)
     if age is not None:
@@ -204,8 +164,3 @@ def parse_since(text: str, now: float) -> float:
         return when.timestamp()  # naive -> local time
     raise ValueError(f"invalid since value {text!r}: expected a date (2026-11-20), a date and "
                      f"time (2026-11-20T10:00) or an age in hours, days or weeks (24h, 7d, 2w)")
-
-
-__all__ = ["age_text", "format_history", "history_json", "human_bytes", "human_duration", "last_ok_text",
-           "newest_ok_per_domu", "outcome_json", "parse_since",
-           "HISTORY_COLUMNS"]

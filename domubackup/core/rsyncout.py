@@ -6,30 +6,23 @@ from __future__ import annotations
 import re
 
 from .model import RsyncStats
-from .parsers import _bad, _unescape_bytes
+from .parsers import _bad, _nonblank, _unescape_bytes
 
-_RSYNC_KEYS = {
-    "Number of files": "files",
-    "Number of regular files transferred": "files_transferred",
-    "Number of files transferred": "files_transferred",  # rsync < 3.1
-    "Total file size": "total_size",
-    "Total transferred file size": "transferred_size",
-    "Total bytes sent": "bytes_sent",
-    "Total bytes received": "bytes_received",
-    "Number of deleted files": "deleted",
-}
+_RSYNC_KEYS = {"Number of files": "files", "Number of regular files transferred": "files_transferred",
+               "Number of files transferred": "files_transferred",  # rsync < 3.1
+               "Total file size": "total_size", "Total transferred file size": "transferred_size",
+               "Total bytes sent": "bytes_sent", "Total bytes received": "bytes_received",
+               "Number of deleted files": "deleted"}
 _RSYNC_REQUIRED = ("files", "total_size", "bytes_sent", "bytes_received")
 
 
 def parse_rsync_stats(text: str) -> RsyncStats:
     """Parse the ``--stats`` block of rsync's stdout (other lines -- itemize lines, the
     "sent ... received ..." summary -- are ignored).
-
     Numbers may carry thousands commas (rsync >= 3.1 default) or not (``--no-h``).  Numbers
     with a unit suffix or decimals (``-h``: "2.01M bytes") are lossy and raise ValueError:
     run rsync without -h (or with --no-h).  "Number of deleted files" is absent before rsync
-    3.1 and then defaults to 0.
-    """
+    3.1 and then defaults to 0."""
     values: dict[str, int] = {}
     for line in text.splitlines():
         key, sep, rest = line.partition(": ")
@@ -72,7 +65,6 @@ _RSYNC_INFO = ("sending incremental file list", "receiving incremental file list
 
 def parse_rsync_itemize(text: str, link_targets: bool = True) -> list[tuple[str, str]]:
     """(code, path) pairs from ``rsync -i`` (``--itemize-changes``) stdout.
-
     code is the 11-char %i field (">f.st......", "cd+++++++++", ".d..t......") or the message
     ("*deleting"); path is as rsync prints it, relative to the transfer root, directories
     with a trailing "/", non-printable bytes' \\#ooo escapes decoded.
@@ -81,12 +73,9 @@ def parse_rsync_itemize(text: str, link_targets: bool = True) -> list[tuple[str,
     name containing " -> " is ambiguous; use --out-format='%i %n' and link_targets=False to
     avoid it).  Parsing stops at a --stats block or at rsync's "sent ... bytes" summary; the
     "sending incremental file list"/"created directory" lines of -v are skipped; any other
-    line raises ValueError.  An empty output (a clean --dry-run --checksum) gives [].
-    """
+    line raises ValueError.  An empty output (a clean --dry-run --checksum) gives []."""
     out = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
+    for line in _nonblank(text):
         if line.startswith(("Number of files: ", "sent ")) and not _ITEM.fullmatch(line):
             break
         m = _ITEM.fullmatch(line)

@@ -2,13 +2,12 @@
 
 Like benji's versions, a run is recorded ``RUNNING`` when it starts and promoted to a final
 status (``OK``, ``PARTIAL``: done but something of the guest could not be copied, ``ERROR``,
-``CORRUPT``) only when it ends; a run whose process died leaves a
-``RUNNING`` record that :meth:`Catalog.reap_dead` later turns into ``ERROR``.
+``CORRUPT``) only when it ends; a run whose process died leaves a ``RUNNING`` record that
+:meth:`Catalog.reap_dead` later turns into ``ERROR``.
 
 Concurrency: the file is in WAL mode, every write is one short ``BEGIN IMMEDIATE`` transaction,
 and sqlite's busy timeout makes a second process (backing up another DomU) wait for the lock
-instead of failing. Open one :class:`Catalog` per process (never share one across ``fork``).
-"""
+instead of failing. Open one :class:`Catalog` per process (never share one across ``fork``)."""
 
 from __future__ import annotations
 
@@ -68,8 +67,6 @@ _COLUMNS = tuple(RunRow.__dataclass_fields__)
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM runs"
 
 
-# --- processes ---------------------------------------------------------------------------------
-
 def process_start_ticks(pid: int) -> int | None:
     """Field 22 (starttime) of /proc/PID/stat, or None when it cannot be read."""
     try:
@@ -90,8 +87,7 @@ def process_start_ticks(pid: int) -> int | None:
 def process_alive(pid: int, start_ticks: int | None = None) -> bool:
     """Whether ``pid`` is a live process, and the same one when its start time is known.
 
-    Uses /proc when it exists (also catching zombies and a reused pid), else ``os.kill(pid, 0)``.
-    """
+    Uses /proc when it exists (also catching zombies and a reused pid), else ``os.kill(pid, 0)``."""
     if pid <= 0:
         return False
     if os.path.isdir("/proc/self"):
@@ -108,15 +104,12 @@ def process_alive(pid: int, start_ticks: int | None = None) -> bool:
     return True
 
 
-# --- the catalog -------------------------------------------------------------------------------
-
 class Catalog:
     """The catalog file at ``path`` (created with its parent directory on first use)."""
 
     def __init__(self, path: str | os.PathLike, *, busy_timeout: float = 30.0,
                  clock: Callable[[], float] = time.time, host: str | None = None):
-        self.path = Path(path)
-        self.clock = clock
+        self.path, self.clock = Path(path), clock
         self.host = host if host is not None else socket.gethostname()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,11 +216,9 @@ class Catalog:
 
     def finish(self, run_id: int, status: str, **figures) -> RunRow:
         """Promote a RUNNING run to ``status`` (OK, ERROR or CORRUPT) with its figures.
-
         ``figures`` are any of: consistency, freeze_window_ms, bytes_sent, files, total_size,
         snapshot_peak, error, log_path. Any transition other than RUNNING -> final raises
-        ValueError (finishing twice, an unknown run, a non-final status).
-        """
+        ValueError (finishing twice, an unknown run, a non-final status)."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"cannot finish run {run_id} as {status!r}: "
                              f"expected one of {', '.join(FINAL_STATUSES)}")
@@ -264,20 +255,13 @@ class Catalog:
 
     def reap_dead(self, is_alive: Callable[[int], bool] | None = None) -> list[int]:
         """Turn RUNNING runs of this host whose process is gone into ERROR; return their ids.
-
         By default a process counts as alive when /proc/PID exists, is not a zombie, and has the
         start time recorded by start() (so a reused pid is not mistaken for the run). Runs
         recorded by another host are left alone: their pid means nothing here. A reaped run
-        keeps ``ended`` NULL: when it died is not known.
-        """
-        if is_alive is None:
-            def alive(row: RunRow) -> bool:
-                return process_alive(row.pid, row.pid_start)
-        else:
-            def alive(row: RunRow) -> bool:
-                return is_alive(row.pid)
+        keeps ``ended`` NULL: when it died is not known."""
         running = self._select("status = ? AND host = ?", (RUNNING, self.host), "ORDER BY id")
-        dead = [row.id for row in running if not alive(row)]
+        dead = [row.id for row in running
+                if not (process_alive(row.pid, row.pid_start) if is_alive is None else is_alive(row.pid))]
         reaped = []
         with self._write() as db:
             for run_id in dead:
@@ -296,16 +280,10 @@ class Catalog:
              limit: int | None = None, kind: str | None = None) -> list[RunRow]:
         """Runs newest first (by start time), optionally of one DomU / kind, started at or after
         ``since`` (epoch seconds or an aware datetime), at most ``limit`` of them."""
-        where, params = [], []
-        if domu is not None:
-            where.append("domu = ?")
-            params.append(domu)
-        if kind is not None:
-            where.append("kind = ?")
-            params.append(kind)
         if since is not None:
-            where.append("started >= ?")
-            params.append(since.timestamp() if isinstance(since, datetime) else float(since))
+            since = since.timestamp() if isinstance(since, datetime) else float(since)
+        terms = [(t, v) for t, v in (("domu = ?", domu), ("kind = ?", kind), ("started >= ?", since)) if v is not None]
+        where, params = [t for t, _ in terms], [v for _, v in terms]
         tail = "ORDER BY started DESC, id DESC"
         if limit is not None:
             tail += " LIMIT ?"
@@ -339,11 +317,9 @@ class Catalog:
 
     def prune(self, older_than_days: float, now: float | None = None) -> int:
         """Delete runs started more than ``older_than_days`` before ``now``; return how many.
-
         Never deletes a RUNNING run (reap_dead() first), and always keeps the newest OK run of
         each DomU and kind, however old, so "when did this DomU last succeed" survives pruning.
-        Log files named by deleted runs are not touched.
-        """
+        Log files named by deleted runs are not touched."""
         if older_than_days < 0:
             raise ValueError(f"older_than_days must be >= 0, not {older_than_days}")
         cutoff = (self.clock() if now is None else now) - older_than_days * 86400

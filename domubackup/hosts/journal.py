@@ -8,11 +8,11 @@ its own. Every write is atomic: temp file in the same directory, fsync, rename, 
 directory. A reader sees the old journal or the new one, never a mix. A process killed in the
 middle of a write leaves its temp file (``.DOMU.json.XXXX.tmp``) beside the old journal; the
 old one is the truth (a step runs only after the write of its entry returned), so the next run
-or ``cleanup`` removes such temp files under the DomU's lock (``Journal.sweep``).
-"""
+or ``cleanup`` removes such temp files under the DomU's lock (``Journal.sweep``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -181,6 +181,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _listdir(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
+
+
 def _temp_of(name: str) -> str | None:
     """The file that a temp file of ``atomic_write`` was to replace, from its name
     (``.web1.json.k2x9_a0b.tmp`` -> ``web1.json``); None for any other name."""
@@ -205,10 +212,8 @@ def atomic_write(path: str, text: str, mode: int | None = None) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     _fsync_dir(directory)
 
@@ -216,11 +221,7 @@ def atomic_write(path: str, text: str, mode: int | None = None) -> None:
 class Journal:
     def __init__(self, path: str, domu: str, peer: str, pid: int, started: str,
                  entries: list[Entry] | None = None):
-        self.path = path
-        self.domu = domu
-        self.peer = peer
-        self.pid = pid
-        self.started = started
+        self.path, self.domu, self.peer, self.pid, self.started = path, domu, peer, pid, started
         self.entries: list[Entry] = entries or []
         self._lock = threading.RLock()  # the peer check thread records its steps too
 
@@ -259,12 +260,7 @@ class Journal:
     def domus(state_dir) -> list[str]:
         """Names of the DomUs that have a journal (runs that did not finish their teardown),
         or only the temp file of a write that a killed run left (see ``sweep``)."""
-        directory = os.path.join(os.fspath(state_dir), "journal")
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
-            return []
-        found = {_temp_of(n) or n for n in names}
+        found = {_temp_of(n) or n for n in _listdir(os.path.join(os.fspath(state_dir), "journal"))}
         return sorted(n[:-5] for n in found if n.endswith(".json") and not n.startswith("."))
 
     @staticmethod
@@ -272,11 +268,7 @@ class Journal:
         """Remove the temp files of journal writes that a killed run left; returns their paths.
         Only under the DomU's lock: then no live process is writing one."""
         directory, journal = os.path.split(state_file(state_dir, "journal", domu, "json"))
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
-            return []
-        removed = [os.path.join(directory, n) for n in sorted(names) if _temp_of(n) == journal]
+        removed = [os.path.join(directory, n) for n in sorted(_listdir(directory)) if _temp_of(n) == journal]
         for path in removed:
             os.unlink(path)
         return removed
@@ -302,10 +294,8 @@ class Journal:
                                  f"{step.argv!r}: {problem}")
         with self._lock:
             first = len(self.entries)
-            for step in steps:
-                self.entries.append(Entry(step.phase, step.host, tuple(step.argv),
-                                          tuple(step.undo) if step.undo is not None else None,
-                                          step.note))
+            self.entries += [Entry(step.phase, step.host, tuple(step.argv),
+                                   tuple(step.undo) if step.undo is not None else None, step.note) for step in steps]
             self._save()
             return list(range(first, len(self.entries)))
 
@@ -363,10 +353,8 @@ class Journal:
         """Run every undo in reverse order, carrying on after failures. Each host's undos run
         in reverse order; the hosts run at the same time (a peer's steps never depend on this
         host's, and each ssh round trip would otherwise add to the run).
-
         All undone (or already gone): the journal file is removed. Otherwise the journal is
-        rewritten with only the failed entries and TeardownError lists every failure.
-        """
+        rewritten with only the failed entries and TeardownError lists every failure."""
         todo = [(i, e) for i, e in enumerate(self.entries) if e.undo is not None and e.state != UNDONE]
         hosts = list(dict.fromkeys(e.host for _, e in reversed(todo)))
         outcome: dict[str, tuple[list, list]] = {}
@@ -385,10 +373,8 @@ class Journal:
         results = [r for h in hosts for r in outcome[h][0]]
         failed = sorted((f for h in hosts for f in outcome[h][1]), key=lambda f: -f[0])
         if not failed:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
             _fsync_dir(os.path.dirname(self.path))
             self.entries = []
             return results

@@ -1,8 +1,7 @@
 """One lock per DomU: ``STATE_DIR/lock/DOMU.lock``, held with flock(2) for the whole run.
 
 The kernel releases a flock when its holder dies, so a held lock always means a live process;
-the file is never deleted (deleting a lock file races with flock) and holds the holder's PID.
-"""
+the file is never deleted (deleting a lock file races with flock) and holds the holder's PID."""
 
 from __future__ import annotations
 
@@ -28,9 +27,8 @@ def _read_pid(fd: int) -> int | None:
 
 def holder_pid(state_dir: str | os.PathLike, domu: str) -> int | None:
     """PID of the process holding the lock of ``domu``, or None when it is free."""
-    path = state_file(state_dir, "lock", domu, "lock")
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(state_file(state_dir, "lock", domu, "lock"), os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:

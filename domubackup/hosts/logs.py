@@ -82,20 +82,20 @@ def setup(verbosity: int, *, syslog: bool = True) -> None:
     pkg.propagate = False
     for h in list(pkg.handlers):
         pkg.removeHandler(h)
-    err = _Console()
-    err.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING)
-    err.setFormatter(_Formatter("domubackup: %(where)s%(message)s", tracebacks=False))
-    err.addFilter(_DomuFilter())
-    pkg.addHandler(err)
+
+    def add(handler, level, fmt):
+        handler.setLevel(level)
+        handler.setFormatter(_Formatter(fmt, tracebacks=False))
+        handler.addFilter(_DomuFilter())
+        pkg.addHandler(handler)
+    add(_Console(), logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING,
+        "domubackup: %(where)s%(message)s")
     if syslog and os.path.exists("/dev/log"):
         try:
             sl = logging.handlers.SysLogHandler(address="/dev/log")
         except OSError:
             return
-        sl.setLevel(logging.INFO)
-        sl.setFormatter(_Formatter(f"domubackup[{os.getpid()}]: %(where)s%(message)s", tracebacks=False))
-        sl.addFilter(_DomuFilter())
-        pkg.addHandler(sl)
+        add(sl, logging.INFO, f"domubackup[{os.getpid()}]: %(where)s%(message)s")
     logging.getLogger("sh").setLevel(logging.WARNING)
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
@@ -104,8 +104,7 @@ def setup(verbosity: int, *, syslog: bool = True) -> None:
 def run_log(state_dir: str, domu: str, kind: str = "backup"):
     """Log everything about one DomU's run to STATE_DIR/log/DOMU-KIND-TIME.log; yields the path."""
     token = current_domu.set(domu)
-    path = None
-    handler = None
+    path = handler = None
     try:
         d = os.path.join(state_dir, "log")
         os.makedirs(d, mode=0o700, exist_ok=True)

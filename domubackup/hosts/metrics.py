@@ -2,10 +2,8 @@
 
 ``render_metrics`` is pure; ``write_textfile`` replaces the file atomically (node_exporter reads
 only ``*.prom`` files of its ``--collector.textfile.directory``, so the temporary file it writes
-first is named ``.NAME.*.tmp`` and never half-read).
-
-Every series of a DomU carries the labels of its newest finished run (``domu``, ``peer``).
-"""
+first is named ``.NAME.*.tmp`` and never half-read). Every series of a DomU carries the labels of
+its newest finished run (``domu``, ``peer``)."""
 
 from __future__ import annotations
 
@@ -53,8 +51,8 @@ def _number(value: float | int) -> str:
 
 
 def _newest(rows: Sequence[RunRow], ok_only: bool) -> RunRow | None:
-    candidates = [r for r in rows if r.status != RUNNING and (r.status == OK or not ok_only)]
-    return max(candidates, key=lambda r: (r.started, r.id), default=None)
+    return max((r for r in rows if r.status != RUNNING and (r.status == OK or not ok_only)),
+               key=lambda r: (r.started, r.id), default=None)
 
 
 def _ok_age(rows: Sequence[RunRow], now: float) -> float:
@@ -86,13 +84,11 @@ def render_metrics(rows_by_domu: Mapping[str, Sequence[RunRow]], domus: Sequence
                    now: float | None = None) -> str:
     """The textfile for ``{domu: rows}`` (e.g. ``Catalog.latest_per_domu()``) and the configured
     ``domus``, at ``now`` (default: the clock).
-
     For each DomU, its newest finished row gives the ``last_run`` series and its newest OK row
     the ``last_success`` one (0 when there is none, so a "too long since success" alert fires)
     and ``last_ok_age`` (+Inf when there is none). RUNNING rows are ignored; a DomU without a
     finished row has only ``last_ok_age`` (+Inf, ``peer=""``), and only when in ``domus``.
-    DomUs are sorted.
-    """
+    DomUs are sorted."""
     now = time.time() if now is None else now
     per_domu = []
     for domu in sorted(set(rows_by_domu) | set(domus)):
@@ -104,8 +100,7 @@ def render_metrics(rows_by_domu: Mapping[str, Sequence[RunRow]], domus: Sequence
         per_domu.append((labels, _values(rows, now)))
     lines = []
     for name, help_text in METRICS:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} gauge")
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
         for labels, values in per_domu:
             if name in values:
                 lines.append(f"{name}{{{labels}}} {_number(values[name])}")

@@ -2,10 +2,9 @@
 
 Only when stderr is a TTY (`Progress.for_terminal`): never under cron, systemd or a pipe, so
 that logs and mails stay free of bars. The CLI makes one `Progress` and hands it down; the
-the backup and seed jobs only call `meter()` and `Meter.to()`. Log records written to the terminal
+backup and seed jobs only call `meter()` and `Meter.to()`. Log records written to the terminal
 while a bar is drawn clear it first (logs' console handler uses `tqdm.external_write_mode`).
-Imported by the CLI only when it draws bars: tqdm costs ~80 ms of start, ~1 s under emulation.
-"""
+Imported by the CLI only when it draws bars: tqdm costs ~80 ms of start, ~1 s under emulation."""
 
 import sys
 

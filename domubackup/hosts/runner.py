@@ -2,10 +2,8 @@
 (paramiko: ssh.py).
 
 Every command, on either side, runs with the same base environment (``BASE_ENV`` plus the
-caller's ``env`` on top), without a TTY and without a shell on our side. On the peer the
-remote command string is built in exactly one place, ``SSHRunner.remote_command``, by
-``shlex.join`` (ssh.py): every word is quoted, nothing the caller passes is ever parsed by a shell.
-"""
+caller's ``env`` on top), without a TTY and without a shell on our side. On the peer every word
+is quoted (``SSHRunner.remote_command``, the one place): nothing is ever parsed by a shell."""
 
 from __future__ import annotations
 
@@ -28,12 +26,8 @@ from ..core.model import Result
 
 log = logging.getLogger("domubackup.run")
 
-BASE_ENV = {
-    "LC_ALL": "C",
-    "LANG": "C",
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "LVM_SUPPRESS_FD_WARNINGS": "1",
-}
+BASE_ENV = {"LC_ALL": "C", "LANG": "C", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LVM_SUPPRESS_FD_WARNINGS": "1"}
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -46,11 +40,7 @@ FEED_JOIN = 10
 
 
 def _text(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    if isinstance(data, str):
-        return data
-    return data.decode("utf-8", errors="replace")
+    return "" if data is None else data if isinstance(data, str) else data.decode("utf-8", errors="replace")
 
 
 def _seconds(value: float) -> str:
@@ -74,9 +64,6 @@ def _program(host: str, argv: tuple[str, ...], path: str) -> str:
 class Runner:
     """Runs argv lists on one host. Subclasses implement ``_execute``."""
 
-    host: str
-    default_timeout: float
-
     def __init__(self, host: str, default_timeout: float = 600):
         self.host = host
         self.default_timeout = default_timeout
@@ -88,12 +75,10 @@ class Runner:
         """Run ``argv``; return its Result.
 
         ``on_output(text)``, when given, sees the standard output as it comes, in chunks (a
-        progress display; LocalRunner only). The Result's stdout is the same either way.
-
-        Raises CommandError when the exit code is not in ``ok_codes`` (unless ``check`` is
+        progress display; LocalRunner only). The Result's stdout is the same either way. Raises
+        CommandError when the exit code is not in ``ok_codes`` (unless ``check`` is
         false), always on a timeout, and always when the program is not installed (127).
-        SSHRunner raises PeerError when the peer cannot be reached or the connection drops.
-        """
+        SSHRunner raises PeerError when the peer cannot be reached or the connection drops."""
         if isinstance(argv, (str, bytes)):
             raise TypeError(f"argv must be a list of words, not a string: {argv!r}")
         argv = tuple(argv)

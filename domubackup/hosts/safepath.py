@@ -17,8 +17,7 @@ through its runner, on this host and on the peer alike (the same code on both): 
 exit code and messages out, so that the journal can record them like any other command.
 Exit codes: 0 done; 1 refused (a symlink, not a directory, a bad path); 2 (read-in) no such
 file; 32 (umount-in) not mounted / busy, as umount(8); 64 usage; mount's own code when
-mount fails.
-"""
+mount fails."""
 
 from __future__ import annotations
 

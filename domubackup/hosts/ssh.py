@@ -1,8 +1,7 @@
 """The peer's runner: commands over one paramiko connection (see runner.py for the contract).
 
 The remote command string is built in exactly one place, ``SSHRunner.remote_command``, by
-``shlex.join``: every word is quoted, nothing the caller passes is ever parsed by a shell.
-"""
+``shlex.join``: every word is quoted, nothing the caller passes is ever parsed by a shell."""
 
 from __future__ import annotations
 
@@ -28,19 +27,15 @@ class SSHRunner(Runner):
 
     The host key must already be in ``known_hosts`` (RejectPolicy); no agent, no key search.
     Each command is wrapped in coreutils ``timeout -k KILL_AFTER T`` on the peer so that a
-    timeout or a dropped connection never leaves the remote process running for long.
-    """
+    timeout or a dropped connection never leaves the remote process running for long."""
 
     def __init__(self, host: str, *, user: str = "root", port: int = 22,
                  identity_file: str | None = None, known_hosts: str,
                  connect_timeout: float = 10, default_timeout: float = 600, address: str | None = None):
         super().__init__(host, default_timeout)
         self.address = address or host  # where to connect; ``host`` stays the name in messages
-        self.user = user
-        self.port = port
-        self.identity_file = identity_file
-        self.known_hosts = known_hosts
-        self.connect_timeout = connect_timeout
+        self.user, self.port, self.identity_file = user, port, identity_file
+        self.known_hosts, self.connect_timeout = known_hosts, connect_timeout
         self._client: paramiko.SSHClient | None = None
 
     @classmethod
@@ -78,14 +73,15 @@ class SSHRunner(Runner):
                             hint="check the peer's known_hosts setting") from exc
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
-            # paramiko reads no ssh_config (~/.ssh/config): only what is passed here.
-            client.connect(self.address, port=self.port, username=self.user,
-                           key_filename=self.identity_file, look_for_keys=False,
-                           allow_agent=False, timeout=self.connect_timeout,
-                           banner_timeout=self.connect_timeout,
-                           auth_timeout=self.connect_timeout)
+            try:
+                # paramiko reads no ssh_config (~/.ssh/config): only what is passed here.
+                client.connect(self.address, port=self.port, username=self.user, key_filename=self.identity_file,
+                               look_for_keys=False, allow_agent=False, timeout=self.connect_timeout,
+                               banner_timeout=self.connect_timeout, auth_timeout=self.connect_timeout)
+            except Exception:
+                client.close()
+                raise
         except paramiko.BadHostKeyException as exc:
-            client.close()
             raise PeerError(
                 f"the host key of {self._where} has CHANGED: it does not match the entry for "
                 f"{self._key_name} in {self.known_hosts} (possible man-in-the-middle attack, or "
@@ -93,12 +89,10 @@ class SSHRunner(Runner):
                 hint=f"verify the new fingerprint out of band, then fix the entry for "
                      f"{self._key_name} in {self.known_hosts}") from exc
         except paramiko.AuthenticationException as exc:
-            client.close()
             raise PeerError(f"authentication to {self.user}@{self._where} failed: {exc}",
                             hint=f"check that the public key of {self.identity_file or 'the identity file'}"
                                  f" is in {self.user}'s authorized_keys on {self.host}") from exc
         except paramiko.SSHException as exc:
-            client.close()
             if "not found in known_hosts" in str(exc):
                 raise PeerError(
                     f"the host key of {self._where} is unknown: no entry for {self._key_name} "
@@ -107,19 +101,15 @@ class SSHRunner(Runner):
                          f"`ssh-keyscan -p {self.port} {self.address} >> {self.known_hosts}`") from exc
             raise PeerError(f"SSH to {self._where} failed: {exc}") from exc
         except socket.gaierror as exc:
-            client.close()
             raise PeerError(f"cannot resolve peer host name {self.address}: {exc.strerror}") from exc
         except (TimeoutError, socket.timeout) as exc:
-            client.close()
             raise PeerError(f"connection to {self._where} timed out after "
                             f"{self.connect_timeout:g}s") from exc
         except paramiko.ssh_exception.NoValidConnectionsError as exc:
-            client.close()
             cause = "; ".join(sorted({e.strerror or str(e) for e in exc.errors.values()}))
             raise PeerError(f"cannot connect to {self._where}: {cause}",
                             hint="is sshd running there and the port right?") from exc
         except OSError as exc:
-            client.close()
             raise PeerError(f"cannot connect to {self._where}: {exc.strerror or exc}") from exc
         self._client = client
 
@@ -183,25 +173,22 @@ class SSHRunner(Runner):
             feeder.start()
         deadline = start + timeout + KILL_AFTER + REMOTE_GRACE
         out, err = [], []
-        try:
-            while True:
-                select.select([chan], [], [], 0.5)
-                while chan.recv_ready():
-                    out.append(chan.recv(65536))
-                while chan.recv_stderr_ready():
-                    err.append(chan.recv_stderr(65536))
-                if chan.closed or (chan.exit_status_ready() and chan.eof_received):
-                    break
-                if not transport.is_active():
-                    break
-                if time.monotonic() > deadline:
-                    chan.close()
-                    raise CommandError(self.host, argv, None, _text(b"".join(err)),
-                                       timeout=timeout)
+
+        def drain():
             while chan.recv_ready():
                 out.append(chan.recv(65536))
             while chan.recv_stderr_ready():
                 err.append(chan.recv_stderr(65536))
+        try:
+            while True:
+                select.select([chan], [], [], 0.5)
+                drain()
+                if chan.closed or (chan.exit_status_ready() and chan.eof_received) or not transport.is_active():
+                    break
+                if time.monotonic() > deadline:
+                    chan.close()
+                    raise CommandError(self.host, argv, None, _text(b"".join(err)), timeout=timeout)
+            drain()
             code = chan.exit_status if chan.exit_status_ready() else -1
         finally:
             if feeder is not None:  # its EOF goes before our CLOSE (see remote_command)

@@ -7,35 +7,28 @@ import logging
 import os
 from dataclasses import astuple
 
-from ..core import commands as cmd
-from ..core import parsers
-from ..core import layout
-from ..core import plan as planner
-from ..core import rsyncout
+from ..core import commands as cmd, layout, parsers, plan as planner, rsyncout
 from ..hosts import virt
 from .checks import SnapshotWatch, check_no_stale, check_replicas, check_room, check_vg_space
-from ..core.config import Config
 from ..core.errors import EXIT_PARTIAL, CommandError, DomuBackupError, InspectError, SnapshotError
 from .executor import Executor
 from ..hosts.facts import check_mappable, check_snapshot, with_partition_ids
-from .frame import Inspection, Outcome, run_job, ssh_runner
+from .frame import Outcome, run_job, ssh_runner
+from .freeze import FreezeSettings, freeze_window
 from ..hosts.journal import Journal
 from ..core.model import LOCAL, RsyncStats
-from ..core.plan import Plan, plan_backup
 from ..hosts.safepath import EXIT_MISSING
 
 log = logging.getLogger("domubackup")
 
 
-def make_plan(config: Config, insp: Inspection, *, progress=False) -> Plan:
-    return plan_backup(insp.domain.name, insp.facts, config.settings_for(insp.domain.name), insp.peers,
-                       skipped=insp.skipped, progress=progress)
+def make_plan(config, insp, *, progress=False, verify=False, frozen=False) -> planner.Plan:
+    return planner.plan_backup(insp.domain.name, insp.facts, config.settings_for(insp.domain.name), insp.peers,
+                               skipped=insp.skipped, progress=progress, verify=verify, frozen=frozen)
 
 
 def make_freeze(settings, domu, conn, local):
     """The freeze window of the configured consistency mode: freeze, snapshot_fn(), thaw."""
-    from .freeze import FreezeSettings, freeze_window
-
     fs = FreezeSettings(mode=settings.consistency, hook_dir=settings.freeze_hook_dir,
                         hook_timeout=settings.freeze_hook_timeout, max_window=settings.freeze_max_window,
                         agent_timeout=settings.freeze_agent_timeout, agent_mountpoints=settings.freeze_mountpoints,
@@ -61,41 +54,33 @@ def backup(config, domu: str, conn, local, *, factory=ssh_runner, progress=None,
 
 
 class Backup:
-    """One backup (or verify, or fsck) of a job's DomU: its plan, and the checks and decisions
-    it names."""
+    """One backup (or verify) of a job's DomU: its plan, and the checks and decisions it names."""
 
     def __init__(self, job, *, verify=False, progress=None, freeze=None):
         self.job, self.config, self.domu, self.settings = job, job.config, job.domu, job.settings
-        self.insp, self.runners, self.out = job.insp, job.runners, job.out
-        self.facts = job.insp.facts
+        self.insp, self.runners, self.out, self.facts = job.insp, job.runners, job.out, job.insp.facts
         self.verify, self.progress, self.freeze = verify, progress, freeze
         self.mounts = None  # once known: from the config, the fallback, or the guest's fstab
-        self.stats = RsyncStats()
-        self.watch = None
+        self.stats, self.watch = RsyncStats(), None
         self._meter = None  # the progress bar of the transfer running now
-
-    def plan(self) -> planner.Plan:
-        return planner.plan_backup(self.domu, self.facts, self.settings, self.insp.peers, skipped=self.insp.skipped,
-                                   progress=self.progress is not None, verify=self.verify,
-                                   frozen=self.freeze is not None)
 
     def run(self) -> None:
         settings, domu, out = self.settings, self.domu, self.out
-        plan = self.plan()
+        plan = make_plan(self.config, self.insp, progress=self.progress is not None, verify=self.verify,
+                         frozen=self.freeze is not None)
         self.mounts = plan.mounts
-        journal = Journal.create(self.config.state_dir, domu, ",".join(self.insp.peers))
+        self.journal = Journal.create(self.config.state_dir, domu, ",".join(self.insp.peers))
         snaps = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in self.facts]
         self.watch = SnapshotWatch(self.runners[LOCAL], snaps, settings,
                                    on_abort=getattr(self.runners[LOCAL], "cancel", None))
-        ex = Executor(journal, self.runners, timeout=settings.command_timeout,
+        ex = Executor(self.journal, self.runners, timeout=settings.command_timeout,
                       checks={"vg-space": lambda s: check_vg_space(self.facts, settings),
                               "no-stale": lambda s: check_no_stale(self.insp, settings, self.runners[LOCAL], domu),
                               "snapshot": self._check_snapshot, "peer-state": self.job.check_peer_state,
-                              "replicas": self._check_replicas,
+                              "replicas": lambda s: check_replica_maps(self.job, s),
                               "room": lambda s: check_room(ex.space, self.mounts, settings, domu, self.insp.peers)},
                       callbacks={"fstab": self._decide_fstab, "transfer": self._transferred},
                       freeze=self.freeze, on_output=self._display, on_mark={"snapshots": lambda: self._snapshots(ex)})
-        self.journal = journal
         if self.mounts is not None:
             self._tell_unplaced()
         with ex.closing():
@@ -133,13 +118,6 @@ class Backup:
         check_snapshot(self.runners[LOCAL], f, cmd.lv_path(f.lv.vg, snap), cmd.dm_name(f.lv.vg, snap),
                        self.settings.kpartx_separator)
 
-    def _check_replicas(self, step) -> None:
-        runner = self.runners[step.host]
-        for f in check_replicas(self.domu, self.facts, step.host, runner):
-            if planner.mapped(f):
-                check_mappable(runner, f, cmd.lv_path(f.lv.vg, f.lv.lv), cmd.dm_name(f.lv.vg, f.lv.lv),
-                               self.settings.kpartx_separator)
-
     # --- decisions and results --------------------------------------------------------------
 
     def _decide_fstab(self, step, res):
@@ -176,9 +154,8 @@ class Backup:
         if step.phase != "transfer" or self.progress is None or self.verify:
             return None
         peer, tree = step.about
-        meter = self.progress.meter(f"{self.domu} -> {peer}" + (f" ({tree})" if tree else ""))
-        self._meter = meter
-        return meter.follow_rsync()
+        self._meter = self.progress.meter(f"{self.domu} -> {peer}" + (f" ({tree})" if tree else ""))
+        return self._meter.follow_rsync()
 
     def _transferred(self, step, res):
         meter, self._meter = self._meter, None
@@ -196,26 +173,6 @@ class Backup:
         self.stats = RsyncStats(*(a + b * (first or k not in ("files", "total_size"))
                                   for k, a, b in zip(RsyncStats.__dataclass_fields__, astuple(self.stats), astuple(s))))
         return None
-
-    def fsck(self) -> None:
-        """The replicas' filesystems checked read-only on each peer (plan.plan_fsck); the
-        problems found go to the outcome's report."""
-        problems = self.out.report
-
-        def fscked(step, res):
-            if res.exit_code:
-                tail = " | ".join((res.stdout + res.stderr).strip().splitlines()[-3:])
-                problems.append(f"{step.host}: {step.note}: `{' '.join(step.argv)}` exited {res.exit_code}: {tail}")
-            else:
-                log.info("%s: %s: clean", step.host, step.note)
-
-        journal = Journal.create(self.config.state_dir, self.domu, ",".join(self.insp.peers))
-        ex = Executor(journal, self.runners, timeout=self.settings.command_timeout,
-                      checks={"peer-state": self.job.check_peer_state, "replicas": self._check_replicas},
-                      callbacks={"fsck": fscked})
-        with ex.closing():
-            ex.run(planner.plan_fsck(self.domu, self.facts, self.settings, self.insp.peers).steps)
-        self.out.status, self.out.exit_code = "OK", 0
 
     def _judge(self) -> None:
         """The outcome, from the snapshots' last look, the differences and what was not copied."""
@@ -242,21 +199,43 @@ class Backup:
             out.status, out.exit_code = "OK", 0
 
 
+def check_replica_maps(job, step) -> None:
+    """Check step "replicas": the replica LVs on the step's peer match, and can be mapped."""
+    runner = job.runners[step.host]
+    for f in check_replicas(job.domu, job.insp.facts, step.host, runner):
+        if planner.mapped(f):
+            check_mappable(runner, f, cmd.lv_path(f.lv.vg, f.lv.lv), cmd.dm_name(f.lv.vg, f.lv.lv),
+                           job.settings.kpartx_separator)
+
+
 def rsync_hint(code) -> str | None:
     return {24: "files vanished from a snapshot, which cannot happen: something else changed the source tree",
             23: "some files could not be transferred: see rsync's messages above",
             12: "the connection or the peer's rsync failed",
-            255: "ssh failed: check the peer, its host key and the identity file",
-            }.get(code)
-
-
+            255: "ssh failed: check the peer, its host key and the identity file"}.get(code)
 
 
 def fsck_replicas(config, domu: str, conn, local, *, factory=ssh_runner) -> list[str]:
-    """Check the replica's filesystems read-only on each peer while they are not mounted:
-    map the replica's partitions, `e2fsck -n -f` / `xfs_repair -n` each filesystem, unmap.
-    Returns the problems found (empty: clean)."""
-    out = run_job(config, domu, "fsck", conn, local, lambda job: Backup(job).fsck(), factory=factory)
+    """Check the replica's filesystems read-only on each peer while they are not mounted
+    (plan.plan_fsck): map the replica's partitions, `e2fsck -n -f` / `xfs_repair -n` each
+    filesystem, unmap. Returns the problems found (empty: clean)."""
+    def body(job):
+        def fscked(step, res):
+            if res.exit_code:
+                tail = " | ".join((res.stdout + res.stderr).strip().splitlines()[-3:])
+                job.out.report.append(f"{step.host}: {step.note}: `{' '.join(step.argv)}` exited {res.exit_code}: "
+                                      f"{tail}")
+            else:
+                log.info("%s: %s: clean", step.host, step.note)
+
+        ex = Executor(Journal.create(config.state_dir, domu, ",".join(job.insp.peers)), job.runners,
+                      timeout=job.settings.command_timeout, callbacks={"fsck": fscked},
+                      checks={"peer-state": job.check_peer_state, "replicas": lambda s: check_replica_maps(job, s)})
+        with ex.closing():
+            ex.run(planner.plan_fsck(domu, job.insp.facts, job.settings, job.insp.peers).steps)
+        job.out.status, job.out.exit_code = "OK", 0
+
+    out = run_job(config, domu, "fsck", conn, local, body, factory=factory)
     if out.status != "OK":
         error = DomuBackupError(out.error)
         error.exit_code = out.exit_code

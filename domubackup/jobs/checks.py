@@ -7,10 +7,7 @@ import logging
 import re
 import threading
 
-from ..core import commands as cmd
-from ..core import parsers
-from ..core import layout
-from ..core import plan as planner
+from ..core import commands as cmd, layout, parsers, plan as planner
 from ..core.errors import InspectError, PeerError, SnapshotError
 from ..hosts.facts import layout_differences, list_lvs, probe_disk
 from ..core.model import LOCAL
@@ -35,14 +32,11 @@ def mib(n: int) -> str:
     return f"{n / 1024**2:.1f} MiB"
 
 
-
 def check_vg_space(facts, settings) -> None:
     need: dict[str, int] = {}
-    free: dict[str, int] = {}
     for f in facts:
         need[f.lv.vg] = need.get(f.lv.vg, 0) + size_bytes(settings.snapshot_size, f.lv.size)
-        if f.lv.vg_free is not None:
-            free[f.lv.vg] = f.lv.vg_free
+    free = {f.lv.vg: f.lv.vg_free for f in facts if f.lv.vg_free is not None}
     for vg, n in need.items():
         if vg in free and free[vg] < n:
             raise SnapshotError(f"volume group {vg} has {mib(free[vg])} free, the snapshots need {mib(n)}: "
@@ -76,10 +70,8 @@ def check_no_stale(insp, settings, local, domu) -> None:
     for f in insp.facts:
         name = planner.snapshot_name(settings, f.lv.lv)
         snap = cmd.lv_path(f.lv.vg, name)
-        if known is not None:  # the inspection listed every LV of this VG
-            exists = (f.lv.vg, name) in known
-        else:
-            exists = local.run(parsers.lvs_argv(snap), check=False).exit_code == 0
+        exists = ((f.lv.vg, name) in known if known is not None  # the inspection listed every LV of this VG
+                  else local.run(parsers.lvs_argv(snap), check=False).exit_code == 0)
         if exists:
             raise SnapshotError(f"{domu}: a snapshot {snap} already exists and no journal explains it",
                                 hint=f"check it is not in use, then remove it with `lvremove {snap}`")
@@ -120,7 +112,6 @@ def check_replicas(domu, facts, peer, runner) -> list:
         raise PeerError(f"{domu}: the replica on {peer} does not match: " + "; ".join(diffs),
                         hint=f"re-seed it with `domubackup seed {domu}`")
     return peer_facts
-
 
 
 def next_poll(delay: float, before: float | None, now: float, extend_at: float,

@@ -11,8 +11,7 @@ down (each host in reverse, the hosts at once).
 Neighbouring safepath mounts of one tree on one lane run as one helper command (commands.
 batch_key), journaled before it like a single step. With a ``freeze`` window, the snapshot
 steps of this host's lane are journaled at once and run inside it (nothing else runs while the
-guest is frozen), then the journal's freeze entries are closed.
-"""
+guest is frozen), then the journal's freeze entries are closed."""
 
 from __future__ import annotations
 
@@ -23,8 +22,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 
-from ..core import commands as cmd
-from ..core import parsers
+from ..core import commands as cmd, parsers
 from ..core.errors import CommandError, TeardownError
 from ..core.model import LOCAL, Step
 
@@ -64,8 +62,8 @@ class Executor:
         self._add(steps)
         self._lanes.setdefault(LOCAL, deque())
         self._running = True
-        peers = [h for h in self._lanes if h != LOCAL]
-        threads = [threading.Thread(target=self._lane, args=(h,), name=f"lane-{h}", daemon=True) for h in peers]
+        threads = [threading.Thread(target=self._lane, args=(h,), name=f"lane-{h}", daemon=True)
+                   for h in self._lanes if h != LOCAL]
         for t in threads:
             t.start()
         try:
@@ -242,8 +240,7 @@ class Executor:
         """Test-only: with DOMUBACKUP_TEST_PAUSE=PHASE[,PHASE...] the run stops before the first
         step of each named phase, creates STATE_DIR/pause/DOMU.PHASE and waits until that file
         is removed (at most 10 minutes), so that a test can look at, or kill, a run there."""
-        wanted = os.environ.get(PAUSE_ENV, "").split(",")
-        if phase not in wanted or phase in self._paused:
+        if phase not in os.environ.get(PAUSE_ENV, "").split(",") or phase in self._paused:
             return
         self._paused.add(phase)
         d = os.path.join(os.path.dirname(os.path.dirname(self.journal.path)), "pause")

@@ -19,6 +19,8 @@ from ..core.errors import (EXIT_BUSY, EXIT_FAILED, EXIT_NOT_ELIGIBLE, CommandErr
 from ..hosts.facts import list_lvs, probe_disk
 from ..hosts.journal import Journal
 from ..hosts.lock import DomuLock
+from ..core.report import human_bytes
+from .checks import check_peer_state
 from ..core.model import LOCAL, Domain, DiskFacts, RsyncStats
 
 log = logging.getLogger("domubackup")
@@ -44,8 +46,7 @@ def inspect(config: Config, name: str, conn, runner, on_eligible=None) -> Inspec
     ``on_eligible()`` is called once the DomU is known to be eligible, before the probes."""
     check_host(config)
     settings = config.settings_for(name)
-    dom = virt.lookup(conn, name)
-    domain = virt.describe(dom, include=settings.disks, exclude=settings.exclude_disks)
+    domain = virt.describe(virt.lookup(conn, name), include=settings.disks, exclude=settings.exclude_disks)
     if domain.state not in virt.RUNNING_STATES:
         raise NotHereError(f"{name}: is {domain.state} on {config.this_host}, not running; nothing to back up here",
                                hint="it is backed up by the Dom0 it runs on")
@@ -80,8 +81,6 @@ class Outcome:
     report: list[str] = field(default_factory=list)  # what the job tells: seed's lines, fsck's problems
 
     def summary(self) -> str:
-        from ..core.report import human_bytes
-
         line = f"{self.domu}: {self.status} in {self.duration:.1f}s"
         if self.status in ("OK", "PARTIAL", "CORRUPT", "ERROR") and self.stats.files:
             line += (f", {self.stats.files} files, {human_bytes(self.stats.total_size)} total, "
@@ -124,18 +123,20 @@ def recover(config, domu: str, local, factory=ssh_runner) -> list[str]:
     try:
         journal.teardown(runners)
     finally:
-        for r in runners.values():
-            if r is not local:
-                r.close()
+        close_peers(runners, local)
     return undone
 
 
-HOOK_PHASES = ("job-start", "backup-start", "backup-end", "backup-abort", "job-end")
+def close_peers(runners, local) -> None:
+    for r in runners.values():
+        if r is not local:
+            r.close()
 
 
 def lifecycle_hook(settings, phase: str, runner, *, domu="", peer="", status="", log_path="") -> None:
-    """Run the configured job_hook as `HOOK PHASE` (vzdump's phase names) with the DomU, peer,
-    status and log file in its environment. Raises CommandError when it fails."""
+    """Run the configured job_hook as `HOOK PHASE` (vzdump's phase names: job-start, backup-start,
+    backup-end, backup-abort, job-end) with the DomU, peer, status and log file in its
+    environment. Raises CommandError when it fails."""
     if not settings.job_hook:
         return
     env = {"DOMUBACKUP_PHASE": phase, "DOMUBACKUP_DOMU": domu, "DOMUBACKUP_PEER": peer,
@@ -143,6 +144,14 @@ def lifecycle_hook(settings, phase: str, runner, *, domu="", peer="", status="",
     res = runner.run([settings.job_hook, phase], env=env, timeout=settings.freeze_hook_timeout * 10)
     for line in (res.stdout + res.stderr).splitlines():
         log.info("%s hook: %s", phase, line)
+
+
+def hook_or_warn(settings, phase: str, runner, **env) -> None:
+    """lifecycle_hook, whose failure is only logged (the job's outcome stands)."""
+    try:
+        lifecycle_hook(settings, phase, runner, **env)
+    except DomuBackupError as e:
+        log.warning("%s hook failed: %s", phase, e)
 
 
 class Warmup:
@@ -186,18 +195,11 @@ class Job:
     runners: dict
     out: Outcome
     warm: Warmup
-    conn: object = None
-    log_path: str | None = None
 
     def check_peer_state(self, step) -> None:
         """Check step "peer-state": the DomU does not run on that peer."""
-        from .checks import check_peer_state
-
         self.warm.raise_for(step.host)
         check_peer_state(self.domu, self.settings, step.host, self.runners[step.host])
-
-
-KINDS = ("backup", "verify", "seed", "fsck")
 
 
 def run_job(config, domu: str, kind: str, conn, local, body, *, factory=ssh_runner, catalog=None,
@@ -209,8 +211,7 @@ def run_job(config, domu: str, kind: str, conn, local, body, *, factory=ssh_runn
     of ours may compete with it)."""
     out = Outcome(domu)
     start = time.monotonic()
-    run_id = None
-    hooked = False
+    run_id, hooked = None, False
     settings = config.settings_for(domu)
     peers = ",".join(config.peers_for(domu))
     try:
@@ -231,34 +232,26 @@ def run_job(config, domu: str, kind: str, conn, local, body, *, factory=ssh_runn
                         raise DomuBackupError(f"{domu}: the backup-start hook refused the backup: {e}",
                                               hint=f"see {settings.job_hook}") from None
                 warm.join()
-                body(Job(config, domu, settings, insp, runners, out, warm, conn, log_path))
+                body(Job(config, domu, settings, insp, runners, out, warm))
             finally:
                 warm.join()
-                for r in runners.values():
-                    if r is not local:
-                        r.close()
-    except DomuBackupError as e:
-        out.error = str(e)
-        out.exit_code = e.exit_code
+                close_peers(runners, local)
+    except Exception as e:
+        if isinstance(e, DomuBackupError):
+            out.error, out.exit_code = str(e), e.exit_code
+            out.not_here = isinstance(e, NotHereError)
+            log.log(logging.INFO if out.not_here else logging.ERROR, "%s", e)
+        else:  # a bug, or guest data that a parser did not expect: this DomU only
+            # (everything it opened is closed by the `finally`s above: lock, peers, journal)
+            where = f"the traceback is in {log_path}" if log_path else "no log file could be written: the traceback is not kept"
+            out.error, out.exit_code = f"{domu}: internal error: {type(e).__name__}: {e}; {where}", EXIT_FAILED
+            log.error("%s", out.error, exc_info=True)  # the traceback goes to the run log file only
         if out.status != "CORRUPT":
-            out.status = {EXIT_BUSY: "BUSY", EXIT_NOT_ELIGIBLE: "SKIPPED"}.get(e.exit_code, "ERROR")
-        out.not_here = isinstance(e, NotHereError)
-        log.log(logging.INFO if out.not_here else logging.ERROR, "%s", e)
-    except Exception as e:  # a bug, or guest data that a parser did not expect: this DomU only
-        # (everything it opened is closed by the `finally`s above: lock, peers, journal)
-        where = f"the traceback is in {log_path}" if log_path else "no log file could be written: the traceback is not kept"
-        out.error = f"{domu}: internal error: {type(e).__name__}: {e}; {where}"
-        out.exit_code = EXIT_FAILED
-        if out.status != "CORRUPT":
-            out.status = "ERROR"
-        log.error("%s", out.error, exc_info=True)  # the traceback goes to the run log file only
+            out.status = {EXIT_BUSY: "BUSY", EXIT_NOT_ELIGIBLE: "SKIPPED"}.get(out.exit_code, "ERROR")
     out.duration = time.monotonic() - start
     if hooked:
-        phase = "backup-end" if out.status in ("OK", "PARTIAL") else "backup-abort"
-        try:
-            lifecycle_hook(settings, phase, local, domu=domu, peer=peers, status=out.status, log_path=log_path)
-        except DomuBackupError as e:
-            log.warning("%s hook failed: %s", phase, e)
+        hook_or_warn(settings, "backup-end" if out.status in ("OK", "PARTIAL") else "backup-abort", local,
+                     domu=domu, peer=peers, status=out.status, log_path=log_path)
     if catalog is not None and out.status in ("OK", "PARTIAL", "ERROR", "CORRUPT"):
         if run_id is None:
             run_id = catalog.start(kind, domu, peers, os.getpid(), log_path)

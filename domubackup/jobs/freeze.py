@@ -1,26 +1,18 @@
 """Freeze/thaw a DomU around its disk snapshots.
 
-Modes (``FreezeSettings.mode``):
+Modes (``FreezeSettings.mode``): ``none``: nothing is frozen, the snapshots are crash-consistent.
+``agent``: libvirt ``virDomain.fsFreeze(mountpoints or None)`` through the guest agent,
+``fsThaw()`` after the snapshots (level ``filesystem``). ``hooks``: every executable script of
+the hook directory on the Dom0, called as ``SCRIPT freeze`` in name order and ``SCRIPT thaw`` in
+reverse, with ``DOMUBACKUP_DOMU`` and ``DOMUBACKUP_PHASE`` in its environment (level
+``application``); the scripts reach the guest themselves (ssh, or ``virsh qemu-agent-command ...
+guest-exec``), see conf/freeze.d/*.example. ``hooks+agent``: hooks first, then the agent; thaw
+in reverse.
 
-``none``
-    nothing is frozen; the snapshots are crash-consistent.
-``agent``
-    libvirt ``virDomain.fsFreeze(mountpoints or None)`` through the guest agent, ``fsThaw()``
-    after the snapshots (level ``filesystem``).
-``hooks``
-    every executable script of the hook directory on the Dom0, called as ``SCRIPT freeze`` in
-    name order and ``SCRIPT thaw`` in reverse, with ``DOMUBACKUP_DOMU`` and ``DOMUBACKUP_PHASE`` in
-    its environment (level ``application``). The scripts reach the guest themselves (ssh, or
-    ``virsh qemu-agent-command ... guest-exec``); see conf/freeze.d/*.example.
-``hooks+agent``
-    hooks first, then the agent; thaw in reverse (agent, then hooks in reverse name order).
-
-The window: :func:`frozen` (a context manager) or :func:`freeze_window` (a function) freezes,
-runs the snapshots of ALL disks, and thaws at once. A watchdog thread thaws when the window
-(freeze done -> now) exceeds ``max_window`` even if a snapshot command hangs; the run then fails
-with ``FreezeError("freeze window exceeded 10s; guest thawed by the watchdog")``.
-
-Rules:
+The window: :func:`frozen` (a context manager) or :func:`freeze_window` freezes, runs the
+snapshots of ALL disks, and thaws at once. A watchdog thread thaws when the window (freeze done
+-> now) exceeds ``max_window`` even if a snapshot command hangs; the run then fails with
+``FreezeError("freeze window exceeded 10s; guest thawed by the watchdog")``. Rules:
 
 * Every item whose freeze was *started* is thawed exactly once, in reverse order: the failing
   hook too (it may already hold locks), and the agent after a failed ``fsFreeze`` too. A lock
@@ -29,19 +21,16 @@ Rules:
   it) and only released at the thaw: the window pays one exec for it, and a run killed while
   the guest is frozen thaws at once (the gate pipe closes with the process).
 * A failed freeze with ``on_failure="fail"`` raises :class:`FreezeError` after the thaw; with
-  ``"continue"`` the run goes on crash-consistent and the report says so
-  (``report.freeze_failed``). A watchdog timeout or a failed thaw after the snapshots always
-  raises.
-* Every :class:`FreezeError` raised here carries the :class:`FreezeReport` as ``.report``.
+  ``"continue"`` the run goes on crash-consistent (``report.freeze_failed``). A watchdog timeout
+  or a failed thaw after the snapshots always raises. Every :class:`FreezeError` raised here
+  carries the :class:`FreezeReport` as ``.report``.
 * Crash safety: before each freeze action ``journal.begin(Step(phase="freeze", host=LOCAL,
-  argv=..., undo=<thaw argv>))`` is called, and ``journal.done(i)`` after it succeeded. Nothing is
-  called after a thaw: the journal module removes the entries at teardown. A cleanup that replays
-  these undo argvs must treat an already-thawed entry as gone: hook thaws must be idempotent (the
-  shipped examples exit 0 when nothing is frozen) and ``virsh domfsthaw`` on a running domain that
-  is not frozen prints ``Thawed 0 filesystem(s)`` and exits 0 (libvirt test driver, libvirt 9.0;
-  on a shut-off domain it exits 1 with "Requested operation is not valid: domain is not
-  running", which a cleanup should also accept as "nothing to thaw").
-"""
+  argv=..., undo=<thaw argv>))``, and ``journal.done(i)`` after it succeeded; nothing here
+  after a thaw. A cleanup that replays these undo argvs must treat an already-thawed entry as
+  gone: hook thaws must be idempotent (the shipped examples exit 0 when nothing is frozen) and
+  ``virsh domfsthaw`` on a running domain that is not frozen prints ``Thawed 0 filesystem(s)``
+  and exits 0 (libvirt test driver, libvirt 9.0; on a shut-off domain it exits 1 with
+  "Requested operation is not valid: domain is not running", also "nothing to thaw")."""
 
 from __future__ import annotations
 
@@ -80,9 +69,8 @@ def _skip_reason(path: pathlib.Path) -> str | None:
 
 def scan_hooks(hook_dir) -> tuple[list[pathlib.Path], list[str]]:
     """(hooks to run in name order, ["NAME: why skipped", ...]). A missing directory: no hooks."""
-    d = pathlib.Path(hook_dir)
     try:
-        entries = sorted(d.iterdir(), key=lambda p: p.name)
+        entries = sorted(pathlib.Path(hook_dir).iterdir(), key=lambda p: p.name)
     except FileNotFoundError:
         return [], []
     hooks, skipped = [], []
@@ -120,13 +108,8 @@ class _Session:
 
     def __init__(self, settings: FreezeSettings, domu: str, runner, domain, uri, journal,
                  report: FreezeReport):
-        self.s = settings
-        self.domu = domu
-        self.runner = runner
-        self.domain = domain
-        self.uri = uri
-        self.journal = journal
-        self.report = report
+        self.s, self.domu, self.runner, self.domain = settings, domu, runner, domain
+        self.uri, self.journal, self.report = uri, journal, report
         self.stack: list[_Item] = []
         self.lock = threading.Lock()
         self.thaw_errors: list[str] = []
@@ -186,8 +169,7 @@ class _Session:
             out = ""
         for line in out.splitlines():
             log.info("hook %s %s: %s", script.name, phase, line)
-        level = logging.INFO if hr.ok else logging.ERROR
-        log.log(level, "hook %s %s: end, exit %s%s in %.3f s", script.name, phase, hr.exit_code,
+        log.log(logging.INFO if hr.ok else logging.ERROR, "hook %s %s: end, exit %s%s in %.3f s", script.name, phase, hr.exit_code,
                 " (timed out)" if hr.timed_out else "", hr.duration)
         self.report.hooks.append(hr)
         return hr
@@ -301,10 +283,8 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
 
     ``runner``: the Dom0's local Runner (hooks). ``domain``: its libvirt virDomain (agent modes).
     ``uri``: the libvirt URI for the journaled ``virsh`` argvs (default: the domain's connection).
-    ``journal``: an object with ``begin(step) -> int`` and ``done(i)``, or None.
-
-    The report is complete after the ``with`` block, also when it raised.
-    """
+    ``journal``: an object with ``begin(step) -> int`` and ``done(i)``, or None. The report is
+    complete after the ``with`` block, also when it raised."""
     s = settings
     report = FreezeReport(domu=domu_name, mode=s.mode, on_failure=s.on_failure)
     if s.mode == "none":
@@ -340,6 +320,7 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
     # 1. freeze: hooks in name order, then the agent
     t_begin = time.monotonic()
     log.info("%s: freeze (%s): begin", domu_name, s.mode)
+    freeze_error = None
     try:
         if s.uses_hooks:
             hooks, report.skipped_hooks = scan_hooks(s.hook_dir)
@@ -353,8 +334,6 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
             sess.freeze_agent()
     except BaseException as e:  # noqa: BLE001 - thaw first, decide below
         freeze_error = e
-    else:
-        freeze_error = None
     if freeze_error is not None:
         e = freeze_error
         stop.set()
@@ -393,8 +372,7 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
         sess.thaw_all("end of window")
         hold[0].end()
         dog.join()
-        thawed_at = sess.thawed_at or time.monotonic()
-        report.window_ms = int(round((thawed_at - t_frozen) * 1000))
+        report.window_ms = int(round(((sess.thawed_at or time.monotonic()) - t_frozen) * 1000))
         report.level = "crash" if report.watchdog_fired else _reached_level(s, report)
         if sess.thaw_errors:
             report.thaw_failed = True
@@ -422,10 +400,8 @@ def frozen(settings: FreezeSettings, domu_name: str, *, runner, domain=None, uri
 def freeze_window(settings: FreezeSettings, domu: str, snapshot_fn: Callable[[], None], *, runner,
                   domain=None, uri: str | None = None, journal=None) -> FreezeReport:
     """Freeze, ``snapshot_fn()`` (snapshots of ALL disks), thaw; returns the report.
-
     A FreezeError raised here carries the report as ``.report``; an error of ``snapshot_fn``
-    propagates unchanged after the thaw.
-    """
+    propagates unchanged after the thaw."""
     with frozen(settings, domu, runner=runner, domain=domain, uri=uri, journal=journal) as report:
         snapshot_fn()
     return report

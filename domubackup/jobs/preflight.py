@@ -35,16 +35,19 @@ class Check:
         return f"{tag} {self.what}" + (f": {self.detail}" if self.detail else "")
 
 
-def missing_tools(runner, tools) -> list[str]:
+def tools_present(runner, tools, hint=None) -> str:
+    """Check: every program of TOOLS is on RUNNER's host."""
     res = runner.run(["which", *tools], check=False)
     found = {os.path.basename(line.strip()) for line in res.stdout.splitlines() if line.strip()}
-    return [t for t in tools if t not in found]
+    gone = [t for t in tools if t not in found]
+    if gone:
+        raise DomuBackupError(f"missing: {', '.join(gone)}", hint=hint)
+    return "all present"
 
 
 def _try(what, fn) -> Check:
     try:
-        detail = fn()
-        return Check(True, what, detail or "")
+        return Check(True, what, fn() or "")
     except DomuBackupError as e:
         return Check(False, what, str(e))
 
@@ -63,13 +66,8 @@ def run_checks(config, names, local, *, factory=jobs.ssh_runner, now=None) -> li
         return "writable"
     checks.append(_try(f"state directory {config.state_dir}", state_dir))
     checks.append(_try(f"this host {config.this_host} in dom0s", lambda: jobs.check_host(config)))
-
-    def tools():
-        gone = missing_tools(local, LOCAL_TOOLS)
-        if gone:
-            raise DomuBackupError(f"missing: {', '.join(gone)}", hint="install lvm2, kpartx, parted, util-linux, rsync, openssh-client, udev")
-        return "all present"
-    checks.append(_try(f"tools on {config.this_host}", tools))
+    checks.append(_try(f"tools on {config.this_host}", lambda: tools_present(
+        local, LOCAL_TOOLS, hint="install lvm2, kpartx, parted, util-linux, rsync, openssh-client, udev")))
     try:
         conn = virt.connect(config.defaults.libvirt_uri)
     except DomuBackupError as e:
@@ -105,11 +103,8 @@ def domu_checks(config, names, conn, local, factory, peers_seen, night) -> list[
         settings = config.settings_for(name)
         try:
             insp = jobs.inspect(config, name, conn, local)
-        except NotHereError as e:
-            checks.append(Check(night, f"{name}: eligible here", str(e)))
-            continue
         except DomuBackupError as e:
-            checks.append(Check(False, f"{name}: eligible here", str(e)))
+            checks.append(Check(night and isinstance(e, NotHereError), f"{name}: eligible here", str(e)))
             continue
         disks = ", ".join(f"{f.disk.target}={f.lv.vg}/{f.lv.lv}" for f in insp.facts)
         checks.append(Check(True, f"{name}: eligible here", f"{insp.domain.state}; disks {disks}"))
@@ -123,12 +118,7 @@ def domu_checks(config, names, conn, local, factory, peers_seen, night) -> list[
                           lambda: runner.run(["true"], timeout=30) and "connected")
                 checks.append(ok)
                 if ok.ok:
-                    def peer_tools(runner=runner):
-                        gone = missing_tools(runner, PEER_TOOLS)
-                        if gone:
-                            raise DomuBackupError(f"missing: {', '.join(gone)}")
-                        return "all present"
-                    checks.append(_try(f"tools on {peer}", peer_tools))
+                    checks.append(_try(f"tools on {peer}", lambda: tools_present(runner, PEER_TOOLS)))
             runner = peers_seen[peer]
             checks.append(_try(f"{name}: replica on {peer} (not running there, LVs present, same layout)",
                                lambda: (check_peer_state(name, settings, peer, runner),

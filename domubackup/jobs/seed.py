@@ -1,13 +1,13 @@
 """`domubackup seed DOMU`: the first full copy of each disk to the replica LV on the peer.
 
 Create the replica LV if missing (same VG/LV name and size), snapshot the origin, stream the
-snapshot block for block over the peer's SSH connection (zero blocks are sent as a 13-byte
-header, not as data, and zeroed there with BLKZEROOUT; compressible blocks travel zlib-compressed), then compare a checksum of both ends:
-the SHA-256 of the SHA-256 digests of every 4 MiB block, read back from the replica device
-(a block of zeros is recognised by a compare and gets the digest of zeros without hashing it,
-which makes a mostly empty disk cheap to check; every byte is still read and compared). The
-snapshots are journaled like a backup's, so a crash is cleaned by `cleanup`.
-"""
+snapshot block for block over the peer's SSH connection (a zero block is sent as a 13-byte
+header, not as data, and zeroed there with BLKZEROOUT; a compressible one travels
+zlib-compressed), then compare a checksum of both ends: the SHA-256 of the SHA-256 digests of
+every 4 MiB block, read back from the replica device (a block of zeros is recognised by a
+compare and gets the digest of zeros without hashing it: a mostly empty disk is cheap to check,
+every byte is still read and compared). The snapshots are journaled like a backup's, so a crash
+is cleaned by `cleanup`."""
 
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ import zlib
 
 from dataclasses import replace
 
-from ..core import commands as cmd
-from ..core import parsers
-from ..core import plan as planner
+from ..core import commands as cmd, parsers, plan as planner
 from ..core.errors import CommandError, PeerError, SnapshotError
 from .executor import Executor
+from .frame import run_job, ssh_runner
 from ..hosts.journal import Journal
 from ..core.model import RsyncStats
 
@@ -168,18 +167,14 @@ class BlockStream:
                 if not block:
                     raise SnapshotError(f"{self.path}: read ended at {offset} of {self.size} bytes")
                 if block == ZERO[:len(block)]:
-                    n = len(block)
-                    total.update(zero_digests.setdefault(n, hashlib.sha256(block).digest()))
-                    yield HEADER.pack(b"Z", offset, n)
+                    total.update(zero_digests.setdefault(len(block), hashlib.sha256(block).digest()))
+                    yield HEADER.pack(b"Z", offset, len(block))
                 else:
                     total.update(hashlib.sha256(block).digest())
                     packed = compressed(block)
-                    if packed is not None:
-                        yield HEADER.pack(b"C", offset, len(packed)) + packed
-                        sent += len(packed)
-                    else:
-                        yield HEADER.pack(b"D", offset, len(block)) + block
-                        sent += len(block)
+                    kind, data = (b"D", block) if packed is None else (b"C", packed)
+                    yield HEADER.pack(kind, offset, len(data)) + data
+                    sent += len(data)
                 offset += len(block)
                 if self.progress:
                     self.progress(offset, self.size, sent)
@@ -194,7 +189,6 @@ def plan_seed(domu: str, facts, settings, peers) -> planner.Plan:
     """On each peer: the DomU not running there, each replica LV ready (created when missing:
     it stays, it is the replica); then this host's snapshots; then each disk streamed to each
     peer (judged by the "seed" callback: the checksums of both ends)."""
-    plan = planner.Plan(domu)
     lanes = []
     for peer in peers:
         lane = [planner.check(peer, "peer-state", note=f"{domu} is not running on {peer}")]
@@ -206,14 +200,12 @@ def plan_seed(domu: str, facts, settings, peers) -> planner.Plan:
         for i, f in enumerate(facts):
             snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv))
             target = cmd.lv_path(f.lv.vg, f.lv.lv)
-            lanes[-1].append(planner.Step("seed", peer, receive_argv(target, f.lv.size), None,
-                                          note=f"{f.disk.target}: {snap} -> {peer}:{target}", then="seed",
-                                          waits=("snapshots",) if i == 0 else (), timeout=24 * 3600,
-                                          about=(f.disk.target,)))
+            lanes[-1].append(planner.Step("seed", peer, receive_argv(target, f.lv.size), None, then="seed",
+                                          note=f"{f.disk.target}: {snap} -> {peer}:{target}", timeout=24 * 3600,
+                                          waits=("snapshots",) if i == 0 else (), about=(f.disk.target,)))
     snaps = planner._mark_last(planner.snapshot_steps(facts, settings), "snapshots")
     snaps[0] = replace(snaps[0], waits=tuple(f"prepared:{p}" for p in peers))
-    plan.steps = snaps + [s for lane in lanes for s in lane]
-    return plan
+    return planner.Plan(domu, steps=snaps + [s for lane in lanes for s in lane])
 
 
 def seed(config, domu: str, conn, local, *, force=False, bars=None, catalog=None, log_path=None,
@@ -221,8 +213,6 @@ def seed(config, domu: str, conn, local, *, force=False, bars=None, catalog=None
     """`domubackup seed DOMU` as a job (jobs.run_job): its outcome's report has a line per
     replica prepared and per disk copied. ``bars`` (a progress.Progress, on a terminal) draws
     a bar per disk and peer."""
-    from .frame import run_job, ssh_runner
-
     return run_job(config, domu, "seed", conn, local, lambda job: Seed(job, force=force, bars=bars).run(),
                    factory=factory or ssh_runner, catalog=catalog, log_path=log_path)
 
@@ -234,10 +224,9 @@ class Seed:
 
     def run(self) -> None:
         job = self.job
-        journal = Journal.create(job.config.state_dir, job.domu, ",".join(job.insp.peers))
-        ex = Executor(journal, job.runners, timeout=job.settings.command_timeout,
-                      checks={"peer-state": job.check_peer_state, "replica": self._replica},
-                      callbacks={"seed": self._seeded}, feed=self._feed)
+        ex = Executor(Journal.create(job.config.state_dir, job.domu, ",".join(job.insp.peers)), job.runners,
+                      timeout=job.settings.command_timeout, feed=self._feed, callbacks={"seed": self._seeded},
+                      checks={"peer-state": job.check_peer_state, "replica": self._replica})
         try:
             with ex.closing():
                 ex.run(plan_seed(job.domu, job.insp.facts, job.settings, job.insp.peers).steps)
