@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from .errors import ConfigError, NotEligibleError
 from .freezing import MODES, POLICIES
 from .model import LOCAL
+from .retention import Retention
 
 DEFAULT_PATH = "/etc/domubackup/domubackup.toml"
 EXAMPLE_PATH = "/usr/share/doc/domubackup/examples/domubackup.toml"  # the Debian package's copy
@@ -90,6 +91,8 @@ class Settings:
     freeze_mountpoints: tuple[str, ...] = ()
     freeze_on_failure: str = "fail"
     job_hook: str = ""  # executable called at job-start, backup-start, backup-end, backup-abort, job-end
+    retention: Retention | None = None  # [retention]: restore points on the peer after each OK run; None: none
+    point_size: str = "20%ORIGIN"  # the size of a thick replica's restore point (a thin one needs none)
     ssh: SSHSettings = field(default_factory=SSHSettings)
     rsync: RsyncSettings = field(default_factory=RsyncSettings)
 
@@ -181,6 +184,13 @@ class _Checker:
             current = getattr(base, key)
             if key == "mounts":
                 changes[key] = self.mounts(name, raw)
+            elif key == "retention":
+                if not isinstance(raw, dict):
+                    raise self.fail(name, "expected a table like [retention] keep_last = 7")
+                try:
+                    changes[key] = Retention.from_mapping(raw)
+                except ConfigError as e:
+                    raise ConfigError(f"{self.path}: {name}: {e.message.removeprefix('retention: ')}", hint=e.hint) from None
             elif isinstance(current, (SSHSettings, RsyncSettings)):
                 changes[key] = self.dataclass_from(name, raw, current)
             else:
@@ -204,6 +214,8 @@ class _Checker:
         if not SIZE_RE.match(s.snapshot_size):
             raise self.fail(f"{prefix}snapshot_size",
                             f"expected a size like '1G', '512M' or '20%ORIGIN', got {s.snapshot_size!r}")
+        if not SIZE_RE.match(s.point_size):
+            raise self.fail(f"{prefix}point_size", f"expected a size like '2G' or '20%ORIGIN', got {s.point_size!r}")
         if not SIZE_RE.match(s.snapshot_extend_by):
             raise self.fail(f"{prefix}snapshot_extend_by",
                             f"expected a size like '256M', got {s.snapshot_extend_by!r}")

@@ -29,6 +29,7 @@ class Domain:
     state_reason: int = 0
     hypervisor: str | None = None  # xen, kvm, test
     disks: tuple[Disk, ...] = ()
+    xml: str = field(default="", repr=False, compare=False)  # as libvirt gave it (kept beside each restore point)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import shlex
 from dataclasses import dataclass, field, replace
 
 from . import commands as cmd
+from . import points as pts
 from .config import Settings
 from .errors import InspectError
 from .layout import FSTAB, UNPLACED, fallback_mounts, mountable, mounts_from_config, mounts_from_fstab, root_candidate, sort_mounts
@@ -29,9 +30,10 @@ class Plan:
     skipped: list[str] = field(default_factory=list)  # "xvdc: reason"
     notes: list[str] = field(default_factory=list)
     mounts: list[Mount] | None = None  # where each filesystem goes; None: decided by the guest's fstab
+    after: list[Step] = field(default_factory=list)  # once the run ended OK and was torn down: the points phase
 
     def to_json(self) -> list[dict]:
-        return [s.to_json() for s in self.steps]
+        return [s.to_json() for s in self.steps] + [dict(s.to_json(), after_teardown=True) for s in self.after]
 
 
 # --- steps --------------------------------------------------------------------------------
@@ -170,8 +172,12 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
     # On a peer nothing is opened before this host's checks passed ("checked"); with a freeze
     # window, nothing of ours competes with it: the peer waits for the snapshots.
     waits = ("snapshots",) if frozen else ("checked",)
+    replicas = [(f.lv.vg, f.lv.lv) for f in facts]
     lanes = [s for peer in peers for s in (peer_checks(domu, peer, waits=waits, frozen=frozen)
+                                           + ([] if verify else [pts.mark_writing(domu, peer, replicas)])
                                            + map_steps(facts, settings, peer, snapshot=False))]
+    if settings.retention is not None and not verify:
+        plan.after = [pts.listing(domu, peer) for peer in peers]
     if mounts is None and settings.mounts:
         mounts = mounts_from_config(facts, settings)
     root = root_candidate(facts, settings) if mounts is None else None
@@ -296,7 +302,8 @@ def describe(plan: Plan) -> str:
             what = "check " + " ".join(s.check) if s.check else shlex.join(s.argv)
             lines.append(f"{i:5}. [{s.phase}] {what}" + (f"   (after {', '.join(s.waits)})" if s.waits else ""))
             for label, value in (("#", s.note), ("undo:", s.undo and shlex.join(s.undo)),
-                                 ("decides:", s.then if s.then == "fstab" else ""), ("reaches:", s.mark)):
+                                 ("decides:", s.then if s.then in ("fstab", "points") else ""),
+                                 ("reaches:", s.mark)):
                 if value:
                     lines.append(f"         {label} {value}")
     for s in plan.skipped:
@@ -308,4 +315,9 @@ def describe(plan: Plan) -> str:
         lines.append("Teardown (each host in reverse order, the hosts at once):")
         for host, u in undo:
             lines.append(f"     on {host}: {shlex.join(u)}")
+    if plan.after:
+        lines.append("Then, once the run ended OK and nothing is mounted (restore points, [retention]):")
+        for s in plan.after:
+            lines += [f"     on {s.host}: [{s.phase}] {shlex.join(s.argv)}", f"         # {s.note}",
+                      f"         decides: {s.then}"]
     return "\n".join(lines)

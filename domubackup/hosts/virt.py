@@ -49,7 +49,7 @@ def describe(dom, *, include=(), exclude=()) -> Domain:
         raise LibvirtError(f"{dom.name()}: cannot read state or XML: {e.get_error_message()}") from None
     name, hypervisor, disks = parse_domain_xml(xml, include=include, exclude=exclude)
     return Domain(name=name or dom.name(), state=STATES.get(state, f"state {state}"),
-                  state_reason=reason, hypervisor=hypervisor, disks=disks)
+                  state_reason=reason, hypervisor=hypervisor, disks=disks, xml=xml)
 
 
 def running_domains(conn) -> list[str]:

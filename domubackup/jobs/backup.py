@@ -95,6 +95,22 @@ class Backup:
                 if self._meter is not None:  # a transfer that failed
                     self._meter.close()
             self._judge()
+        if plan.after and out.status == "OK":
+            self._point(plan.after)
+
+    def _point(self, steps) -> None:
+        """The replicas are complete and nothing is mounted: make this run's restore point."""
+        from .points import PointsPhase
+
+        phase = PointsPhase(self.job, getattr(self.out.freeze, "level", None) or "crash")
+        try:
+            phase.run(steps)
+        except DomuBackupError as e:
+            raise DomuBackupError(f"{self.domu}: the replica is complete, but its restore point {phase.point} "
+                                  f"was not made: {e}", hint="`domubackup points` shows what there is") from e
+        self.out.point = phase.point
+        log.info("%s: restore point %s made on %s%s", self.domu, phase.point, ", ".join(self.insp.peers),
+                 f"; pruned {', '.join(phase.pruned)}" if phase.pruned else "")
 
     def _snapshots(self, ex) -> None:
         """The snapshots exist (and the guest is thawed): watch their fill level until the end."""

@@ -79,6 +79,7 @@ class Outcome:
     not_here: bool = False  # not defined / not running on this host (another Dom0's job)
     not_copied: list[str] = field(default_factory=list)  # PARTIAL: what of the guest was left out, why
     report: list[str] = field(default_factory=list)  # what the job tells: seed's lines, fsck's problems
+    point: str = ""  # the restore point this run made on its peers
 
     def summary(self) -> str:
         line = f"{self.domu}: {self.status} in {self.duration:.1f}s"
@@ -89,6 +90,8 @@ class Outcome:
             line += f", snapshot peak {self.snapshot_peak:.1f}%"
         if self.freeze is not None and self.freeze.mode != "none":
             line += f"; {self.freeze.summary.split(': ', 1)[1]}"
+        if self.point:
+            line += f"; restore point {self.point}"
         if self.not_copied:
             line += "; not copied: " + "; ".join(self.not_copied)
         if self.error:

@@ -77,6 +77,7 @@ def test_plan_json_of_xen_pv_domu_with_two_lv_disks(conf, fixtures, capsys):
         ("mount", "local", "domubackup", "/mnt/domubackup/source/web1"),
         ("mount", "local", "domubackup", "/mnt/domubackup/source/web1/srv"),
         ("mount", "local", "domubackup", "/mnt/domubackup/source/web1/var"),
+        ("peer-mark", "dom0b", "lvchange", "/dev/vg0/web1-srv"),
         ("peer-map", "dom0b", "kpartx", "/dev/vg0/web1-disk"),
         ("peer-mount", "dom0b", "mkdir", "/mnt/domubackup/target/web1"),
         ("peer-mount", "dom0b", "domubackup", "/mnt/domubackup/target/web1"),

@@ -191,14 +191,14 @@ def subparsers(parser):
 def test_every_command_and_option_has_help():
     parser = cli.build_parser()
     sub = subparsers(parser)
-    assert sorted(sub.choices) == ["check", "cleanup", "history", "plan", "run", "seed", "verify"]
+    assert sorted(sub.choices) == ["check", "cleanup", "history", "plan", "points", "prune", "run", "seed", "verify"]
     assert all(a.help for a in sub._choices_actions)  # the line in `domubackup --help`
     for name, p in [("domubackup", parser), *sub.choices.items()]:
         assert p.description, name
         for a in p._actions:
             assert a.help and a.help != argparse.SUPPRESS, (name, a.dest)
     assert {n for n, p in sub.choices.items() if any(a.dest == "json" for a in p._actions)} == {
-        "plan", "run", "verify", "check", "history"}
+        "plan", "run", "verify", "check", "history", "points"}
 
 
 ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"

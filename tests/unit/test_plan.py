@@ -61,6 +61,8 @@ EXPECTED = [
     ("mount", "local", "domubackup mount-in -- /mnt/domubackup/source/web1 /var /dev/mapper/vg0-web1--disk--snapp5 "
      "xfs ro,nodev,nosuid,noexec,nosymfollow,nouuid",
      "domubackup umount-in -- /mnt/domubackup/source/web1 /var /dev/mapper/vg0-web1--disk--snapp5"),
+    ("peer-mark", "dom0b", "lvchange --addtag dbk:writing --addtag dbk:domu:web1 /dev/vg0/web1-disk /dev/vg0/web1-srv",
+     None),
     ("peer-map", "dom0b", "kpartx -a -s -p p /dev/vg0/web1-disk", "kpartx -d -p p /dev/vg0/web1-disk"),
     ("peer-mount", "dom0b", "mkdir -p -- /mnt/domubackup/target/web1", "rmdir -- /mnt/domubackup/target/web1"),
     ("peer-mount", "dom0b", "domubackup mount-in --mkdir -- /mnt/domubackup/target/web1 / /dev/mapper/vg0-web1--diskp1 "

@@ -3,12 +3,14 @@ something (and the reads and transfers between them), run on each host by a back
 scripted hosts, equal the plan's steps and teardown for that host, in order, once the plan
 is given what the run decided (the mounts it read from the guest's fstab)."""
 
+import json
 from dataclasses import replace
 
 import pytest
 
 from domubackup.jobs import frame, backup as backup_job
 from domubackup.core import plan as planner
+from domubackup.core import points as pts
 from domubackup.core.config import parse_config
 from domubackup.core.model import LOCAL
 from domubackup.hosts.safepath import EXIT_MISSING
@@ -50,7 +52,7 @@ CAT = ("cat", "--", "/mnt/domubackup/source/web1/etc/fstab")
 
 
 @pytest.mark.parametrize("layout", ["fstab", "fstab-unplaced", "no-fstab", "config-mounts", "freeze", "two-peers",
-                                    "verify"])
+                                    "verify", "points"])
 def test_each_host_runs_exactly_the_plan(tmp_path, fixtures, monkeypatch, layout):
     config, local, peer, log = setup(tmp_path, fixtures)
     peers = ("dom0b",)
@@ -74,6 +76,15 @@ def test_each_host_runs_exactly_the_plan(tmp_path, fixtures, monkeypatch, layout
         peers = ("dom0b", "dom0c")
         monkeypatch.setattr(test_pipeline, "_inspect", lambda c, n, r, on_eligible=None: replace(
             _inspect(c, n, r, on_eligible), peers=peers))
+    if layout == "points":  # a restore point after the run; keep_last = 1 prunes the older one
+        config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n'
+                              '[retention]\nkeep_last = 1\n', hostname="dom0a", default_uri="test:///x")
+        old = "20261101T031500Z"
+        rows = [{"vg_name": "vg0", "lv_name": lv, "origin": "", "pool_lv": "", "lv_attr": "owi-a-s---",
+                 "lv_size": "1073741824", "snap_percent": "", "lv_tags": "dbk:domu:web1"} for lv in ("web1-disk", "web1-srv")]
+        rows += [dict(r, lv_name=f"{r['lv_name']}.{old}", origin=r["lv_name"], lv_attr="swi-a-s---", snap_percent="2.0",
+                      lv_tags=f"dbk:point,dbk:domu:web1,dbk:time:{old},dbk:disks:2,dbk:state:good") for r in rows]
+        peer.probes[pts.lvs_of("web1")] = (0, json.dumps({"report": [{"lv": rows}]}), "")
     local.probes[CAT] = (EXIT_MISSING, "", "read-in: no such file\n") if layout == "no-fstab" else (0, text, "")
     hosts = {"dom0b": peer, "dom0c": third} if layout == "two-peers" else {"dom0b": peer}
     monkeypatch.setattr(frame, "inspect", lambda c, n, conn, r, on_eligible=None: test_pipeline._inspect(
@@ -83,7 +94,20 @@ def test_each_host_runs_exactly_the_plan(tmp_path, fixtures, monkeypatch, layout
     assert (out.status, out.exit_code) == ("OK", 0), out.summary()
     fstab = {"no-fstab": planner.MISSING, "config-mounts": False}.get(layout, text)
     plan = decided_plan(config, local, peers, fstab, frozen=layout == "freeze", verify=layout == "verify")
+    after = []
+    if layout == "points":  # then, torn down: the point phase's listing decided these
+        lvs = pts.parse_lvs(peer.probes[pts.lvs_of("web1")][1])
+        replicas = [lv for lv in lvs if pts.POINT not in lv.tags]
+        after = [s.argv for s in pts.point_steps("web1", "dom0b", replicas, out.point, disks=["xvda", "xvdb"],
+                                                 size="20%ORIGIN", consistency="crash")
+                 + [pts.keep_xml("dom0b", f"{tmp_path}/points/web1", out.point)]
+                 + pts.prune_steps("dom0b", pts.points_of(lvs), f"{tmp_path}/points/web1")]
+        after = [x for a in after for x in ([a[:2] + (lv,) for lv in a[2:]] if a[0] == "lvremove" else [a])]
+        assert [s.then for s in plan.after] == ["points"] and out.point
+    else:
+        assert plan.after == [] and not out.point
     for host in (LOCAL, *peers):
-        assert effects(log, host if host != LOCAL else "dom0a") == planned(plan, host), host
+        assert effects(log, host if host != LOCAL else "dom0a") == planned(plan, host) + (
+            after if host == "dom0b" else []), host
     if layout != "config-mounts":  # the run mounted the root and read the fstab: a decision
         assert [s.then for s in plan.steps if s.phase == "inspect"] == ["fstab"]
