@@ -104,7 +104,7 @@ def outcome_json(out, started: float, ended: float, log_path: str | None) -> dic
     return {"domu": out.domu, "status": out.status, "exit_code": out.exit_code, "started": _iso(started),
             "ended": _iso(ended), "duration_seconds": round(out.duration, 3), "bytes_sent": out.stats.bytes_sent,
             "files": out.stats.files, "total_size": out.stats.total_size, "snapshot_peak_percent": out.snapshot_peak,
-            "not_copied": list(out.not_copied), "error": out.error, "log_path": log_path}
+            "not_copied": list(out.not_copied), "error": out.error, "log_path": log_path, "point": out.point or None}
 
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?(?:Z|[+-]\d{2}:\d{2})?")

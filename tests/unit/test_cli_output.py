@@ -203,7 +203,7 @@ def test_every_command_and_option_has_help():
 
 ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 OUTCOME_KEYS = ["domu", "status", "exit_code", "started", "ended", "duration_seconds", "bytes_sent", "files",
-                "total_size", "snapshot_peak_percent", "not_copied", "error", "log_path"]
+                "total_size", "snapshot_peak_percent", "not_copied", "error", "log_path", "point"]
 
 
 def test_outcome_json_has_stable_keys_utc_times_and_raw_numbers():
@@ -215,7 +215,7 @@ def test_outcome_json_has_stable_keys_utc_times_and_raw_numbers():
         "domu": "web1", "status": "PARTIAL", "exit_code": 5, "started": "2023-11-14T22:13:20Z",
         "ended": "2023-11-14T22:13:32Z", "duration_seconds": 12.346, "bytes_sent": 100, "files": 3,
         "total_size": 4096, "snapshot_peak_percent": 2.5, "not_copied": ["xvdb (ext4): not in the guest's fstab"],
-        "error": "", "log_path": "/s/log/web1.log"}
+        "error": "", "log_path": "/s/log/web1.log", "point": None}
     assert list(outcome_json(out, 0, 0, None)) == OUTCOME_KEYS
 
 
