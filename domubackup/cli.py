@@ -12,12 +12,12 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import asdict
 
-from . import __version__
+from . import __version__, cli_points
 from .core import config as cfg
 from .jobs import backup, frame
 from .hosts import logs, virt
 from .core.errors import (EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERNAL, EXIT_NOT_ELIGIBLE, EXIT_OK, EXIT_PARTIAL,
-                     EXIT_SIGNAL, EXIT_TEARDOWN, EXIT_USAGE, ConfigError, DomuBackupError, Interrupted, UsageError,
+                     EXIT_SIGNAL, EXIT_TEARDOWN, EXIT_USAGE, DomuBackupError, Interrupted, UsageError,
                      signal_exit)
 from .core.plan import describe
 from .core.report import format_history, history_json, last_ok_text, outcome_json, parse_since
@@ -121,15 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     json_option(sh_, "the runs")
     sh_.add_argument("--since", metavar="WHEN", help="only runs started since: 2026-11-20, 2026-11-20T10:00, 24h, 7d, 2w")
     sh_.add_argument("--limit", type=int, metavar="N", help="at most N runs")
-    sp_ = command("points", "the restore points of DomUs, on this host and on their peers",
-                  "Read from the LV tags on each host: a peer lists what it holds even when the DomU's own Dom0 is gone.")
-    sp_.add_argument("domus", nargs="*", metavar="DOMU", help="only these DomUs (default: every configured one)")
-    json_option(sp_, "the points")
-    spr = command("prune", "remove the restore points that the [retention] rules do not keep",
-                  "Proxmox Backup Server's rules (keep_last, keep_daily, ...), on this host and on the peers; "
-                  "every OK run prunes too.")
-    spr.add_argument("domus", nargs="*", metavar="DOMU", help="only these DomUs (default: every configured one)")
-    spr.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    cli_points.add_parsers(command, json_option)
     sc = command("cleanup", "undo what a dead run left behind (its journal), on both hosts",
                  "The next run does it by itself too.")
     sc.add_argument("domus", nargs="*", metavar="DOMU", help="DomUs to clean up (default: every DomU with a journal)")
@@ -180,7 +172,7 @@ def _main(argv, *, local_runner, hostname) -> int:
         runner = local_runner or _local_runner(config)
         command = {"plan": cmd_plan, "run": cmd_run, "cleanup": cmd_cleanup, "seed": cmd_seed,
                    "verify": cmd_verify, "check": cmd_check, "history": cmd_history,
-                   "points": cmd_points, "prune": cmd_prune}.get(args.command)
+                   **cli_points.COMMANDS}.get(args.command)
         if command is None:
             raise UsageError(f"unknown command {args.command}")
         return command(config, args, runner)
@@ -456,52 +448,6 @@ def cmd_cleanup(config, args, runner) -> int:
             say(f"{name}: nothing to clean up")
     if not names:
         say("nothing to clean up")
-    return worst(codes)
-
-
-def _on_point_hosts(config, args, runner, work):
-    """WORK's answers from every host that may hold the named DomUs' points; a host's error is
-    said on stderr (the others still answer). Returns (answers, exit codes)."""
-    from .jobs import points
-
-    answers, codes = [], [EXIT_OK]
-    for domu, host, answer, error in points.on_hosts(config, args.domus, runner, frame.ssh_runner, work):
-        if error is not None:
-            say(f"domubackup: {domu}: {host}: {error}", file=sys.stderr)
-            codes.append(error.exit_code)
-        else:
-            answers.append((domu, host, answer))
-    return answers, codes
-
-
-def cmd_points(config, args, runner) -> int:
-    from .jobs import points
-
-    answers, codes = _on_point_hosts(config, args, runner, lambda domu, host, r: points.host_points(r, domu))
-    rows = [dict(p.to_json(), domu=domu, host=host) for domu, host, (found, _) in answers for p in found]
-    if args.json:
-        say(json.dumps(rows, indent=2))
-        return worst(codes)
-    say(points.format_points(rows))
-    for domu, host, (_, writing) in answers:
-        for lv in writing:
-            say(f"{domu}: {host}: the replica {lv} is being written, or the last run that wrote it did not end OK")
-    return worst(codes)
-
-
-def cmd_prune(config, args, runner) -> int:
-    from .jobs import points
-
-    for domu in args.domus:
-        if config.settings_for(domu).retention is None:
-            raise ConfigError(f"{config.path}: no [retention] for {domu}: nothing says which points to keep",
-                              hint="add a [retention] table (e.g. keep_last = 7), or [domu.NAME.retention]")
-    args.domus = args.domus or [d for d in config.domus if config.settings_for(d).retention is not None]
-    answers, codes = _on_point_hosts(config, args, runner, lambda domu, host, r: points.prune_host(
-        config, domu, host, r, dry_run=args.dry_run))
-    for domu, host, decided in answers:
-        for name, keep, why in decided:
-            say(f"{domu}: {host}: {'keeps' if keep else 'would remove' if args.dry_run else 'removed'} {name} ({why})")
     return worst(codes)
 
 

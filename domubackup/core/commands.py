@@ -34,8 +34,17 @@ def lvextend(vg: str, lv: str, by: str) -> tuple[str, ...]:
     return ("lvextend", "--size", f"+{by}", lv_path(vg, lv))
 
 
-def kpartx_add(dev: str, sep: str) -> tuple[str, ...]:
-    return ("kpartx", "-a", "-s", "-p", sep, dev)
+def kpartx_add(dev: str, sep: str, *, read_only: bool = False) -> tuple[str, ...]:
+    return ("kpartx", "-a", *(("-r",) if read_only else ()), "-s", "-p", sep, dev)
+
+
+def lv_activate(path: str) -> tuple[str, ...]:
+    """Activate an LV even when it has the activation-skip flag (a thin snapshot has it)."""
+    return ("lvchange", "--activate", "y", "--ignoreactivationskip", path)
+
+
+def lv_deactivate(path: str) -> tuple[str, ...]:
+    return ("lvchange", "--activate", "n", path)
 
 
 def kpartx_list(dev: str, sep: str) -> tuple[str, ...]:
@@ -152,6 +161,23 @@ def rsync(source_dir: str, peer: str, target_dir: str, rs: RsyncSettings, ssh: S
     argv += ["--stats", *extra, "-e", shlex.join(ssh_command(ssh, peer))]
     argv += [source_dir.rstrip("/") + "/", f"{address}:{target_dir.rstrip('/')}/"]
     return tuple(argv)
+
+
+def rsync_device(source: str, target: str, ssh: SSHSettings | None = None, host: str | None = None,
+                 rs: RsyncSettings | None = None) -> tuple[str, ...]:
+    """rsync of one block device into another (a point into a replica, or from HOST's point or
+    replica into an origin here): rsync reads both, sends only the blocks that differ and
+    writes them in place (a block that matches at its offset is not rewritten: a thin target
+    stays thin), and checks the whole-device checksum of what it wrote. SOURCE may be a
+    symlink (-L); TARGET must be the device node itself (rsync would replace a symlink)."""
+    remote = ()
+    if host is not None:
+        address = ssh.endpoint(host)[0]
+        source = f"[{address}]:{source}" if ":" in address else f"{address}:{source}"
+        remote = ("-e", shlex.join(ssh_command(ssh, host)))
+    limits = (f"--bwlimit={rs.bwlimit}",) if rs is not None and rs.bwlimit else ()
+    return ("rsync", "--copy-devices", "--write-devices", "--inplace", "--no-whole-file", "--ignore-times",
+            "--copy-links", "--stats", *limits, *remote, source, target)
 
 
 def fsck_readonly(fstype: str, dev: str) -> tuple[str, ...] | None:

@@ -116,6 +116,11 @@ class PeerError(DomuBackupError):
     """The peer Dom0 cannot be reached or refuses us (SSH, host key, libvirt)."""
 
 
+class PeerUnreachable(PeerError):
+    """Nothing answers at the peer's address (refused, timed out, name unknown): a failover
+    takes such a Dom0 as down; an answer of any kind (a host key, an auth failure) is not."""
+
+
 class SnapshotError(DomuBackupError):
     """The snapshot cannot be created, filled up, or became invalid."""
 

@@ -226,11 +226,12 @@ class Journal:
         self._lock = threading.RLock()  # the peer check thread records its steps too
 
     @classmethod
-    def create(cls, state_dir, domu: str, peer: str) -> "Journal":
-        """Start the journal of a run; refuses when an earlier run left one behind."""
-        path = state_file(state_dir, "journal", domu, "json")
+    def create(cls, state_dir, domu: str, peer: str, kind: str = "journal") -> "Journal":
+        """Start the journal of a run; refuses when an earlier run left one behind. KIND
+        "mounts": what `domubackup mount` keeps open until `umount` (no run's, no cleanup's)."""
+        path = state_file(state_dir, kind, domu, "json")
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        old = cls.load(state_dir, domu)
+        old = cls.load(state_dir, domu, kind)
         if old is not None:
             raise TeardownError(
                 f"an earlier run of {domu} (PID {old.pid}, started {old.started}) left "
@@ -242,8 +243,8 @@ class Journal:
         return journal
 
     @classmethod
-    def load(cls, state_dir, domu: str) -> "Journal | None":
-        path = state_file(state_dir, "journal", domu, "json")
+    def load(cls, state_dir, domu: str, kind: str = "journal") -> "Journal | None":
+        path = state_file(state_dir, kind, domu, "json")
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 if TYPE_CHECKING:
     import paramiko
 
-from ..core.errors import CommandError, PeerError
+from ..core.errors import CommandError, PeerError, PeerUnreachable
 from .runner import ENV_NAME, FEED_JOIN, KILL_AFTER, REMOTE_GRACE, Runner, _not_installed, _seconds, _text
 
 log = logging.getLogger("domubackup.run")
@@ -101,13 +101,13 @@ class SSHRunner(Runner):
                          f"`ssh-keyscan -p {self.port} {self.address} >> {self.known_hosts}`") from exc
             raise PeerError(f"SSH to {self._where} failed: {exc}") from exc
         except socket.gaierror as exc:
-            raise PeerError(f"cannot resolve peer host name {self.address}: {exc.strerror}") from exc
+            raise PeerUnreachable(f"cannot resolve peer host name {self.address}: {exc.strerror}") from exc
         except (TimeoutError, socket.timeout) as exc:
-            raise PeerError(f"connection to {self._where} timed out after "
+            raise PeerUnreachable(f"connection to {self._where} timed out after "
                             f"{self.connect_timeout:g}s") from exc
         except paramiko.ssh_exception.NoValidConnectionsError as exc:
             cause = "; ".join(sorted({e.strerror or str(e) for e in exc.errors.values()}))
-            raise PeerError(f"cannot connect to {self._where}: {cause}",
+            raise PeerUnreachable(f"cannot connect to {self._where}: {cause}",
                             hint="is sshd running there and the port right?") from exc
         except OSError as exc:
             raise PeerError(f"cannot connect to {self._where}: {exc.strerror or exc}") from exc

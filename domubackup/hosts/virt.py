@@ -68,3 +68,15 @@ def selected_domus(config, names, conn) -> list[str]:
     if config.backup_all_running:
         names += [n for n in running_domains(conn) if n not in names]
     return names
+
+
+def define(conn, xml: str, *, start: bool) -> str:
+    """Define a domain from XML (and start it); returns its state as libvirt then tells."""
+    try:
+        dom = conn.defineXML(xml)
+        if start:
+            dom.create()
+        return STATES.get(dom.state()[0], "unknown")
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"cannot {'define and start' if start else 'define'} the domain: "
+                           f"{e.get_error_message()}", hint="see the libvirt log of this host") from None

@@ -31,8 +31,43 @@ log = logging.getLogger("domubackup")
 CHUNK = 4 * 1024 * 1024
 HEADER = struct.Struct(">cQI")  # kind (D data / C zlib data / Z zeros), offset, length
 
+# `python3 -c DIGEST DEV SIZE` prints the SHA-256 of the SHA-256 digests of the 4 MiB blocks of
+# the first SIZE bytes of DEV, read from the device itself (O_DIRECT where it can). The checksum
+# of seed, restore and rollback on either host; BlockStream computes the same while it reads.
+READBACK = r"""
+# read back from the device itself (O_DIRECT: not what the page cache remembers)
+total, zd = hashlib.sha256(), {}
+try:
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+except OSError:
+    fd = os.open(dev, os.O_RDONLY)
+buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
+off = 0
+while off < size:
+    try:
+        got = os.preadv(fd, [memoryview(buf)[:min(CHUNK, size - off)]], off)
+    except OSError:  # O_DIRECT refused this size: the rest without it
+        os.close(fd)
+        fd = os.open(dev, os.O_RDONLY)
+        got = os.preadv(fd, [memoryview(buf)[:min(CHUNK, size - off)]], off)
+    if not got:
+        break
+    b = buf[:got]
+    if b == zero[:got]:
+        total.update(zd.setdefault(got, hashlib.sha256(b).digest()))
+    else:
+        total.update(hashlib.sha256(b).digest())
+    off += got
+print(total.hexdigest())
+"""
+DIGEST = r"""
+import hashlib, mmap, os, sys
+dev, size = sys.argv[1], int(sys.argv[2])
+CHUNK = 4 << 20
+zero = bytes(CHUNK)""" + READBACK
+
 # Runs on the peer as `python3 -c RECEIVER DEV SIZE`: writes what arrives on stdin at its
-# offsets, fsyncs, then prints the SHA-256 of the first SIZE bytes of DEV.
+# offsets, fsyncs, then prints DIGEST of DEV.
 RECEIVER = r"""
 import fcntl, hashlib, mmap, os, struct, sys, zlib
 dev, size = sys.argv[1], int(sys.argv[2])
@@ -73,32 +108,8 @@ while True:
     else:
         zero_out(fd, off, n)
 os.fsync(fd)
-os.close(fd)
-# read back from the device itself (O_DIRECT: not what the page cache remembers)
-total, zd = hashlib.sha256(), {}
-try:
-    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
-except OSError:
-    fd = os.open(dev, os.O_RDONLY)
-buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
-off = 0
-while off < size:
-    try:
-        got = os.preadv(fd, [memoryview(buf)[:min(CHUNK, size - off)]], off)
-    except OSError:  # O_DIRECT refused this size: the rest without it
-        os.close(fd)
-        fd = os.open(dev, os.O_RDONLY)
-        got = os.preadv(fd, [memoryview(buf)[:min(CHUNK, size - off)]], off)
-    if not got:
-        break
-    b = buf[:got]
-    if b == zero[:got]:
-        total.update(zd.setdefault(got, hashlib.sha256(b).digest()))
-    else:
-        total.update(hashlib.sha256(b).digest())
-    off += got
-print(total.hexdigest())
-"""
+os.close(fd)""" + READBACK
+
 
 ZERO = bytes(CHUNK)
 
@@ -183,6 +194,10 @@ class BlockStream:
 
 def receive_argv(target: str, size: int) -> tuple[str, ...]:
     return ("python3", "-c", RECEIVER, target, str(size))
+
+
+def digest_argv(dev: str, size: int) -> tuple[str, ...]:
+    return ("python3", "-c", DIGEST, dev, str(size))
 
 
 def plan_seed(domu: str, facts, settings, peers) -> planner.Plan:

@@ -37,6 +37,91 @@ def srv_file_in_point(lab, point):
     return None if r.stdout.strip() == "MISSING" else r.stdout
 
 
+def sha256(lab, vm, lv):
+    """The SHA-256 of a whole LV on VM (a thin point activated for it, and deactivated)."""
+    thin = "." in lv and vm == "dom0b"
+    if thin:
+        lab.ssh(vm, ["lvchange", "-q", "-ay", "-K", f"vg0/{lv}"])
+    try:
+        return lab.ssh(vm, ["sha256sum", f"/dev/vg0/{lv}"]).stdout.split()[0]
+    finally:
+        if thin:
+            lab.ssh(vm, ["lvchange", "-q", "-an", f"vg0/{lv}"])
+
+
+def mounted(lab, where):
+    """{mount point: options} of what is mounted at or under WHERE on dom0b."""
+    out = lab.ssh("dom0b", ["findmnt", "-rn", "-R", "-o", "TARGET,OPTIONS", where], check=False).stdout
+    return dict(line.split() for line in out.splitlines())
+
+
+def ways_back(lab, made):
+    """mount (a point, the replica), rollback on dom0b; restore on dom0a. Points 2 and 3 exist;
+    the test file is in point 2 only."""
+    p2 = made[1]
+    lab.ssh("dom0b", "mkdir -p /mnt/p2")
+    r = domubackup(lab, "mount", "web1", "--point", p2, "/mnt/p2", vm="dom0b")
+    assert r.returncode == 0 and "mounted read-only at /mnt/p2" in r.stdout, r.stdout + r.stderr
+    assert lab.ssh("dom0b", ["cat", f"/mnt/p2/srv/{SRV_FILE}"]).stdout == "two\n"
+    found = mounted(lab, "/mnt/p2")
+    assert set(found) == {"/mnt/p2", "/mnt/p2/srv", "/mnt/p2/var"}, found
+    assert all(o.split(",")[0] == "ro" and "nosymfollow" in o and "nodev" in o for o in found.values()), found
+    assert lab.ssh("dom0b", ["touch", "/mnt/p2/srv/new"], check=False).returncode != 0
+    r = domubackup(lab, "mount", "web1", "/mnt/p2", vm="dom0b")
+    assert r.returncode == 1 and "mounted already" in r.stderr, r.stdout + r.stderr
+    r = domubackup(lab, "umount", "web1", vm="dom0b")
+    assert r.returncode == 0 and "unmounted" in r.stdout, r.stdout + r.stderr
+    assert mounted(lab, "/mnt/p2") == {}
+    active = lab.ssh("dom0b", ["lvs", "--noheadings", "-o", "lv_active", f"vg0/web1-srv.{p2}"]).stdout.strip()
+    assert active == "", active
+    # the replica itself (run 3: the file is gone); rollback is refused while it is mounted
+    r = domubackup(lab, "mount", "web1", "/mnt/p2", vm="dom0b")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert lab.ssh("dom0b", ["test", "-e", f"/mnt/p2/srv/{SRV_FILE}"], check=False).returncode == 1
+    r = domubackup(lab, "rollback", "web1", "--point", p2, vm="dom0b")
+    assert r.returncode == 1 and "is open on dom0b" in r.stderr, r.stdout + r.stderr
+    assert domubackup(lab, "umount", "web1", vm="dom0b").returncode == 0
+
+    # rollback to point 2: the replica equals it block for block, and is not marked as written
+    r = domubackup(lab, "rollback", "web1", "--point", p2, vm="dom0b")
+    assert r.returncode == 0 and f"is now restore point {p2}" in r.stdout, r.stdout + r.stderr
+    assert r.stdout.count("matches on both ends") == 2, r.stdout
+    for lv in ("web1-disk", "web1-srv"):
+        assert sha256(lab, "dom0b", lv) == sha256(lab, "dom0b", f"{lv}.{p2}"), lv
+        assert "dbk:writing" not in tags(lab, lv)
+
+    # restore on dom0a: refused while web1 runs there; shut off, point 2 comes back into its LVs
+    r = domubackup(lab, "restore", "web1", "--point", p2)
+    assert r.returncode == 1 and "web1 is running on dom0a: refusing" in r.stderr, r.stdout + r.stderr
+    node = "/etc/domubackup/lab-node.xml"
+    lab.ssh("dom0a", f"cp {node} /tmp/node.keep && sed -i 's|<test:runstate>1<|<test:runstate>5<|' {node}")
+    try:
+        guest_srv(lab, "echo after > later.txt")  # the origin moved on since point 2
+        r = domubackup(lab, "restore", "web1", "--point", p2)
+        assert r.returncode == 0 and f"now hold restore point {p2} of dom0b" in r.stdout, r.stdout + r.stderr
+    finally:
+        lab.ssh("dom0a", f"mv /tmp/node.keep {node}")
+    for lv in ("web1-disk", "web1-srv"):
+        assert sha256(lab, "dom0a", lv) == sha256(lab, "dom0b", f"{lv}.{p2}"), lv
+    assert "dbk:restoring" not in lab.ssh("dom0a", ["lvs", "-o", "lv_tags", "vg0"]).stdout
+
+
+def failover(lab, newest):
+    """On dom0b: refused while dom0a runs web1; with dom0a unreachable, web1 is defined from the
+    XML kept with the newest good point and started through libvirt (the test driver)."""
+    r = domubackup(lab, "failover", "web1", vm="dom0b")
+    assert r.returncode == 1 and "web1 is running on dom0a" in r.stderr, r.stdout + r.stderr
+    conf = "/etc/domubackup/domubackup.toml"
+    lab.ssh("dom0b", f"cp {conf} /tmp/conf.keep && printf '\\n[dom0.dom0a]\\naddress = \"127.0.0.9\"\\n' >> {conf}")
+    try:
+        r = domubackup(lab, "failover", "web1", vm="dom0b")
+    finally:
+        lab.ssh("dom0b", f"mv /tmp/conf.keep {conf}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "dom0a: does not answer" in r.stdout and "taken as down" in r.stdout, r.stdout
+    assert f"defined from {STATE}/points/web1/{newest}.xml and started (libvirt: running)" in r.stdout, r.stdout
+
+
 def test_points_retention_peer_listing_prune_kill_and_overflow(fresh):
     lab = fresh
     # dom0b: web1-srv's replica becomes a thin LV (same content), web1-disk stays thick
@@ -70,6 +155,7 @@ def test_points_retention_peer_listing_prune_kill_and_overflow(fresh):
         # the file deleted before run 3 is still in point 2, byte-equal, and not in point 3
         assert srv_file_in_point(lab, made[1]) == "two\n"
         assert srv_file_in_point(lab, made[2]) is None
+        ways_back(lab, made)
 
         # the peer alone knows its points (the source may be gone): dom0b lists them itself
         assert [(p["name"], p["host"]) for p in points(lab, vm="dom0b")] == [(made[2], "dom0b"), (made[1], "dom0b")]
@@ -92,6 +178,7 @@ def test_points_retention_peer_listing_prune_kill_and_overflow(fresh):
         assert [(p["name"], p["status"]) for p in points(lab)] == [(made[2], "GOOD")]
         assert "dbk:state:pending" not in lab.ssh("dom0b", ["lvs", "-o", "lv_tags", "@dbk:point"]).stdout
 
+        failover(lab, made[2])
         # a thick point that overflows: written past its 160 MiB behind the tool's back
         lab.ssh("dom0b", "dd if=/dev/urandom of=/dev/vg0/web1-disk bs=1M seek=600 count=200 conv=fsync status=none")
         listed = points(lab)

@@ -191,7 +191,8 @@ def subparsers(parser):
 def test_every_command_and_option_has_help():
     parser = cli.build_parser()
     sub = subparsers(parser)
-    assert sorted(sub.choices) == ["check", "cleanup", "history", "plan", "points", "prune", "run", "seed", "verify"]
+    assert sorted(sub.choices) == ["check", "cleanup", "failover", "history", "mount", "plan", "points", "prune", "restore",
+                                  "rollback", "run", "seed", "umount", "verify"]
     assert all(a.help for a in sub._choices_actions)  # the line in `domubackup --help`
     for name, p in [("domubackup", parser), *sub.choices.items()]:
         assert p.description, name

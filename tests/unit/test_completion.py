@@ -37,7 +37,7 @@ def complete(line, conf):
 def test_it_completes_commands_options_and_domus(tmp_path):
     conf = tmp_path / "d.toml"
     conf.write_text('dom0s = ["a", "b"]\n[domu.web1]\npeers = ["b"]\n[domu.db-2]\n# [domu.gone]\n[ssh]\n')
-    assert complete("domubackup r", conf) == ["run"]
+    assert complete("domubackup r", conf) == ["restore", "rollback", "run"]
     assert complete("domubackup -v h", conf) == ["history"]
     assert complete("domubackup run --d", conf) == ["--dry-run"]
     assert complete("domubackup run ", conf) == ["db-2", "web1"]
