@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import json
-from contextlib import closing
+import os
+from contextlib import closing, contextmanager
 
 from . import cli
 from .core.errors import EXIT_OK, ConfigError
@@ -89,9 +90,17 @@ def cmd_prune(config, args, runner) -> int:
     args.domus = args.domus or [d for d in config.domus if config.settings_for(d).retention is not None]
     answers, codes = _on_point_hosts(config, args, runner, lambda domu, host, r: points.prune_host(
         config, domu, host, r, dry_run=args.dry_run))
-    for domu, host, decided in answers:
+    for domu, host, (decided, _) in answers:
         for name, keep, why in decided:
             cli.say(f"{domu}: {host}: {'keeps' if keep else 'would remove' if args.dry_run else 'removed'} {name} ({why})")
+    if not args.dry_run:
+        with closing(cli.open_catalog(config)) as catalog:
+            for domu in args.domus:
+                ok = [(host, known) for d, host, (_, known) in answers if d == domu]
+                run_id = catalog.start("prune", domu, ",".join(h for h, _ in ok), os.getpid())
+                for host, known in ok:
+                    catalog.record_points(domu, host, **known)
+                catalog.finish(run_id, "OK" if len(ok) == 1 + len(config.peers_for(domu)) else "ERROR")
     return cli.worst(codes)
 
 
@@ -99,6 +108,19 @@ def _lines(lines) -> int:
     for line in lines:
         cli.say(line)
     return EXIT_OK
+
+
+@contextmanager
+def recorded(config, kind: str, domu: str, peer: str = ""):
+    """The command as a run of KIND in this host's catalog: OK, or ERROR with its message."""
+    with closing(cli.open_catalog(config)) as catalog:
+        run_id = catalog.start(kind, domu, peer, os.getpid())
+        try:
+            yield
+        except BaseException as e:
+            catalog.finish(run_id, "ERROR", error=str(e)[:2000])
+            raise
+        catalog.finish(run_id, "OK")
 
 
 def cmd_mount(config, args, runner) -> int:
@@ -116,20 +138,23 @@ def cmd_umount(config, args, runner) -> int:
 def cmd_rollback(config, args, runner) -> int:
     from .jobs import wayback
 
-    return _lines(wayback.rollback(config, args.domu, runner, args.point))
+    with recorded(config, "rollback", args.domu):
+        return _lines(wayback.rollback(config, args.domu, runner, args.point))
 
 
 def cmd_restore(config, args, runner) -> int:
     from .jobs import wayback
 
-    with closing(virt.connect(config.settings_for(args.domu).libvirt_uri)) as conn:
+    with closing(virt.connect(config.settings_for(args.domu).libvirt_uri)) as conn, \
+            recorded(config, "restore", args.domu, ",".join(config.peers_for(args.domu)[:1])):
         return _lines(wayback.restore(config, args.domu, conn, runner, frame.ssh_runner, args.point))
 
 
 def cmd_failover(config, args, runner) -> int:
     from .jobs import wayback
 
-    with closing(virt.connect(config.settings_for(args.domu).libvirt_uri)) as conn:
+    with closing(virt.connect(config.settings_for(args.domu).libvirt_uri)) as conn, \
+            recorded(config, "failover", args.domu):
         return _lines(wayback.failover(config, args.domu, conn, runner, frame.ssh_runner, args.point,
                                        start=not args.no_start))
 

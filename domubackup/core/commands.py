@@ -163,21 +163,23 @@ def rsync(source_dir: str, peer: str, target_dir: str, rs: RsyncSettings, ssh: S
     return tuple(argv)
 
 
-def rsync_device(source: str, target: str, ssh: SSHSettings | None = None, host: str | None = None,
-                 rs: RsyncSettings | None = None) -> tuple[str, ...]:
-    """rsync of one block device into another (a point into a replica, or from HOST's point or
-    replica into an origin here): rsync reads both, sends only the blocks that differ and
-    writes them in place (a block that matches at its offset is not rewritten: a thin target
-    stays thin), and checks the whole-device checksum of what it wrote. SOURCE may be a
-    symlink (-L); TARGET must be the device node itself (rsync would replace a symlink)."""
-    remote = ()
-    if host is not None:
-        address = ssh.endpoint(host)[0]
-        source = f"[{address}]:{source}" if ":" in address else f"{address}:{source}"
-        remote = ("-e", shlex.join(ssh_command(ssh, host)))
+def copy_blocks(source: str, target: str, size: int) -> tuple[str, ...]:
+    """On one host: TARGET's first SIZE bytes become SOURCE's, only differing blocks written
+    (hosts/blockcopy.py)."""
+    return (HELPER, "copy-blocks", source, target, str(size))
+
+
+def rsync_device(source: str, host: str, target: str, ssh: SSHSettings, rs: RsyncSettings | None = None
+                 ) -> tuple[str, ...]:
+    """rsync of block device SOURCE on HOST into block device TARGET here, whole (no delta
+    search: under load its checksums cost more than the link), written in place; rsync checks
+    the whole-device checksum of what it wrote. SOURCE may be a symlink (-L); TARGET must be
+    the device node itself (rsync would replace a symlink)."""
+    address = ssh.endpoint(host)[0]
+    source = f"[{address}]:{source}" if ":" in address else f"{address}:{source}"
     limits = (f"--bwlimit={rs.bwlimit}",) if rs is not None and rs.bwlimit else ()
-    return ("rsync", "--copy-devices", "--write-devices", "--inplace", "--no-whole-file", "--ignore-times",
-            "--copy-links", "--stats", *limits, *remote, source, target)
+    return ("rsync", "--copy-devices", "--write-devices", "--inplace", "--whole-file", "--ignore-times",
+            "--copy-links", "--stats", *limits, "-e", shlex.join(ssh_command(ssh, host)), source, target)
 
 
 def fsck_readonly(fstype: str, dev: str) -> tuple[str, ...] | None:

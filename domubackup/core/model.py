@@ -229,7 +229,9 @@ class RunRecord:
 # --- the catalog's records (catalog.py stores them, report.py shows them) -----------------
 
 BACKUP, VERIFY, SEED = "backup", "verify", "seed"
-KINDS = (BACKUP, VERIFY, SEED)
+# The commands on restore points that are recorded too (none of them makes a backup).
+PRUNE, ROLLBACK, RESTORE, FAILOVER = "prune", "rollback", "restore", "failover"
+KINDS = (BACKUP, VERIFY, SEED, PRUNE, ROLLBACK, RESTORE, FAILOVER)
 # Kinds that leave a replica on the peer: what "last success" means for metrics.
 REPLICA_KINDS = (BACKUP, SEED)
 
@@ -268,3 +270,14 @@ class RunRow:
         if self.ended is None:
             return None
         return self.ended - self.started
+
+
+@dataclass(frozen=True)
+class PointsRow:
+    """The restore points of a DomU on a host, as the catalog last heard of them."""
+    domu: str
+    host: str
+    points: int
+    good: int
+    newest_good: float | None  # the newest GOOD point's time, UTC epoch seconds; None: no good point
+    updated: float  # when this was recorded

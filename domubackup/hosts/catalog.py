@@ -5,6 +5,9 @@ status (``OK``, ``PARTIAL``: done but something of the guest could not be copied
 ``CORRUPT``) only when it ends; a run whose process died leaves a ``RUNNING`` record that
 :meth:`Catalog.reap_dead` later turns into ``ERROR``.
 
+It also keeps, per DomU and host, the restore points last known there (:meth:`Catalog.record_points`,
+after each OK run's points phase): one row each, replaced every time.
+
 Concurrency: the file is in WAL mode, every write is one short ``BEGIN IMMEDIATE`` transaction,
 and sqlite's busy timeout makes a second process (backing up another DomU) wait for the lock
 instead of failing. Open one :class:`Catalog` per process (never share one across ``fork``)."""
@@ -21,10 +24,11 @@ from datetime import datetime
 from pathlib import Path
 
 from ..core.errors import DomuBackupError
-from ..core.model import CONSISTENCY_LEVELS, ERROR, FINAL_STATUSES, KINDS, OK, REPLICA_KINDS, RUNNING, STATUSES, RunRow
+from ..core.model import (CONSISTENCY_LEVELS, ERROR, FINAL_STATUSES, KINDS, OK, REPLICA_KINDS, RUNNING, STATUSES,
+                          PointsRow, RunRow)
 
 CATALOG_NAME = "catalog.sqlite"
-SCHEMA_VERSION = 2  # 2: status PARTIAL
+SCHEMA_VERSION = 3  # 2: status PARTIAL; 3: kinds prune, rollback, restore, failover; table points
 
 
 DIED_MESSAGE = "run died (killed or host crashed) before it finished"
@@ -56,6 +60,15 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_domu_started ON runs (domu, started);
 CREATE INDEX IF NOT EXISTS runs_status ON runs (status);
+CREATE TABLE IF NOT EXISTS points (
+    domu        TEXT    NOT NULL,
+    host        TEXT    NOT NULL,       -- the host that holds the points (a peer, or this one)
+    points      INTEGER NOT NULL,
+    good        INTEGER NOT NULL CHECK (good BETWEEN 0 AND points),
+    newest_good REAL,                   -- the newest GOOD point's time, UTC epoch seconds
+    updated     REAL    NOT NULL,
+    PRIMARY KEY (domu, host)
+);
 """
 
 
@@ -152,18 +165,23 @@ class Catalog:
             # Checked again under the write lock: another process may have just created it.
             version = self._check_version(db)
             if version < SCHEMA_VERSION:
-                # Version 0 is a new file. 1 -> 2: the status CHECK gains PARTIAL; sqlite cannot
-                # alter a CHECK, so the table is rebuilt under the same name.
-                if version == 1:
-                    db.execute("ALTER TABLE runs RENAME TO runs_v1")
+                # Version 0 is a new file. 1 -> 2: the status CHECK gains PARTIAL; 2 -> 3: the kind
+                # CHECK gains prune, rollback, restore, failover (and the table points is new).
+                # sqlite cannot alter a CHECK, so the runs table is rebuilt under the same name,
+                # its id sequence kept (ids are never reused).
+                if version > 0:
+                    db.execute("ALTER TABLE runs RENAME TO runs_old")
                     db.execute("DROP INDEX IF EXISTS runs_domu_started")
                     db.execute("DROP INDEX IF EXISTS runs_status")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
-                if version == 1:
-                    db.execute("INSERT INTO runs SELECT * FROM runs_v1")
-                    db.execute("DROP TABLE runs_v1")
+                if version > 0:
+                    db.execute("INSERT INTO runs SELECT * FROM runs_old")
+                    db.execute("DELETE FROM sqlite_sequence WHERE name = 'runs'")
+                    db.execute("INSERT INTO sqlite_sequence (name, seq)"
+                               " SELECT 'runs', seq FROM sqlite_sequence WHERE name = 'runs_old'")
+                    db.execute("DROP TABLE runs_old")
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _check_version(self, db: sqlite3.Connection) -> int:
@@ -331,3 +349,27 @@ class Catalog:
                 "  FROM runs WHERE status = ?) WHERE n = 1)",
                 (cutoff, RUNNING, OK))
             return cur.rowcount
+
+    # -- restore points --
+
+    def record_points(self, domu: str, host: str, *, points: int, good: int, newest_good: float | None) -> None:
+        """What is known of DOMU's restore points on HOST now: how many, how many GOOD, the newest
+        GOOD one's time (UTC epoch seconds; None when none is good). Replaces the last record."""
+        if not 0 <= good <= points:
+            raise ValueError(f"{domu} on {host}: {good} good points of {points}?")
+        if (newest_good is None) != (good == 0):
+            raise ValueError(f"{domu} on {host}: newest_good {newest_good!r} with {good} good points")
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO points (domu, host, points, good, newest_good, updated)"
+                       " VALUES (?, ?, ?, ?, ?, ?)",
+                       (domu, host, points, good, None if newest_good is None else float(newest_good), self.clock()))
+
+    def points(self, domu: str | None = None) -> list[PointsRow]:
+        """The last record of each (DomU, host), of one DomU or all, sorted by DomU and host."""
+        sql = "SELECT domu, host, points, good, newest_good, updated FROM points"
+        try:
+            rows = self._db.execute(sql + (" WHERE domu = ?" if domu is not None else "") + " ORDER BY domu, host",
+                                    () if domu is None else (domu,))
+            return [PointsRow(*r) for r in rows]
+        except sqlite3.Error as e:
+            raise CatalogError(f"cannot read the run catalog {self.path}: {e}") from e

@@ -86,14 +86,15 @@ def probe_fs(runner, dev: str, disk: str, number: int | None, offset: int | None
     return classify(Filesystem(disk=disk, partition=number, fstype=fstype, uuid=uuid, label=label))
 
 
-def probe_disk(runner, disk: Disk, *, path: str | None = None, lvs=None) -> DiskFacts:
+def probe_disk(runner, disk: Disk, *, path: str | None = None, lvs=None, point: bool = False) -> DiskFacts:
     """Facts of one disk: its LV, partition table and the filesystem in each partition.
 
     `path` overrides the disk's source (the peer probes its replica LV of the same name);
-    `lvs`: a list_lvs() answer to look the LV up in before asking lvs about the path."""
+    `lvs`: a list_lvs() answer to look the LV up in before asking lvs about the path; `point`:
+    the path is a restore point's member (a snapshot, and that is expected)."""
     path = path or disk.source
     lv = find_lv(lvs, path) or probe_lv(runner, path, disk.target)
-    if lv.is_snapshot:
+    if lv.is_snapshot and not point:
         raise InspectError(f"{disk.target}: {path} is itself an LVM snapshot (of {lv.origin or 'another LV'})",
                            hint="back up the origin volume, not a snapshot")
     table, filesystems = probe_layout(runner, lv.path or path, disk.target, lv.size)

@@ -2,8 +2,9 @@
 
 ``render_metrics`` is pure; ``write_textfile`` replaces the file atomically (node_exporter reads
 only ``*.prom`` files of its ``--collector.textfile.directory``, so the temporary file it writes
-first is named ``.NAME.*.tmp`` and never half-read). Every series of a DomU carries the labels of
-its newest finished run (``domu``, ``peer``)."""
+first is named ``.NAME.*.tmp`` and never half-read). Every series of a DomU's runs carries the
+labels of its newest finished run (``domu``, ``peer``); the restore points series carry ``domu``
+and ``host``, the host that holds the points (as the catalog last heard of them)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from .journal import atomic_write
-from ..core.model import OK, PARTIAL, RUNNING, RunRow
+from ..core.model import OK, PARTIAL, RUNNING, PointsRow, RunRow
 from .catalog import Catalog
 
 # (name, help); all gauges, rendered in this order.
@@ -34,6 +35,13 @@ METRICS = (
      "Seconds from the end of the DomU's newest OK run on this Dom0 to the writing of this file "
      "(+Inf: none here). Every configured DomU has one on every Dom0: the min over the Dom0s is "
      "how long since any backed it up."),
+    ("domubackup_restore_points",
+     "Restore points of the DomU on the host after its last OK run here (or prune)."),
+    ("domubackup_restore_points_good",
+     "Of those, the GOOD ones (complete and valid)."),
+    ("domubackup_newest_good_point_age_seconds",
+     "Seconds from the newest GOOD restore point of the DomU on the host to the writing of this "
+     "file (absent: no good point)."),
 )
 
 
@@ -80,28 +88,39 @@ def _values(rows: Sequence[RunRow], now: float) -> dict[str, float | int]:
     return values
 
 
+def _point_values(row: PointsRow, now: float) -> dict[str, float | int]:
+    values = {"domubackup_restore_points": row.points, "domubackup_restore_points_good": row.good}
+    if row.newest_good is not None:
+        values["domubackup_newest_good_point_age_seconds"] = now - row.newest_good
+    return values
+
+
 def render_metrics(rows_by_domu: Mapping[str, Sequence[RunRow]], domus: Sequence[str] = (),
-                   now: float | None = None) -> str:
+                   now: float | None = None, points: Sequence[PointsRow] = ()) -> str:
     """The textfile for ``{domu: rows}`` (e.g. ``Catalog.latest_per_domu()``) and the configured
     ``domus``, at ``now`` (default: the clock).
     For each DomU, its newest finished row gives the ``last_run`` series and its newest OK row
     the ``last_success`` one (0 when there is none, so a "too long since success" alert fires)
     and ``last_ok_age`` (+Inf when there is none). RUNNING rows are ignored; a DomU without a
     finished row has only ``last_ok_age`` (+Inf, ``peer=""``), and only when in ``domus``.
-    DomUs are sorted."""
+    ``points`` (``Catalog.points()``) give the restore points series, one per DomU and host.
+    DomUs (and hosts) are sorted."""
     now = time.time() if now is None else now
-    per_domu = []
+    series = []
     for domu in sorted(set(rows_by_domu) | set(domus)):
         rows = rows_by_domu.get(domu, ())
         last = _newest(rows, ok_only=False)
         if last is None and domu not in domus:
             continue
         labels = f'domu="{escape_label_value(domu)}",peer="{escape_label_value(last.peer if last else "")}"'
-        per_domu.append((labels, _values(rows, now)))
+        series.append((labels, _values(rows, now)))
+    for row in sorted(points, key=lambda r: (r.domu, r.host)):
+        labels = f'domu="{escape_label_value(row.domu)}",host="{escape_label_value(row.host)}"'
+        series.append((labels, _point_values(row, now)))
     lines = []
     for name, help_text in METRICS:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-        for labels, values in per_domu:
+        for labels, values in series:
             if name in values:
                 lines.append(f"{name}{{{labels}}} {_number(values[name])}")
     return "\n".join(lines) + "\n"
@@ -114,8 +133,8 @@ def write_textfile(path: str | os.PathLike, text: str) -> None:
 
 
 def write_metrics(catalog: Catalog, path: str | os.PathLike, domus: Sequence[str] = ()) -> str:
-    """Render the catalog's latest backup/seed runs (and the configured ``domus``) into
-    ``path``; return the text written."""
-    text = render_metrics(catalog.latest_per_domu(), domus)
+    """Render the catalog's latest backup/seed runs (and the configured ``domus``) and its
+    restore points into ``path``; return the text written."""
+    text = render_metrics(catalog.latest_per_domu(), domus, points=catalog.points())
     write_textfile(path, text)
     return text

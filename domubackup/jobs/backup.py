@@ -108,7 +108,7 @@ class Backup:
         except DomuBackupError as e:
             raise DomuBackupError(f"{self.domu}: the replica is complete, but its restore point {phase.point} "
                                   f"was not made: {e}", hint="`domubackup points` shows what there is") from e
-        self.out.point = phase.point
+        self.out.point, self.out.points_known = phase.point, phase.known
         log.info("%s: restore point %s made on %s%s", self.domu, phase.point, ", ".join(self.insp.peers),
                  f"; pruned {', '.join(phase.pruned)}" if phase.pruned else "")
 

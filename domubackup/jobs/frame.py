@@ -1,8 +1,9 @@
 """The job frame: one DomU's job (backup, verify, seed, fsck) from its eligibility to its
 catalog record. Settings resolved once; this host in dom0s, the DomU running here, its peers;
 the DomU's lock; a dead run's journal undone first; the peers' runners (reached in the
-background while this host probes); the catalog record (RUNNING, then final); the lifecycle
-hooks of a backup. The job's body builds its plan and runs it with the executor."""
+background while this host probes); the catalog record (RUNNING, then final, and the restore
+points a backup left on its peers); the lifecycle hooks of a backup. The job's body builds its
+plan and runs it with the executor."""
 
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ class Outcome:
     not_copied: list[str] = field(default_factory=list)  # PARTIAL: what of the guest was left out, why
     report: list[str] = field(default_factory=list)  # what the job tells: seed's lines, fsck's problems
     point: str = ""  # the restore point this run made on its peers
+    points_known: dict = field(default_factory=dict)  # {peer: its points after the run} (points.figures)
 
     def summary(self) -> str:
         line = f"{self.domu}: {self.status} in {self.duration:.1f}s"
@@ -264,4 +266,6 @@ def run_job(config, domu: str, kind: str, conn, local, body, *, factory=ssh_runn
                        error=(out.error or "; ".join(f"not copied: {w}" for w in out.not_copied))[:2000],
                        consistency=getattr(report, "level", None) or "crash",
                        freeze_window_ms=getattr(report, "window_ms", None))
+        for host, known in out.points_known.items():
+            catalog.record_points(domu, host, **known)
     return out

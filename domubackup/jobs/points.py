@@ -22,16 +22,25 @@ def xml_dir(config, domu: str) -> str:
     return os.path.join(config.state_dir, "points", domu)
 
 
+def figures(points) -> dict:
+    """What the catalog records of a host's POINTS (Catalog.record_points): how many, how many
+    good, the newest good one's time (epoch seconds, None when none is good)."""
+    good = [p.time.timestamp() for p in points if p.good]
+    return {"points": len(points), "good": len(good), "newest_good": max(good, default=None)}
+
+
 class PointsPhase:
     """After an OK backup, with nothing of the replicas mounted: on each peer the replicas are
     marked complete, a point of them is made (and the domain XML kept beside it), and the
-    points the retention rules do not keep are pruned."""
+    points the retention rules do not keep are pruned. ``known``: each peer's points once the
+    phase has run (figures()), for the catalog."""
 
     def __init__(self, job, consistency: str, now: datetime | None = None):
         self.job, self.settings, self.domu = job, job.settings, job.domu
         self.point = pts.stamp(now or datetime.now(timezone.utc))
         self.consistency = consistency
         self.pruned: list[str] = []
+        self.known: dict[str, dict] = {}
 
     def run(self, steps) -> None:
         """STEPS: the plan's points phase (plan.after: each peer's listing, a decision)."""
@@ -69,6 +78,8 @@ class PointsPhase:
         decided = retention.prune([*existing, new], self.settings.retention)
         doomed = [p for p, keep, _ in decided if not keep and p.name != self.point]
         self.pruned += [f"{step.host}:{p.name}" for p in doomed]
+        gone = {p.name for p in doomed}
+        self.known[step.host] = figures([new, *(p for p in existing if p.name not in gone | {new.name})])
         return (pts.point_steps(self.domu, step.host, replicas, self.point, disks=disks,
                                 size=self.settings.point_size, consistency=self.consistency)
                 + [pts.keep_xml(step.host, xml_dir(self.job.config, self.domu), self.point)]
@@ -102,15 +113,16 @@ def on_hosts(config, names, local, factory, work):
                 r.close()
 
 
-def prune_host(config, domu: str, host: str, runner, *, dry_run: bool) -> list[tuple[str, bool, str]]:
-    """Apply DOMU's retention rules to its points on HOST; returns (point, keep, reason)."""
+def prune_host(config, domu: str, host: str, runner, *, dry_run: bool) -> tuple[list[tuple[str, bool, str]], dict]:
+    """Apply DOMU's retention rules to its points on HOST; returns [(point, keep, reason)] and
+    the figures() of the points kept."""
     points, _ = host_points(runner, domu)
     decided = retention.prune(points, config.settings_for(domu).retention)
     doomed = [p for p, keep, _ in decided if not keep]
     if doomed and not dry_run:
         for step in pts.prune_steps(host, doomed, xml_dir(config, domu)):
             runner.run(step.argv)
-    return [(p.name, keep, why) for p, keep, why in decided]
+    return [(p.name, keep, why) for p, keep, why in decided], figures([p for p, keep, _ in decided if keep])
 
 
 def format_points(rows: list[dict]) -> str:

@@ -83,8 +83,12 @@ class Copy:
         if res.exit_code != 0:
             raise CommandError(step.host, step.argv, res.exit_code, res.stderr,
                                hint="nothing was marked whole: run it again once the cause is fixed")
-        s = rsyncout.parse_rsync_stats(res.stdout)
-        self.report.append(f"{step.note}: {human_bytes(max(s.bytes_sent, s.bytes_received))} over the wire")
+        if step.argv[0] == "rsync":
+            s = rsyncout.parse_rsync_stats(res.stdout)
+            self.report.append(f"{step.note}: {human_bytes(s.bytes_received)} received")
+        else:
+            blocks, written = res.stdout.split()
+            self.report.append(f"{step.note}: {written} of {blocks} blocks of 4 MiB differed: written and read back")
 
     def digest(self, step, res):
         if res.exit_code != 0:
@@ -101,24 +105,29 @@ class Copy:
 
 
 def copy_steps(pairs, *, source_host: str, tag: str, note: str, ssh=None, rs=None, ready: str = "") -> list[Step]:
-    """PAIRS: (disk, source path on SOURCE_HOST, its size, target device node here). The
-    targets get TAG before the first write and lose it once both checksums matched. The first
-    copy waits for READY (the source host's activations)."""
+    """PAIRS: (disk, source path on SOURCE_HOST, its size, target LV here). The target LVs get
+    TAG before the first write and lose it once the copy is known whole. Here (a rollback):
+    copy-blocks, which reads back what it wrote. From a peer (a restore): rsync of the device,
+    then the checksums of both ends compared; the first copy waits for READY (the peer's
+    activations)."""
     targets = tuple(t for _, _, _, t in pairs)
-    remote = source_host != LOCAL
     last = len(pairs) - 1
     steps = [Step(tag.split(":")[-1], LOCAL, ("lvchange", "--addtag", tag, *targets), None, note=note)]
     for i, (disk, src, size, target) in enumerate(pairs):
-        steps.append(Step("copy", LOCAL, cmd.rsync_device(src, target, ssh, source_host if remote else None, rs), None,
-                          note=f"{disk}: {source_host + ':' if remote else ''}{src} -> {target}", then="copied",
-                          timeout=7 * 24 * 3600, waits=(ready,) if ready and i == 0 else (),
-                          mark="copied" if i == last else ""))
-    for i, (disk, src, size, target) in enumerate(pairs):
-        steps.append(Step("verify", source_host, digest_argv(src, size), None, note=f"{disk}: checksum of {src}",
-                          then="digest", timeout=24 * 3600, about=(disk, "source"),
-                          waits=("copied",) if remote and i == 0 else (), mark="checked" if i == last else ""))
-        steps.append(Step("verify", LOCAL, digest_argv(target, size), None, note=f"{disk}: checksum of {target}",
-                          then="digest", timeout=24 * 3600, about=(disk, "target")))
+        if source_host == LOCAL:
+            steps.append(Step("copy", LOCAL, cmd.copy_blocks(src, target, size), None, note=f"{disk}: {src} -> {target}",
+                              then="copied", timeout=7 * 24 * 3600, about=(disk,), mark="checked" if i == last else ""))
+            continue
+        steps.append(Step("copy", LOCAL, cmd.rsync_device(src, source_host, os.path.realpath(target), ssh, rs), None,
+                          note=f"{disk}: {source_host}:{src} -> {target}", then="copied", timeout=7 * 24 * 3600,
+                          about=(disk,), waits=(ready,) if ready and i == 0 else (), mark="copied" if i == last else ""))
+    if source_host != LOCAL:
+        for i, (disk, src, size, target) in enumerate(pairs):
+            steps.append(Step("verify", source_host, digest_argv(src, size), None, note=f"{disk}: checksum of {src}",
+                              then="digest", timeout=24 * 3600, about=(disk, "source"),
+                              waits=("copied",) if i == 0 else (), mark="checked" if i == last else ""))
+            steps.append(Step("verify", LOCAL, digest_argv(target, size), None, note=f"{disk}: checksum of {target}",
+                              then="digest", timeout=24 * 3600, about=(disk, "target")))
     steps.append(Step("verify", LOCAL, ("lvchange", "--deltag", tag, *targets), None,
                       note="the copy is whole", waits=("checked",)))
     return steps
@@ -164,7 +173,7 @@ def _rollback(config, domu, local, point) -> list[str]:
     replicas, p = held(local, domu, point)
     found = sources(domu, replicas, p, config.this_host)
     closed(domu, [r for _, r, _ in found], config.this_host)
-    pairs = [(disk, m.path, m.size, os.path.realpath(r.path)) for m, r, disk in found]
+    pairs = [(disk, m.path, m.size, r.path) for m, r, disk in found]
     copy = Copy()
     run_plan(config, domu, {LOCAL: local}, activation(LOCAL, [m for m, _, _ in found])
              + copy_steps(pairs, source_host=LOCAL, tag=pts.WRITING, note="the replicas are being written"), copy)
@@ -205,7 +214,7 @@ def restore(config, domu: str, conn, local, factory, point: str | None) -> list[
                 if origin.size < m.size:
                     raise DomuBackupError(f"{domu}: the origin {r.path} has {origin.size} bytes, {m.vg}/{m.name} "
                                           f"{m.size}", hint=f"lvextend {r.path} to {m.size} bytes first")
-                pairs.append((disk, m.path, m.size, os.path.realpath(r.path)))
+                pairs.append((disk, m.path, m.size, r.path))
             copy = Copy()
             active = activation(peer, [m for m, _, _ in found])
             if active:
@@ -309,7 +318,8 @@ def mount(config, domu: str, local, point: str | None, directory: str) -> list[s
         try:
             Executor(journal, runners, timeout=settings.command_timeout).run(activation(LOCAL, [m for m, _, _ in found]))
             lvs = list_lvs(local, [m.path for m, _, _ in found])
-            facts = [probe_disk(local, Disk("block", "disk", m.path, disk), path=m.path, lvs=lvs) for m, _, disk in found]
+            facts = [probe_disk(local, Disk("block", "disk", m.path, disk), path=m.path, lvs=lvs, point=p is not None)
+                     for m, _, disk in found]
             sep = settings.kpartx_separator
             steps = []
             for f in facts:

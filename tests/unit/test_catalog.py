@@ -63,7 +63,7 @@ def test_created_on_first_use_with_schema_version_and_wal(tmp_path):
     Catalog.in_state_dir(tmp_path / "state").close()
     assert path.exists()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
     Catalog(path).close()  # reopening an existing catalog is fine
@@ -136,7 +136,7 @@ def test_finish_validation(cat):
     with pytest.raises(ValueError, match="consistency"):
         cat.finish(run, "OK", consistency="perfect")
     with pytest.raises(ValueError, match="kind"):
-        cat.start("restore", "web1", "dom0b", os.getpid())
+        cat.start("frobnicate", "web1", "dom0b", os.getpid())
     assert cat.get(run).status == "RUNNING"
 
 
@@ -443,6 +443,110 @@ def test_a_version_1_catalog_is_migrated_and_keeps_its_runs(tmp_path):
     finally:
         cat.close()
     db = sqlite3.connect(tmp_path / C.CATALOG_NAME)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     assert [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")] == [
-        "runs", "sqlite_sequence"]
+        "points", "runs", "sqlite_sequence"]
+
+
+def _version_2(path):
+    """A catalog file as domubackup wrote it at schema version 2 (before the kinds of the ways
+    back and the table points)."""
+    from domubackup.hosts import catalog as C
+    from domubackup.core.model import KINDS
+    old = C._SCHEMA.replace(repr(KINDS), repr(("backup", "verify", "seed")))
+    old = old[:old.index("CREATE TABLE IF NOT EXISTS points")]
+    assert "restore" not in old and "points" not in old
+    db = sqlite3.connect(path)
+    db.executescript(old)
+    for i, (kind, status) in enumerate((("backup", "OK"), ("verify", "CORRUPT"), ("seed", "PARTIAL")), 1):
+        db.execute("INSERT INTO runs (kind, domu, peer, pid, started, ended, status, bytes_sent)"
+                   " VALUES (?, 'web1', 'dom0b', 1, ?, ?, ?, 7)", (kind, T0 + i, T0 + i + 1, status))
+    db.execute("INSERT INTO runs (kind, domu, pid, started, status) VALUES ('backup', 'gone', 1, 5, 'ERROR')")
+    db.execute("DELETE FROM runs WHERE domu = 'gone'")  # id 4, pruned: never to be reused
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+
+
+def test_a_version_2_catalog_is_migrated_keeps_its_runs_and_their_ids(tmp_path, clock):
+    path = tmp_path / "catalog.sqlite"
+    _version_2(path)
+    with Catalog(path, clock=clock, host="dom0a") as cat:
+        assert [(r.id, r.kind, r.status, r.bytes_sent, r.ended) for r in cat.runs()] == [
+            (3, "seed", "PARTIAL", 7, T0 + 4), (2, "verify", "CORRUPT", 7, T0 + 3), (1, "backup", "OK", 7, T0 + 2)]
+        run = cat.start("restore", "web1", "dom0b", os.getpid())
+        assert run == 5  # the id sequence survived the rebuild
+        assert cat.finish(run, "OK").kind == "restore"
+        assert cat.last_ok("web1").id == 1
+        cat.record_points("web1", "dom0b", points=1, good=1, newest_good=T0)
+        assert len(cat.points()) == 1
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")] == [
+        "points", "runs", "sqlite_sequence"]
+    assert sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'"
+                                           " AND name NOT LIKE 'sqlite_%'")) == ["runs_domu_started", "runs_status"]
+    db.close()
+    Catalog(path).close()  # opened again: nothing more to migrate
+
+
+# --- the ways back and prune as runs ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["prune", "rollback", "restore", "failover"])
+def test_the_commands_on_points_are_runs_but_not_backups(cat, clock, kind):
+    ok = cat.start("backup", "web1", "dom0b", os.getpid())
+    cat.finish(ok, "OK")
+    clock.t = T0 + 60
+    for status in ("OK", "ERROR"):
+        run = cat.start(kind, "web1", "dom0b", os.getpid())
+        clock.t += 5
+        assert (cat.finish(run, status, error="" if status == "OK" else "no good point").kind, cat.get(run).status) == (
+            kind, status)
+    assert [r.kind for r in cat.runs()] == [kind, kind, "backup"]
+    assert [r.kind for r in cat.runs(kind=kind)] == [kind, kind]
+    # a restore is not a backup: the newest OK backup and the metrics' runs do not see them
+    assert cat.last_ok("web1").id == ok
+    assert [r.id for r in cat.latest_per_domu()["web1"]] == [ok]
+    assert cat.last_ok("web1", kinds=(kind,)).kind == kind
+    lines = format_history(cat.runs(), now=clock.t).splitlines()
+    assert [line.split()[4] for line in lines[3:]] == [kind, kind, "backup"]
+    assert [r["kind"] for r in history_json(cat.runs())] == [kind, kind, "backup"]
+
+
+def test_newest_ok_per_domu_counts_backups_only():
+    from domubackup.core.report import newest_ok_per_domu
+
+    rows = history_json([_row(id=2, kind="restore", started=T0 + 100, ended=T0 + 200), _row(id=1)])
+    assert newest_ok_per_domu(rows) == {"web1": T0 + 62}
+
+
+# --- restore points ---------------------------------------------------------------------------------
+
+def test_record_points_replaces_the_row_of_its_domu_and_host(cat, clock):
+    assert cat.points() == []
+    cat.record_points("web1", "dom0b", points=3, good=2, newest_good=T0 - 3600)
+    cat.record_points("web1", "dom0c", points=1, good=0, newest_good=None)
+    cat.record_points("db1", "dom0b", points=1, good=1, newest_good=T0 - 60)
+    clock.t = T0 + 86400
+    cat.record_points("web1", "dom0b", points=4, good=4, newest_good=T0 + 86000)
+    assert [(r.domu, r.host, r.points, r.good, r.newest_good, r.updated) for r in cat.points()] == [
+        ("db1", "dom0b", 1, 1, T0 - 60, T0),
+        ("web1", "dom0b", 4, 4, T0 + 86000, T0 + 86400),
+        ("web1", "dom0c", 1, 0, None, T0),
+    ]
+    assert [r.host for r in cat.points("web1")] == ["dom0b", "dom0c"]
+    assert cat.points("nope") == []
+
+
+@pytest.mark.parametrize("points, good, newest_good", [(1, 2, T0), (1, -1, None), (2, 1, None), (2, 0, T0)])
+def test_record_points_refuses_figures_that_cannot_be(cat, points, good, newest_good):
+    with pytest.raises(ValueError):
+        cat.record_points("web1", "dom0b", points=points, good=good, newest_good=newest_good)
+    assert cat.points() == []
+
+
+def test_points_survive_pruning_the_runs(cat, clock):
+    cat.record_points("web1", "dom0b", points=2, good=2, newest_good=T0)
+    _history(cat, clock)
+    cat.prune(0, now=T0 + 365 * 86400)
+    assert len(cat.points()) == 1

@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 import os
 import stat
+import time
 
 import pytest
 
 from domubackup.hosts.catalog import Catalog, RunRow
+from domubackup.core.model import PointsRow
 from domubackup.hosts.metrics import escape_label_value, render_metrics, write_metrics, write_textfile
 
 T0 = 1_790_000_000.0
@@ -66,6 +68,12 @@ domubackup_last_success_timestamp_seconds{domu="web1",peer="dom0b"} 1790000062.5
 domubackup_last_ok_age_seconds{domu="db\\"1\\\\x\\n",peer="dom0c"} 96000
 domubackup_last_ok_age_seconds{domu="elsewhere",peer=""} +Inf
 domubackup_last_ok_age_seconds{domu="web1",peer="dom0b"} 9937.5
+# HELP domubackup_restore_points Restore points of the DomU on the host after its last OK run here (or prune).
+# TYPE domubackup_restore_points gauge
+# HELP domubackup_restore_points_good Of those, the GOOD ones (complete and valid).
+# TYPE domubackup_restore_points_good gauge
+# HELP domubackup_newest_good_point_age_seconds Seconds from the newest GOOD restore point of the DomU on the host to the writing of this file (absent: no good point).
+# TYPE domubackup_newest_good_point_age_seconds gauge
 """
 
 
@@ -87,7 +95,7 @@ def test_never_succeeded_and_died_run():
 
 def test_empty():
     text = render_metrics({})
-    assert text.count("# TYPE") == 7 and "{" not in text
+    assert text.count("# TYPE") == 10 and "{" not in text
 
 
 def _listing(d):
@@ -135,3 +143,38 @@ def test_the_example_alert_rules_use_the_metrics_that_exist(fixtures):
     assert used and used <= names
     assert "domubackup_last_run_status != 1" in rules
     assert "min by (domu) (domubackup_last_ok_age_seconds) > 2 * 86400" in rules
+
+
+def test_restore_points_per_domu_and_host():
+    points = [PointsRow("web1", "dom0c", 1, 0, None, T0),
+              PointsRow('db"1', "dom0b", 2, 2, T0 - 90, T0),
+              PointsRow("web1", "dom0b", 3, 2, T0 - 3600.5, T0)]
+    text = render_metrics({"web1": [_row(id=3)]}, now=T0 + 10, points=points)
+    assert text.split("domubackup_last_ok_age_seconds{", 1)[1].split("\n", 1)[1] == """\
+# HELP domubackup_restore_points Restore points of the DomU on the host after its last OK run here (or prune).
+# TYPE domubackup_restore_points gauge
+domubackup_restore_points{domu="db\\"1",host="dom0b"} 2
+domubackup_restore_points{domu="web1",host="dom0b"} 3
+domubackup_restore_points{domu="web1",host="dom0c"} 1
+# HELP domubackup_restore_points_good Of those, the GOOD ones (complete and valid).
+# TYPE domubackup_restore_points_good gauge
+domubackup_restore_points_good{domu="db\\"1",host="dom0b"} 2
+domubackup_restore_points_good{domu="web1",host="dom0b"} 2
+domubackup_restore_points_good{domu="web1",host="dom0c"} 0
+# HELP domubackup_newest_good_point_age_seconds Seconds from the newest GOOD restore point of the DomU on the host to the writing of this file (absent: no good point).
+# TYPE domubackup_newest_good_point_age_seconds gauge
+domubackup_newest_good_point_age_seconds{domu="db\\"1",host="dom0b"} 100
+domubackup_newest_good_point_age_seconds{domu="web1",host="dom0b"} 3610.5
+"""
+    # a DomU with points but no run here has only its points series
+    assert 'domu="db\\"1",peer' not in text
+
+
+def test_write_metrics_tells_the_catalogs_restore_points(tmp_path):
+    with Catalog(tmp_path / "catalog.sqlite") as cat:
+        cat.record_points("web1", "dom0b", points=2, good=1, newest_good=time.time() - 86400)
+        text = write_metrics(cat, tmp_path / "m.prom")
+    assert 'domubackup_restore_points{domu="web1",host="dom0b"} 2\n' in text
+    assert 'domubackup_restore_points_good{domu="web1",host="dom0b"} 1\n' in text
+    age = float(re.search(r'domubackup_newest_good_point_age_seconds\{domu="web1",host="dom0b"\} (\S+)', text)[1])
+    assert 86400 <= age < 86400 + 600  # written at the real clock's now

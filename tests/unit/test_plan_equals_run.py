@@ -111,3 +111,30 @@ def test_each_host_runs_exactly_the_plan(tmp_path, fixtures, monkeypatch, layout
             after if host == "dom0b" else []), host
     if layout != "config-mounts":  # the run mounted the root and read the fstab: a decision
         assert [s.then for s in plan.steps if s.phase == "inspect"] == ["fstab"]
+
+
+def test_the_catalog_records_the_points_left_on_the_peer(tmp_path, fixtures, monkeypatch):
+    """After an OK run's points phase: the points on the peer once the new one is made and the
+    retention rules applied (keep_last = 2: the old good point stays, the pending one goes)."""
+    from domubackup.hosts.catalog import Catalog
+
+    config, local, peer, log = setup(tmp_path, fixtures)
+    config = parse_config(f'dom0s = ["dom0a", "dom0b"]\nstate_dir = "{tmp_path}"\nsnapshot_size = "256M"\n'
+                          '[retention]\nkeep_last = 2\n', hostname="dom0a", default_uri="test:///x")
+    rows = [{"vg_name": "vg0", "lv_name": lv, "origin": "", "pool_lv": "", "lv_attr": "owi-a-s---",
+             "lv_size": "1073741824", "snap_percent": "", "lv_tags": "dbk:domu:web1"} for lv in ("web1-disk", "web1-srv")]
+    for old, state in (("20261101T031500Z", "good"), ("20261001T031500Z", "pending")):
+        rows += [dict(r, lv_name=f"{r['lv_name']}.{old}", origin=r["lv_name"], lv_attr="Vwi---tz-k", pool_lv="pool",
+                      lv_tags=f"dbk:point,dbk:domu:web1,dbk:time:{old},dbk:disks:2,dbk:state:{state}") for r in rows[:2]]
+    peer.probes[pts.lvs_of("web1")] = (0, json.dumps({"report": [{"lv": rows}]}), "")
+    local.probes[CAT] = (0, FSTAB, "")
+    monkeypatch.setattr(frame, "inspect", lambda c, n, conn, r, on_eligible=None: test_pipeline._inspect(
+        c, n, r, on_eligible))
+    with Catalog(tmp_path / "catalog.sqlite", host="dom0a") as cat:
+        out = backup_job.backup(config, "web1", None, local, factory=lambda host, ssh: peer, catalog=cat)
+        assert out.status == "OK" and out.point
+        assert [(r.domu, r.host, r.points, r.good, r.newest_good) for r in cat.points()] == [
+            ("web1", "dom0b", 2, 2, pts.stamp_time(out.point).timestamp())]
+        assert [(r.kind, r.status) for r in cat.runs()] == [("backup", "OK")]
+    assert [a for a in effects(log, "dom0b") if a[0] == "lvremove"] == [
+        ("lvremove", "-f", f"/dev/vg0/{lv}.20261001T031500Z") for lv in ("web1-disk", "web1-srv")]
