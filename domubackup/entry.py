@@ -11,10 +11,10 @@ def main() -> int:
 
     if len(sys.argv) > 1 and sys.argv[1] in safepath.COMMANDS:
         return safepath.main(sys.argv[1:])
-    if sys.argv[1:2] == ["copy-blocks"]:
+    if sys.argv[1:2] in (["copy-blocks"], ["send-blocks"]):
         from .hosts import blockcopy
 
-        return blockcopy.main(sys.argv[2:])
+        return blockcopy.main(sys.argv[1:])
     from .cli import main as cli_main
 
     try:

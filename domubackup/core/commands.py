@@ -169,17 +169,9 @@ def copy_blocks(source: str, target: str, size: int) -> tuple[str, ...]:
     return (HELPER, "copy-blocks", source, target, str(size))
 
 
-def rsync_device(source: str, host: str, target: str, ssh: SSHSettings, rs: RsyncSettings | None = None
-                 ) -> tuple[str, ...]:
-    """rsync of block device SOURCE on HOST into block device TARGET here, whole (no delta
-    search: under load its checksums cost more than the link), written in place; rsync checks
-    the whole-device checksum of what it wrote. SOURCE may be a symlink (-L); TARGET must be
-    the device node itself (rsync would replace a symlink)."""
-    address = ssh.endpoint(host)[0]
-    source = f"[{address}]:{source}" if ":" in address else f"{address}:{source}"
-    limits = (f"--bwlimit={rs.bwlimit}",) if rs is not None and rs.bwlimit else ()
-    return ("rsync", "--copy-devices", "--write-devices", "--inplace", "--whole-file", "--ignore-times",
-            "--copy-links", "--stats", *limits, "-e", shlex.join(ssh_command(ssh, host)), source, target)
+def send_blocks(dev: str, size: int) -> tuple[str, ...]:
+    """DEV's first SIZE bytes as a block stream on standard output (hosts/blockcopy.py)."""
+    return (HELPER, "send-blocks", dev, str(size))
 
 
 def fsck_readonly(fstype: str, dev: str) -> tuple[str, ...] | None:

@@ -1,4 +1,8 @@
-"""`domubackup copy-blocks SRC DST SIZE`: the first SIZE bytes of block device DST become SRC's,
+"""Block streams and copies of whole devices. `BlockStream` frames a device's blocks (seed
+sends it to the peer's RECEIVER; `domubackup send-blocks DEV SIZE` writes it to standard
+output for a restore, and its checksum to standard error last, as ``sha256 HEX``).
+
+`domubackup copy-blocks SRC DST SIZE`: the first SIZE bytes of block device DST become SRC's,
 by 4 MiB blocks, writing only the blocks that differ (where both are zeros a thin DST stays
 thin); DST is fsynced, then every block written is read back from the device (its cached pages
 dropped first) and compared with SRC's. Prints "BLOCKS WRITTEN"; exit 1 with the reason
@@ -6,10 +10,60 @@ otherwise. A helper (entry.py) of `rollback`, on the host that holds both LVs.""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 import sys
+import zlib
+
+from ..core.errors import SnapshotError
 
 CHUNK = 4 << 20
+HEADER = struct.Struct(">cQI")  # kind (D data / C zlib data / Z zeros), offset, length
+ZERO = bytes(CHUNK)
+
+
+def compressed(block: bytes) -> bytes | None:
+    """zlib level 1 of a block worth compressing, else None. A 64 KiB sample decides first,
+    so that incompressible data costs little CPU (what borg's `auto` compression does)."""
+    if len(zlib.compress(block[:65536], 1)) > 32768:
+        return None
+    packed = zlib.compress(block, 1)
+    return packed if len(packed) < len(block) * 9 // 10 else None
+
+
+
+class BlockStream:
+    """Iterates framed chunks of the block device `path`; .sha256 is then the SHA-256 of the
+    SHA-256 digests of its 4 MiB blocks (RECEIVER computes the same of the replica)."""
+
+    def __init__(self, path: str, size: int, progress=None):
+        self.path, self.size, self.progress = path, size, progress
+        self.sha256 = None
+
+    def __iter__(self):
+        total, zero_digests = hashlib.sha256(), {}
+        sent = offset = 0
+        with open(self.path, "rb", buffering=0) as dev:
+            while offset < self.size:
+                block = dev.read(min(CHUNK, self.size - offset))
+                if not block:
+                    raise SnapshotError(f"{self.path}: read ended at {offset} of {self.size} bytes")
+                if block == ZERO[:len(block)]:
+                    total.update(zero_digests.setdefault(len(block), hashlib.sha256(block).digest()))
+                    yield HEADER.pack(b"Z", offset, len(block))
+                else:
+                    total.update(hashlib.sha256(block).digest())
+                    packed = compressed(block)
+                    kind, data = (b"D", block) if packed is None else (b"C", packed)
+                    yield HEADER.pack(kind, offset, len(data)) + data
+                    sent += len(data)
+                offset += len(block)
+                if self.progress:
+                    self.progress(offset, self.size, sent)
+        self.sha256 = total.hexdigest()
+
+
 
 
 def read_exactly(fd: int, n: int, offset: int, name: str) -> bytes:
@@ -42,14 +96,28 @@ def copy_blocks(src: str, dst: str, size: int) -> tuple[int, int]:
     return (size + CHUNK - 1) // CHUNK, len(written)
 
 
+def send(dev: str, size: int) -> None:
+    stream = BlockStream(dev, size)
+    out = sys.stdout.buffer
+    for chunk in stream:
+        out.write(chunk)
+    out.flush()
+    print(f"sha256 {stream.sha256}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or not argv[2].isdigit():
-        print("usage: domubackup copy-blocks SRC DST SIZE", file=sys.stderr)
+    """ARGV: copy-blocks SRC DST SIZE, or send-blocks DEV SIZE."""
+    command, args = argv[0], argv[1:]
+    if len(args) != (3 if command == "copy-blocks" else 2) or not args[-1].isdigit():
+        print("usage: domubackup copy-blocks SRC DST SIZE | send-blocks DEV SIZE", file=sys.stderr)
         return 2
     try:
-        blocks, written = copy_blocks(argv[0], argv[1], int(argv[2]))
-    except OSError as e:
-        print(f"copy-blocks: {e.strerror and f'{e.filename}: {e.strerror}' or e}", file=sys.stderr)
+        if command == "send-blocks":
+            send(args[0], int(args[1]))
+            return 0
+        blocks, written = copy_blocks(args[0], args[1], int(args[2]))
+    except (OSError, SnapshotError) as e:
+        print(f"{command}: {getattr(e, 'strerror', None) and f'{e.filename}: {e.strerror}' or e}", file=sys.stderr)
         return 1
     print(blocks, written)
     return 0

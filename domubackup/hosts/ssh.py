@@ -134,6 +134,11 @@ class SSHRunner(Runner):
         line = " ".join([*words, shlex.join(["timeout", "-k", str(KILL_AFTER), _seconds(timeout), *argv])])
         return line + " </dev/null" if no_input else line
 
+    def stream(self, argv: Sequence[str], timeout: float) -> "Stream":
+        """ARGV's standard output as an iterable of chunks, as it comes (a restore's blocks:
+        never held whole in memory); once iterated, the Stream has its exit code and stderr."""
+        return Stream(self, tuple(argv), timeout)
+
     def _execute(self, argv, env, input, timeout, on_output=None):  # no streaming over ssh
         import paramiko
 
@@ -204,3 +209,32 @@ class SSHRunner(Runner):
         if code == 127 and stderr.startswith("timeout: failed to run command"):
             raise _not_installed(self.host, argv)
         return code, b"".join(out), stderr
+
+
+class Stream:
+    def __init__(self, runner: SSHRunner, argv: tuple[str, ...], timeout: float):
+        self.runner, self.argv, self.timeout = runner, argv, timeout
+        self.exit_code, self.stderr = None, ""
+
+    def __iter__(self):
+        from .runner import BASE_ENV
+
+        r = self.runner
+        r.connect()
+        log.debug("%s: $ %s (streamed)", r.host, shlex.join(self.argv))
+        chan = r._client.get_transport().open_session(timeout=r.connect_timeout)
+        try:
+            chan.exec_command(r.remote_command(self.argv, BASE_ENV, self.timeout, no_input=True))
+            chan.settimeout(self.timeout)
+            while True:
+                data = chan.recv(1 << 20)
+                if not data:
+                    break
+                yield data
+            self.exit_code = chan.recv_exit_status()
+            err = []
+            while chan.recv_stderr_ready():
+                err.append(chan.recv_stderr(65536))
+            self.stderr = _text(b"".join(err))
+        finally:
+            chan.close()

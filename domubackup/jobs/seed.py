@@ -11,11 +11,8 @@ is cleaned by `cleanup`."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import struct
 import time
-import zlib
 
 from dataclasses import replace
 
@@ -25,15 +22,14 @@ from .executor import Executor
 from .frame import run_job, ssh_runner
 from ..hosts.journal import Journal
 from ..core.model import RsyncStats
+from ..hosts.blockcopy import BlockStream
 
 log = logging.getLogger("domubackup")
 
-CHUNK = 4 * 1024 * 1024
-HEADER = struct.Struct(">cQI")  # kind (D data / C zlib data / Z zeros), offset, length
 
-# `python3 -c DIGEST DEV SIZE` prints the SHA-256 of the SHA-256 digests of the 4 MiB blocks of
-# the first SIZE bytes of DEV, read from the device itself (O_DIRECT where it can). The checksum
-# of seed, restore and rollback on either host; BlockStream computes the same while it reads.
+# The SHA-256 of the SHA-256 digests of the 4 MiB blocks of the first SIZE bytes of DEV, read
+# back from the device itself (O_DIRECT where it can): BlockStream computes the same while it
+# reads (seed, restore).
 READBACK = r"""
 # read back from the device itself (O_DIRECT: not what the page cache remembers)
 total, zd = hashlib.sha256(), {}
@@ -60,14 +56,8 @@ while off < size:
     off += got
 print(total.hexdigest())
 """
-DIGEST = r"""
-import hashlib, mmap, os, sys
-dev, size = sys.argv[1], int(sys.argv[2])
-CHUNK = 4 << 20
-zero = bytes(CHUNK)""" + READBACK
-
 # Runs on the peer as `python3 -c RECEIVER DEV SIZE`: writes what arrives on stdin at its
-# offsets, fsyncs, then prints DIGEST of DEV.
+# offsets, fsyncs, then prints READBACK's checksum of DEV.
 RECEIVER = r"""
 import fcntl, hashlib, mmap, os, struct, sys, zlib
 dev, size = sys.argv[1], int(sys.argv[2])
@@ -111,18 +101,6 @@ os.fsync(fd)
 os.close(fd)""" + READBACK
 
 
-ZERO = bytes(CHUNK)
-
-
-def compressed(block: bytes) -> bytes | None:
-    """zlib level 1 of a block worth compressing, else None. A 64 KiB sample decides first,
-    so that incompressible data costs little CPU (what borg's `auto` compression does)."""
-    if len(zlib.compress(block[:65536], 1)) > 32768:
-        return None
-    packed = zlib.compress(block, 1)
-    return packed if len(packed) < len(block) * 9 // 10 else None
-
-
 def vg_free(runner, vg: str) -> int:
     res = runner.run(["vgs", "--noheadings", "--nosuffix", "--units", "b", "-o", "vg_free", vg], check=False)
     if res.exit_code != 0:
@@ -161,43 +139,9 @@ def prepare_replica(runner, f, *, force: bool) -> str:
     return f"overwriting {path} on {runner.host}"
 
 
-class BlockStream:
-    """Iterates framed chunks of the block device `path`; .sha256 is then the SHA-256 of the
-    SHA-256 digests of its 4 MiB blocks (RECEIVER computes the same of the replica)."""
-
-    def __init__(self, path: str, size: int, progress=None):
-        self.path, self.size, self.progress = path, size, progress
-        self.sha256 = None
-
-    def __iter__(self):
-        total, zero_digests = hashlib.sha256(), {}
-        sent = offset = 0
-        with open(self.path, "rb", buffering=0) as dev:
-            while offset < self.size:
-                block = dev.read(min(CHUNK, self.size - offset))
-                if not block:
-                    raise SnapshotError(f"{self.path}: read ended at {offset} of {self.size} bytes")
-                if block == ZERO[:len(block)]:
-                    total.update(zero_digests.setdefault(len(block), hashlib.sha256(block).digest()))
-                    yield HEADER.pack(b"Z", offset, len(block))
-                else:
-                    total.update(hashlib.sha256(block).digest())
-                    packed = compressed(block)
-                    kind, data = (b"D", block) if packed is None else (b"C", packed)
-                    yield HEADER.pack(kind, offset, len(data)) + data
-                    sent += len(data)
-                offset += len(block)
-                if self.progress:
-                    self.progress(offset, self.size, sent)
-        self.sha256 = total.hexdigest()
-
-
 def receive_argv(target: str, size: int) -> tuple[str, ...]:
     return ("python3", "-c", RECEIVER, target, str(size))
 
-
-def digest_argv(dev: str, size: int) -> tuple[str, ...]:
-    return ("python3", "-c", DIGEST, dev, str(size))
 
 
 def plan_seed(domu: str, facts, settings, peers) -> planner.Plan:

@@ -11,11 +11,10 @@ import logging
 import os
 from dataclasses import replace
 
-from ..core import commands as cmd, layout, parsers, plan as planner, points as pts, rsyncout
+from ..core import commands as cmd, layout, parsers, plan as planner, points as pts
 from ..core.domxml import parse_domain_xml
 from ..core.errors import CommandError, DomuBackupError, InspectError, PeerUnreachable, UsageError
 from ..core.model import LOCAL, Disk, Mount, Step
-from ..core.report import human_bytes
 from ..hosts import virt
 from ..hosts.facts import check_mappable, list_lvs, probe_disk
 from ..hosts.journal import Journal
@@ -24,7 +23,7 @@ from ..hosts.safepath import EXIT_MISSING
 from .checks import check_peer_state
 from .executor import Executor
 from .points import xml_dir
-from .seed import digest_argv
+from .seed import receive_argv
 
 log = logging.getLogger("domubackup")
 RESTORING = "dbk:restoring"
@@ -73,63 +72,54 @@ def activation(host: str, lvs) -> list[Step]:
 
 
 class Copy:
-    """The executor's callbacks of a block copy: rsync's result, then the checksums of both ends."""
+    """The executor's feed and callback of a block copy: a restore's streams from the peer, and
+    each copy's result."""
 
-    def __init__(self):
-        self.sums: dict[str, dict[str, str]] = {}
-        self.report: list[str] = []
+    def __init__(self, runners=None):
+        self.runners, self.streams, self.report = runners or {}, {}, []
+
+    def feed(self, step):
+        if step.phase != "copy" or len(step.about) < 4:
+            return None
+        _, host, src, size = step.about
+        self.streams[step.about] = stream = self.runners[host].stream(cmd.send_blocks(src, int(size)), step.timeout)
+        return stream
 
     def copied(self, step, res):
         if res.exit_code != 0:
             raise CommandError(step.host, step.argv, res.exit_code, res.stderr,
-                               hint="nothing was marked whole: run it again once the cause is fixed")
-        if step.argv[0] == "rsync":
-            s = rsyncout.parse_rsync_stats(res.stdout)
-            self.report.append(f"{step.note}: {human_bytes(s.bytes_received)} received")
-        else:
+                               hint="the target is not marked whole: run the command again once the cause is fixed")
+        if step.argv[:2] == (cmd.HELPER, "copy-blocks"):
             blocks, written = res.stdout.split()
             self.report.append(f"{step.note}: {written} of {blocks} blocks of 4 MiB differed: written and read back")
-
-    def digest(self, step, res):
-        if res.exit_code != 0:
-            raise CommandError(step.host, step.argv, res.exit_code, res.stderr)
-        disk, end = step.about
-        sums = self.sums.setdefault(disk, {})
-        sums[end] = res.stdout.strip()
-        if len(sums) == 2:
-            if sums["source"] != sums["target"]:
-                raise DomuBackupError(f"{disk}: after the copy the checksums differ (source {sums['source'][:16]}..., "
-                                      f"target {sums['target'][:16]}...): the target is not whole",
-                                      hint="run the command again")
-            self.report.append(f"{disk}: sha256 of the blocks {sums['target'][:16]}... matches on both ends")
+            return
+        stream = self.streams.pop(step.about)
+        sent = stream.stderr.strip().splitlines()[-1:] if stream.exit_code == 0 else []
+        theirs, ours = (sent[0].split()[-1] if sent else None), res.stdout.strip()
+        if theirs != ours:
+            raise DomuBackupError(f"{step.note}: the copy is not whole (sender {stream.exit_code=}: "
+                                  f"{stream.stderr.strip()[-300:] or 'no checksum'}; read back {ours[:16]}...)",
+                                  hint="the target is not marked whole: run the command again")
+        self.report.append(f"{step.note}: sha256 of the blocks {ours[:16]}... matches on both ends")
 
 
-def copy_steps(pairs, *, source_host: str, tag: str, note: str, ssh=None, rs=None, ready: str = "") -> list[Step]:
+def copy_steps(pairs, *, source_host: str, tag: str, note: str, ready: str = "") -> list[Step]:
     """PAIRS: (disk, source path on SOURCE_HOST, its size, target LV here). The target LVs get
     TAG before the first write and lose it once the copy is known whole. Here (a rollback):
-    copy-blocks, which reads back what it wrote. From a peer (a restore): rsync of the device,
-    then the checksums of both ends compared; the first copy waits for READY (the peer's
-    activations)."""
+    copy-blocks, which reads back what it wrote. From a peer (a restore): the peer's
+    `send-blocks` streamed into seed's RECEIVER here (the job's feed), whose read-back checksum
+    must equal the sender's; the first copy waits for READY (the peer's activations)."""
     targets = tuple(t for _, _, _, t in pairs)
-    last = len(pairs) - 1
     steps = [Step(tag.split(":")[-1], LOCAL, ("lvchange", "--addtag", tag, *targets), None, note=note)]
     for i, (disk, src, size, target) in enumerate(pairs):
         if source_host == LOCAL:
             steps.append(Step("copy", LOCAL, cmd.copy_blocks(src, target, size), None, note=f"{disk}: {src} -> {target}",
-                              then="copied", timeout=7 * 24 * 3600, about=(disk,), mark="checked" if i == last else ""))
-            continue
-        steps.append(Step("copy", LOCAL, cmd.rsync_device(src, source_host, os.path.realpath(target), ssh, rs), None,
-                          note=f"{disk}: {source_host}:{src} -> {target}", then="copied", timeout=7 * 24 * 3600,
-                          about=(disk,), waits=(ready,) if ready and i == 0 else (), mark="copied" if i == last else ""))
-    if source_host != LOCAL:
-        for i, (disk, src, size, target) in enumerate(pairs):
-            steps.append(Step("verify", source_host, digest_argv(src, size), None, note=f"{disk}: checksum of {src}",
-                              then="digest", timeout=24 * 3600, about=(disk, "source"),
-                              waits=("copied",) if i == 0 else (), mark="checked" if i == last else ""))
-            steps.append(Step("verify", LOCAL, digest_argv(target, size), None, note=f"{disk}: checksum of {target}",
-                              then="digest", timeout=24 * 3600, about=(disk, "target")))
-    steps.append(Step("verify", LOCAL, ("lvchange", "--deltag", tag, *targets), None,
-                      note="the copy is whole", waits=("checked",)))
+                              then="copied", timeout=7 * 24 * 3600, about=(disk,)))
+        else:
+            steps.append(Step("copy", LOCAL, receive_argv(target, size), None, then="copied", timeout=7 * 24 * 3600,
+                              note=f"{disk}: {source_host}:{src} -> {target}", about=(disk, source_host, src, str(size)),
+                              waits=(ready,) if ready and i == 0 else ()))
+    steps.append(Step("verify", LOCAL, ("lvchange", "--deltag", tag, *targets), None, note="the copy is whole"))
     return steps
 
 
@@ -138,8 +128,9 @@ def run_plan(config, domu: str, runners, steps, copy: Copy | None = None, *, kin
     """STEPS by the executor with the DomU's journal; torn down at the end (with KEEP only
     after a failure: a mount stays until `umount`)."""
     journal = Journal.create(config.state_dir, domu, ",".join(h for h in runners if h != LOCAL), kind)
-    calls = {"copied": copy.copied, "digest": copy.digest} if copy else {}
-    ex = Executor(journal, runners, timeout=config.settings_for(domu).command_timeout, callbacks={**calls, **(callbacks or {})})
+    ex = Executor(journal, runners, timeout=config.settings_for(domu).command_timeout,
+                  callbacks={**({"copied": copy.copied} if copy else {}), **(callbacks or {})},
+                  feed=copy.feed if copy else None)
     if not keep:
         with ex.closing():
             ex.run(steps)
@@ -215,13 +206,13 @@ def restore(config, domu: str, conn, local, factory, point: str | None) -> list[
                     raise DomuBackupError(f"{domu}: the origin {r.path} has {origin.size} bytes, {m.vg}/{m.name} "
                                           f"{m.size}", hint=f"lvextend {r.path} to {m.size} bytes first")
                 pairs.append((disk, m.path, m.size, r.path))
-            copy = Copy()
+            copy = Copy({peer: runner})
             active = activation(peer, [m for m, _, _ in found])
             if active:
                 active[-1] = replace(active[-1], mark="active")
             run_plan(config, domu, {LOCAL: local, peer: runner},
                      active + copy_steps(pairs, source_host=peer, tag=RESTORING, note="the origins are being restored",
-                                         ssh=settings.ssh, rs=settings.rsync, ready="active" if active else ""), copy)
+                                         ready="active" if active else ""), copy)
         finally:
             runner.close()
     return copy.report + [f"{domu}: its disks now hold {'restore point ' + point if point else 'the replica'} of {peer}"]

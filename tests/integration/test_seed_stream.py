@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 
-from domubackup.jobs.seed import CHUNK, HEADER, RECEIVER, BlockStream
+from domubackup.hosts.blockcopy import CHUNK, HEADER, BlockStream
+from domubackup.jobs.seed import RECEIVER
 
 
 def test_stream_and_receiver_copy_exactly_and_agree_on_the_checksum(tmp_path):

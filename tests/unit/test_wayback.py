@@ -1,18 +1,15 @@
 """The ways back (jobs/wayback.py): the block copy's argv and plan, its checksum judgement, the
 choice of point and the refusals that come before anything is written."""
 
-import hashlib
 import json
-import subprocess
-import sys
 
 import pytest
 
 from domubackup.core import commands as cmd, points as pts
-from domubackup.core.config import SSHSettings, parse_config
+from domubackup.core.config import parse_config
 from domubackup.core.errors import DomuBackupError, PeerError, UsageError
-from domubackup.core.model import LOCAL, Result, Step
-from domubackup.jobs import seed, wayback
+from domubackup.core.model import LOCAL, Result
+from domubackup.jobs import wayback
 from replay import ReplayRunner
 
 P1, P2 = "20261201T031500Z", "20261202T031500Z"
@@ -78,14 +75,6 @@ def test_rollback_is_refused_while_the_domu_runs_here_or_its_replica_is_open(tmp
     assert not (tmp_path / "journal" / "web1.json").exists()  # nothing was started
 
 
-def test_the_device_copy_reads_links_writes_in_place_and_reaches_the_peer_as_ssh_does():
-    ssh = SSHSettings(endpoints=(("dom0b", "fd00::2", 2222),))
-    argv = cmd.rsync_device("/dev/vg0/a.P", "dom0b", "/dev/dm-3", ssh)
-    assert argv[:8] == ("rsync", "--copy-devices", "--write-devices", "--inplace", "--whole-file", "--ignore-times",
-                        "--copy-links", "--stats")
-    assert argv[-2:] == ("[fd00::2]:/dev/vg0/a.P", "/dev/dm-3") and argv[-4] == "-e" and " -p 2222 " in argv[-3]
-
-
 def test_copy_blocks_writes_only_the_blocks_that_differ(tmp_path):
     from domubackup.hosts import blockcopy
 
@@ -99,7 +88,7 @@ def test_copy_blocks_writes_only_the_blocks_that_differ(tmp_path):
     assert blockcopy.copy_blocks(str(src), str(dst), size) == (4, 2)
     assert dst.read_bytes() == src.read_bytes()
     assert blockcopy.copy_blocks(str(src), str(dst), size) == (4, 0)
-    assert blockcopy.main([str(src), str(tmp_path / "missing"), str(size)]) == 1
+    assert blockcopy.main(["copy-blocks", str(src), str(tmp_path / "missing"), str(size)]) == 1
 
 
 def test_a_rollback_copies_here_and_untags_after_the_last_copy():
@@ -108,49 +97,32 @@ def test_a_rollback_copies_here_and_untags_after_the_last_copy():
     assert [s.argv for s in steps] == [("lvchange", "--addtag", "dbk:writing", "/dev/vg0/d"),
                                        ("domubackup", "copy-blocks", "/dev/vg0/d.P", "/dev/vg0/d", "10"),
                                        ("lvchange", "--deltag", "dbk:writing", "/dev/vg0/d")]
-    assert steps[1].mark == "checked" and steps[2].waits == ("checked",)
 
 
-def test_the_copy_plan_tags_first_verifies_both_ends_and_untags_last():
+def test_a_restore_streams_each_member_from_the_peer_into_the_receiver_and_compares_checksums():
     pairs = [("xvda", "/dev/vg0/d.P", 10, "/dev/vg0/d"), ("xvdb", "/dev/vg0/s.P", 20, "/dev/vg0/s")]
-    steps = wayback.copy_steps(pairs, source_host="dom0b", tag=wayback.RESTORING, note="n", ready="active",
-                               ssh=SSHSettings())
+    steps = wayback.copy_steps(pairs, source_host="dom0b", tag=wayback.RESTORING, note="n", ready="active")
     assert steps[0].argv == ("lvchange", "--addtag", "dbk:restoring", "/dev/vg0/d", "/dev/vg0/s")
-    copies = [s for s in steps if s.phase == "copy"]
-    assert [s.waits for s in copies] == [("active",), ()] and copies[-1].mark == "copied"
-    sums = [s for s in steps if s.then == "digest"]
-    assert [(s.host, s.about) for s in sums] == [("dom0b", ("xvda", "source")), (LOCAL, ("xvda", "target")),
-                                                 ("dom0b", ("xvdb", "source")), (LOCAL, ("xvdb", "target"))]
-    assert sums[0].waits == ("copied",) and sums[2].mark == "checked"
-    assert steps[-1].argv == ("lvchange", "--deltag", "dbk:restoring", "/dev/vg0/d", "/dev/vg0/s")
-    assert steps[-1].waits == ("checked",)
+    copies = steps[1:3]
+    assert [s.argv[-2:] for s in copies] == [("/dev/vg0/d", "10"), ("/dev/vg0/s", "20")]
+    assert [s.waits for s in copies] == [("active",), ()] and steps[-1].argv[:2] == ("lvchange", "--deltag")
 
+    class Peer:
+        def stream(self, argv, timeout):
+            self.argv = argv
+            return type("S", (), {"exit_code": 0, "stderr": "sha256 " + "a" * 64 + "\n"})()
 
-def test_differing_checksums_fail_the_copy():
-    copy = wayback.Copy()
-    step = lambda end: Step("verify", LOCAL, ("python3",), then="digest", about=("xvda", end))  # noqa: E731
-    copy.digest(step("source"), Result(LOCAL, (), 0, "a" * 64 + "\n"))
-    with pytest.raises(DomuBackupError, match="xvda: after the copy the checksums differ"):
-        copy.digest(step("target"), Result(LOCAL, (), 0, "b" * 64 + "\n"))
-    copy = wayback.Copy()
-    copy.digest(step("source"), Result(LOCAL, (), 0, "a" * 64))
-    copy.digest(step("target"), Result(LOCAL, (), 0, "a" * 64))
-    assert copy.report == ["xvda: sha256 of the blocks aaaaaaaaaaaaaaaa... matches on both ends"]
+    peer = Peer()
+    copy = wayback.Copy({"dom0b": peer})
+    assert copy.feed(copies[0]) is not None and peer.argv == ("domubackup", "send-blocks", "/dev/vg0/d.P", "10")
+    copy.copied(copies[0], Result(LOCAL, copies[0].argv, 0, "a" * 64 + "\n"))
+    assert copy.report == [f"xvda: dom0b:/dev/vg0/d.P -> /dev/vg0/d: sha256 of the blocks {'a' * 16}... matches on both ends"]
+    copy.feed(copies[1])
+    with pytest.raises(DomuBackupError, match="xvdb: dom0b:/dev/vg0/s.P -> /dev/vg0/s: the copy is not whole"):
+        copy.copied(copies[1], Result(LOCAL, copies[1].argv, 0, "b" * 64 + "\n"))
 
 
 def test_a_mount_of_a_point_replays_no_journal():
     assert wayback.mount_options("ext4")[0] == "ro" and "noload" in wayback.mount_options("ext4")
     assert {"norecovery", "nouuid"} <= set(wayback.mount_options("xfs"))
     assert cmd.kpartx_add("/dev/vg0/a", "p", read_only=True) == ("kpartx", "-a", "-r", "-s", "-p", "p", "/dev/vg0/a")
-
-
-def test_digest_is_the_checksum_that_the_seed_stream_computes(tmp_path):
-    dev = tmp_path / "dev"
-    dev.write_bytes(b"\0" * (4 << 20) + hashlib.sha256(b"x").digest() * 1000)
-    size = dev.stat().st_size
-    stream = seed.BlockStream(str(dev), size)
-    for _ in stream:
-        pass
-    out = subprocess.run([sys.executable, *seed.digest_argv(str(dev), size)[1:]], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == stream.sha256
