@@ -27,7 +27,7 @@ TAG = "dbk:"
 POINT, WRITING = "dbk:point", "dbk:writing"
 PENDING, GOOD = "dbk:state:pending", "dbk:state:good"
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
-FIELDS = "vg_name,lv_name,origin,pool_lv,lv_attr,lv_size,snap_percent,lv_tags"
+FIELDS = "vg_name,lv_name,origin,pool_lv,lv_attr,lv_size,origin_size,snap_percent,lv_tags"
 
 
 def stamp(t: datetime) -> str:
@@ -56,9 +56,15 @@ class LV:
     origin: str
     pool: str
     attr: str
-    size: int
+    size: int  # a thick snapshot's: its own (copy-on-write) space
     percent: float | None  # a thick snapshot's fill
     tags: frozenset[str]
+    origin_size: int = 0
+
+    @property
+    def data_size(self) -> int:
+        """The bytes its device holds (a thick snapshot's are its origin's)."""
+        return self.origin_size if self.attr[:1] == "s" and self.origin_size else self.size
 
     def tag(self, key: str) -> str | None:
         prefix = f"{TAG}{key}:"
@@ -119,7 +125,7 @@ def parse_lvs(text: str) -> list[LV]:
             pct = r.get("snap_percent") or ""
             rows.append(LV(r["vg_name"], r["lv_name"], r.get("origin", ""), r.get("pool_lv", ""), r.get("lv_attr", ""),
                            int(r.get("lv_size") or 0), float(pct) if pct else None,
-                           frozenset(t for t in r.get("lv_tags", "").split(",") if t)))
+                           frozenset(t for t in r.get("lv_tags", "").split(",") if t), int(r.get("origin_size") or 0)))
     return rows
 
 

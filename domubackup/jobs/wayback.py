@@ -164,7 +164,7 @@ def _rollback(config, domu, local, point) -> list[str]:
     replicas, p = held(local, domu, point)
     found = sources(domu, replicas, p, config.this_host)
     closed(domu, [r for _, r, _ in found], config.this_host)
-    pairs = [(disk, m.path, m.size, r.path) for m, r, disk in found]
+    pairs = [(disk, m.path, m.data_size, r.path) for m, r, disk in found]
     copy = Copy()
     run_plan(config, domu, {LOCAL: local}, activation(LOCAL, [m for m, _, _ in found])
              + copy_steps(pairs, source_host=LOCAL, tag=pts.WRITING, note="the replicas are being written"), copy)
@@ -202,10 +202,10 @@ def restore(config, domu: str, conn, local, factory, point: str | None) -> list[
                 if origin is None:
                     raise DomuBackupError(f"{domu}: {r.path} (disk {disk}) is not one of its disks on "
                                           f"{config.this_host}", hint="restore needs the origin LV of the same name")
-                if origin.size < m.size:
+                if origin.size < m.data_size:
                     raise DomuBackupError(f"{domu}: the origin {r.path} has {origin.size} bytes, {m.vg}/{m.name} "
-                                          f"{m.size}", hint=f"lvextend {r.path} to {m.size} bytes first")
-                pairs.append((disk, m.path, m.size, r.path))
+                                          f"{m.data_size}", hint=f"lvextend {r.path} to {m.data_size} bytes first")
+                pairs.append((disk, m.path, m.data_size, r.path))
             copy = Copy({peer: runner})
             active = activation(peer, [m for m, _, _ in found])
             if active:

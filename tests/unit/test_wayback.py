@@ -16,8 +16,10 @@ P1, P2 = "20261201T031500Z", "20261202T031500Z"
 
 
 def row(name, tags, *, origin="", pool="", attr="-wi-a-----", size=1 << 30):
+    thick = attr.startswith("s")
     return {"vg_name": "vg0", "lv_name": name, "origin": origin, "pool_lv": pool, "lv_attr": attr,
-            "lv_size": str(size), "snap_percent": "", "lv_tags": ",".join(tags)}
+            "lv_size": str(160 << 20 if thick else size), "origin_size": str(size if thick else 0),
+            "snap_percent": "", "lv_tags": ",".join(tags)}
 
 
 def member(lv, point, disk, state=pts.GOOD, **kw):
@@ -49,6 +51,8 @@ def test_a_good_point_pairs_each_member_with_its_replica_and_disk():
     found = wayback.sources("web1", replicas, point, "dom0b")
     assert [(m.name, r.name, d) for m, r, d in found] == [(f"web1-disk.{P1}", "web1-disk", "xvda"),
                                                           (f"web1-srv.{P1}", "web1-srv", "xvdb")]
+    # a thick member's device holds its origin's bytes, not its copy-on-write size
+    assert [(m.size, m.data_size) for m, _, _ in found] == [(160 << 20, 1 << 30), (1 << 30, 1 << 30)]
     # only the thin member is activated (a thick snapshot is active), and deactivated at teardown
     steps = wayback.activation(LOCAL, [m for m, _, _ in found])
     assert [(s.argv, s.undo) for s in steps] == [
