@@ -33,13 +33,13 @@ def add_parsers(command, json_option) -> None:
     su = command("umount", "unmount what `domubackup mount DOMU` mounted", "Undoes its steps in reverse.")
     su.add_argument("domu", metavar="DOMU", help="the DomU")
     sb = command("rollback", "make the replica that restore point, on the peer that holds it",
-                 "Only the blocks that differ are written; checksums of both are compared. Refused while the "
+                 "Only the blocks that differ are written, then read back and compared. Refused while the "
                  "DomU runs on this host or its replica is in use.")
     sb.add_argument("domu", metavar="DOMU", help="the DomU")
     sb.add_argument("--point", metavar="P", required=True, help=point)
     ss = command("restore", "copy a restore point (or the replica) back into the DomU's own LVs",
-                 "On the DomU's own Dom0, with the DomU shut off: block-wise from its first peer, only the blocks "
-                 "that differ, checksum-verified (the reverse of seed).")
+                 "On the DomU's own Dom0, with the DomU shut off: streamed block-wise from its first peer, read "
+                 "back and checksum-verified against the sender's (the reverse of seed).")
     ss.add_argument("domu", metavar="DOMU", help="the DomU")
     ss.add_argument("--point", metavar="P", help=f"{point} on the peer (default: the replica)")
     sf = command("failover", "start the DomU here, on its peer, when its own Dom0 is dead",
