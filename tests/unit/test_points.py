@@ -80,3 +80,74 @@ def test_prune_steps_remove_every_member_and_the_xml():
     assert lv.argv == ("lvremove", "-f", f"/dev/vg0/web1-disk.{P1}", f"/dev/vg0/web1-srv.{P1}")
     assert rm.argv == ("rm", "-f", "--", f"/var/lib/domubackup/points/web1/{P1}.xml")
     assert pts.prune_steps("dom0b", [], "/x") == []
+
+
+class PointsHost:
+    """A peer with web1's replica vg0/web1-srv (thick, 1 GiB) and a thick point of it at
+    PERCENT full (256 MiB of copy-on-write space; FREE bytes left in vg0): lvs, dmsetup,
+    lvextend and lvchange only."""
+
+    def __init__(self, percent, free, state="valid"):
+        self.percent, self.free, self.state, self.calls = percent, free, state, []
+        self.size = 256 << 20
+
+    def run(self, argv, check=True, timeout=None, **kw):
+        from domubackup.core.model import Result
+        argv = tuple(argv)
+        self.calls.append(argv)
+        out = ""
+        if argv == pts.lvs_of("web1"):
+            out = listing(row("web1-srv", [pts.TAG + "domu:web1"]),
+                          member("web1-srv", P1, "xvdb", disks=1, attr="swi-a-s---", size=self.size, pct="85.00"))
+        elif argv[0] == "dmsetup":
+            used = 524288 * self.percent // 100
+            out = (f"vg0-web1--srv.{P1}: 0 2097152 snapshot {used}/524288 16\n" if self.state == "valid"
+                   else f"vg0-web1--srv.{P1}: 0 2097152 snapshot Invalid\n")
+        elif argv[0] == "lvs":
+            name = argv[-1].split("/")[-1]
+            size = self.size if "." in name else 1 << 30
+            out = f"  vg0|{name}|{size}|swi-a-s---|{'web1-srv' if '.' in name else ''}|85.00|{self.free}|{argv[-1]}\n"
+        elif argv[0] not in ("lvextend", "lvchange"):
+            raise AssertionError(argv)
+        return Result("dom0b", argv, 0, out)
+
+
+@pytest.mark.parametrize("percent, free, state, extended, tagged, told", [
+    (85, 4 << 30, "valid", True, False, False),    # room: extended by snapshot_extend_by
+    (85, 1 << 20, "valid", False, False, True),    # no room: told once, the run goes on
+    (100, 4 << 30, "invalid", False, True, True),  # overflowed: tagged INVALID, no longer watched
+    (50, 4 << 30, "valid", False, False, False),   # below snapshot_extend_at: nothing
+])
+def test_the_point_watch_extends_thick_points_or_marks_them_invalid(percent, free, state, extended, tagged, told,
+                                                                    caplog):
+    from domubackup.core.config import parse_config
+    from domubackup.jobs.checks import PointWatch
+    settings = parse_config('dom0s = ["dom0a", "dom0b"]\n', hostname="dom0b",
+                            default_uri="test:///x").settings_for("web1")
+    host = PointsHost(percent, free, state)
+    watch = PointWatch(host, "web1", settings, "dom0b", interval=0.01)
+    watch.start()
+    import time
+    deadline = time.monotonic() + 5
+    while not any(a[0] == "dmsetup" for a in host.calls) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    watch.stop()
+    member_path = f"/dev/vg0/web1-srv.{P1}"
+    assert watch.problem is None
+    assert (("lvextend", "--size", "+256M", member_path) in host.calls) == extended
+    assert (("lvchange", "--addtag", pts.INVALID, member_path) in host.calls) == tagged
+    assert (watch.invalid == [member_path]) == tagged and (watch.paths == []) == tagged
+    warnings = [r.getMessage() for r in caplog.records if f"restore point member {member_path}" in r.getMessage()]
+    assert len(warnings) == told  # once, however many looks
+    if tagged:
+        assert "overflowed: the point is INVALID" in warnings[0]
+    elif told:
+        assert "has no room to extend it by 256M" in warnings[0]
+
+
+def test_a_member_tagged_invalid_makes_its_point_invalid():
+    m = member("web1-srv", P1, "xvdb", disks=1, attr="swi-a-s---", pct="40.00")
+    m["lv_tags"] += "," + pts.INVALID  # the watch saw it overflow; LVM's own mark may be gone
+    (p,) = pts.points_of(pts.parse_lvs(listing(m)))
+    assert (p.status, p.good) == ("INVALID", False)
