@@ -8,7 +8,7 @@ members are named ``LV.STAMP`` (STAMP the run's UTC time, ``20261202T031500Z``: 
 ``--point`` takes) and carry LV tags, so that the peer alone knows its points (the source Dom0
 may be gone): ``dbk:point``, ``dbk:domu:D``, ``dbk:time:STAMP``, ``dbk:disk:T``, ``dbk:disks:N``,
 ``dbk:consistency:C``, and ``dbk:state:pending`` while it is made, ``dbk:state:good`` once every
-member of the point exists (``dbk:state:invalid`` too once a thick member overflowed). A point is good only when all N members are there, good, and no
+member of the point exists. A point is good only when all N members are there, good, and no
 thick member overflowed (LVM marks it invalid). The replica LVs themselves carry ``dbk:domu:D``
 and, from before the first write of a run until it ended OK, ``dbk:writing``.
 """
@@ -25,7 +25,7 @@ from .model import Step
 
 TAG = "dbk:"
 POINT, WRITING = "dbk:point", "dbk:writing"
-PENDING, GOOD, INVALID = "dbk:state:pending", "dbk:state:good", "dbk:state:invalid"
+PENDING, GOOD = "dbk:state:pending", "dbk:state:good"
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 FIELDS = "vg_name,lv_name,origin,pool_lv,lv_attr,lv_size,origin_size,snap_percent,lv_tags"
 
@@ -76,9 +76,8 @@ class LV:
 
     @property
     def invalid(self) -> bool:
-        """A thick snapshot that overflowed: LVM dropped it (attr state I, or 100 % full), or a
-        run's watch saw it overflow (tag dbk:state:invalid)."""
-        return INVALID in self.tags or self.attr[:1] == "s" and (self.attr[4:5] == "I" or (self.percent or 0) >= 100)
+        """A thick snapshot that overflowed: LVM dropped it (attr state I, or 100 % full)."""
+        return self.attr[:1] == "s" and (self.attr[4:5] == "I" or (self.percent or 0) >= 100)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from dataclasses import astuple
 
 from ..core import commands as cmd, layout, parsers, plan as planner, rsyncout
 from ..hosts import virt
-from .checks import PointWatch, SnapshotWatch, check_no_stale, check_replicas, check_room, check_vg_space
+from .checks import SnapshotWatch, check_no_stale, check_replicas, check_room, check_vg_space
 from ..core.errors import EXIT_PARTIAL, CommandError, DomuBackupError, InspectError, SnapshotError
 from .executor import Executor
 from ..hosts.facts import check_mappable, check_snapshot, with_partition_ids
@@ -61,7 +61,7 @@ class Backup:
         self.insp, self.runners, self.out, self.facts = job.insp, job.runners, job.out, job.insp.facts
         self.verify, self.progress, self.freeze = verify, progress, freeze
         self.mounts = None  # once known: from the config, the fallback, or the guest's fstab
-        self.stats, self.watch, self.point_watches = RsyncStats(), None, []
+        self.stats, self.watch = RsyncStats(), None
         self._meter = None  # the progress bar of the transfer running now
 
     def run(self) -> None:
@@ -92,7 +92,6 @@ class Backup:
             finally:
                 out.freeze = ex.freeze_report
                 self.watch.stop()
-                self._stop_point_watches()
                 if self._meter is not None:  # a transfer that failed
                     self._meter.close()
             self._judge()
@@ -118,17 +117,6 @@ class Backup:
         if ex.freeze_report is not None:
             log.info("%s", ex.freeze_report.summary)
         self.watch.start()
-        if not self.verify and self.settings.retention is not None:  # (points are made only then)
-            self.point_watches = [PointWatch(self.runners[peer], self.domu, self.settings, peer)
-                                  for peer in self.insp.peers]
-            for w in self.point_watches:
-                w.start()
-
-    def _stop_point_watches(self) -> None:
-        for w in self.point_watches:
-            w.stop()
-            if w.problem:
-                log.warning("%s: the restore points on %s were not watched: %s", self.domu, w.host, w.problem)
 
     def _tell_unplaced(self) -> None:
         where = "the config's mounts" if self.settings.mounts else "the guest's /etc/fstab"

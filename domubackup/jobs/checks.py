@@ -7,7 +7,7 @@ import logging
 import re
 import threading
 
-from ..core import commands as cmd, layout, parsers, plan as planner, points as pts
+from ..core import commands as cmd, layout, parsers, plan as planner
 from ..core.errors import InspectError, PeerError, SnapshotError
 from ..hosts.facts import layout_differences, list_lvs, probe_disk
 from ..core.model import LOCAL
@@ -134,7 +134,6 @@ class SnapshotWatch:
     def __init__(self, runner, paths, settings, interval=2.0, on_abort=None):
         self.runner, self.paths, self.settings = runner, paths, settings
         self.interval, self.on_abort = interval, on_abort
-        self.most = settings.snapshot_extend_max  # no extension past this
         self.peak = 0.0
         self.fill: float | None = None  # the fullest snapshot at the last look, %
         self.extended = False  # the last look extended a snapshot
@@ -157,27 +156,21 @@ class SnapshotWatch:
         res = self.runner.run(parsers.dm_snapshot_status_argv(), check=False, timeout=60)
         status = parsers.parse_dm_snapshot_status(res.stdout) if res.exit_code == 0 else {}
         self.fill, self.extended = 0.0, False
-        for path in list(self.paths):
-            problem = self._look(path, status.get(cmd.dm_name(*path.split("/")[-2:])), final,
-                                 res.stderr.strip() or "not in `dmsetup status`")
-            if problem and self.trouble(path, problem):
-                return problem
+        for path in self.paths:
+            vg, name = path.split("/")[-2:]
+            use = status.get(cmd.dm_name(vg, name))
+            if use is None:
+                why = res.stderr.strip() or "not in `dmsetup status`"
+                return f"snapshot {path} disappeared ({why})"
+            self.peak = max(self.peak, use.percent)
+            self.fill = max(self.fill, use.percent)
+            if use.state != "valid" or use.percent >= 100.0:
+                return f"snapshot {path} became invalid (100% full): its copy cannot be trusted"
+            if use.percent >= self.settings.snapshot_extend_at and not final:
+                problem = self.extend(path, use.percent)
+                if problem:
+                    return problem
         return None
-
-    def _look(self, path, use, final, why) -> str | None:
-        if use is None:
-            return f"snapshot {path} disappeared ({why})"
-        self.peak = max(self.peak, use.percent)
-        self.fill = max(self.fill, use.percent)
-        if use.state != "valid" or use.percent >= 100.0:
-            return f"snapshot {path} became invalid (100% full): its copy cannot be trusted"
-        if use.percent >= self.settings.snapshot_extend_at and not final:
-            return self.extend(path, use.percent)
-        return None
-
-    def trouble(self, path, problem) -> bool:
-        """PROBLEM with the snapshot at PATH: True stops the watch (and the run)."""
-        return True
 
     def _lv(self, path):
         """The LV at ``path`` (lvs), or why it cannot be known."""
@@ -196,7 +189,7 @@ class SnapshotWatch:
         if isinstance(lv, str):
             return f"snapshot {lv}"
         need = size_bytes(self.settings.snapshot_extend_by, lv.size)
-        most = self.most
+        most = self.settings.snapshot_extend_max
         origin = 0
         if most.endswith("%ORIGIN"):
             origin = self._lv(cmd.lv_path(lv.vg, lv.origin)) if lv.origin else f"{path} names no origin"
@@ -234,43 +227,3 @@ class SnapshotWatch:
                 if self.on_abort:
                     self.on_abort()
                 return
-
-
-class PointWatch(SnapshotWatch):
-    """The thick restore points of DOMU on a peer while a run writes into their origins (the
-    replicas): each write there is copied into each of them first. One that fills past
-    snapshot_extend_at is extended by snapshot_extend_by (up to its origin's size, which it can
-    never outgrow); one that cannot be is told once, and one that overflowed is tagged INVALID
-    (LVM dropped its data; `points` never offers it as good, the points phase prunes it). The
-    run itself goes on: the replica matters more than an old point."""
-
-    def __init__(self, runner, domu: str, settings, host: str, interval=2.0):
-        super().__init__(runner, [], settings, interval)
-        self.most, self.domu, self.host = "100%ORIGIN", domu, host
-        self.invalid: list[str] = []
-        self._told: set[str] = set()
-
-    def _loop(self):
-        """First the thick members to watch (in this thread: the run does not wait for it)."""
-        try:
-            points = pts.points_of(pts.parse_lvs(self.runner.run(pts.lvs_of(self.domu), timeout=60).stdout))
-        except Exception as e:  # noqa: BLE001 - told by the job
-            self.problem = f"cannot list the restore points: {e}"
-            return
-        self.paths = [m.path for p in points if p.status != "INVALID" for m in p.members if m.attr[:1] == "s"]
-        if self.paths:
-            super()._loop()
-
-    def trouble(self, path, problem) -> bool:
-        if "invalid" in problem or "disappeared" in problem:
-            self.paths.remove(path)
-            if "invalid" in problem:
-                self.invalid.append(path)
-                self.runner.run(("lvchange", "--addtag", pts.INVALID, path), check=False, timeout=60)
-                log.warning("%s: restore point member %s on %s overflowed: the point is INVALID "
-                            "(raise point_size, or use a thin replica)", self.domu, path, self.host)
-        elif path not in self._told:
-            self._told.add(path)
-            log.warning("%s: restore point member %s on %s: %s; it becomes INVALID if it fills up",
-                        self.domu, path, self.host, problem.removeprefix(f"snapshot {path} "))
-        return False

@@ -20,7 +20,7 @@ from ..hosts.facts import check_mappable, list_lvs, probe_disk
 from ..hosts.journal import Journal
 from ..hosts.lock import DomuLock
 from ..hosts.safepath import EXIT_MISSING
-from .checks import PointWatch, check_peer_state
+from .checks import check_peer_state
 from .executor import Executor
 from .points import xml_dir
 from .seed import receive_argv
@@ -166,13 +166,8 @@ def _rollback(config, domu, local, point) -> list[str]:
     closed(domu, [r for _, r, _ in found], config.this_host)
     pairs = [(disk, m.path, m.data_size, r.path) for m, r, disk in found]
     copy = Copy()
-    watch = PointWatch(local, domu, config.settings_for(domu), config.this_host)  # the other thick points
-    watch.start()
-    try:
-        run_plan(config, domu, {LOCAL: local}, activation(LOCAL, [m for m, _, _ in found])
-                 + copy_steps(pairs, source_host=LOCAL, tag=pts.WRITING, note="the replicas are being written"), copy)
-    finally:
-        watch.stop()
+    run_plan(config, domu, {LOCAL: local}, activation(LOCAL, [m for m, _, _ in found])
+             + copy_steps(pairs, source_host=LOCAL, tag=pts.WRITING, note="the replicas are being written"), copy)
     return copy.report + [f"the replica of {domu} is now restore point {point}"]
 
 
