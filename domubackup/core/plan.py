@@ -227,13 +227,25 @@ def after_fstab(mounts, facts, settings, domu, peers, *, missing: bool, progress
 
 def after_mounts(mounts, facts, settings, domu, peers, *, progress=False, verify=False) -> list[Step]:
     """Once the mounts are known: each peer mounts its replica (read-only for a verify), this
-    host checks that the replicas have room, then one rsync per peer and tree."""
-    steps = [s for peer in peers
-             for s in _mark_last(tree_steps(mounts, facts, settings, domu, peer, read_only=verify), f"ready:{peer}")]
-    local = [] if verify else [check(LOCAL, "room", note="each replica filesystem can hold what its source holds")]
+    host checks that the replicas have room, with restore points each peer gives its thick
+    points room for what the run may write (a decision: points.size_points), then one rsync
+    per peer and tree."""
+    sized = settings.retention is not None and not verify
+    steps = []
+    for peer in peers:
+        steps += _mark_last(tree_steps(mounts, facts, settings, domu, peer, read_only=verify), f"ready:{peer}")
+        if sized:  # once the room is known, before the first rsync: thick restore points get room
+            steps.append(Step("point-size", peer, pts.lvs_of(domu), None, then="point-size", waits=("room",),
+                              mark=f"sized:{peer}", note=f"thick restore points on {peer} get room for what this "
+                                                         "run may write (decided from the mounts' figures)"))
+    local = [] if verify else [check(LOCAL, "room", note="each replica filesystem can hold what its source holds",
+                                     waits=tuple(f"ready:{p}" for p in peers), mark="room" if sized else "")]
     local += transfer_steps(settings, domu, peers, progress=progress and not verify,
                             extra=VERIFY_ARGS if verify else (), trees=trees(mounts))
-    local[0] = replace(local[0], waits=tuple(f"ready:{p}" for p in peers))  # every peer mounted
+    if verify:  # every peer mounted
+        local[0] = replace(local[0], waits=tuple(f"ready:{p}" for p in peers))
+    elif sized:  # and its points sized
+        local[1] = replace(local[1], waits=tuple(f"sized:{p}" for p in peers))
     return steps + local
 
 
@@ -302,7 +314,7 @@ def describe(plan: Plan) -> str:
             what = "check " + " ".join(s.check) if s.check else shlex.join(s.argv)
             lines.append(f"{i:5}. [{s.phase}] {what}" + (f"   (after {', '.join(s.waits)})" if s.waits else ""))
             for label, value in (("#", s.note), ("undo:", s.undo and shlex.join(s.undo)),
-                                 ("decides:", s.then if s.then in ("fstab", "points") else ""),
+                                 ("decides:", s.then if s.then in ("fstab", "points", "point-size") else ""),
                                  ("reaches:", s.mark)):
                 if value:
                     lines.append(f"         {label} {value}")

@@ -27,7 +27,8 @@ TAG = "dbk:"
 POINT, WRITING = "dbk:point", "dbk:writing"
 PENDING, GOOD = "dbk:state:pending", "dbk:state:good"
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
-FIELDS = "vg_name,lv_name,origin,pool_lv,lv_attr,lv_size,origin_size,snap_percent,lv_tags"
+MIB = 2**20
+FIELDS = "vg_name,lv_name,origin,pool_lv,lv_attr,lv_size,origin_size,snap_percent,lv_tags,vg_free"
 
 
 def stamp(t: datetime) -> str:
@@ -60,6 +61,7 @@ class LV:
     percent: float | None  # a thick snapshot's fill
     tags: frozenset[str]
     origin_size: int = 0
+    vg_free: int = 0  # its volume group's free bytes (when listed)
 
     @property
     def data_size(self) -> int:
@@ -125,7 +127,8 @@ def parse_lvs(text: str) -> list[LV]:
             pct = r.get("snap_percent") or ""
             rows.append(LV(r["vg_name"], r["lv_name"], r.get("origin", ""), r.get("pool_lv", ""), r.get("lv_attr", ""),
                            int(r.get("lv_size") or 0), float(pct) if pct else None,
-                           frozenset(t for t in r.get("lv_tags", "").split(",") if t), int(r.get("origin_size") or 0)))
+                           frozenset(t for t in r.get("lv_tags", "").split(",") if t), int(r.get("origin_size") or 0),
+                           int(r.get("vg_free") or 0)))
     return rows
 
 
@@ -185,6 +188,56 @@ def point_steps(domu: str, peer: str, replicas: list[LV], point: str, *, disks: 
         steps.append(Step("point-commit", peer, ("lvchange", "--deltag", PENDING, "--addtag", GOOD, cmd.lv_path(vg, name)),
                           None, note=f"{name} is part of a whole point", closes=argv))
     return steps
+
+
+def write_bound(replica_size: int, sources, replicas) -> int:
+    """The most a run may write into one replica LV (whose filesystems' Space, as their mounts
+    told them, are SOURCES here and REPLICAS on the peer, in the same order): rsync rewrites at
+    most every file the sources hold, plus the filesystems' own metadata (inode tables, bitmaps,
+    journal: what the LV holds beyond the replicas' data blocks). Unknown figures: the whole LV;
+    nothing mounted: nothing written."""
+    if not sources:
+        return 0
+    if any(s is None for s in (*sources, *replicas)):
+        return replica_size
+    return min(replica_size, sum(s.used for s in sources) + max(0, replica_size - sum(r.size for r in replicas)))
+
+
+def size_points(peer: str, lvs: list[LV], bounds: dict[str, int]) -> tuple[list[Step], list[str]]:
+    """Before a run writes into its replicas: each thick member of a point that is not INVALID
+    is extended so that its free copy-on-write space holds BOUNDS[its replica's path] (what the
+    run may write there: write_bound), newest points first while the volume group has room.
+    A thick point fills when its origin is written, and in the peer's page cache a run's writes
+    reach the LV all at once (at writeback or unmount): watching the fill cannot keep up, room
+    made before can. Returns the steps and a warning for each point that may overflow (LVM
+    then marks it invalid: INVALID, never offered as good)."""
+    replicas = {lv.name: lv for lv in lvs if POINT not in lv.tags}
+    vg_free = {lv.vg: lv.vg_free for lv in lvs}
+    steps, warnings = [], []
+    for p in points_of(lvs):
+        if p.status == "INVALID":
+            continue
+        for m in p.members:
+            origin = replicas.get(m.origin)
+            if m.attr[:1] != "s" or origin is None or origin.path not in bounds:
+                continue
+            used = int(m.size * (m.percent or 0) / 100)
+            # + the exception store's own metadata (16 bytes per 4 KiB chunk) and a margin; a
+            # snapshot as large as its origin (and that metadata) can never overflow
+            deficit = min(used + bounds[origin.path], origin.size) * 201 // 200 + 4 * MIB - m.size
+            if deficit <= 0:
+                continue
+            grow = -(-deficit // (4 * MIB)) * 4 * MIB  # whole extents of 4 MiB (LVM's default)
+            if grow > vg_free.get(m.vg, 0):
+                warnings.append(f"restore point {p.name} on {peer} ({m.vg}/{m.name}) may overflow during this run: "
+                                f"it needs {grow // MIB} MiB more, {m.vg} has {vg_free.get(m.vg, 0) // MIB} MiB free "
+                                "(if it overflows it becomes INVALID)")
+                continue
+            vg_free[m.vg] -= grow
+            steps.append(Step("point-size", peer, cmd.lvextend(m.vg, m.name, f"{grow // 1024}k"), None,
+                              note=f"thick restore point {p.name} ({m.vg}/{m.name}) gets room for what this run "
+                                   f"may write ({grow // MIB} MiB more)"))
+    return steps, warnings
 
 
 def prune_steps(peer: str, doomed: list[Point], xml_dir: str) -> list[Step]:

@@ -7,10 +7,10 @@ import logging
 import os
 from dataclasses import astuple
 
-from ..core import commands as cmd, layout, parsers, plan as planner, rsyncout
+from ..core import commands as cmd, layout, parsers, plan as planner, points as pts, rsyncout
 from ..hosts import virt
 from .checks import SnapshotWatch, check_no_stale, check_replicas, check_room, check_vg_space
-from ..core.errors import EXIT_PARTIAL, CommandError, DomuBackupError, InspectError, SnapshotError
+from ..core.errors import EXIT_PARTIAL, CommandError, DomuBackupError, InspectError, PeerError, SnapshotError
 from .executor import Executor
 from ..hosts.facts import check_mappable, check_snapshot, with_partition_ids
 from .frame import Outcome, run_job, ssh_runner
@@ -79,7 +79,8 @@ class Backup:
                               "snapshot": self._check_snapshot, "peer-state": self.job.check_peer_state,
                               "replicas": lambda s: check_replica_maps(self.job, s),
                               "room": lambda s: check_room(ex.space, self.mounts, settings, domu, self.insp.peers)},
-                      callbacks={"fstab": self._decide_fstab, "transfer": self._transferred},
+                      callbacks={"fstab": self._decide_fstab, "transfer": self._transferred,
+                                 "point-size": lambda s, r: self._size_points(ex, s, r)},
                       freeze=self.freeze, on_output=self._display, on_mark={"snapshots": lambda: self._snapshots(ex)})
         if self.mounts is not None:
             self._tell_unplaced()
@@ -165,6 +166,29 @@ class Backup:
             log.warning("%s: %s", domu, n)
         self._tell_unplaced()
         return planner.after_fstab(self.mounts, self.facts, settings, domu, self.insp.peers, missing=False, **more)
+
+    def _size_points(self, ex, step, res):
+        """Decision "point-size": the thick points on the step's peer get room for the most
+        this run may write into each replica (its mounts' figures, here and there)."""
+        if res.exit_code != 0:
+            raise PeerError(f"{step.host}: cannot list the restore points of {self.domu}: {res.stderr.strip()}",
+                            hint="nothing was written; check LVM on the peer")
+        lvs = pts.parse_lvs(res.stdout)
+        sizes = {lv.path: lv.size for lv in lvs}
+
+        def space(host, mounts):
+            return [ex.space.get((host, planner.tree_root(self.settings, self.domu, host, m.tree), m.mountpoint))
+                    for m in mounts]
+        bounds = {}
+        for f in self.facts:
+            path = cmd.lv_path(f.lv.vg, f.lv.lv)
+            on_disk = [m for m in self.mounts if m.filesystem.disk == f.disk.target]
+            if path in sizes:
+                bounds[path] = pts.write_bound(sizes[path], space(LOCAL, on_disk), space(step.host, on_disk))
+        steps, warnings = pts.size_points(step.host, lvs, bounds)
+        for w in warnings:
+            log.warning("%s: %s", self.domu, w)
+        return steps
 
     def _display(self, step):
         if step.phase != "transfer" or self.progress is None or self.verify:

@@ -6,7 +6,8 @@ marks it names (reached by steps of other lanes). Every step that opens somethin
 to the journal before it runs. A decision step's callback (``then``) returns the steps that
 follow from what it read; a lane whose steps are all run waits while a decision is still to
 come. The first failure stops every lane at its next step; the caller then tears the journal
-down (each host in reverse, the hosts at once).
+down (each host in reverse, the hosts at once). A decision's mark is reached once the last
+step it added to its own lane is done (the steps it decided belong to it).
 
 Neighbouring safepath mounts of one tree on one lane run as one helper command (commands.
 batch_key), journaled before it like a single step. With a ``freeze`` window, the snapshot
@@ -21,6 +22,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
+from dataclasses import replace
 
 from ..core import commands as cmd, parsers
 from ..core.errors import CommandError, TeardownError
@@ -178,10 +180,14 @@ class Executor:
             self._note_space(step.host, [s.argv for s in group], res.stdout)
         elif step.then:
             res = self._run(step, check=False)
-            more = self.callbacks[step.then](step, res) if step.then in self.callbacks else None
+            more = list((self.callbacks[step.then](step, res) if step.then in self.callbacks else None) or ())
+            own = [i for i, s in enumerate(more) if s.host == step.host]
+            if step.mark and own:  # the decision's mark is reached once what it added to its lane is done
+                more[own[-1]] = replace(more[own[-1]], mark=step.mark)
+                group = [replace(step, mark="")]
             with self._cond:
                 self._deciding -= step.then in self.callbacks
-            self._add(more or ())
+            self._add(more)
         elif step.undo is None:
             self._run(step)
             if step.closes is not None:

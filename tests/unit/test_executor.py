@@ -73,6 +73,30 @@ def test_a_decision_adds_the_steps_it_found_to_any_lane(tmp_path):
         ("dom0b", ("open", "var")))
 
 
+def test_a_decisions_mark_is_reached_once_the_steps_it_added_to_its_lane_are_done(tmp_path):
+    # dom0b decides two more steps of its own; dom0a waits for the decision's mark: it must
+    # run after both (the room they make), not after the read
+    log = []
+
+    class Slow:  # p2 takes a while: a mark reached too early lets dom0a run first
+        def wait(self, timeout):
+            time.sleep(0.2)
+    hosts = {LOCAL: Host("dom0a", log), "dom0b": Host("dom0b", log, gate={("grow", "p2"): Slow()})}
+    ex = executor(tmp_path, hosts, callbacks={"size": lambda step, res: [
+        Step("grow", "dom0b", ("grow", "p1"), None), Step("grow", "dom0b", ("grow", "p2"), None)]})
+    with ex.closing():
+        ex.run([Step("size", "dom0b", ("list", "points"), None, then="size", mark="sized"),
+                opened(LOCAL, "transfer", waits=("sized",))])
+    assert log.index(("dom0b", ("grow", "p2"))) < log.index(("dom0a", ("open", "transfer")))
+    # a decision that adds nothing to its lane reaches its mark at once
+    log.clear()
+    ex = executor(tmp_path, hosts, callbacks={"size": lambda step, res: []})
+    with ex.closing():
+        ex.run([Step("size", "dom0b", ("list", "points"), None, then="size", mark="sized"),
+                opened(LOCAL, "transfer", waits=("sized",))])
+    assert ("dom0a", ("open", "transfer")) in log
+
+
 def test_the_first_failure_stops_every_lane_and_everything_opened_is_closed(tmp_path):
     # dom0b's b2 fails while dom0a runs a2 (it waits for that failure): dom0a opens nothing
     # more, dom0b neither; every step opened (and the one that failed: it may have opened

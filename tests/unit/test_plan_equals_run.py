@@ -34,8 +34,10 @@ def effects(log, host):
 def planned(plan, host):
     """The plan's commands on HOST (its label in the plan: LOCAL or the peer's name), then its
     teardown there as `plan` prints it; a safepath helper step as the command it stands for
-    (test_pipeline.items). Check steps run read-only probes only (left out of `effects`)."""
-    opens = [a for s in plan.steps if s.host == host and not s.check for a in items(s.argv)]
+    (test_pipeline.items). Check steps and decisions that read a probe (the points' `lvs`) run
+    read-only probes only (left out of `effects`)."""
+    opens = [a for s in plan.steps if s.host == host and not s.check and s.argv[0] not in PROBES
+             for a in items(s.argv)]
     undos = [a for h, undo in planner.teardown_order(plan.steps) if h == host for a in items(undo)]
     return opens + undos
 
@@ -81,9 +83,11 @@ def test_each_host_runs_exactly_the_plan(tmp_path, fixtures, monkeypatch, layout
                               '[retention]\nkeep_last = 1\n', hostname="dom0a", default_uri="test:///x")
         old = "20261101T031500Z"
         rows = [{"vg_name": "vg0", "lv_name": lv, "origin": "", "pool_lv": "", "lv_attr": "owi-a-s---",
-                 "lv_size": "1073741824", "snap_percent": "", "lv_tags": "dbk:domu:web1"} for lv in ("web1-disk", "web1-srv")]
+                 "lv_size": "1073741824", "snap_percent": "", "lv_tags": "dbk:domu:web1", "vg_free": str(8 << 30)}
+                for lv in ("web1-disk", "web1-srv")]
         rows += [dict(r, lv_name=f"{r['lv_name']}.{old}", origin=r["lv_name"], lv_attr="swi-a-s---", snap_percent="2.0",
-                      lv_tags=f"dbk:point,dbk:domu:web1,dbk:time:{old},dbk:disks:2,dbk:state:good") for r in rows]
+                      lv_size=str(64 << 20), lv_tags=f"dbk:point,dbk:domu:web1,dbk:time:{old},dbk:disks:2,"
+                                                     "dbk:state:good") for r in rows]
         peer.probes[pts.lvs_of("web1")] = (0, json.dumps({"report": [{"lv": rows}]}), "")
     local.probes[CAT] = (EXIT_MISSING, "", "read-in: no such file\n") if layout == "no-fstab" else (0, text, "")
     hosts = {"dom0b": peer, "dom0c": third} if layout == "two-peers" else {"dom0b": peer}
@@ -107,8 +111,14 @@ def test_each_host_runs_exactly_the_plan(tmp_path, fixtures, monkeypatch, layout
     else:
         assert plan.after == [] and not out.point
     for host in (LOCAL, *peers):
-        assert effects(log, host if host != LOCAL else "dom0a") == planned(plan, host) + (
-            after if host == "dom0b" else []), host
+        expected = planned(plan, host)
+        if layout == "points" and host == "dom0b":  # the point-size decision: its thick points grew there
+            grown = [a for a in effects(log, host) if a[0] == "lvextend"]
+            assert [a[-1] for a in grown] == [f"/dev/vg0/{lv}.{old}" for lv in ("web1-disk", "web1-srv")]
+            at = len([a for s in plan.steps if s.host == host and not s.check and s.argv[0] not in PROBES
+                      for a in items(s.argv)])
+            expected[at:at] = grown
+        assert effects(log, host if host != LOCAL else "dom0a") == expected + (after if host == "dom0b" else []), host
     if layout != "config-mounts":  # the run mounted the root and read the fstab: a decision
         assert [s.then for s in plan.steps if s.phase == "inspect"] == ["fstab"]
 

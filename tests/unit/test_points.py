@@ -80,3 +80,44 @@ def test_prune_steps_remove_every_member_and_the_xml():
     assert lv.argv == ("lvremove", "-f", f"/dev/vg0/web1-disk.{P1}", f"/dev/vg0/web1-srv.{P1}")
     assert rm.argv == ("rm", "-f", "--", f"/var/lib/domubackup/points/web1/{P1}.xml")
     assert pts.prune_steps("dom0b", [], "/x") == []
+
+
+def test_write_bound_is_what_the_sources_hold_plus_the_replicas_metadata():
+    from domubackup.core.model import Space
+    gib = 1 << 30
+    src = [Space(size=2 * gib, used=300 << 20, free=0), Space(size=gib, used=100 << 20, free=0)]
+    rep = [Space(size=int(1.5 * gib), used=0, free=0), Space(size=gib, used=0, free=0)]
+    # 400 MiB of files, and the 3 GiB LV holds 0.5 GiB beyond the replicas' filesystems
+    assert pts.write_bound(3 * gib, src, rep) == (400 << 20) + gib // 2
+    assert pts.write_bound(300 << 20, src, rep) == 300 << 20  # never more than the LV
+    assert pts.write_bound(3 * gib, [src[0], None], rep) == 3 * gib  # a figure unknown: the whole LV
+    assert pts.write_bound(3 * gib, [], []) == 0  # nothing mounted on it: nothing written
+
+
+def test_size_points_gives_thick_points_room_newest_first_while_the_vg_has_it():
+    mib = 1 << 20
+    free = {"vg_free": str(100 * mib)}
+    lvs = pts.parse_lvs(listing(
+        dict(row("web1-disk", ["dbk:domu:web1"]), **free), dict(row("web1-srv", ["dbk:domu:web1"]), **free),
+        dict(member("web1-disk", P1, "xvda", attr="swi-a-s---", size=64 * mib, pct="50.00"), **free),
+        dict(member("web1-disk", P2, "xvda", attr="swi-a-s---", size=64 * mib, pct="25.00"), **free),
+        dict(member("web1-disk", P3, "xvda", attr="swi-I-s---", size=64 * mib, pct="100.00"), **free),
+        dict(member("web1-srv", P2, "xvdb", pool="pool", attr="Vwi---tz-k"), **free)))
+    bounds = {"/dev/vg0/web1-disk": 60 * mib, "/dev/vg0/web1-srv": 1 << 30}
+    steps, warnings = pts.size_points("dom0b", lvs, bounds)
+    # P2 (newest not INVALID): 16 MiB used + 60 MiB, +0.5 % +4 MiB, less its 64 MiB: 16.38 -> 20 MiB;
+    # P1 then needs 32 + 60 -> 36 MiB, the VG has 80 left: both; P3 is invalid; thin members never grow
+    assert [s.argv for s in steps] == [("lvextend", "--size", f"+{20 * 1024}k", f"/dev/vg0/web1-disk.{P2}"),
+                                       ("lvextend", "--size", f"+{36 * 1024}k", f"/dev/vg0/web1-disk.{P1}")]
+    assert warnings == [] and all(s.host == "dom0b" and s.undo is None for s in steps)
+    # a VG with less room: the newest gets it, the older one is warned of, nothing is extended past it
+    steps, warnings = pts.size_points("dom0b", lvs, {"/dev/vg0/web1-disk": 90 * mib})
+    assert [s.argv for s in steps] == [("lvextend", "--size", f"+{48 * 1024}k", f"/dev/vg0/web1-disk.{P2}")]
+    assert warnings == [f"restore point {P1} on dom0b (vg0/web1-disk.{P1}) may overflow during this run: it needs "
+                        "64 MiB more, vg0 has 52 MiB free (if it overflows it becomes INVALID)"]
+    # the origin's size caps the room: a point already as large as its origin (and margin) stays
+    big = pts.parse_lvs(listing(dict(row("web1-disk", ["dbk:domu:web1"], size=64 * mib), **free),
+                                dict(member("web1-disk", P1, "xvda", attr="swi-a-s---", size=70 * mib, pct="1.00"),
+                                     **free)))
+    assert pts.size_points("dom0b", big, {"/dev/vg0/web1-disk": 1 << 30}) == ([], [])
+    assert pts.size_points("dom0b", lvs, {}) == ([], [])
