@@ -42,6 +42,7 @@ class LogicalVolume:
     snap_percent: float | None = None
     vg_free: int | None = None  # bytes free in the VG
     path: str = ""
+    tags: frozenset[str] = frozenset()
 
     @property
     def is_snapshot(self) -> bool:

@@ -38,7 +38,7 @@ def _unescape_bytes(text: str, pattern: re.Pattern[str], base: int) -> str:
 
 
 LVS_FIELDS: tuple[str, ...] = ("vg_name", "lv_name", "lv_size", "lv_attr", "origin", "snap_percent", "vg_free",
-                               "lv_path")
+                               "lv_path", "lv_tags")
 LVS_SEPARATOR = "|"  # not allowed in VG/LV names ([A-Za-z0-9+_.-])
 
 
@@ -63,9 +63,11 @@ def parse_lvs(text: str) -> list[LogicalVolume]:
     out = []
     for line in _nonblank(text):
         fields = [f.strip() for f in line.split(LVS_SEPARATOR)]
+        if len(fields) == len(LVS_FIELDS) - 1:  # captured before lv_tags was asked for: no tags
+            fields.append("")
         if len(fields) != len(LVS_FIELDS):
             raise _bad("lvs", line, f"expected {len(LVS_FIELDS)} fields, got {len(fields)}")
-        vg, lv, size, attr, origin, snap, vg_free, path = fields
+        vg, lv, size, attr, origin, snap, vg_free, path, tags = fields
         if not vg or not lv:
             raise _bad("lvs", line, "empty vg_name or lv_name")
         try:
@@ -73,7 +75,7 @@ def parse_lvs(text: str) -> list[LogicalVolume]:
         except ValueError:
             raise _bad("lvs", line, f"bad snap_percent {snap!r}") from None
         out.append(LogicalVolume(vg=vg, lv=lv, size=_int_bytes(size, line, "lvs"), attr=attr, origin=origin,
-                                 snap_percent=snap_percent, path=path,
+                                 snap_percent=snap_percent, path=path, tags=frozenset(t for t in tags.split(",") if t),
                                  vg_free=_int_bytes(vg_free, line, "lvs") if vg_free else None))
     return out
 

@@ -25,7 +25,8 @@ from .model import Step
 
 TAG = "dbk:"
 POINT, WRITING = "dbk:point", "dbk:writing"
-PENDING, GOOD = "dbk:state:pending", "dbk:state:good"
+RESTORING = "dbk:restoring"  # an origin LV that a restore writes into, until it is whole
+PENDING, GOOD, PRUNING = "dbk:state:pending", "dbk:state:good", "dbk:state:pruning"
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 MIB = 2**20
 FIELDS = "vg_name,lv_name,origin,pool_lv,lv_attr,lv_size,origin_size,snap_percent,lv_tags,vg_free"
@@ -95,6 +96,8 @@ class Point:
 
     @property
     def status(self) -> str:
+        if any(PRUNING in m.tags for m in self.members):
+            return "PRUNING"
         if any(m.invalid for m in self.members):
             return "INVALID"
         if any(PENDING in m.tags or GOOD not in m.tags for m in self.members):
@@ -241,13 +244,19 @@ def size_points(peer: str, lvs: list[LV], bounds: dict[str, int]) -> tuple[list[
 
 
 def prune_steps(peer: str, doomed: list[Point], xml_dir: str) -> list[Step]:
-    members = [m for p in doomed for m in p.members]
+    """Every member of the DOOMED points is first tagged PRUNING (journaled: the undo that
+    cleanup runs after a kill is the removal itself), then their domain XML goes, then the
+    members: a point part-way through is PRUNING, never good, and `cleanup` finishes it (a
+    kill between the tag and the `rm` leaves only the XML file, which nothing reads)."""
+    members = tuple(m.path for p in doomed for m in p.members)
     if not members:
         return []
-    return [Step("prune", peer, ("lvremove", "-f", *(m.path for m in members)), None,
-                 note="pruned: " + ", ".join(f"{p.name} ({p.status.lower()})" for p in doomed)),
-            Step("prune", peer, ("rm", "-f", "--", *(xml_path(xml_dir, p.name) for p in doomed)), None,
-                 note="their domain XML")]
+    mark = Step("prune-mark", peer, ("lvchange", "--addtag", PRUNING, *members), ("lvremove", "-f", *members),
+                note="to be pruned: " + ", ".join(f"{p.name} ({p.status.lower()})" for p in doomed))
+    return [mark,
+            Step("prune-mark", peer, ("rm", "-f", "--", *(xml_path(xml_dir, p.name) for p in doomed)), None,
+                 note="their domain XML"),
+            Step("prune", peer, ("lvremove", "-f", *members), None, closes=mark.argv, note="pruned")]
 
 
 def xml_path(xml_dir: str, point: str) -> str:

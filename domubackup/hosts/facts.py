@@ -11,6 +11,7 @@ from ..core.commands import dm_name, kpartx_list as cmd_kpartx_list
 from ..core.errors import CommandError, InspectError
 from ..core.model import Disk, DiskFacts, Filesystem, LogicalVolume, PartitionTable
 from ..core.layout import classify, unmappable
+from ..core.points import RESTORING
 
 _VG_LV_PATH = re.compile(r"/dev/(?!mapper/)([A-Za-z0-9+_.-]+)/([A-Za-z0-9+_.-]+)")
 _DM_PATH = re.compile(r"/dev/mapper/((?:[A-Za-z0-9+_.]|--)+)-(?:[A-Za-z0-9+_.]|--)+")
@@ -97,6 +98,9 @@ def probe_disk(runner, disk: Disk, *, path: str | None = None, lvs=None, point: 
     if lv.is_snapshot and not point:
         raise InspectError(f"{disk.target}: {path} is itself an LVM snapshot (of {lv.origin or 'another LV'})",
                            hint="back up the origin volume, not a snapshot")
+    if RESTORING in lv.tags:
+        raise InspectError(f"{disk.target}: {path} is marked {RESTORING}: a `domubackup restore` into it did not "
+                           "end (it may be half-written)", hint="run the restore again until it ends OK")
     table, filesystems = probe_layout(runner, lv.path or path, disk.target, lv.size)
     return DiskFacts(disk=disk, lv=lv, table=table, filesystems=filesystems)
 

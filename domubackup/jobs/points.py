@@ -12,6 +12,7 @@ from ..core import retention
 from ..core.errors import DomuBackupError
 from ..core.model import LOCAL
 from ..hosts.journal import Journal
+from ..hosts.lock import DomuLock
 from .executor import Executor
 
 log = logging.getLogger("domubackup")
@@ -116,12 +117,15 @@ def on_hosts(config, names, local, factory, work):
 def prune_host(config, domu: str, host: str, runner, *, dry_run: bool) -> tuple[list[tuple[str, bool, str]], dict]:
     """Apply DOMU's retention rules to its points on HOST; returns [(point, keep, reason)] and
     the figures() of the points kept."""
-    points, _ = host_points(runner, domu)
-    decided = retention.prune(points, config.settings_for(domu).retention)
-    doomed = [p for p, keep, _ in decided if not keep]
-    if doomed and not dry_run:
-        for step in pts.prune_steps(host, doomed, xml_dir(config, domu)):
-            runner.run(step.argv)
+    with DomuLock(config.state_dir, domu):
+        points, _ = host_points(runner, domu)
+        decided = retention.prune(points, config.settings_for(domu).retention)
+        doomed = [p for p, keep, _ in decided if not keep]
+        if doomed and not dry_run:  # journaled: a killed prune is finished by `cleanup`
+            ex = Executor(Journal.create(config.state_dir, domu, "" if host == LOCAL else host), {host: runner},
+                          timeout=config.settings_for(domu).command_timeout)
+            with ex.closing():
+                ex.run(pts.prune_steps(host, doomed, xml_dir(config, domu)))
     return [(p.name, keep, why) for p, keep, why in decided], figures([p for p, keep, _ in decided if keep])
 
 

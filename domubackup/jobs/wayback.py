@@ -26,7 +26,7 @@ from .points import xml_dir
 from .seed import receive_argv
 
 log = logging.getLogger("domubackup")
-RESTORING = "dbk:restoring"
+RESTORING = pts.RESTORING
 MOUNTS = "mounts"  # the journal kind of `mount`: kept until `umount`
 
 

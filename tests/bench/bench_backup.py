@@ -19,30 +19,11 @@ import argparse
 import json
 import time
 
-from benchlib import Lab, domubackup, line, median, release, start_paused, timed, tree
+from benchlib import Lab, change, domubackup, gen, line, median, release, start_paused, timed, tree
 
 FILES, DIRS, SIZE = 10_000, 100, 100 * 1024
 
-GEN = f"""
-import os, random
-rnd = random.Random(1)
-for d in range({DIRS}):
-    p = f"/mnt/guest/srv/bench/d{{d:03d}}"
-    os.makedirs(p, exist_ok=True)
-    for i in range({FILES // DIRS}):
-        with open(f"{{p}}/f{{i:04d}}", "wb") as f:
-            f.write(rnd.randbytes({SIZE}))
-os.sync()
-"""
-CHANGE = f"""
-import os, random
-rnd = random.Random(2)
-for d in range({DIRS}):  # 1 % of the files: one per directory, rewritten whole
-    with open(f"/mnt/guest/srv/bench/d{{d:03d}}/f0000", "wb") as f:
-        f.write(rnd.randbytes({SIZE}))
-os.sync()
-print({DIRS} * {SIZE})
-"""
+GEN, CHANGE = gen(FILES, DIRS, SIZE), change(DIRS, SIZE)
 
 XEN_BACKUP_SH = r"""#!/bin/bash
 # The same job the xen-backup.sh way: plain commands, one ssh session per remote batch.

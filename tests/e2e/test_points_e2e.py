@@ -103,6 +103,16 @@ def ways_back(lab, made):
     assert r.returncode == 1 and "is open on dom0b" in r.stderr, r.stdout + r.stderr
     assert domubackup(lab, "umount", "web1", vm="dom0b").returncode == 0
 
+    # kill -9 before the rollback's first write: cleanup deactivates the point; the replica
+    # stays marked as being written (it may be half-written) until a rollback or a run ends OK
+    pid = start_paused(lab, "copy", args=f"rollback web1 --point {p2}", vm="dom0b")
+    kill9(lab, pid, vm="dom0b")
+    r = domubackup(lab, "cleanup", "web1", vm="dom0b")
+    assert r.returncode == 0 and "lvchange --activate n" in r.stdout, r.stdout + r.stderr
+    assert lab.ssh("dom0b", ["lvs", "--noheadings", "-o", "lv_active", f"vg0/web1-srv.{p2}"]).stdout.strip() == ""
+    assert "dbk:writing" in tags(lab, "web1-disk") and "dbk:writing" in tags(lab, "web1-srv")
+    text = domubackup(lab, "points", "web1", vm="dom0b").stdout
+    assert "the replica /dev/vg0/web1-disk is being written" in text and p2 in text, text
     # rollback to point 2: the replica equals it block for block, and is not marked as written
     r = domubackup(lab, "rollback", "web1", "--point", p2, vm="dom0b")
     assert r.returncode == 0 and f"is now restore point {p2}" in r.stdout, r.stdout + r.stderr
@@ -124,6 +134,14 @@ def restore(lab, p2):
     lab.ssh("dom0a", f"cp {node} /tmp/node.keep && sed -i 's|<test:runstate>1<|<test:runstate>5<|' {node}")
     try:
         guest_srv(lab, "echo after > later.txt")  # the origin moved on since point 2
+        # kill -9 before the first block comes back: cleanup deactivates the point on dom0b, the
+        # origins stay marked as being restored (half-written) until a restore ends OK
+        pid = start_paused(lab, "copy", args=f"restore web1 --point {p2}")
+        kill9(lab, pid)
+        r = domubackup(lab, "cleanup", "web1")
+        assert r.returncode == 0 and "dom0b: lvchange --activate n" in r.stdout, r.stdout + r.stderr
+        assert "dbk:restoring" in lab.ssh("dom0a", ["lvs", "-o", "lv_tags", "vg0/web1-disk"]).stdout
+        assert lab.ssh("dom0b", ["lvs", "--noheadings", "-o", "lv_active", f"vg0/web1-srv.{p2}"]).stdout.strip() == ""
         r = domubackup(lab, "restore", "web1", "--point", p2)
         assert r.returncode == 0 and f"now hold restore point {p2} of dom0b" in r.stdout, r.stdout + r.stderr
     finally:
@@ -171,7 +189,7 @@ def test_points_retention_peer_listing_prune_kill_and_overflow(fresh):
                      "&& lvcreate -q -y -V 1536M --thin -n web1-srv vg0/pool "
                      "&& dd if=/dev/vg0/web1-srv-thick of=/dev/vg0/web1-srv bs=4M conv=fsync status=none "
                      "&& lvremove -q -f vg0/web1-srv-thick")
-    lab.ssh("dom0a", "sed -i '1i point_size = \"160M\"' /etc/domubackup/domubackup.toml && "
+    lab.ssh("dom0a", "sed -i '1i point_size = \"24M\"' /etc/domubackup/domubackup.toml && "
                      "printf '\\n[retention]\\nkeep_last = 2\\n' >> /etc/domubackup/domubackup.toml")
     try:
         plan = domubackup(lab, "plan", "web1").stdout
@@ -181,10 +199,20 @@ def test_points_retention_peer_listing_prune_kill_and_overflow(fresh):
         made = []
         for change in ("true", f"echo two > {SRV_FILE}", f"rm {SRV_FILE}"):
             guest_srv(lab, change)
+            if len(made) == 1:  # 30 MiB more on the root (thick replica web1-disk): point 1 has 24M
+                lab.ssh("dom0a", "kpartx -a -s -p p /dev/vg0/web1-disk && mkdir -p /mnt/g && "
+                                 "mount /dev/mapper/vg0-web1--diskp1 /mnt/g && "
+                                 "head -c 30M /dev/urandom > /mnt/g/root/points-big; "
+                                 "umount /mnt/g; kpartx -d -p p /dev/vg0/web1-disk")
             r = domubackup(lab, "run", "web1")
             assert r.returncode == 0, r.stdout + r.stderr
             made.append(points(lab)[0]["name"])
             assert "dbk:writing" not in tags(lab, "web1-disk") + tags(lab, "web1-srv")
+            if len(made) == 2:  # the run gave point 1 room first: it holds the 30 MiB and stays good
+                size = lab.ssh("dom0b", ["lvs", "--noheadings", "--units", "m", "--nosuffix", "-o",
+                                         "lv_size,snap_percent", f"vg0/web1-disk.{made[0]}"]).stdout.split()
+                assert float(size[0]) > 54 and float(size[1]) < 100, size
+                assert points(lab)[1]["status"] == "GOOD" and "may overflow" not in r.stderr, r.stderr
         listed = points(lab)
         # keep_last = 2: the first point is pruned, with its domain XML
         assert [(p["name"], p["host"], p["status"]) for p in listed] == [(made[2], "dom0b", "GOOD"),
@@ -207,9 +235,16 @@ def test_points_retention_peer_listing_prune_kill_and_overflow(fresh):
         r = domubackup(lab, "prune", "--dry-run", "web1", vm="dom0b")
         assert r.returncode == 0 and f"would remove {made[1]}" in r.stdout, r.stdout + r.stderr
         assert len(points(lab)) == 2
-        r = domubackup(lab, "prune", "web1", vm="dom0b")
-        assert r.returncode == 0 and f"removed {made[1]}" in r.stdout, r.stdout + r.stderr
+        # kill -9 once its members are marked: the point is PRUNING (never good), cleanup finishes it
+        pid = start_paused(lab, "prune", args="prune web1", vm="dom0b")
+        assert [(p["name"], p["status"]) for p in points(lab)] == [(made[2], "GOOD"), (made[1], "PRUNING")]
+        kill9(lab, pid, vm="dom0b")
+        r = domubackup(lab, "cleanup", "web1", vm="dom0b")
+        assert r.returncode == 0 and "lvremove -f" in r.stdout, r.stdout + r.stderr
         assert [p["name"] for p in points(lab)] == [made[2]]
+        r = domubackup(lab, "prune", "web1", vm="dom0b")
+        assert r.returncode == 0 and f"keeps {made[2]}" in r.stdout, r.stdout + r.stderr
+        assert lab.ssh("dom0b", ["ls", f"{STATE}/points/web1"]).stdout.split() == [f"{made[2]}.xml"]
 
         # kill -9 while the point is made (its members exist, not yet good), then cleanup
         pid = start_paused(lab, "point-commit")
@@ -221,8 +256,8 @@ def test_points_retention_peer_listing_prune_kill_and_overflow(fresh):
         assert "dbk:state:pending" not in lab.ssh("dom0b", ["lvs", "-o", "lv_tags", "@dbk:point"]).stdout
 
         failover(lab, made[2])
-        # a thick point that overflows: written past its 160 MiB behind the tool's back
-        lab.ssh("dom0b", "dd if=/dev/urandom of=/dev/vg0/web1-disk bs=1M seek=600 count=200 conv=fsync status=none")
+        # a thick point that overflows: written past its 24 MiB behind the tool's back
+        lab.ssh("dom0b", "dd if=/dev/urandom of=/dev/vg0/web1-disk bs=1M seek=600 count=60 conv=fsync status=none")
         listed = points(lab)
         assert listed[0]["name"] == made[2] and listed[0]["status"] == "INVALID", listed
         text = domubackup(lab, "points", "web1").stdout

@@ -28,14 +28,14 @@ def error_of(fn, table):
 def test_lvs_of_the_vgs():
     table = {tuple(parsers.lvs_argv("vg0")): (0, "  vg0|web1\n", "")}
     assert error_of(lambda r: facts.list_lvs(r, [DEV]), table) == (
-        "cannot read the output of `lvs` for vg0 on dom0b: malformed lvs line '  vg0|web1': expected 8 fields, got 2")
+        "cannot read the output of `lvs` for vg0 on dom0b: malformed lvs line '  vg0|web1': expected 9 fields, got 2")
 
 
 def test_lvs_of_one_lv():
     table = {tuple(parsers.lvs_argv(DEV)): (0, "  vg0|web1\n", "")}
     assert error_of(lambda r: facts.probe_lv(r, DEV, "xvdb"), table) == (
         f"xvdb: cannot read the output of `lvs` for {DEV} on dom0b: malformed lvs line '  vg0|web1': "
-        "expected 8 fields, got 2")
+        "expected 9 fields, got 2")
 
 
 def test_parted():
@@ -123,3 +123,10 @@ def test_a_partition_moved_since_the_probe_is_not_mapped(fixtures):
     with pytest.raises(InspectError, match="the partition table of /dev/vg0/web1-disk-snap on dom0a is not the one "
                                            r"that was probed \(vg0-web1--disk--snapp5 differ\): not mapped"):
         facts.check_snapshot(ReplayRunner(snap_table(probes, kpartx=moved)), f, SNAP, "vg0-web1--disk--snap", "p")
+
+
+def test_a_disk_that_a_restore_left_half_written_is_not_backed_up():
+    lvs = parsers.parse_lvs(f"  vg0|web1-srv|134217728|-wi-ao----|||2147483648|{DEV}|dbk:domu:web1,dbk:restoring\n")
+    assert lvs[0].tags == {"dbk:domu:web1", "dbk:restoring"}
+    assert error_of(lambda r: facts.probe_disk(r, Disk("block", "disk", DEV, "xvdb"), lvs=lvs), {}) == (
+        f"xvdb: {DEV} is marked dbk:restoring: a `domubackup restore` into it did not end (it may be half-written) (run the restore again until it ends OK)")

@@ -271,7 +271,7 @@ def test_parse_rsync_itemize_clean_and_verbose():
 
 def test_argv_builders():
     assert P.lvs_argv() == ["lvs", "--noheadings", "--nosuffix", "--units", "b", "--separator", "|",
-                            "-o", "vg_name,lv_name,lv_size,lv_attr,origin,snap_percent,vg_free,lv_path"]
+                            "-o", "vg_name,lv_name,lv_size,lv_attr,origin,snap_percent,vg_free,lv_path,lv_tags"]
     assert P.lvs_argv("vg0/web01-disk")[-1] == "vg0/web01-disk"
     assert P.parted_argv("/dev/vg0/x") == ["parted", "-s", "-m", "/dev/vg0/x", "unit", "B", "print"]
     assert P.parted_human_argv("/dev/x") == ["parted", "-s", "/dev/x", "unit", "B", "print"]

@@ -76,9 +76,16 @@ def test_point_steps_thin_and_thick():
 
 def test_prune_steps_remove_every_member_and_the_xml():
     lvs = pts.parse_lvs(listing(member("web1-disk", P1, "xvda"), member("web1-srv", P1, "xvdb")))
-    lv, rm = pts.prune_steps("dom0b", pts.points_of(lvs), "/var/lib/domubackup/points/web1")
-    assert lv.argv == ("lvremove", "-f", f"/dev/vg0/web1-disk.{P1}", f"/dev/vg0/web1-srv.{P1}")
+    mark, rm, lv = pts.prune_steps("dom0b", pts.points_of(lvs), "/var/lib/domubackup/points/web1")
+    members = (f"/dev/vg0/web1-disk.{P1}", f"/dev/vg0/web1-srv.{P1}")
+    # marked first, journaled with the removal as its undo: a killed prune is finished by cleanup
+    assert mark.argv == ("lvchange", "--addtag", pts.PRUNING, *members) and mark.undo == ("lvremove", "-f", *members)
     assert rm.argv == ("rm", "-f", "--", f"/var/lib/domubackup/points/web1/{P1}.xml")
+    assert lv.argv == ("lvremove", "-f", *members) and lv.closes == mark.argv and lv.undo is None
+    # a point part-way through is PRUNING: never good
+    half = pts.points_of(pts.parse_lvs(listing(member("web1-disk", P1, "xvda"),
+                                               member("web1-srv", P1, "xvdb", state=pts.PRUNING))))
+    assert [(p.status, p.good) for p in half] == [("PRUNING", False)]
     assert pts.prune_steps("dom0b", [], "/x") == []
 
 
