@@ -65,6 +65,11 @@ class LV:
     vg_free: int = 0  # its volume group's free bytes (when listed)
 
     @property
+    def cow_used(self) -> int:
+        """A thick snapshot's copy-on-write bytes in use (0 for any other LV)."""
+        return int(self.size * (self.percent or 0) / 100)
+
+    @property
     def data_size(self) -> int:
         """The bytes its device holds (a thick snapshot's are its origin's)."""
         return self.origin_size if self.attr[:1] == "s" and self.origin_size else self.size
@@ -206,25 +211,27 @@ def write_bound(replica_size: int, sources, replicas) -> int:
     return min(replica_size, sum(s.used for s in sources) + max(0, replica_size - sum(r.size for r in replicas)))
 
 
-def size_points(peer: str, lvs: list[LV], bounds: dict[str, int]) -> tuple[list[Step], list[str]]:
+def size_points(peer: str, lvs: list[LV], bounds: dict[str, int], *, skip: str = "",
+                where: str = "") -> tuple[list[Step], list[str]]:
     """Before a run writes into its replicas: each thick member of a point that is not INVALID
     is extended so that its free copy-on-write space holds BOUNDS[its replica's path] (what the
     run may write there: write_bound), newest points first while the volume group has room.
     A thick point fills when its origin is written, and in the peer's page cache a run's writes
     reach the LV all at once (at writeback or unmount): watching the fill cannot keep up, room
     made before can. Returns the steps and a warning for each point that may overflow (LVM
-    then marks it invalid: INVALID, never offered as good)."""
+    then marks it invalid: INVALID, never offered as good). SKIP: a point left as it is;
+    WHERE: the host's name in the warnings (PEER is its lane)."""
     replicas = {lv.name: lv for lv in lvs if POINT not in lv.tags}
     vg_free = {lv.vg: lv.vg_free for lv in lvs}
     steps, warnings = [], []
     for p in points_of(lvs):
-        if p.status == "INVALID":
+        if p.status == "INVALID" or p.name == skip:
             continue
         for m in p.members:
             origin = replicas.get(m.origin)
             if m.attr[:1] != "s" or origin is None or origin.path not in bounds:
                 continue
-            used = int(m.size * (m.percent or 0) / 100)
+            used = m.cow_used
             # + the exception store's own metadata (16 bytes per 4 KiB chunk) and a margin; a
             # snapshot as large as its origin (and that metadata) can never overflow
             deficit = min(used + bounds[origin.path], origin.size) * 201 // 200 + 4 * MIB - m.size
@@ -232,7 +239,7 @@ def size_points(peer: str, lvs: list[LV], bounds: dict[str, int]) -> tuple[list[
                 continue
             grow = -(-deficit // (4 * MIB)) * 4 * MIB  # whole extents of 4 MiB (LVM's default)
             if grow > vg_free.get(m.vg, 0):
-                warnings.append(f"restore point {p.name} on {peer} ({m.vg}/{m.name}) may overflow during this run: "
+                warnings.append(f"restore point {p.name} on {where or peer} ({m.vg}/{m.name}) may overflow during this run: "
                                 f"it needs {grow // MIB} MiB more, {m.vg} has {vg_free.get(m.vg, 0) // MIB} MiB free "
                                 "(if it overflows it becomes INVALID)")
                 continue

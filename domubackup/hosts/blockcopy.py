@@ -3,8 +3,8 @@ sends it to the peer's RECEIVER; `domubackup send-blocks DEV SIZE` writes it to 
 output for a restore, and its checksum to standard error last, as ``sha256 HEX``).
 
 `domubackup copy-blocks SRC DST SIZE`: the first SIZE bytes of block device DST become SRC's,
-by 4 MiB blocks, writing only the blocks that differ (where both are zeros a thin DST stays
-thin); DST is fsynced, then every block written is read back from the device (its cached pages
+by 4 MiB blocks, writing only the blocks that differ, and of those only the 4 KiB pages that
+differ (where both are zeros a thin DST stays thin); DST is fsynced, then every block written is read back from the device (its cached pages
 dropped first) and compared with SRC's. Prints "BLOCKS WRITTEN"; exit 1 with the reason
 otherwise. A helper (entry.py) of `rollback`, on the host that holds both LVs."""
 
@@ -19,6 +19,7 @@ import zlib
 from ..core.errors import SnapshotError
 
 CHUNK = 4 << 20
+PAGE = 4096  # the smallest chunk of an LVM snapshot
 HEADER = struct.Struct(">cQI")  # kind (D data / C zlib data / Z zeros), offset, length
 ZERO = bytes(CHUNK)
 
@@ -73,6 +74,22 @@ def read_exactly(fd: int, n: int, offset: int, name: str) -> bytes:
     return data
 
 
+def differing(new: bytes, old: bytes, page: int = PAGE):
+    """The (start, end) runs of whole pages where NEW and OLD differ: what is written of a
+    block, so that each thick snapshot of the target copies only the pages that change (and
+    a rollback writes no more than the point's own copy-on-write data)."""
+    a, b = memoryview(new), memoryview(old)
+    start = None
+    for at in range(0, len(new), page):
+        if a[at:at + page] != b[at:at + page]:
+            start = at if start is None else start
+        elif start is not None:
+            yield start, at
+            start = None
+    if start is not None:
+        yield start, len(new)
+
+
 def copy_blocks(src: str, dst: str, size: int) -> tuple[int, int]:
     written = []
     s = os.open(src, os.O_RDONLY)
@@ -81,8 +98,10 @@ def copy_blocks(src: str, dst: str, size: int) -> tuple[int, int]:
         for offset in range(0, size, CHUNK):
             n = min(CHUNK, size - offset)
             block = read_exactly(s, n, offset, src)
-            if block != read_exactly(d, n, offset, dst):
-                os.pwrite(d, block, offset)
+            old = read_exactly(d, n, offset, dst)
+            if block != old:
+                for start, end in differing(block, old):
+                    os.pwrite(d, block[start:end], offset + start)
                 written.append(offset)
         os.fsync(d)
         os.posix_fadvise(d, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -30,9 +30,10 @@ RESTORING = pts.RESTORING
 MOUNTS = "mounts"  # the journal kind of `mount`: kept until `umount`
 
 
-def held(runner, domu: str, name: str | None):
-    """(DOMU's replica LVs on RUNNER's host, the GOOD point NAME there or None)."""
-    lvs = pts.parse_lvs(runner.run(pts.lvs_of(domu)).stdout)
+def held(runner, domu: str, name: str | None, lvs=None):
+    """(DOMU's replica LVs on RUNNER's host, the GOOD point NAME there or None); LVS: the
+    listing of DOMU's LVs there when the caller has it."""
+    lvs = pts.parse_lvs(runner.run(pts.lvs_of(domu)).stdout) if lvs is None else lvs
     replicas = [lv for lv in lvs if pts.POINT not in lv.tags]
     if not replicas:
         raise DomuBackupError(f"{domu}: {runner.host} holds no replica of it (no LV tagged {pts.TAG}domu:{domu})",
@@ -161,14 +162,21 @@ def rollback(config, domu: str, local, point: str) -> list[str]:
 
 def _rollback(config, domu, local, point) -> list[str]:
     refuse_running_here(config, domu, local)
-    replicas, p = held(local, domu, point)
+    lvs = pts.parse_lvs(local.run(pts.lvs_of(domu)).stdout)
+    replicas, p = held(local, domu, point, lvs)
     found = sources(domu, replicas, p, config.this_host)
     closed(domu, [r for _, r, _ in found], config.this_host)
     pairs = [(disk, m.path, m.data_size, r.path) for m, r, disk in found]
+    # copy-blocks writes only the pages that differ from the point: at most its own
+    # copy-on-write data, which each other thick point of that replica gets room for first
+    room, warnings = pts.size_points(LOCAL, lvs, {r.path: m.cow_used for m, r, _ in found if m.attr[:1] == "s"},
+                                     skip=point, where=config.this_host)
+    for w in warnings:
+        log.warning("%s: %s", domu, w)
     copy = Copy()
-    run_plan(config, domu, {LOCAL: local}, activation(LOCAL, [m for m, _, _ in found])
+    run_plan(config, domu, {LOCAL: local}, room + activation(LOCAL, [m for m, _, _ in found])
              + copy_steps(pairs, source_host=LOCAL, tag=pts.WRITING, note="the replicas are being written"), copy)
-    return copy.report + [f"the replica of {domu} is now restore point {point}"]
+    return warnings + copy.report + [f"the replica of {domu} is now restore point {point}"]
 
 
 def restore(config, domu: str, conn, local, factory, point: str | None) -> list[str]:

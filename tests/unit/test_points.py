@@ -117,6 +117,9 @@ def test_size_points_gives_thick_points_room_newest_first_while_the_vg_has_it():
     assert [s.argv for s in steps] == [("lvextend", "--size", f"+{20 * 1024}k", f"/dev/vg0/web1-disk.{P2}"),
                                        ("lvextend", "--size", f"+{36 * 1024}k", f"/dev/vg0/web1-disk.{P1}")]
     assert warnings == [] and all(s.host == "dom0b" and s.undo is None for s in steps)
+    # a rollback to P2 leaves P2 as it is (it writes back what P2 holds)
+    steps, _ = pts.size_points("dom0b", lvs, bounds, skip=P2)
+    assert [s.argv[-1] for s in steps] == [f"/dev/vg0/web1-disk.{P1}"]
     # a VG with less room: the newest gets it, the older one is warned of, nothing is extended past it
     steps, warnings = pts.size_points("dom0b", lvs, {"/dev/vg0/web1-disk": 90 * mib})
     assert [s.argv for s in steps] == [("lvextend", "--size", f"+{48 * 1024}k", f"/dev/vg0/web1-disk.{P2}")]

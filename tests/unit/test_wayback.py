@@ -95,6 +95,18 @@ def test_copy_blocks_writes_only_the_blocks_that_differ(tmp_path):
     assert blockcopy.main(["copy-blocks", str(src), str(tmp_path / "missing"), str(size)]) == 1
 
 
+def test_of_a_block_that_differs_only_the_pages_that_differ_are_written():
+    from domubackup.hosts import blockcopy
+
+    old = bytes(6 * 4096 + 100)
+    new = bytearray(old)
+    new[4096 + 7] = 1  # page 1
+    new[3 * 4096] = new[4 * 4096 + 4095] = 2  # pages 3 and 4: one run
+    new[-1] = 3  # the short last page
+    assert list(blockcopy.differing(bytes(new), old)) == [(4096, 8192), (12288, 20480), (6 * 4096, 6 * 4096 + 100)]
+    assert list(blockcopy.differing(old, old)) == []
+
+
 def test_a_rollback_copies_here_and_untags_after_the_last_copy():
     steps = wayback.copy_steps([("xvda", "/dev/vg0/d.P", 10, "/dev/vg0/d")], source_host=LOCAL, tag=pts.WRITING,
                                note="n")
