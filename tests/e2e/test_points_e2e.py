@@ -256,8 +256,12 @@ def test_points_retention_peer_listing_prune_kill_and_overflow(fresh):
         assert "dbk:state:pending" not in lab.ssh("dom0b", ["lvs", "-o", "lv_tags", "@dbk:point"]).stdout
 
         failover(lab, made[2])
-        # a thick point that overflows: written past its 24 MiB behind the tool's back
-        lab.ssh("dom0b", "dd if=/dev/urandom of=/dev/vg0/web1-disk bs=1M seek=600 count=60 conv=fsync status=none")
+        # a thick point that overflows: written past its size (24 MiB, and the room the rollback
+        # gave it) behind the tool's back
+        size = float(lab.ssh("dom0b", ["lvs", "--noheadings", "--units", "m", "--nosuffix", "-o", "lv_size",
+                                       f"vg0/web1-disk.{made[2]}"]).stdout)
+        lab.ssh("dom0b", f"dd if=/dev/urandom of=/dev/vg0/web1-disk bs=1M seek=8 count={int(size) + 16} "
+                         "conv=fsync status=none")
         listed = points(lab)
         assert listed[0]["name"] == made[2] and listed[0]["status"] == "INVALID", listed
         text = domubackup(lab, "points", "web1").stdout
