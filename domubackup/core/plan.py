@@ -176,8 +176,9 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
     lanes = [s for peer in peers for s in (peer_checks(domu, peer, waits=waits, frozen=frozen)
                                            + ([] if verify else [pts.mark_writing(domu, peer, replicas)])
                                            + map_steps(facts, settings, peer, snapshot=False))]
-    if settings.retention is not None and not verify:
-        plan.after = [pts.listing(domu, peer) for peer in peers]
+    if not verify:  # a restore point of the complete replicas, or (a mirror) only their mark cleared
+        plan.after = [pts.listing(domu, peer) if settings.retention is not None else pts.unmark_writing(peer, replicas)
+                      for peer in peers]
     if mounts is None and settings.mounts:
         mounts = mounts_from_config(facts, settings)
     root = root_candidate(facts, settings) if mounts is None else None
@@ -328,8 +329,9 @@ def describe(plan: Plan) -> str:
         for host, u in undo:
             lines.append(f"     on {host}: {shlex.join(u)}")
     if plan.after:
-        lines.append("Then, once the run ended OK and nothing is mounted (restore points, [retention]):")
+        lines.append("Then, once the run ended OK and nothing is mounted"
+                     + (" (restore points, [retention]):" if any(s.then for s in plan.after) else ":"))
         for s in plan.after:
-            lines += [f"     on {s.host}: [{s.phase}] {shlex.join(s.argv)}", f"         # {s.note}",
-                      f"         decides: {s.then}"]
+            lines += [f"     on {s.host}: [{s.phase}] {shlex.join(s.argv)}", f"         # {s.note}"]
+            lines += [f"         decides: {s.then}"] if s.then else []
     return "\n".join(lines)

@@ -168,6 +168,12 @@ def mark_writing(domu: str, peer: str, replicas: list[tuple[str, str]]) -> Step:
                 note="the replicas are marked as being written until the run ends OK")
 
 
+def unmark_writing(peer: str, replicas: list[tuple[str, str]]) -> Step:
+    """Without restore points: once the run ended OK, the replicas are complete again."""
+    return Step("complete", peer, ("lvchange", "--deltag", WRITING, *(cmd.lv_path(vg, lv) for vg, lv in replicas)),
+                None, note="the replicas are complete")
+
+
 def listing(domu: str, peer: str) -> Step:
     """The decision of the points phase: what the peer holds of DOMU (Point steps follow)."""
     return Step("points", peer, lvs_of(domu), None, then="points",

@@ -100,15 +100,21 @@ class Backup:
             self._point(plan.after)
 
     def _point(self, steps) -> None:
-        """The replicas are complete and nothing is mounted: make this run's restore point."""
+        """The replicas are complete and nothing is mounted: make this run's restore point (or,
+        without [retention], clear their mark)."""
         from .points import PointsPhase
 
         phase = PointsPhase(self.job, getattr(self.out.freeze, "level", None) or "crash")
         try:
             phase.run(steps)
         except DomuBackupError as e:
+            if self.settings.retention is None:
+                raise DomuBackupError(f"{self.domu}: the replica is complete, but its mark {pts.WRITING} was not "
+                                      f"cleared: {e}", hint="the next OK run clears it") from e
             raise DomuBackupError(f"{self.domu}: the replica is complete, but its restore point {phase.point} "
                                   f"was not made: {e}", hint="`domubackup points` shows what there is") from e
+        if self.settings.retention is None:
+            return
         self.out.point, self.out.points_known = phase.point, phase.known
         log.info("%s: restore point %s made on %s%s", self.domu, phase.point, ", ".join(self.insp.peers),
                  f"; pruned {', '.join(phase.pruned)}" if phase.pruned else "")

@@ -13,6 +13,9 @@ def test_run_mirrors_guest_tree_exactly(fresh):
     r = domubackup(lab, "-v", "run", "web1")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("web1: OK in "), r.stdout
+    # a mirror (no [retention]): the replicas are tagged as web1's, and no longer as being written
+    tags = lab.ssh("dom0b", ["lvs", "--noheadings", "-o", "lv_tags", "vg0/web1-disk", "vg0/web1-srv"]).stdout.split()
+    assert tags == ["dbk:domu:web1", "dbk:domu:web1"], tags
     a, b = manifest(lab, "dom0a"), manifest(lab, "dom0b")
     assert "var/lib/lab/state" not in b  # deleted in the guest, deleted on the replica
     assert b["srv/new dir/hardlink.txt"]["hardlink"] == "srv/new dir/added.txt"

@@ -84,7 +84,9 @@ def test_plan_json_of_xen_pv_domu_with_two_lv_disks(conf, fixtures, capsys):
         ("peer-mount", "dom0b", "domubackup", "/mnt/domubackup/target/web1/srv"),
         ("peer-mount", "dom0b", "domubackup", "/mnt/domubackup/target/web1/var"),
         ("transfer", "local", "rsync", "dom0b:/mnt/domubackup/target/web1/"),
+        ("complete", "dom0b", "lvchange", "/dev/vg0/web1-srv"),  # after teardown, once OK: the mark cleared
     ]
+    assert steps[-1]["after_teardown"] and steps[-1]["argv"][:3] == ["lvchange", "--deltag", "dbk:writing"]
     assert steps[0]["undo"] == ["lvremove", "-f", "/dev/vg0/web1-disk-snap"]
     assert steps[6]["argv"][:3] == ["domubackup", "mount-in", "--"] and steps[6]["argv"][-2:] == [
         "xfs", "ro,nodev,nosuid,noexec,nosymfollow,nouuid"]

@@ -108,8 +108,12 @@ def test_each_host_runs_exactly_the_plan(tmp_path, fixtures, monkeypatch, layout
                  + pts.prune_steps("dom0b", pts.points_of(lvs), f"{tmp_path}/points/web1")]
         after = [x for a in after for x in ([a[:2] + (lv,) for lv in a[2:]] if a[0] == "lvremove" else [a])]
         assert [s.then for s in plan.after] == ["points"] and out.point
-    else:
+    elif layout == "verify":
         assert plan.after == [] and not out.point
+    else:  # a mirror: once OK, the replicas' mark is cleared
+        after = [s.argv for s in plan.after if s.host == "dom0b"]
+        assert after == [("lvchange", "--deltag", pts.WRITING, "/dev/vg0/web1-disk", "/dev/vg0/web1-srv")]
+        assert not out.point
     for host in (LOCAL, *peers):
         expected = planned(plan, host)
         if layout == "points" and host == "dom0b":  # the point-size decision: its thick points grew there
@@ -118,7 +122,8 @@ def test_each_host_runs_exactly_the_plan(tmp_path, fixtures, monkeypatch, layout
             at = len([a for s in plan.steps if s.host == host and not s.check and s.argv[0] not in PROBES
                       for a in items(s.argv)])
             expected[at:at] = grown
-        assert effects(log, host if host != LOCAL else "dom0a") == expected + (after if host == "dom0b" else []), host
+        assert effects(log, host if host != LOCAL else "dom0a") == expected + (
+            after if host == "dom0b" else [s.argv for s in plan.after if s.host == host]), host
     if layout != "config-mounts":  # the run mounted the root and read the fstab: a decision
         assert [s.then for s in plan.steps if s.phase == "inspect"] == ["fstab"]
 
