@@ -93,6 +93,7 @@ class Settings:
     job_hook: str = ""  # executable called at job-start, backup-start, backup-end, backup-abort, job-end
     retention: Retention | None = None  # [retention]: restore points on the peer after each OK run; None: none
     point_size: str = "20%ORIGIN"  # the size of a thick replica's restore point (a thin one needs none)
+    mode: str = "files"  # files: rsync of the mounted trees; blocks: the changed blocks of each disk, nothing mounted
     ssh: SSHSettings = field(default_factory=SSHSettings)
     rsync: RsyncSettings = field(default_factory=RsyncSettings)
 
@@ -227,6 +228,8 @@ class _Checker:
         if s.consistency not in MODES:
             raise self.fail(f"{prefix}consistency", f"expected one of {', '.join(MODES)}, "
                             f"got {s.consistency!r}")
+        if s.mode not in ("files", "blocks"):
+            raise self.fail(f"{prefix}mode", f"expected 'files' or 'blocks', got {s.mode!r}")
         if s.freeze_on_failure not in POLICIES:
             raise self.fail(f"{prefix}freeze_on_failure", f"expected 'fail' or 'continue', got {s.freeze_on_failure!r}")
         for key in ("source_prefix", "target_prefix"):

@@ -36,11 +36,14 @@ def compressed(block: bytes) -> bytes | None:
 
 class BlockStream:
     """Iterates framed chunks of the block device `path`; .sha256 is then the SHA-256 of the
-    SHA-256 digests of its 4 MiB blocks (RECEIVER computes the same of the replica)."""
+    SHA-256 digests of its 4 MiB blocks (RECEIVER computes the same of the replica). SAME: the
+    replica's block digests (hex, by block): a block whose digest is there is not sent (the
+    changed blocks of a blocks-mode run); .blocks and .changed count what was read and sent."""
 
-    def __init__(self, path: str, size: int, progress=None):
-        self.path, self.size, self.progress = path, size, progress
+    def __init__(self, path: str, size: int, progress=None, same=None):
+        self.path, self.size, self.progress, self.same = path, size, progress, same
         self.sha256 = None
+        self.blocks = self.changed = self.sent = 0
 
     def __iter__(self):
         total, zero_digests = hashlib.sha256(), {}
@@ -50,21 +53,28 @@ class BlockStream:
                 block = dev.read(min(CHUNK, self.size - offset))
                 if not block:
                     raise SnapshotError(f"{self.path}: read ended at {offset} of {self.size} bytes")
-                if block == ZERO[:len(block)]:
-                    total.update(zero_digests.setdefault(len(block), hashlib.sha256(block).digest()))
-                    yield HEADER.pack(b"Z", offset, len(block))
+                zero = block == ZERO[:len(block)]
+                if zero:  # the digest of zeros is computed once per length
+                    digest = zero_digests.get(len(block)) or zero_digests.setdefault(
+                        len(block), hashlib.sha256(block).digest())
                 else:
-                    total.update(hashlib.sha256(block).digest())
-                    packed = compressed(block)
-                    kind, data = (b"D", block) if packed is None else (b"C", packed)
-                    yield HEADER.pack(kind, offset, len(data)) + data
-                    sent += len(data)
+                    digest = hashlib.sha256(block).digest()
+                total.update(digest)
+                if self.same is None or self.blocks >= len(self.same) or self.same[self.blocks] != digest.hex():
+                    self.changed += 1
+                    if zero:
+                        yield HEADER.pack(b"Z", offset, len(block))
+                    else:
+                        packed = compressed(block)
+                        kind, data = (b"D", block) if packed is None else (b"C", packed)
+                        yield HEADER.pack(kind, offset, len(data)) + data
+                        sent += len(data)
+                self.blocks += 1
                 offset += len(block)
                 if self.progress:
                     self.progress(offset, self.size, sent)
         self.sha256 = total.hexdigest()
-
-
+        self.sent = sent
 
 
 def read_exactly(fd: int, n: int, offset: int, name: str) -> bytes:

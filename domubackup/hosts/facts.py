@@ -94,6 +94,14 @@ def probe_disk(runner, disk: Disk, *, path: str | None = None, lvs=None, point: 
     `lvs`: a list_lvs() answer to look the LV up in before asking lvs about the path; `point`:
     the path is a restore point's member (a snapshot, and that is expected)."""
     path = path or disk.source
+    lv = disk_lv(runner, disk, path, lvs, point=point)
+    table, filesystems = probe_layout(runner, lv.path or path, disk.target, lv.size)
+    return DiskFacts(disk=disk, lv=lv, table=table, filesystems=filesystems)
+
+
+def disk_lv(runner, disk: Disk, path: str, lvs=None, *, point: bool = False) -> LogicalVolume:
+    """The LV of a disk (at PATH), refused when it is a snapshot (but for a point's member) or
+    a restore into it did not end."""
     lv = find_lv(lvs, path) or probe_lv(runner, path, disk.target)
     if lv.is_snapshot and not point:
         raise InspectError(f"{disk.target}: {path} is itself an LVM snapshot (of {lv.origin or 'another LV'})",
@@ -101,8 +109,7 @@ def probe_disk(runner, disk: Disk, *, path: str | None = None, lvs=None, point: 
     if RESTORING in lv.tags:
         raise InspectError(f"{disk.target}: {path} is marked {RESTORING}: a `domubackup restore` into it did not "
                            "end (it may be half-written)", hint="run the restore again until it ends OK")
-    table, filesystems = probe_layout(runner, lv.path or path, disk.target, lv.size)
-    return DiskFacts(disk=disk, lv=lv, table=table, filesystems=filesystems)
+    return lv
 
 
 def probe_layout(runner, dev: str, target: str, size: int) -> tuple[PartitionTable, tuple[Filesystem, ...]]:

@@ -10,7 +10,7 @@ from dataclasses import astuple
 from ..core import commands as cmd, layout, parsers, plan as planner, points as pts, rsyncout
 from ..hosts import virt
 from .checks import SnapshotWatch, check_no_stale, check_replicas, check_room, check_vg_space
-from ..core.errors import EXIT_PARTIAL, CommandError, DomuBackupError, InspectError, PeerError, SnapshotError
+from ..core.errors import EXIT_PARTIAL, CommandError, DomuBackupError, InspectError, PeerError, SnapshotError, UsageError
 from .executor import Executor
 from ..hosts.facts import check_mappable, check_snapshot, with_partition_ids
 from .frame import Outcome, run_job, ssh_runner
@@ -23,6 +23,14 @@ log = logging.getLogger("domubackup")
 
 
 def make_plan(config, insp, *, progress=False, verify=False, frozen=False) -> planner.Plan:
+    settings = config.settings_for(insp.domain.name)
+    if settings.mode == "blocks":
+        from .blocks import plan_blocks
+
+        if verify:
+            raise UsageError(f"{insp.domain.name}: verify of a blocks-mode DomU is not built yet",
+                             hint="every blocks run already compares the checksums of snapshot and replica")
+        return plan_blocks(insp.domain.name, insp.facts, settings, insp.peers, frozen=frozen)
     return planner.plan_backup(insp.domain.name, insp.facts, config.settings_for(insp.domain.name), insp.peers,
                                skipped=insp.skipped, progress=progress, verify=verify, frozen=frozen)
 
@@ -65,6 +73,12 @@ class Backup:
         self._meter = None  # the progress bar of the transfer running now
 
     def run(self) -> None:
+        if self.settings.mode == "blocks":
+            from .blocks import Blocks
+
+            if self.verify:
+                make_plan(self.config, self.insp, verify=True)  # refused: not built yet
+            return Blocks(self).run()
         settings, domu, out = self.settings, self.domu, self.out
         plan = make_plan(self.config, self.insp, progress=self.progress is not None, verify=self.verify,
                          frozen=self.freeze is not None)

@@ -17,7 +17,7 @@ from ..hosts import virt
 from ..core.config import Config, check_domu_name
 from ..core.errors import (EXIT_BUSY, EXIT_FAILED, EXIT_NOT_ELIGIBLE, CommandError, DomuBackupError, NotEligibleError,
                      NotHereError)
-from ..hosts.facts import list_lvs, probe_disk
+from ..hosts.facts import disk_lv, list_lvs, probe_disk
 from ..hosts.journal import Journal
 from ..hosts.lock import DomuLock
 from ..core.report import human_bytes
@@ -59,7 +59,12 @@ def inspect(config: Config, name: str, conn, runner, on_eligible=None) -> Inspec
     skipped = [f"{d.target}: {d.skip_reason}" for d in domain.disks if d.skip_reason]
     disks = sorted((d for d in domain.disks if d.skip_reason is None), key=lambda d: d.target)
     lvs = list_lvs(runner, [d.source for d in disks])
-    facts = [probe_disk(runner, d, lvs=lvs) for d in disks]
+    if settings.mode == "blocks":  # nothing on the disks is read: only their LVs
+        from .blocks import blocks_facts
+
+        facts = [blocks_facts(d, disk_lv(runner, d, d.source, lvs)) for d in disks]
+    else:
+        facts = [probe_disk(runner, d, lvs=lvs) for d in disks]
     if not facts:
         raise NotEligibleError(f"{name}: no disk that can be backed up", hint="; ".join(skipped) or None)
     return Inspection(domain, facts, skipped, peers, lvs)

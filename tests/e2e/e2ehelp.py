@@ -21,6 +21,12 @@ def manifest(lab, vm):
         tree(lab, vm, "umount")
 
 
+# The xxh3-128 of a whole file or device (fast under emulation, unlike sha256sum):
+# `python3 -c XXH PATH` on a lab VM.
+XXH = ("import sys, xxhash\nh = xxhash.xxh3_128()\nwith open(sys.argv[1], 'rb') as f:\n"
+       "    for b in iter(lambda: f.read(4 << 20), b''):\n        h.update(b)\nprint(h.hexdigest())")
+
+
 def domubackup(lab, *args, vm="dom0a", check=False, timeout=900):
     return lab.ssh(vm, ["domubackup", *args], check=check, timeout=timeout)
 

@@ -5,7 +5,7 @@ overflows."""
 import json
 import os
 
-from e2ehelp import STATE, domubackup, kill9, start_paused
+from e2ehelp import STATE, XXH, domubackup, kill9, start_paused
 
 SRV_FILE = "points-test.txt"
 
@@ -36,10 +36,6 @@ def srv_file_in_point(lab, point):
     finally:
         lab.ssh("dom0b", ["lvchange", "-q", "-an", member])
     return None if r.stdout.strip() == "MISSING" else r.stdout
-
-
-XXH = ("import sys, xxhash\nh = xxhash.xxh3_128()\nwith open(sys.argv[1], 'rb') as f:\n"
-       "    for b in iter(lambda: f.read(4 << 20), b''):\n        h.update(b)\nprint(h.hexdigest())")
 
 
 def thin_point(lv):
