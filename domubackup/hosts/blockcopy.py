@@ -20,7 +20,7 @@ from ..core.errors import SnapshotError
 
 CHUNK = 4 << 20
 PAGE = 4096  # the smallest chunk of an LVM snapshot
-HEADER = struct.Struct(">cQI")  # kind (D data / C zlib data / Z zeros), offset, length
+HEADER = struct.Struct(">cQI")  # kind (D data / C zlib data / Z zeros / S same: its SHA-256), offset, length
 ZERO = bytes(CHUNK)
 
 
@@ -60,7 +60,9 @@ class BlockStream:
                 else:
                     digest = hashlib.sha256(block).digest()
                 total.update(digest)
-                if self.same is None or self.blocks >= len(self.same) or self.same[self.blocks] != digest.hex():
+                if self.same is not None and self.blocks < len(self.same) and self.same[self.blocks] == digest.hex():
+                    yield HEADER.pack(b"S", offset, len(digest)) + digest  # not written, not read back there
+                else:
                     self.changed += 1
                     if zero:
                         yield HEADER.pack(b"Z", offset, len(block))

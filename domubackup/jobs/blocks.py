@@ -5,8 +5,9 @@ A run: the peer's DomU-state check; the replica LVs exist there, are closed and 
 the origins (lvs only); this host's snapshots (the freeze window as in files mode); the
 peer reads its replica and prints the SHA-256 of each 4 MiB block (DIGESTS, bdsync's way:
 no state is kept between runs, so nothing can be stale); this host reads the snapshot, and
-streams only the blocks whose digest differs into seed's RECEIVER there, which writes them,
-fsyncs and reads the whole replica back: its checksum must equal the snapshot's. Then, as in
+streams only the blocks whose digest differs (an unchanged one as its digest) into seed's
+RECEIVER there, which writes them, fsyncs and reads back what it wrote: its checksum of the
+whole replica must equal the snapshot's. Then, as in
 files mode, the replicas' mark is cleared or a restore point made, and the teardown."""
 
 from __future__ import annotations

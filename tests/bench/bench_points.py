@@ -3,7 +3,7 @@
 
 web1 gets a tree of FILES files under /srv; each measured run follows a change of 1 % of them
 (rewritten whole), so every run writes the same amount into the replica on dom0b.
- (a) web1-srv's replica a thin LV on dom0b: runs that make a thin point (keep_last = 3)
+ (a) web1's replicas thin LVs on dom0b: runs that make a thin point (keep_last = 3)
      against runs that make none (no [retention]), alternating: medians and their ratio
      (target <= 1.05);
  (b) web1-srv's replica thick (as the lab makes it): runs with 0, 1 and 3 thick points of
@@ -65,11 +65,13 @@ class Bench:
         line("first run (full copy)", f"{t:.1f} s")
 
 
-def thin_replica(lab):
-    lab.ssh("dom0b", "lvcreate -q -y --type thin-pool -L 1700M -n pool vg0 && lvrename -q vg0/web1-srv web1-srv-thick "
-                     "&& lvcreate -q -y -V 1536M --thin -n web1-srv vg0/pool "
-                     "&& dd if=/dev/vg0/web1-srv-thick of=/dev/vg0/web1-srv bs=4M conv=fsync status=none "
-                     "&& lvremove -q -f vg0/web1-srv-thick")
+def thin_replicas(lab):
+    """dom0b: both replicas of web1 become thin LVs of one pool (same content)."""
+    lab.ssh("dom0b", "lvcreate -q -y --type thin-pool -L 3G -n pool vg0")
+    for lv, size in (("web1-disk", "1200M"), ("web1-srv", "1536M")):
+        lab.ssh("dom0b", f"lvrename -q vg0/{lv} {lv}-thick && lvcreate -q -y -V {size} --thin -n {lv} vg0/pool "
+                         f"&& dd if=/dev/vg0/{lv}-thick of=/dev/vg0/{lv} bs=4M conv=fsync,sparse status=none "
+                         f"&& lvremove -q -f vg0/{lv}-thick")
 
 
 def measure_thin(bench, repeat):
@@ -110,20 +112,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--files", type=int, default=2000, help="a multiple of 100")
+    ap.add_argument("--only", choices=("a", "b"), help="measure (a) or (b) alone")
     args = ap.parse_args()
     lab = Lab()
     with lab.session_lock():
         lab.up()
-        for part in (measure_thin, measure_thick):
+        for part in {"a": [measure_thin], "b": [measure_thick]}.get(args.only, [measure_thin, measure_thick]):
             lab.reset()
             if part is measure_thin:
-                thin_replica(lab)
+                thin_replicas(lab)
             bench = Bench(lab, args.files)
             bench.seed_tree()
             try:
                 part(bench, args.repeat)
             finally:
-                lab.ssh("dom0b", "lvremove -q -f @dbk:point; lvremove -q -f vg0/pool", check=False)  # reset remakes web1-srv
+                lab.ssh("dom0b", "lvremove -q -f @dbk:point; lvremove -q -f vg0/pool", check=False)  # reset remakes the LVs
         lab.reset()
 
 
