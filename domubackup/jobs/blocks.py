@@ -86,26 +86,26 @@ def plan_blocks(domu: str, facts, settings, peers, *, frozen=False) -> planner.P
     return plan
 
 
-def check_block_replicas(job, step) -> None:
-    """Check step "block-replicas": each replica LV exists on the peer, is closed, is no
-    snapshot, and holds at least its origin's bytes (lvs only: nothing on it is read)."""
-    runner = job.runners[step.host]
-    for f in job.insp.facts:
+def check_block_replicas(domu, facts, host, runner) -> str:
+    """Check step "block-replicas" (and `check`): each replica LV exists on HOST, is closed, is
+    no snapshot, and holds at least its origin's bytes (lvs only: nothing on it is read)."""
+    for f in facts:
         path = cmd.lv_path(f.lv.vg, f.lv.lv)
         res = runner.run(parsers.lvs_argv(path), check=False)
         if res.exit_code != 0:
-            raise PeerError(f"{job.domu}: replica {path} does not exist on {step.host}",
-                            hint=f"create and seed it: `domubackup seed {job.domu}`")
+            raise PeerError(f"{domu}: replica {path} does not exist on {host}",
+                            hint=f"create and seed it: `domubackup seed {domu}`")
         replica = parsers.parse_lvs(res.stdout)[0]
         if replica.is_open:
-            raise PeerError(f"{job.domu}: replica {path} is open on {step.host} (in use by a guest or a mount)",
+            raise PeerError(f"{domu}: replica {path} is open on {host} (in use by a guest or a mount)",
                             hint="find the user with `lsblk` / `dmsetup info` there")
         if replica.is_snapshot:
-            raise PeerError(f"{job.domu}: replica {path} on {step.host} is an LVM snapshot",
+            raise PeerError(f"{domu}: replica {path} on {host} is an LVM snapshot",
                             hint="the replica is an LV of its own (`domubackup seed` makes it)")
         if replica.size < f.lv.size:
-            raise PeerError(f"{job.domu}: replica {path} on {step.host} has {replica.size} bytes, the origin "
-                            f"{f.lv.size}", hint=f"lvextend it to at least {f.lv.size} bytes there")
+            raise PeerError(f"{domu}: replica {path} on {host} has {replica.size} bytes, the origin {f.lv.size}",
+                            hint=f"lvextend it to at least {f.lv.size} bytes there")
+    return "present, closed, large enough (blocks mode)"
 
 
 class Blocks:
@@ -128,7 +128,8 @@ class Blocks:
                       checks={"vg-space": lambda s: check_vg_space(job.insp.facts, settings),
                               "no-stale": lambda s: check_no_stale(job.insp, settings, job.runners[LOCAL], self.domu),
                               "peer-state": job.check_peer_state,
-                              "block-replicas": lambda s: check_block_replicas(job, s)},
+                              "block-replicas": lambda s: check_block_replicas(
+                                  self.domu, job.insp.facts, s.host, job.runners[s.host])},
                       callbacks={"digests": self._digested, "blocks": self._received},
                       freeze=b.freeze, on_mark={"snapshots": lambda: b._snapshots(ex)})
         with ex.closing():

@@ -120,6 +120,13 @@ def domu_checks(config, names, conn, local, factory, peers_seen, night) -> list[
                 if ok.ok:
                     checks.append(_try(f"tools on {peer}", lambda: tools_present(runner, PEER_TOOLS)))
             runner = peers_seen[peer]
+            if settings.mode == "blocks":
+                from .blocks import check_block_replicas
+
+                checks.append(_try(f"{name}: replica on {peer} (not running there, LVs present)",
+                                   lambda: (check_peer_state(name, settings, peer, runner),
+                                            check_block_replicas(name, insp.facts, peer, runner))[1]))
+                continue
             checks.append(_try(f"{name}: replica on {peer} (not running there, LVs present, same layout)",
                                lambda: (check_peer_state(name, settings, peer, runner),
                                         check_replicas(name, insp.facts, peer, runner)) and "matches"))

@@ -28,6 +28,8 @@ def test_blocks_mode_sends_the_changed_blocks_and_survives_a_kill(fresh):
     plan = domubackup(lab, "plan", "web1").stdout
     assert "mode blocks" in plan and "[digests] python3 -c" in plan and "[blocks] python3 -c" in plan, plan
     assert "kpartx" not in plan and "mount-in" not in plan, plan
+    r = domubackup(lab, "check", "web1")
+    assert r.returncode == 0 and "present, closed, large enough (blocks mode)" in r.stdout, r.stdout + r.stderr
 
     # the lab starts with replicas equal to the origins. 4 scattered blocks of web1-srv written
     # in the guest (here: on its origin LV), and one zeroed there that differs on the replica
