@@ -163,9 +163,7 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
     if not mountable(facts):
         raise InspectError(f"{domu}: no filesystem to copy on any disk",
                            hint="check the disks in the plan's skipped list")
-    local = [check(LOCAL, "vg-space", note="the volume groups have room for the snapshots"),
-             check(LOCAL, "no-stale", note="no snapshot or mount left from an earlier run", mark="checked")]
-    local += _mark_last(snapshot_steps(facts, settings), "snapshots")
+    local = snapshots_checked(facts, settings)
     local += [check(LOCAL, "snapshot", f.disk.target, note=f"{f.disk.target}: the snapshot holds what was probed")
               for f in facts if mapped(f) or (not f.partitioned and mountable([f]))]
     local += map_steps(facts, settings, LOCAL, snapshot=True)
@@ -176,9 +174,8 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
     lanes = [s for peer in peers for s in (peer_checks(domu, peer, waits=waits, frozen=frozen)
                                            + ([] if verify else [pts.mark_writing(domu, peer, replicas)])
                                            + map_steps(facts, settings, peer, snapshot=False))]
-    if not verify:  # a restore point of the complete replicas, or (a mirror) only their mark cleared
-        plan.after = [pts.listing(domu, peer) if settings.retention is not None else pts.unmark_writing(peer, replicas)
-                      for peer in peers]
+    if not verify:
+        plan.after = after_ok(domu, settings, peers, replicas)
     if mounts is None and settings.mounts:
         mounts = mounts_from_config(facts, settings)
     root = root_candidate(facts, settings) if mounts is None else None
@@ -207,6 +204,20 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
                                progress=progress, verify=verify)
     plan.steps = local + lanes + rest
     return plan
+
+
+def snapshots_checked(facts, settings) -> list[Step]:
+    """This host's checks (reaching "checked"), then the snapshots (reaching "snapshots")."""
+    return [check(LOCAL, "vg-space", note="the volume groups have room for the snapshots"),
+            check(LOCAL, "no-stale", note="no snapshot or mount left from an earlier run", mark="checked"),
+            *_mark_last(snapshot_steps(facts, settings), "snapshots")]
+
+
+def after_ok(domu, settings, peers, replicas) -> list[Step]:
+    """Once a run ended OK and was torn down: on each peer a restore point of the complete
+    replicas (with [retention]), or, for a mirror, only their `dbk:writing` mark cleared."""
+    return [pts.listing(domu, peer) if settings.retention is not None else pts.unmark_writing(peer, replicas)
+            for peer in peers]
 
 
 def after_fstab(mounts, facts, settings, domu, peers, *, missing: bool, progress=False, verify=False) -> list[Step]:

@@ -31,7 +31,7 @@ def make_plan(config, insp, *, progress=False, verify=False, frozen=False) -> pl
             raise UsageError(f"{insp.domain.name}: verify of a blocks-mode DomU is not built yet",
                              hint="every blocks run already compares the checksums of snapshot and replica")
         return plan_blocks(insp.domain.name, insp.facts, settings, insp.peers, frozen=frozen)
-    return planner.plan_backup(insp.domain.name, insp.facts, config.settings_for(insp.domain.name), insp.peers,
+    return planner.plan_backup(insp.domain.name, insp.facts, settings, insp.peers,
                                skipped=insp.skipped, progress=progress, verify=verify, frozen=frozen)
 
 
@@ -73,15 +73,13 @@ class Backup:
         self._meter = None  # the progress bar of the transfer running now
 
     def run(self) -> None:
-        if self.settings.mode == "blocks":
-            from .blocks import Blocks
-
-            if self.verify:
-                make_plan(self.config, self.insp, verify=True)  # refused: not built yet
-            return Blocks(self).run()
         settings, domu, out = self.settings, self.domu, self.out
         plan = make_plan(self.config, self.insp, progress=self.progress is not None, verify=self.verify,
                          frozen=self.freeze is not None)
+        if settings.mode == "blocks":
+            from .blocks import Blocks
+
+            return Blocks(self).run(plan)
         self.mounts = plan.mounts
         self.journal = Journal.create(self.config.state_dir, domu, ",".join(self.insp.peers))
         snaps = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in self.facts]

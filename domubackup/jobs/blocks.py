@@ -60,9 +60,7 @@ def blocks_facts(disk, lv) -> DiskFacts:
 def plan_blocks(domu: str, facts, settings, peers, *, frozen=False) -> planner.Plan:
     plan = planner.Plan(domu, notes=["mode blocks: each disk is copied as its changed 4 MiB blocks; nothing of "
                                      "the guest is mapped or mounted on either host"])
-    local = [planner.check(LOCAL, "vg-space", note="the volume groups have room for the snapshots"),
-             planner.check(LOCAL, "no-stale", note="no snapshot or mount left from an earlier run", mark="checked")]
-    local += planner._mark_last(planner.snapshot_steps(facts, settings), "snapshots")
+    local = planner.snapshots_checked(facts, settings)
     waits = ("snapshots",) if frozen else ("checked",)
     replicas = [(f.lv.vg, f.lv.lv) for f in facts]
     lanes = []
@@ -80,8 +78,7 @@ def plan_blocks(domu: str, facts, settings, peers, *, frozen=False) -> planner.P
                       Step("blocks", peer, receive_argv(target, size), None, then="blocks", timeout=24 * 3600,
                            waits=("snapshots",) if i == 0 else (), about=(f.disk.target,),
                            note=f"{f.disk.target}: the changed blocks of {snap} -> {peer}:{target}")]
-    plan.after = [pts.listing(domu, peer) if settings.retention is not None else pts.unmark_writing(peer, replicas)
-                  for peer in peers]
+    plan.after = planner.after_ok(domu, settings, peers, replicas)
     plan.steps = local + lanes
     return plan
 
@@ -118,9 +115,9 @@ class Blocks:
         self.streams: dict = {}  # blocks step -> (BlockStream, start)
         self.sent = 0
 
-    def run(self) -> None:
+    def run(self, plan) -> None:
+        """PLAN: plan_blocks' (Backup.run made it)."""
         b, job, settings = self.b, self.job, self.settings
-        plan = plan_blocks(self.domu, job.insp.facts, settings, job.insp.peers, frozen=b.freeze is not None)
         b.journal = Journal.create(job.config.state_dir, self.domu, ",".join(job.insp.peers))
         snaps = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in job.insp.facts]
         b.watch = SnapshotWatch(job.runners[LOCAL], snaps, settings, on_abort=getattr(job.runners[LOCAL], "cancel", None))
