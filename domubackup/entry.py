@@ -1,5 +1,6 @@
 """The `domubackup` program. The helpers that a run executes on either Dom0 (``mount-in``,
-``umount-in``, ``read-in``: see safepath) start without importing the rest of the tool
+``umount-in``, ``read-in``: see safepath; ``receive-blocks``, ``block-digests``, ``send-blocks``,
+``copy-blocks``: see blockcopy) start without importing the rest of the tool
 (libvirt, lxml, the CLI: about 2 s under the lab's emulation, 0.2 s without them)."""
 
 import os
@@ -11,9 +12,9 @@ def main() -> int:
 
     if len(sys.argv) > 1 and sys.argv[1] in safepath.COMMANDS:
         return safepath.main(sys.argv[1:])
-    if sys.argv[1:2] in (["copy-blocks"], ["send-blocks"]):
-        from .hosts import blockcopy
+    from .hosts import blockcopy
 
+    if len(sys.argv) > 1 and sys.argv[1] in blockcopy.COMMANDS:
         return blockcopy.main(sys.argv[1:])
     from .cli import main as cli_main
 

@@ -174,6 +174,16 @@ def send_blocks(dev: str, size: int) -> tuple[str, ...]:
     return (HELPER, "send-blocks", dev, str(size))
 
 
+def receive_blocks(dev: str, size: int) -> tuple[str, ...]:
+    """A block stream on standard input written to DEV; prints its checksum and write token."""
+    return (HELPER, "receive-blocks", dev, str(size))
+
+
+def block_digests(dev: str, size: int, token: str | None) -> tuple[str, ...]:
+    """DEV's block digests, or ``same`` when its write token is still TOKEN ("-": none known)."""
+    return (HELPER, "block-digests", dev, str(size), token or "-")
+
+
 def fsck_readonly(fstype: str, dev: str) -> tuple[str, ...] | None:
     """A check that changes nothing (-n), per filesystem type; None when there is none."""
     return {"ext2": ("e2fsck", "-n", "-f", dev), "ext3": ("e2fsck", "-n", "-f", dev),

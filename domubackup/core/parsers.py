@@ -419,3 +419,20 @@ def parse_mount_space(text: str, paths) -> list[Space | None]:
         out.append(space)
         pos += len(f"mounted {path}\n")
     return out
+
+
+def parse_received(text: str) -> tuple[str, str]:
+    """`receive-blocks` output: (the replica's checksum, its write token); "" / "-" when absent."""
+    words = text.split()
+    token = words[2] if len(words) == 3 and words[1] == "token" else "-"
+    return (words[0] if words else ""), token
+
+
+def parse_digests(text: str, blocks: int) -> list[bytes] | None:
+    """`block-digests` output: None for ``same``, else BLOCKS digests (ValueError otherwise)."""
+    lines = text.split()
+    if lines == ["same"]:
+        return None
+    if len(lines) != blocks:
+        raise ValueError(f"{len(lines)} block digests, {blocks} expected")
+    return [bytes.fromhex(line) for line in lines]

@@ -30,7 +30,8 @@ def make_plan(config, insp, *, progress=False, verify=False, frozen=False) -> pl
         if verify:
             raise UsageError(f"{insp.domain.name}: verify of a blocks-mode DomU is not built yet",
                              hint="every blocks run already compares the checksums of snapshot and replica")
-        return plan_blocks(insp.domain.name, insp.facts, settings, insp.peers, frozen=frozen)
+        return plan_blocks(insp.domain.name, insp.facts, settings, insp.peers, frozen=frozen,
+                           tokens={key: token for key, (token, _) in insp.digests.items()})
     return planner.plan_backup(insp.domain.name, insp.facts, settings, insp.peers,
                                skipped=insp.skipped, progress=progress, verify=verify, frozen=frozen)
 

@@ -3,12 +3,15 @@ of the guest is mapped, mounted or parsed on either Dom0.
 
 A run: the peer's DomU-state check; the replica LVs exist there, are closed and as large as
 the origins (lvs only); this host's snapshots (the freeze window as in files mode); the
-peer reads its replica and prints the SHA-256 of each 4 MiB block (DIGESTS, bdsync's way:
-no state is kept between runs, so nothing can be stale); this host reads the snapshot, and
-streams only the blocks whose digest differs (an unchanged one as its digest) into seed's
-RECEIVER there, which writes them, fsyncs and reads back what it wrote: its checksum of the
-whole replica must equal the snapshot's. Then, as in
-files mode, the replicas' mark is cleared or a restore point made, and the teardown."""
+peer's `block-digests` of each replica: ``same`` without reading it when its write token is
+the one this host kept with the replica's digests at the last OK run (state_dir/digests/,
+blocksync-fast's way), else the xxh3-128 of each 4 MiB block read there (bdsync's way: a
+missing or stale digest file costs a read of the replica, never a skipped block); this host
+reads the snapshot, and streams only the blocks whose digest differs (an unchanged one as its
+digest) into the peer's `receive-blocks`, which writes them, fsyncs and reads back what it
+wrote: its checksum of the whole replica must equal the snapshot's, and then the digests and
+the replica's new token are kept here for the next run. Then, as in files mode, the
+replicas' mark is cleared or a restore point made, and the teardown (hosts/blockcopy.py)."""
 
 from __future__ import annotations
 
@@ -18,46 +21,47 @@ import time
 from ..core import commands as cmd, parsers, plan as planner, points as pts
 from ..core.errors import CommandError, PeerError, SnapshotError
 from ..core.model import LOCAL, DiskFacts, PartitionTable, RsyncStats, Step
-from ..hosts.blockcopy import BlockStream
+from ..hosts.blockcopy import CHUNK, BlockStream, cache_path, drop_digests, load_digests, save_digests
 from ..hosts.journal import Journal
 from .checks import SnapshotWatch, check_no_stale, check_vg_space
 from .executor import Executor
-from .seed import receive_argv
 
 log = logging.getLogger("domubackup")
-
-# Runs on the peer as `python3 -c DIGESTS DEV SIZE`: one hex SHA-256 per 4 MiB block of DEV.
-DIGESTS = r"""
-import hashlib, os, sys
-dev, size = sys.argv[1], int(sys.argv[2])
-CHUNK = 4 << 20
-zero = bytes(CHUNK)
-zd = {}
-fd = os.open(dev, os.O_RDONLY)
-out, off = [], 0
-while off < size:
-    b = os.pread(fd, min(CHUNK, size - off), off)
-    if not b:
-        sys.exit(f"{dev}: read ended at {off} of {size} bytes")
-    if b == zero[:len(b)]:
-        out.append(zd.get(len(b)) or zd.setdefault(len(b), hashlib.sha256(b).hexdigest()))
-    else:
-        out.append(hashlib.sha256(b).hexdigest())
-    off += len(b)
-print("\n".join(out))
-"""
-
-
-def digests_argv(dev: str, size: int) -> tuple[str, ...]:
-    return ("python3", "-c", DIGESTS, dev, str(size))
-
 
 def blocks_facts(disk, lv) -> DiskFacts:
     """A disk in blocks mode: its LV, nothing read of what is on it."""
     return DiskFacts(disk=disk, lv=lv, table=PartitionTable(label="blocks", size=lv.size, partitions=()))
 
 
-def plan_blocks(domu: str, facts, settings, peers, *, frozen=False) -> planner.Plan:
+def kept_digests(state_dir: str, domu: str, facts, peers) -> dict:
+    """{(peer, disk): (token, digests)} kept here by the last OK run (or seed) of each replica."""
+    kept = {}
+    for peer in peers:
+        for f in facts:
+            got = load_digests(cache_path(state_dir, domu, peer, f.lv.vg, f.lv.lv), f.lv.size)
+            if got is not None:
+                kept[(peer, f.disk.target)] = got
+    return kept
+
+
+def keep_digests(state_dir: str, domu: str, peer: str, f, received: str, stream) -> str:
+    """After a receive-blocks whose output is RECEIVED: (theirs, the replica's token) checked
+    against STREAM's checksum; the digests are kept for the next run. Returns the checksum;
+    SnapshotError (and nothing kept) when the two ends differ."""
+    theirs, token = parsers.parse_received(received)
+    path = cache_path(state_dir, domu, peer, f.lv.vg, f.lv.lv)
+    if theirs != stream.checksum:
+        drop_digests(path)
+        raise SnapshotError(f"{domu}: {f.disk.target}: the checksum of {peer}:{cmd.lv_path(f.lv.vg, f.lv.lv)} "
+                            f"differs after the copy (here {stream.checksum}, there {theirs or 'none'})",
+                            hint="run again: the next run compares every block anew")
+    save_digests(path, f.lv.size, token, stream.digests)
+    return theirs
+
+
+def plan_blocks(domu: str, facts, settings, peers, *, frozen=False, tokens=None) -> planner.Plan:
+    """TOKENS: {(peer, disk): the write token kept with that replica's digests here}."""
+    tokens = tokens or {}
     plan = planner.Plan(domu, notes=["mode blocks: each disk is copied as its changed 4 MiB blocks; nothing of "
                                      "the guest is mapped or mounted on either host"])
     local = planner.snapshots_checked(facts, settings)
@@ -73,9 +77,13 @@ def plan_blocks(domu: str, facts, settings, peers, *, frozen=False) -> planner.P
         for i, f in enumerate(facts):
             target, size = cmd.lv_path(f.lv.vg, f.lv.lv), f.lv.size
             snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv))
-            lanes += [Step("digests", peer, digests_argv(target, size), None, then="digests", timeout=24 * 3600,
-                           about=(f.disk.target,), note=f"{f.disk.target}: the digest of each block of {target}"),
-                      Step("blocks", peer, receive_argv(target, size), None, then="blocks", timeout=24 * 3600,
+            token = tokens.get((peer, f.disk.target))
+            lanes += [Step("digests", peer, cmd.block_digests(target, size, token), None, then="digests",
+                           timeout=24 * 3600, about=(f.disk.target,),
+                           note=f"{f.disk.target}: the digest of each block of {target}" + (
+                               ", or `same` if nothing wrote to it since the last run" if token else
+                               " (none kept here from an earlier run)")),
+                      Step("blocks", peer, cmd.receive_blocks(target, size), None, then="blocks", timeout=24 * 3600,
                            waits=("snapshots",) if i == 0 else (), about=(f.disk.target,),
                            note=f"{f.disk.target}: the changed blocks of {snap} -> {peer}:{target}")]
     plan.after = planner.after_ok(domu, settings, peers, replicas)
@@ -111,7 +119,8 @@ class Blocks:
     def __init__(self, backup):
         self.b = backup
         self.job, self.settings, self.domu = backup.job, backup.settings, backup.domu
-        self.digests: dict[tuple[str, str], list[str]] = {}  # (peer, disk) -> the replica's block digests
+        self.digests: dict[tuple[str, str], list[bytes]] = {}  # (peer, disk) -> the replica's block digests
+        self.whence: dict[tuple[str, str], str] = {}  # (peer, disk) -> where they came from, for the report
         self.streams: dict = {}  # blocks step -> (BlockStream, start)
         self.sent = 0
 
@@ -145,15 +154,28 @@ class Blocks:
         if plan.after:
             b._point(plan.after)
 
+    def _fact(self, disk):
+        return next(f for f in self.job.insp.facts if f.disk.target == disk)
+
     def _digested(self, step, res):
         if res.exit_code != 0:
             raise CommandError(step.host, step.argv, res.exit_code, res.stderr)
-        self.digests[(step.host, step.about[0])] = res.stdout.split()
+        key, kept = (step.host, step.about[0]), self.job.insp.digests.get((step.host, step.about[0]))
+        try:
+            got = parsers.parse_digests(res.stdout, -(-self._fact(step.about[0]).lv.size // CHUNK))
+        except ValueError as e:
+            raise PeerError(f"{self.domu}: {step.note}: {e}", hint="check the replica on the peer") from None
+        if got is None and kept is None:
+            raise PeerError(f"{self.domu}: {step.note}: `same` from {step.host}, but no digests are kept here")
+        self.digests[key] = kept[1] if got is None else got
+        self.whence[key] = ("kept here (nothing wrote to the replica since)" if got is None else
+                            "read there" + (" (the replica was written since the last run, or its host restarted)"
+                                            if kept else ""))
 
     def _feed(self, step):
         if step.phase != "blocks":
             return None
-        f = next(f for f in self.job.insp.facts if f.disk.target == step.about[0])
+        f = self._fact(step.about[0])
         snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(self.settings, f.lv.lv))
         blocks = BlockStream(snap, f.lv.size, same=self.digests.pop((step.host, step.about[0])))
         self.streams[step] = (blocks, time.monotonic())
@@ -163,12 +185,11 @@ class Blocks:
         blocks, start = self.streams.pop(step)
         if res.exit_code != 0:
             raise CommandError(step.host, step.argv, res.exit_code, res.stderr)
-        theirs, ours = res.stdout.strip(), blocks.sha256
-        if theirs != ours:
-            raise SnapshotError(f"{step.note}: the replica's checksum differs after the copy (here {ours}, there "
-                                f"{theirs})", hint="run again: the next run compares every block anew")
+        ours = keep_digests(self.job.config.state_dir, self.domu, step.host, self._fact(step.about[0]), res.stdout,
+                            blocks)
         self.sent += blocks.sent
         line = (f"{step.note}: {blocks.changed} of {blocks.blocks} blocks of 4 MiB changed, {blocks.sent} bytes "
-                f"sent in {time.monotonic() - start:.1f}s, sha256 {ours[:16]}... matches")
+                f"sent in {time.monotonic() - start:.1f}s, checksum {ours[:16]}... matches; the replica's digests "
+                f"{self.whence.pop((step.host, step.about[0]), 'unknown')}")
         self.job.out.report.append(line)
         log.info("%s: %s", self.domu, line)

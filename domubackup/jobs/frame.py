@@ -34,6 +34,7 @@ class Inspection:
     skipped: list[str]
     peers: tuple[str, ...]
     lvs: list | None = None  # every LV of the disks' VGs (list_lvs), None when not known
+    digests: dict = field(default_factory=dict)  # blocks mode: {(peer, disk): (token, digests)} kept here
 
 
 def check_host(config: Config) -> None:
@@ -59,15 +60,17 @@ def inspect(config: Config, name: str, conn, runner, on_eligible=None) -> Inspec
     skipped = [f"{d.target}: {d.skip_reason}" for d in domain.disks if d.skip_reason]
     disks = sorted((d for d in domain.disks if d.skip_reason is None), key=lambda d: d.target)
     lvs = list_lvs(runner, [d.source for d in disks])
+    kept = {}
     if settings.mode == "blocks":  # nothing on the disks is read: only their LVs
-        from .blocks import blocks_facts
+        from .blocks import blocks_facts, kept_digests
 
         facts = [blocks_facts(d, disk_lv(runner, d, d.source, lvs)) for d in disks]
+        kept = kept_digests(config.state_dir, name, facts, peers)
     else:
         facts = [probe_disk(runner, d, lvs=lvs) for d in disks]
     if not facts:
         raise NotEligibleError(f"{name}: no disk that can be backed up", hint="; ".join(skipped) or None)
-    return Inspection(domain, facts, skipped, peers, lvs)
+    return Inspection(domain, facts, skipped, peers, lvs, kept)
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """`domubackup seed DOMU`: the first full copy of each disk to the replica LV on the peer.
 
 Create the replica LV if missing (same VG/LV name and size), snapshot the origin, stream the
-snapshot block for block over the peer's SSH connection (a zero block is sent as a 13-byte
-header, not as data, and zeroed there with BLKZEROOUT; a compressible one travels
-zlib-compressed), then compare a checksum of both ends: the SHA-256 of the SHA-256 digests of
-every 4 MiB block, read back from the replica device (a block of zeros is recognised by a
-compare and gets the digest of zeros without hashing it: a mostly empty disk is cheap to check,
-every byte is still read and compared). The snapshots are journaled like a backup's, so a crash
-is cleaned by `cleanup`."""
+snapshot block for block over the peer's SSH connection into its `receive-blocks` (a zero
+block is sent as a 13-byte header, not as data, and zeroed there with BLKZEROOUT; a
+compressible one travels zlib-compressed), then compare a checksum of both ends: the SHA-256
+of the xxh3-128 digests of every 4 MiB block, read back from the replica device
+(hosts/blockcopy.py). The digests and the replica's write token are kept here, so that the
+first blocks-mode run after a seed reads nothing of the replica: a seed is that mode's first,
+full, run. The snapshots are journaled like a backup's, so a crash is cleaned by `cleanup`."""
 
 from __future__ import annotations
 
@@ -23,92 +23,9 @@ from .frame import run_job, ssh_runner
 from ..hosts.journal import Journal
 from ..core.model import RsyncStats
 from ..hosts.blockcopy import BlockStream
+from .blocks import keep_digests
 
 log = logging.getLogger("domubackup")
-
-
-# The SHA-256 of the SHA-256 digests of the 4 MiB blocks of the first SIZE bytes of DEV, read
-# back from the device itself (O_DIRECT where it can): BlockStream computes the same while it
-# reads (seed, restore).
-READBACK = r"""
-# read back from the device itself (O_DIRECT: not what the page cache remembers)
-total, zd = hashlib.sha256(), {}
-try:
-    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
-except OSError:
-    fd = os.open(dev, os.O_RDONLY)
-buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
-off = 0
-while off < size:
-    if off in known:  # a block the sender found unchanged: the digest this host sent it
-        total.update(known[off])
-        off += min(CHUNK, size - off)
-        continue
-    try:
-        got = os.preadv(fd, [memoryview(buf)[:min(CHUNK, size - off)]], off)
-    except OSError:  # O_DIRECT refused this size: the rest without it
-        os.close(fd)
-        fd = os.open(dev, os.O_RDONLY)
-        got = os.preadv(fd, [memoryview(buf)[:min(CHUNK, size - off)]], off)
-    if not got:
-        break
-    b = buf[:got]
-    if b == zero[:got]:
-        total.update(zd.setdefault(got, hashlib.sha256(b).digest()))
-    else:
-        total.update(hashlib.sha256(b).digest())
-    off += got
-print(total.hexdigest())
-"""
-# Runs on the peer as `python3 -c RECEIVER DEV SIZE`: writes what arrives on stdin at its
-# offsets, fsyncs, then prints READBACK's checksum of DEV. An S record (blocks mode) carries
-# the SHA-256 that this host's DIGESTS gave the block, unchanged: it is not read back.
-RECEIVER = r"""
-import fcntl, hashlib, mmap, os, struct, sys, zlib
-dev, size = sys.argv[1], int(sys.argv[2])
-H = struct.Struct(">cQI")
-CHUNK = 4 << 20
-zero = bytes(CHUNK)
-inp = sys.stdin.buffer
-def read(n):
-    b = bytearray()
-    while len(b) < n:
-        part = inp.read(n - len(b))
-        if not part:
-            sys.exit("stream ended early")
-        b += part
-    return bytes(b)
-def zero_out(fd, off, n):
-    try:  # BLKZEROOUT: the device zeroes the range (write-zeroes offload, or the kernel writes)
-        fcntl.ioctl(fd, 0x127F, struct.pack("QQ", off, n))
-    except OSError:
-        os.pwrite(fd, zero[:n], off)
-fd = os.open(dev, os.O_WRONLY)
-known = {}
-while True:
-    h = inp.read(H.size)
-    if not h:
-        break
-    if len(h) < H.size:
-        h += read(H.size - len(h))
-    kind, off, n = H.unpack(h)
-    if off + n > size and kind != b"S":
-        sys.exit("write past the end of the replica")
-    if kind == b"S":
-        if n != 32 or off % CHUNK or off >= size:
-            sys.exit("a bad unchanged-block record")
-        known[off] = read(n)
-    elif kind == b"D":
-        os.pwrite(fd, read(n), off)
-    elif kind == b"C":
-        data = zlib.decompress(read(n))
-        if off + len(data) > size or len(data) > CHUNK:
-            sys.exit("write past the end of the replica")
-        os.pwrite(fd, data, off)
-    else:
-        zero_out(fd, off, n)
-os.fsync(fd)
-os.close(fd)""" + READBACK
 
 
 def vg_free(runner, vg: str) -> int:
@@ -149,11 +66,6 @@ def prepare_replica(runner, f, *, force: bool) -> str:
     return f"overwriting {path} on {runner.host}"
 
 
-def receive_argv(target: str, size: int) -> tuple[str, ...]:
-    return ("python3", "-c", RECEIVER, target, str(size))
-
-
-
 def plan_seed(domu: str, facts, settings, peers) -> planner.Plan:
     """On each peer: the DomU not running there, each replica LV ready (created when missing:
     it stays, it is the replica); then this host's snapshots; then each disk streamed to each
@@ -169,7 +81,7 @@ def plan_seed(domu: str, facts, settings, peers) -> planner.Plan:
         for i, f in enumerate(facts):
             snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv))
             target = cmd.lv_path(f.lv.vg, f.lv.lv)
-            lanes[-1].append(planner.Step("seed", peer, receive_argv(target, f.lv.size), None, then="seed",
+            lanes[-1].append(planner.Step("seed", peer, cmd.receive_blocks(target, f.lv.size), None, then="seed",
                                           note=f"{f.disk.target}: {snap} -> {peer}:{target}", timeout=24 * 3600,
                                           waits=("snapshots",) if i == 0 else (), about=(f.disk.target,)))
     snaps = planner._mark_last(planner.snapshot_steps(facts, settings), "snapshots")
@@ -238,10 +150,10 @@ class Seed:
             meter.close()
         if res.exit_code != 0:
             raise CommandError(step.host, step.argv, res.exit_code, res.stderr)
-        theirs, ours = res.stdout.strip(), blocks.sha256
-        target = step.argv[-2]
-        if theirs != ours:
-            raise SnapshotError(f"seed of {target} on {step.host}: checksum differs "
-                                f"(here {ours}, there {theirs})", hint="seed again")
+        try:
+            ours = keep_digests(self.job.config.state_dir, self.job.domu, step.host, self._disk(step.about[0]),
+                                res.stdout, blocks)
+        except SnapshotError as e:
+            raise SnapshotError(f"seed: {e.message}", hint="seed again") from None
         self.job.out.report.append(f"{step.note}: {step.argv[-1]} bytes in {time.monotonic() - start:.1f}s, "
-                                   f"sha256 {ours[:16]}... matches")
+                                   f"checksum {ours[:16]}... matches")

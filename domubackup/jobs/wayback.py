@@ -23,7 +23,6 @@ from ..hosts.safepath import EXIT_MISSING
 from .checks import check_peer_state
 from .executor import Executor
 from .points import xml_dir
-from .seed import receive_argv
 
 log = logging.getLogger("domubackup")
 RESTORING = pts.RESTORING
@@ -96,19 +95,19 @@ class Copy:
             return
         stream = self.streams.pop(step.about)
         sent = stream.stderr.strip().splitlines()[-1:] if stream.exit_code == 0 else []
-        theirs, ours = (sent[0].split()[-1] if sent else None), res.stdout.strip()
+        theirs, ours = (sent[0].split()[-1] if sent else None), parsers.parse_received(res.stdout)[0]
         if theirs != ours:
             raise DomuBackupError(f"{step.note}: the copy is not whole (sender {stream.exit_code=}: "
                                   f"{stream.stderr.strip()[-300:] or 'no checksum'}; read back {ours[:16]}...)",
                                   hint="the target is not marked whole: run the command again")
-        self.report.append(f"{step.note}: sha256 of the blocks {ours[:16]}... matches on both ends")
+        self.report.append(f"{step.note}: checksum of the blocks {ours[:16]}... matches on both ends")
 
 
 def copy_steps(pairs, *, source_host: str, tag: str, note: str, ready: str = "") -> list[Step]:
     """PAIRS: (disk, source path on SOURCE_HOST, its size, target LV here). The target LVs get
     TAG before the first write and lose it once the copy is known whole. Here (a rollback):
     copy-blocks, which reads back what it wrote. From a peer (a restore): the peer's
-    `send-blocks` streamed into seed's RECEIVER here (the job's feed), whose read-back checksum
+    `send-blocks` streamed into `receive-blocks` here (the job's feed), whose read-back checksum
     must equal the sender's; the first copy waits for READY (the peer's activations)."""
     targets = tuple(t for _, _, _, t in pairs)
     steps = [Step(tag.split(":")[-1], LOCAL, ("lvchange", "--addtag", tag, *targets), None, note=note)]
@@ -117,7 +116,7 @@ def copy_steps(pairs, *, source_host: str, tag: str, note: str, ready: str = "")
             steps.append(Step("copy", LOCAL, cmd.copy_blocks(src, target, size), None, note=f"{disk}: {src} -> {target}",
                               then="copied", timeout=7 * 24 * 3600, about=(disk,)))
         else:
-            steps.append(Step("copy", LOCAL, receive_argv(target, size), None, then="copied", timeout=7 * 24 * 3600,
+            steps.append(Step("copy", LOCAL, cmd.receive_blocks(target, size), None, then="copied", timeout=7 * 24 * 3600,
                               note=f"{disk}: {source_host}:{src} -> {target}", about=(disk, source_host, src, str(size)),
                               waits=(ready,) if ready and i == 0 else ()))
     steps.append(Step("verify", LOCAL, ("lvchange", "--deltag", tag, *targets), None, note="the copy is whole"))

@@ -16,17 +16,26 @@ def same_disks(lab):
         assert a == b, lv
 
 
-def changed(out, disk):
-    m = re.search(rf"{disk}: the changed blocks of \S+ -> \S+: (\d+) of (\d+) blocks of 4 MiB changed", out)
-    assert m, out
+def changed(out, disk, whence="read there"):
+    """(blocks changed, blocks) of DISK in a run's output; the replica's digests came from WHENCE."""
+    m = re.search(rf"{disk}: the changed blocks of \S+ -> \S+: (\d+) of (\d+) blocks of 4 MiB changed.*"
+                  rf"matches; the replica's digests (.*)", out)
+    assert m and m.group(3).startswith(whence), (whence, out)
     return int(m.group(1)), int(m.group(2))
+
+
+def read_sectors(lab, vm, lv):
+    """Sectors read so far from VM's LV vg0/LV (its dm device's stat)."""
+    dev = lab.ssh(vm, ["lsblk", "-dno", "MAJ:MIN", f"/dev/vg0/{lv}"]).stdout.strip()
+    return int(lab.ssh(vm, ["cat", f"/sys/dev/block/{dev}/stat"]).stdout.split()[2])
 
 
 def test_blocks_mode_sends_the_changed_blocks_and_survives_a_kill(fresh):
     lab = fresh
     lab.ssh("dom0a", f"sed -i '1i mode = \"blocks\"' {CONF}")
     plan = domubackup(lab, "plan", "web1").stdout
-    assert "mode blocks" in plan and "[digests] python3 -c" in plan and "[blocks] python3 -c" in plan, plan
+    assert "mode blocks" in plan and "[digests] domubackup block-digests /dev/vg0/web1-srv 1610612736 -" in plan \
+        and "[blocks] domubackup receive-blocks /dev/vg0/web1-srv 1610612736" in plan, plan
     assert "kpartx" not in plan and "mount-in" not in plan, plan
     r = domubackup(lab, "check", "web1")
     assert r.returncode == 0 and "present, closed, large enough (blocks mode)" in r.stdout, r.stdout + r.stderr
@@ -44,6 +53,19 @@ def test_blocks_mode_sends_the_changed_blocks_and_survives_a_kill(fresh):
     tags = lab.ssh("dom0b", ["lvs", "--noheadings", "-o", "lv_tags", "vg0/web1-disk", "vg0/web1-srv"]).stdout.split()
     assert tags == ["dbk:domu:web1", "dbk:domu:web1"], tags
 
+    # nothing changed: the digests kept on dom0a with the replicas' write tokens stand, and the
+    # peer reads nothing of its replicas (no digests, no read-back of unchanged blocks)
+    plan = domubackup(lab, "plan", "web1").stdout
+    assert re.search(r"\[digests\] domubackup block-digests /dev/vg0/web1-srv 1610612736 [0-9a-f-]{36}/\d+:\d+/", plan)
+    before = {lv: read_sectors(lab, "dom0b", lv) for lv in ("web1-disk", "web1-srv")}
+    r = domubackup(lab, "-v", "run", "web1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert changed(out, "xvdb", "kept here") == (0, 384) and changed(out, "xvda", "kept here") == (0, 300)
+    after = {lv: read_sectors(lab, "dom0b", lv) for lv in ("web1-disk", "web1-srv")}
+    # (udev's probes after the tag changes read 1-2 MiB; a read of the replica would be 1.2-1.5 GiB)
+    assert all(after[lv] - before[lv] < 16384 for lv in before), (before, after)  # < 8 MiB
+
     # kill -9 at the first [blocks] step (snapshots made, replicas marked): cleanup, then the next
     # run repairs the replica
     lab.ssh("dom0a", "dd if=/dev/urandom of=/dev/vg0/web1-srv bs=4M seek=20 count=8 conv=fsync status=none")
@@ -56,7 +78,7 @@ def test_blocks_mode_sends_the_changed_blocks_and_survives_a_kill(fresh):
     lab.ssh("dom0b", "dd if=/dev/urandom of=/dev/vg0/web1-srv bs=4M seek=300 count=1 conv=fsync status=none")
     r = domubackup(lab, "-v", "run", "web1")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert changed(r.stdout + r.stderr, "xvdb") == (9, 384)
+    assert changed(r.stdout + r.stderr, "xvdb", "read there (the replica was written since") == (9, 384)
     same_disks(lab)
     # nothing of the guest was mapped on either host
     for vm in ("dom0a", "dom0b"):

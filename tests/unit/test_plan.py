@@ -314,7 +314,8 @@ def test_seed_prepares_every_replica_before_the_snapshots_then_streams_each_disk
                            ("snapshot", ("lvcreate", "--snapshot"), (), "snapshots")]
     assert lane["dom0b"] == [("check", ("peer-state",), (), ""), ("check", ("replica", "xvda"), (), ""),
                              ("check", ("replica", "xvdb"), (), "prepared:dom0b"),
-                             ("seed", ("python3", "-c"), ("snapshots",), ""), ("seed", ("python3", "-c"), (), "")]
+                             ("seed", ("domubackup", "receive-blocks"), ("snapshots",), ""),
+                             ("seed", ("domubackup", "receive-blocks"), (), "")]
     seeds = [s for s in plan.steps if s.phase == "seed"]
     assert [(s.argv[-2:], s.about, s.then) for s in seeds] == [
         (("/dev/vg0/web1-disk", str(1200 * MiB)), ("xvda",), "seed"),
@@ -325,7 +326,7 @@ def test_blocks_mode_maps_and_mounts_nothing_and_reads_the_replicas_digests_firs
     from domubackup.core.plan import describe
     from domubackup.jobs.blocks import blocks_facts, plan_blocks
     facts = [blocks_facts(f.disk, f.lv) for f in web1_facts()]
-    plan = plan_blocks("web1", facts, settings().settings_for("web1"), ("dom0b",))
+    plan = plan_blocks("web1", facts, settings().settings_for("web1"), ("dom0b",), tokens={("dom0b", "xvdb"): "B/1:2/3"})
     lane = {h: [(s.phase, s.check or s.argv[:2], s.waits, s.mark) for s in plan.steps if s.host == h]
             for h in (LOCAL, "dom0b")}
     assert lane[LOCAL] == [("check", ("vg-space",), (), ""), ("check", ("no-stale",), (), "checked"),
@@ -333,10 +334,15 @@ def test_blocks_mode_maps_and_mounts_nothing_and_reads_the_replicas_digests_firs
                            ("snapshot", ("lvcreate", "--snapshot"), (), "snapshots")]
     assert lane["dom0b"] == [("check", ("peer-state",), (), ""), ("check", ("block-replicas",), ("checked",), ""),
                              ("peer-mark", ("lvchange", "--addtag"), (), ""),
-                             ("digests", ("python3", "-c"), (), ""), ("blocks", ("python3", "-c"), ("snapshots",), ""),
-                             ("digests", ("python3", "-c"), (), ""), ("blocks", ("python3", "-c"), (), "")]
+                             ("digests", ("domubackup", "block-digests"), (), ""),
+                             ("blocks", ("domubackup", "receive-blocks"), ("snapshots",), ""),
+                             ("digests", ("domubackup", "block-digests"), (), ""),
+                             ("blocks", ("domubackup", "receive-blocks"), (), "")]
+    # the write token kept with a replica's digests is in the argv (xvdb); none known: "-" (xvda)
+    assert [s.argv[2:] for s in plan.steps if s.phase == "digests"] == [
+        ("/dev/vg0/web1-disk", "1258291200", "-"), ("/dev/vg0/web1-srv", "1610612736", "B/1:2/3")]
     assert [s.argv[0] for s in plan.steps if s.undo] == ["lvcreate", "lvcreate"]  # only the snapshots open anything
-    assert not any(s.argv[:1] in (("kpartx",), ("mount",), ("domubackup",)) for s in plan.steps)  # checks: no argv
+    assert not any(s.argv[:1] in (("kpartx",), ("mount",)) or "mount-in" in s.argv for s in plan.steps)
     assert [s.argv[:3] for s in plan.after] == [("lvchange", "--deltag", "dbk:writing")]
     text = describe(plan)
     assert "mode blocks" in text and "decides: digests" not in text

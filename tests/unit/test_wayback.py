@@ -126,13 +126,13 @@ def test_a_restore_streams_each_member_from_the_peer_into_the_receiver_and_compa
     class Peer:
         def stream(self, argv, timeout):
             self.argv = argv
-            return type("S", (), {"exit_code": 0, "stderr": "sha256 " + "a" * 64 + "\n"})()
+            return type("S", (), {"exit_code": 0, "stderr": "checksum " + "a" * 64 + "\n"})()
 
     peer = Peer()
     copy = wayback.Copy({"dom0b": peer})
     assert copy.feed(copies[0]) is not None and peer.argv == ("domubackup", "send-blocks", "/dev/vg0/d.P", "10")
-    copy.copied(copies[0], Result(LOCAL, copies[0].argv, 0, "a" * 64 + "\n"))
-    assert copy.report == [f"xvda: dom0b:/dev/vg0/d.P -> /dev/vg0/d: sha256 of the blocks {'a' * 16}... matches on both ends"]
+    copy.copied(copies[0], Result(LOCAL, copies[0].argv, 0, "a" * 64 + "\ntoken -\n"))
+    assert copy.report == [f"xvda: dom0b:/dev/vg0/d.P -> /dev/vg0/d: checksum of the blocks {'a' * 16}... matches on both ends"]
     copy.feed(copies[1])
     with pytest.raises(DomuBackupError, match="xvdb: dom0b:/dev/vg0/s.P -> /dev/vg0/s: the copy is not whole"):
         copy.copied(copies[1], Result(LOCAL, copies[1].argv, 0, "b" * 64 + "\n"))
