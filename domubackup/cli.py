@@ -390,7 +390,8 @@ def cmd_verify(config, args, runner) -> int:
         lines += [f"{name}: fsck OK: every replica filesystem is clean"] if fsck is not None else []
         lines.append(f"{name}: verify {out.status} ({len(out.differences)} difference(s))" if code else
                      f"{name}: verify OK: the replica matches the snapshot ({out.stats.files} files compared "
-                     "by checksum)")
+                     "by checksum)" if out.stats.files or not out.report else
+                     f"{name}: verify OK: the replica matches the snapshot (" + "; ".join(out.report) + ")")
     if args.json:
         say(json.dumps({**outcome_json(out, started, ended, log_path), "exit_code": code,
                         "differences": out.differences, "fsck": fsck}, indent=2))

@@ -10,7 +10,7 @@ from dataclasses import astuple
 from ..core import commands as cmd, layout, parsers, plan as planner, points as pts, rsyncout
 from ..hosts import virt
 from .checks import SnapshotWatch, check_no_stale, check_replicas, check_room, check_vg_space
-from ..core.errors import EXIT_PARTIAL, CommandError, DomuBackupError, InspectError, PeerError, SnapshotError, UsageError
+from ..core.errors import EXIT_PARTIAL, CommandError, DomuBackupError, InspectError, PeerError, SnapshotError
 from .executor import Executor
 from ..hosts.facts import check_mappable, check_snapshot, with_partition_ids
 from .frame import Outcome, run_job, ssh_runner
@@ -25,11 +25,10 @@ log = logging.getLogger("domubackup")
 def make_plan(config, insp, *, progress=False, verify=False, frozen=False) -> planner.Plan:
     settings = config.settings_for(insp.domain.name)
     if settings.mode == "blocks":
-        from .blocks import plan_blocks
+        from .blocks import plan_blocks, plan_blocks_verify
 
         if verify:
-            raise UsageError(f"{insp.domain.name}: verify of a blocks-mode DomU is not built yet",
-                             hint="every blocks run already compares the checksums of snapshot and replica")
+            return plan_blocks_verify(insp.domain.name, insp.facts, settings, insp.peers)
         return plan_blocks(insp.domain.name, insp.facts, settings, insp.peers, frozen=frozen,
                            tokens={key: token for key, (token, _) in insp.digests.items()})
     return planner.plan_backup(insp.domain.name, insp.facts, settings, insp.peers,

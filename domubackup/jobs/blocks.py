@@ -19,7 +19,7 @@ import logging
 import time
 
 from ..core import commands as cmd, parsers, plan as planner, points as pts
-from ..core.errors import CommandError, PeerError, SnapshotError
+from ..core.errors import CommandError, DomuBackupError, PeerError, SnapshotError
 from ..core.model import LOCAL, DiskFacts, PartitionTable, RsyncStats, Step
 from ..hosts.blockcopy import CHUNK, BlockStream, cache_path, drop_digests, load_digests, save_digests
 from ..hosts.journal import Journal
@@ -91,6 +91,30 @@ def plan_blocks(domu: str, facts, settings, peers, *, frozen=False, tokens=None)
     return plan
 
 
+def plan_blocks_verify(domu: str, facts, settings, peers) -> planner.Plan:
+    """`verify` in blocks mode: each replica read whole on its peer and each snapshot here
+    (`block-digests` without a token: nothing kept is trusted), their digests compared block
+    by block (the "compare" callback); nothing is written on either host."""
+    plan = planner.Plan(domu, notes=["mode blocks: the digest of every 4 MiB block of each replica is compared "
+                                     "with its snapshot's; nothing is written"])
+    local = planner.snapshots_checked(facts, settings)
+    for i, f in enumerate(facts):
+        snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv))
+        local.append(Step("digests", LOCAL, cmd.block_digests(snap, f.lv.size, None), None, then="compare",
+                          timeout=24 * 3600, waits=("snapshots",) if i == 0 else (), about=(f.disk.target,),
+                          note=f"{f.disk.target}: the digest of each block of {snap}"))
+    for peer in peers:
+        local += [planner.check(peer, "peer-state", note=f"{domu} is not running on {peer}"),
+                  planner.check(peer, "block-replicas", waits=("checked",),
+                                note=f"the replica LVs on {peer} exist, are closed and as large as the origins")]
+        local += [Step("digests", peer, cmd.block_digests(cmd.lv_path(f.lv.vg, f.lv.lv), f.lv.size, None), None,
+                       then="compare", timeout=24 * 3600, about=(f.disk.target,),
+                       note=f"{f.disk.target}: the digest of each block of {cmd.lv_path(f.lv.vg, f.lv.lv)}")
+                  for f in facts]
+    plan.steps = local
+    return plan
+
+
 def check_block_replicas(domu, facts, host, runner) -> str:
     """Check step "block-replicas" (and `check`): each replica LV exists on HOST, is closed, is
     no snapshot, and holds at least its origin's bytes (lvs only: nothing on it is read)."""
@@ -122,6 +146,7 @@ class Blocks:
         self.digests: dict[tuple[str, str], list[bytes]] = {}  # (peer, disk) -> the replica's block digests
         self.whence: dict[tuple[str, str], str] = {}  # (peer, disk) -> where they came from, for the report
         self.streams: dict = {}  # blocks step -> (BlockStream, start)
+        self.read: dict[tuple[str, str], list[bytes]] = {}  # verify: (host, disk) -> the digests read there
         self.sent = 0
 
     def run(self, plan) -> None:
@@ -136,7 +161,7 @@ class Blocks:
                               "peer-state": job.check_peer_state,
                               "block-replicas": lambda s: check_block_replicas(
                                   self.domu, job.insp.facts, s.host, job.runners[s.host])},
-                      callbacks={"digests": self._digested, "blocks": self._received},
+                      callbacks={"digests": self._digested, "blocks": self._received, "compare": self._compare},
                       freeze=b.freeze, on_mark={"snapshots": lambda: b._snapshots(ex)})
         with ex.closing():
             try:
@@ -150,6 +175,11 @@ class Blocks:
                 raise SnapshotError(f"{self.domu}: {problem}", hint="raise snapshot_size, or back up at a quieter time")
         b.out.stats = RsyncStats(total_size=sum(f.lv.size for f in job.insp.facts) * len(job.insp.peers),
                                  bytes_sent=self.sent)
+        if b.out.differences:
+            raise DomuBackupError(f"{self.domu}: the replica differs from the snapshot in {len(b.out.differences)} "
+                                  "place(s): " + "; ".join(b.out.differences[:20])
+                                  + (" ..." if len(b.out.differences) > 20 else ""),
+                                  hint="the next `domubackup run` repairs it")
         b.out.status, b.out.exit_code = "OK", 0
         if plan.after:
             b._point(plan.after)
@@ -171,6 +201,27 @@ class Blocks:
         self.whence[key] = ("kept here (nothing wrote to the replica since)" if got is None else
                             "read there" + (" (the replica was written since the last run, or its host restarted)"
                                             if kept else ""))
+
+    def _compare(self, step, res):
+        """Verify: the digests of a snapshot (here) or a replica (a peer); once a disk's
+        snapshot and a replica are both known, every block that differs is a difference."""
+        if res.exit_code != 0:
+            raise CommandError(step.host, step.argv, res.exit_code, res.stderr)
+        disk = step.about[0]
+        size = self._fact(disk).lv.size
+        try:
+            self.read[(step.host, disk)] = parsers.parse_digests(res.stdout, -(-size // CHUNK))
+        except ValueError as e:
+            raise DomuBackupError(f"{self.domu}: {step.note}: {e}") from None
+        ours = self.read.get((LOCAL, disk))
+        for peer in self.job.insp.peers if step.host == LOCAL else (step.host,):
+            theirs = self.read.get((peer, disk)) if ours is not None else None
+            if theirs is None:
+                continue
+            bad = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+            self.b.out.differences += [f"{peer}: {disk}: the 4 MiB block at {i * CHUNK} differs" for i in bad]
+            self.job.out.report.append(f"{disk}: {len(ours) - len(bad)} of {len(ours)} blocks of 4 MiB equal on "
+                                       f"{peer}")
 
     def _feed(self, step):
         if step.phase != "blocks":

@@ -63,6 +63,9 @@ def test_blocks_mode_sends_the_changed_blocks_and_survives_a_kill(fresh):
     out = r.stdout + r.stderr
     assert changed(out, "xvdb", "kept here") == (0, 384) and changed(out, "xvda", "kept here") == (0, 300)
     after = {lv: read_sectors(lab, "dom0b", lv) for lv in ("web1-disk", "web1-srv")}
+    r = domubackup(lab, "verify", "web1")
+    assert r.returncode == 0 and "web1: verify OK: the replica matches the snapshot (xvda: 300 of 300 blocks of " \
+        "4 MiB equal on dom0b; xvdb: 384 of 384 blocks of 4 MiB equal on dom0b)" in r.stdout, r.stdout + r.stderr
     # (udev's probes after the tag changes read 1-2 MiB; a read of the replica would be 1.2-1.5 GiB)
     assert all(after[lv] - before[lv] < 16384 for lv in before), (before, after)  # < 8 MiB
 
@@ -76,6 +79,12 @@ def test_blocks_mode_sends_the_changed_blocks_and_survives_a_kill(fresh):
     assert "dbk:writing" in lab.ssh("dom0b", ["lvs", "-o", "lv_tags", "vg0/web1-srv"]).stdout
     # and the replica changed behind the tool's back: the next run finds that block too
     lab.ssh("dom0b", "dd if=/dev/urandom of=/dev/vg0/web1-srv bs=4M seek=300 count=1 conv=fsync status=none")
+    # `verify` reads both ends whole and names each block that differs: the 8 written on the
+    # origin since the last OK run, and the one written on the replica
+    r = domubackup(lab, "verify", "web1")
+    found = re.findall(r"web1: differs: dom0b: (xvd.): the 4 MiB block at (\d+) differs", r.stdout)
+    assert r.returncode == 1 and "web1: verify ERROR (9 difference(s))" in r.stdout, r.stdout + r.stderr
+    assert found == [("xvdb", str(b * 4 << 20)) for b in (*range(20, 28), 300)], r.stdout
     r = domubackup(lab, "-v", "run", "web1")
     assert r.returncode == 0, r.stdout + r.stderr
     assert changed(r.stdout + r.stderr, "xvdb", "read there (the replica was written since") == (9, 384)

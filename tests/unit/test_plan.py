@@ -346,3 +346,18 @@ def test_blocks_mode_maps_and_mounts_nothing_and_reads_the_replicas_digests_firs
     assert [s.argv[:3] for s in plan.after] == [("lvchange", "--deltag", "dbk:writing")]
     text = describe(plan)
     assert "mode blocks" in text and "decides: digests" not in text
+
+
+def test_blocks_verify_reads_every_block_on_both_ends_and_writes_nothing():
+    from domubackup.jobs.blocks import blocks_facts, plan_blocks_verify
+    facts = [blocks_facts(f.disk, f.lv) for f in web1_facts()]
+    plan = plan_blocks_verify("web1", facts, settings().settings_for("web1"), ("dom0b",))
+    reads = [(s.host, s.argv, s.then, s.waits) for s in plan.steps if s.phase == "digests"]
+    assert reads == [
+        (LOCAL, ("domubackup", "block-digests", "/dev/vg0/web1-disk-snap", "1258291200", "-"), "compare", ("snapshots",)),
+        (LOCAL, ("domubackup", "block-digests", "/dev/vg0/web1-srv-snap", "1610612736", "-"), "compare", ()),
+        ("dom0b", ("domubackup", "block-digests", "/dev/vg0/web1-disk", "1258291200", "-"), "compare", ()),
+        ("dom0b", ("domubackup", "block-digests", "/dev/vg0/web1-srv", "1610612736", "-"), "compare", ())]
+    # nothing but the snapshots is made, nothing is marked or written on the peer
+    assert [s.argv[0] for s in plan.steps if s.argv and s.phase != "digests"] == ["lvcreate", "lvcreate"]
+    assert not plan.after
