@@ -66,6 +66,9 @@ class RsyncSettings:
     io_timeout: float = 300.0
 
 
+DISK_MODES = ("files", "blocks", "auto")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything that may differ per DomU (global values, overridden by [domu.NAME])."""
@@ -93,9 +96,16 @@ class Settings:
     job_hook: str = ""  # executable called at job-start, backup-start, backup-end, backup-abort, job-end
     retention: Retention | None = None  # [retention]: restore points on the peer after each OK run; None: none
     point_size: str = "20%ORIGIN"  # the size of a thick replica's restore point (a thin one needs none)
-    mode: str = "files"  # files: rsync of the mounted trees; blocks: the changed blocks of each disk, nothing mounted
+    # files: rsync of the mounted trees; blocks: the changed blocks of each disk, nothing mounted;
+    # auto: files for a disk whose every partition holding data has a filesystem the tool mounts
+    mode: str = "auto"
+    disk_modes: tuple[tuple[str, str], ...] = ()  # (disk target, mode): `mode` per disk
     ssh: SSHSettings = field(default_factory=SSHSettings)
     rsync: RsyncSettings = field(default_factory=RsyncSettings)
+
+    def mode_of(self, disk: str) -> str:
+        """The mode configured for the disk with target dev DISK (files, blocks or auto)."""
+        return dict(self.disk_modes).get(disk, self.mode)
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,10 @@ class _Checker:
             current = getattr(base, key)
             if key == "mounts":
                 changes[key] = self.mounts(name, raw)
+            elif key == "disk_modes":
+                if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+                    raise self.fail(name, 'expected a table like { xvdb = "blocks" }')
+                changes[key] = tuple(raw.items())
             elif key == "retention":
                 if not isinstance(raw, dict):
                     raise self.fail(name, "expected a table like [retention] keep_last = 7")
@@ -228,8 +242,9 @@ class _Checker:
         if s.consistency not in MODES:
             raise self.fail(f"{prefix}consistency", f"expected one of {', '.join(MODES)}, "
                             f"got {s.consistency!r}")
-        if s.mode not in ("files", "blocks"):
-            raise self.fail(f"{prefix}mode", f"expected 'files' or 'blocks', got {s.mode!r}")
+        for key, mode in (("mode", s.mode), *((f"disk_modes.{d}", m) for d, m in s.disk_modes)):
+            if mode not in DISK_MODES:
+                raise self.fail(f"{prefix}{key}", f"expected 'files', 'blocks' or 'auto', got {mode!r}")
         if s.freeze_on_failure not in POLICIES:
             raise self.fail(f"{prefix}freeze_on_failure", f"expected 'fail' or 'continue', got {s.freeze_on_failure!r}")
         for key in ("source_prefix", "target_prefix"):

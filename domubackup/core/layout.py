@@ -58,6 +58,31 @@ def not_copied(facts: list[DiskFacts], skipped_disks: list[str]) -> list[str]:
     return out
 
 
+SMALL_PARTITION = 16 << 20  # a partition without a filesystem this small holds no data (bios_grub, PReP)
+
+
+def blocks_reason(f: DiskFacts) -> str | None:
+    """Why `mode = "auto"` copies disk F as blocks; None when files mode copies all it holds
+    (every partition holding data has a filesystem the tool mounts; swap holds none). A
+    partition without a filesystem signature may hold raw data (a database's device): it
+    counts unless it is flagged bios_grub or is under 16 MiB."""
+    reasons = []
+    for fs in f.filesystems:
+        if fs.skip_reason in (None, SWAP_SKIP):
+            continue
+        if fs.skip_reason == NO_FS_SKIP:
+            part = next((p for p in f.table.partitions if p.number == fs.partition), None)
+            if part is None or not ("bios_grub" in part.flags or part.size < SMALL_PARTITION):
+                reasons.append(f"{fs.name} has no filesystem signature (it may hold raw data)")
+        else:
+            reasons.append(f"{fs.name} {fs.skip_reason}")
+    # a cause (a guest PV) before its consequences (the disk's other filesystems left unmapped)
+    reasons.sort(key=lambda r: "not copied: its disk is not mapped" in r)
+    if reasons:
+        return reasons[0]
+    return None if f.filesystems else "no filesystem found on the disk"
+
+
 def assembled_by_udev(fstype: str) -> bool:
     return fstype in ASSEMBLED or fstype.endswith("_raid_member")
 

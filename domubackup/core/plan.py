@@ -150,14 +150,67 @@ def _mark_last(steps: list[Step], mark: str) -> list[Step]:
     return steps[:-1] + [replace(steps[-1], mark=mark)] if steps else steps
 
 
+BLOCKS = "blocks"  # the table label of a disk copied as blocks (jobs/blocks.py blocks_facts)
+
+
+def is_blocks(f: DiskFacts) -> bool:
+    return f.table.label == BLOCKS
+
+
+def block_steps(domu: str, peer: str, facts: list[DiskFacts], settings: Settings, *, waits=(), tokens=None) -> list[Step]:
+    """On PEER for the blocks-mode disks FACTS: their replicas checked (once WAITS are
+    reached), then for each disk the digests of its replica (``same`` when its write token is
+    still the one TOKENS {(peer, disk): token} kept here) and its changed blocks streamed into
+    `receive-blocks` (the first once the snapshots exist). The job's callbacks "digests" and
+    "blocks" judge them, its feed streams the snapshot (jobs/blocks.py)."""
+    steps = [check(peer, "block-replicas", waits=waits,
+                   note=f"the blocks-mode replica LVs on {peer} exist, are closed and as large as the origins")]
+    for i, f in enumerate(facts):
+        target, size = cmd.lv_path(f.lv.vg, f.lv.lv), f.lv.size
+        snap = cmd.lv_path(f.lv.vg, snapshot_name(settings, f.lv.lv))
+        token = (tokens or {}).get((peer, f.disk.target))
+        steps += [Step("digests", peer, cmd.block_digests(target, size, token), None, then="digests",
+                       timeout=24 * 3600, about=(f.disk.target,),
+                       note=f"{f.disk.target}: the digest of each block of {target}" + (
+                           ", or `same` if nothing wrote to it since the last run" if token else
+                           " (none kept here from an earlier run)")),
+                  Step("blocks", peer, cmd.receive_blocks(target, size), None, then="blocks", timeout=24 * 3600,
+                       waits=("snapshots",) if i == 0 else (), about=(f.disk.target,),
+                       note=f"{f.disk.target}: the changed blocks of {snap} -> {peer}:{target}")]
+    return steps
+
+
+def block_verify_steps(domu: str, facts: list[DiskFacts], settings: Settings, peers) -> list[Step]:
+    """`verify` of blocks-mode disks: each snapshot here and each replica on its peer read
+    whole (`block-digests` without a token: nothing kept is trusted), compared block by block
+    by the job's "compare" callback; nothing is written."""
+    steps = []
+    for i, f in enumerate(facts):
+        snap = cmd.lv_path(f.lv.vg, snapshot_name(settings, f.lv.lv))
+        steps.append(Step("digests", LOCAL, cmd.block_digests(snap, f.lv.size, None), None, then="compare",
+                          timeout=24 * 3600, waits=("snapshots",) if i == 0 else (), about=(f.disk.target,),
+                          note=f"{f.disk.target}: the digest of each block of {snap}"))
+    for peer in peers:
+        steps.append(check(peer, "block-replicas", waits=("checked",),
+                           note=f"the blocks-mode replica LVs on {peer} exist, are closed and as large as the origins"))
+        steps += [Step("digests", peer, cmd.block_digests(cmd.lv_path(f.lv.vg, f.lv.lv), f.lv.size, None), None,
+                       then="compare", timeout=24 * 3600, about=(f.disk.target,),
+                       note=f"{f.disk.target}: the digest of each block of {cmd.lv_path(f.lv.vg, f.lv.lv)}")
+                  for f in facts]
+    return steps
+
+
 def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tuple[str, ...], *,
                 mounts: list[Mount] | None = None, skipped: list[str] = (), progress=False,
-                verify=False, frozen=False, fstab: str | None | bool = False) -> Plan:
+                verify=False, frozen=False, fstab: str | None | bool = False, tokens=None) -> Plan:
     """The whole backup (or verify) as lanes: this host's (LOCAL) and each peer's.
     Without `mounts` (and without config mounts) the plan mounts the root candidate and its
     "inspect" step reads the guest's /etc/fstab: a decision, whose steps (the other mounts on
     both hosts, the transfers) follow at run time (`after_fstab`). Given ``fstab`` (its text,
-    or MISSING) the plan holds them too: the plan as the run decided it."""
+    or MISSING) the plan holds them too: the plan as the run decided it. The disks of FACTS
+    in blocks mode (a mixed DomU) are snapshotted with the others, and copied by block_steps
+    in each peer's lane (TOKENS: theirs)."""
+    blocks = [f for f in facts if is_blocks(f)]
     plan = Plan(domu, skipped=[*skipped, *(f"{fs.name}: {fs.skip_reason}" for f in facts for fs in f.filesystems
                                            if fs.skip_reason)])
     if not mountable(facts):
@@ -173,7 +226,11 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
     replicas = [(f.lv.vg, f.lv.lv) for f in facts]
     lanes = [s for peer in peers for s in (peer_checks(domu, peer, waits=waits, frozen=frozen)
                                            + ([] if verify else [pts.mark_writing(domu, peer, replicas)])
-                                           + map_steps(facts, settings, peer, snapshot=False))]
+                                           + map_steps(facts, settings, peer, snapshot=False)
+                                           + (block_steps(domu, peer, blocks, settings, waits=waits, tokens=tokens)
+                                              if blocks and not verify else []))]
+    if blocks and verify:
+        lanes += block_verify_steps(domu, blocks, settings, peers)
     if not verify:
         plan.after = after_ok(domu, settings, peers, replicas)
     if mounts is None and settings.mounts:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import astuple
+from dataclasses import astuple, replace
 
 from ..core import commands as cmd, layout, parsers, plan as planner, points as pts, rsyncout
 from ..hosts import virt
@@ -23,16 +23,21 @@ log = logging.getLogger("domubackup")
 
 
 def make_plan(config, insp, *, progress=False, verify=False, frozen=False) -> planner.Plan:
+    """The plan of a backup (or verify) of INSP's DomU: every disk in blocks mode (blocks.py),
+    or files mode with any blocks-mode disks beside (planner.plan_backup); the notes say each
+    disk's mode and why."""
     settings = config.settings_for(insp.domain.name)
-    if settings.mode == "blocks":
+    tokens = {key: token for key, (token, _) in insp.digests.items()}
+    if all(planner.is_blocks(f) for f in insp.facts):
         from .blocks import plan_blocks, plan_blocks_verify
 
-        if verify:
-            return plan_blocks_verify(insp.domain.name, insp.facts, settings, insp.peers)
-        return plan_blocks(insp.domain.name, insp.facts, settings, insp.peers, frozen=frozen,
-                           tokens={key: token for key, (token, _) in insp.digests.items()})
-    return planner.plan_backup(insp.domain.name, insp.facts, settings, insp.peers,
-                               skipped=insp.skipped, progress=progress, verify=verify, frozen=frozen)
+        plan = (plan_blocks_verify(insp.domain.name, insp.facts, settings, insp.peers) if verify else
+                plan_blocks(insp.domain.name, insp.facts, settings, insp.peers, frozen=frozen, tokens=tokens))
+    else:
+        plan = planner.plan_backup(insp.domain.name, insp.facts, settings, insp.peers, skipped=insp.skipped,
+                                   progress=progress, verify=verify, frozen=frozen, tokens=tokens)
+    plan.notes += [f"{disk}: mode {mode} ({why})" for disk, (mode, why) in sorted(insp.modes.items())]
+    return plan
 
 
 def make_freeze(settings, domu, conn, local):
@@ -76,10 +81,11 @@ class Backup:
         settings, domu, out = self.settings, self.domu, self.out
         plan = make_plan(self.config, self.insp, progress=self.progress is not None, verify=self.verify,
                          frozen=self.freeze is not None)
-        if settings.mode == "blocks":
-            from .blocks import Blocks
+        from .blocks import Blocks
 
-            return Blocks(self).run(plan)
+        blocks = Blocks(self) if any(planner.is_blocks(f) for f in self.facts) else None
+        if blocks is not None and all(planner.is_blocks(f) for f in self.facts):
+            return blocks.run(plan)
         self.mounts = plan.mounts
         self.journal = Journal.create(self.config.state_dir, domu, ",".join(self.insp.peers))
         snaps = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in self.facts]
@@ -90,10 +96,12 @@ class Backup:
                               "no-stale": lambda s: check_no_stale(self.insp, settings, self.runners[LOCAL], domu),
                               "snapshot": self._check_snapshot, "peer-state": self.job.check_peer_state,
                               "replicas": lambda s: check_replica_maps(self.job, s),
-                              "room": lambda s: check_room(ex.space, self.mounts, settings, domu, self.insp.peers)},
+                              "room": lambda s: check_room(ex.space, self.mounts, settings, domu, self.insp.peers),
+                              **(blocks.checks() if blocks else {})},  # a mixed DomU: its blocks-mode disks'
                       callbacks={"fstab": self._decide_fstab, "transfer": self._transferred,
-                                 "point-size": lambda s, r: self._size_points(ex, s, r)},
-                      freeze=self.freeze, on_output=self._display, on_mark={"snapshots": lambda: self._snapshots(ex)})
+                                 "point-size": lambda s, r: self._size_points(ex, s, r),
+                                 **(blocks.callbacks() if blocks else {})},
+                      feed=blocks.feed if blocks else None, freeze=self.freeze, on_output=self._display, on_mark={"snapshots": lambda: self._snapshots(ex)})
         if self.mounts is not None:
             self._tell_unplaced()
         with ex.closing():
@@ -107,6 +115,9 @@ class Backup:
                 self.watch.stop()
                 if self._meter is not None:  # a transfer that failed
                     self._meter.close()
+            if blocks is not None:
+                self.stats = replace(self.stats, total_size=self.stats.total_size + sum(
+                    f.lv.size for f in self.facts if planner.is_blocks(f)), bytes_sent=self.stats.bytes_sent + blocks.sent)
             self._judge()
         if plan.after and out.status == "OK":
             self._point(plan.after)
@@ -260,7 +271,7 @@ class Backup:
 def check_replica_maps(job, step) -> None:
     """Check step "replicas": the replica LVs on the step's peer match, and can be mapped."""
     runner = job.runners[step.host]
-    for f in check_replicas(job.domu, job.insp.facts, step.host, runner):
+    for f in check_replicas(job.domu, [f for f in job.insp.facts if not planner.is_blocks(f)], step.host, runner):
         if planner.mapped(f):
             check_mappable(runner, f, cmd.lv_path(f.lv.vg, f.lv.lv), cmd.dm_name(f.lv.vg, f.lv.lv),
                            job.settings.kpartx_separator)

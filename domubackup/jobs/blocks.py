@@ -20,7 +20,7 @@ import time
 
 from ..core import commands as cmd, parsers, plan as planner, points as pts
 from ..core.errors import CommandError, DomuBackupError, PeerError, SnapshotError
-from ..core.model import LOCAL, DiskFacts, PartitionTable, RsyncStats, Step
+from ..core.model import LOCAL, DiskFacts, PartitionTable, RsyncStats
 from ..hosts.blockcopy import CHUNK, BlockStream, cache_path, drop_digests, load_digests, save_digests
 from ..hosts.journal import Journal
 from .checks import SnapshotWatch, check_no_stale, check_vg_space
@@ -30,7 +30,7 @@ log = logging.getLogger("domubackup")
 
 def blocks_facts(disk, lv) -> DiskFacts:
     """A disk in blocks mode: its LV, nothing read of what is on it."""
-    return DiskFacts(disk=disk, lv=lv, table=PartitionTable(label="blocks", size=lv.size, partitions=()))
+    return DiskFacts(disk=disk, lv=lv, table=PartitionTable(label=planner.BLOCKS, size=lv.size, partitions=()))
 
 
 def kept_digests(state_dir: str, domu: str, facts, peers) -> dict:
@@ -60,58 +60,30 @@ def keep_digests(state_dir: str, domu: str, peer: str, f, received: str, stream)
 
 
 def plan_blocks(domu: str, facts, settings, peers, *, frozen=False, tokens=None) -> planner.Plan:
-    """TOKENS: {(peer, disk): the write token kept with that replica's digests here}."""
-    tokens = tokens or {}
+    """Every disk in blocks mode. TOKENS: {(peer, disk): the write token kept with that replica's
+    digests here}."""
     plan = planner.Plan(domu, notes=["mode blocks: each disk is copied as its changed 4 MiB blocks; nothing of "
                                      "the guest is mapped or mounted on either host"])
-    local = planner.snapshots_checked(facts, settings)
     waits = ("snapshots",) if frozen else ("checked",)
     replicas = [(f.lv.vg, f.lv.lv) for f in facts]
     lanes = []
     for peer in peers:
+        check, *copies = planner.block_steps(domu, peer, facts, settings, waits=waits, tokens=tokens)
         lanes += [planner.check(peer, "peer-state", note=f"{domu} is not running on {peer}",
                                 waits=waits if frozen else ()),
-                  planner.check(peer, "block-replicas", waits=waits,
-                                note=f"the replica LVs on {peer} exist, are closed and as large as the origins"),
-                  pts.mark_writing(domu, peer, replicas)]
-        for i, f in enumerate(facts):
-            target, size = cmd.lv_path(f.lv.vg, f.lv.lv), f.lv.size
-            snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv))
-            token = tokens.get((peer, f.disk.target))
-            lanes += [Step("digests", peer, cmd.block_digests(target, size, token), None, then="digests",
-                           timeout=24 * 3600, about=(f.disk.target,),
-                           note=f"{f.disk.target}: the digest of each block of {target}" + (
-                               ", or `same` if nothing wrote to it since the last run" if token else
-                               " (none kept here from an earlier run)")),
-                      Step("blocks", peer, cmd.receive_blocks(target, size), None, then="blocks", timeout=24 * 3600,
-                           waits=("snapshots",) if i == 0 else (), about=(f.disk.target,),
-                           note=f"{f.disk.target}: the changed blocks of {snap} -> {peer}:{target}")]
+                  check, pts.mark_writing(domu, peer, replicas), *copies]
     plan.after = planner.after_ok(domu, settings, peers, replicas)
-    plan.steps = local + lanes
+    plan.steps = planner.snapshots_checked(facts, settings) + lanes
     return plan
 
 
 def plan_blocks_verify(domu: str, facts, settings, peers) -> planner.Plan:
-    """`verify` in blocks mode: each replica read whole on its peer and each snapshot here
-    (`block-digests` without a token: nothing kept is trusted), their digests compared block
-    by block (the "compare" callback); nothing is written on either host."""
+    """`verify` with every disk in blocks mode (planner.block_verify_steps)."""
     plan = planner.Plan(domu, notes=["mode blocks: the digest of every 4 MiB block of each replica is compared "
                                      "with its snapshot's; nothing is written"])
-    local = planner.snapshots_checked(facts, settings)
-    for i, f in enumerate(facts):
-        snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv))
-        local.append(Step("digests", LOCAL, cmd.block_digests(snap, f.lv.size, None), None, then="compare",
-                          timeout=24 * 3600, waits=("snapshots",) if i == 0 else (), about=(f.disk.target,),
-                          note=f"{f.disk.target}: the digest of each block of {snap}"))
-    for peer in peers:
-        local += [planner.check(peer, "peer-state", note=f"{domu} is not running on {peer}"),
-                  planner.check(peer, "block-replicas", waits=("checked",),
-                                note=f"the replica LVs on {peer} exist, are closed and as large as the origins")]
-        local += [Step("digests", peer, cmd.block_digests(cmd.lv_path(f.lv.vg, f.lv.lv), f.lv.size, None), None,
-                       then="compare", timeout=24 * 3600, about=(f.disk.target,),
-                       note=f"{f.disk.target}: the digest of each block of {cmd.lv_path(f.lv.vg, f.lv.lv)}")
-                  for f in facts]
-    plan.steps = local
+    plan.steps = planner.snapshots_checked(facts, settings) + [
+        s for peer in peers for s in [planner.check(peer, "peer-state", note=f"{domu} is not running on {peer}")]
+    ] + planner.block_verify_steps(domu, facts, settings, peers)
     return plan
 
 
@@ -155,13 +127,11 @@ class Blocks:
         b.journal = Journal.create(job.config.state_dir, self.domu, ",".join(job.insp.peers))
         snaps = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in job.insp.facts]
         b.watch = SnapshotWatch(job.runners[LOCAL], snaps, settings, on_abort=getattr(job.runners[LOCAL], "cancel", None))
-        ex = Executor(b.journal, job.runners, timeout=settings.command_timeout, feed=self._feed,
+        ex = Executor(b.journal, job.runners, timeout=settings.command_timeout, feed=self.feed,
                       checks={"vg-space": lambda s: check_vg_space(job.insp.facts, settings),
                               "no-stale": lambda s: check_no_stale(job.insp, settings, job.runners[LOCAL], self.domu),
-                              "peer-state": job.check_peer_state,
-                              "block-replicas": lambda s: check_block_replicas(
-                                  self.domu, job.insp.facts, s.host, job.runners[s.host])},
-                      callbacks={"digests": self._digested, "blocks": self._received, "compare": self._compare},
+                              "peer-state": job.check_peer_state, **self.checks()},
+                      callbacks=self.callbacks(),
                       freeze=b.freeze, on_mark={"snapshots": lambda: b._snapshots(ex)})
         with ex.closing():
             try:
@@ -183,6 +153,14 @@ class Blocks:
         b.out.status, b.out.exit_code = "OK", 0
         if plan.after:
             b._point(plan.after)
+
+    def checks(self) -> dict:
+        """The executor's checks of the blocks-mode disks (also those of a mixed DomU's run)."""
+        facts = [f for f in self.job.insp.facts if planner.is_blocks(f)]
+        return {"block-replicas": lambda s: check_block_replicas(self.domu, facts, s.host, self.job.runners[s.host])}
+
+    def callbacks(self) -> dict:
+        return {"digests": self._digested, "blocks": self._received, "compare": self._compare}
 
     def _fact(self, disk):
         return next(f for f in self.job.insp.facts if f.disk.target == disk)
@@ -223,7 +201,7 @@ class Blocks:
             self.job.out.report.append(f"{disk}: {len(ours) - len(bad)} of {len(ours)} blocks of 4 MiB equal on "
                                        f"{peer}")
 
-    def _feed(self, step):
+    def feed(self, step):
         if step.phase != "blocks":
             return None
         f = self._fact(step.about[0])

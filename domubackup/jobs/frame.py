@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 
 from ..hosts import virt
 from ..core.config import Config, check_domu_name
-from ..core.errors import (EXIT_BUSY, EXIT_FAILED, EXIT_NOT_ELIGIBLE, CommandError, DomuBackupError, NotEligibleError,
-                     NotHereError)
+from ..core.errors import (EXIT_BUSY, EXIT_FAILED, EXIT_NOT_ELIGIBLE, CommandError, DomuBackupError, InspectError,
+                           NotEligibleError, NotHereError)
+from ..core.layout import blocks_reason
+from ..core.plan import is_blocks
 from ..hosts.facts import disk_lv, list_lvs, probe_disk
 from ..hosts.journal import Journal
 from ..hosts.lock import DomuLock
@@ -35,6 +37,7 @@ class Inspection:
     peers: tuple[str, ...]
     lvs: list | None = None  # every LV of the disks' VGs (list_lvs), None when not known
     digests: dict = field(default_factory=dict)  # blocks mode: {(peer, disk): (token, digests)} kept here
+    modes: dict = field(default_factory=dict)  # {disk: (files or blocks, why)}
 
 
 def check_host(config: Config) -> None:
@@ -60,17 +63,39 @@ def inspect(config: Config, name: str, conn, runner, on_eligible=None) -> Inspec
     skipped = [f"{d.target}: {d.skip_reason}" for d in domain.disks if d.skip_reason]
     disks = sorted((d for d in domain.disks if d.skip_reason is None), key=lambda d: d.target)
     lvs = list_lvs(runner, [d.source for d in disks])
-    kept = {}
-    if settings.mode == "blocks":  # nothing on the disks is read: only their LVs
-        from .blocks import blocks_facts, kept_digests
-
-        facts = [blocks_facts(d, disk_lv(runner, d, d.source, lvs)) for d in disks]
-        kept = kept_digests(config.state_dir, name, facts, peers)
-    else:
-        facts = [probe_disk(runner, d, lvs=lvs) for d in disks]
+    facts, modes = [], {}
+    for d in disks:
+        f, modes[d.target] = disk_facts(runner, d, lvs, settings.mode_of(d.target))
+        facts.append(f)
     if not facts:
         raise NotEligibleError(f"{name}: no disk that can be backed up", hint="; ".join(skipped) or None)
-    return Inspection(domain, facts, skipped, peers, lvs, kept)
+    from .blocks import kept_digests
+
+    kept = kept_digests(config.state_dir, name, [f for f in facts if is_blocks(f)], peers)
+    return Inspection(domain, facts, skipped, peers, lvs, kept, modes)
+
+
+def disk_facts(runner, d, lvs, mode: str):
+    """(facts, (mode, why)) of disk D configured with MODE (files, blocks, auto). In blocks mode
+    nothing on the disk is read, only its LV; `auto` probes its layout (as files mode does)
+    and takes blocks where files mode would leave data out (layout.blocks_reason) or cannot
+    read the layout."""
+    from .blocks import blocks_facts
+
+    lv = disk_lv(runner, d, d.source, lvs)  # not an LV, a snapshot, being restored: an error in every mode
+    if mode == "blocks":
+        return blocks_facts(d, lv), ("blocks", "configured")
+    try:
+        f = probe_disk(runner, d, lvs=lvs)
+    except (InspectError, CommandError) as e:
+        if mode == "files":
+            raise
+        return blocks_facts(d, lv), ("blocks", f"auto: its layout could not be read: {e}")
+    why = blocks_reason(f) if mode == "auto" else None
+    if why:
+        return blocks_facts(d, lv), ("blocks", f"auto: {why}")
+    return f, ("files", "configured" if mode == "files" else
+               "auto: every partition holding data has a filesystem the tool mounts")
 
 
 @dataclass

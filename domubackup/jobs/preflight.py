@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from ..core import commands as cmd
+from ..core.plan import is_blocks
 from . import frame as jobs
 from ..hosts import virt
 from ..hosts.catalog import Catalog
@@ -120,16 +121,18 @@ def domu_checks(config, names, conn, local, factory, peers_seen, night) -> list[
                 if ok.ok:
                     checks.append(_try(f"tools on {peer}", lambda: tools_present(runner, PEER_TOOLS)))
             runner = peers_seen[peer]
-            if settings.mode == "blocks":
+            blocks = [f for f in insp.facts if is_blocks(f)]
+            files = [f for f in insp.facts if not is_blocks(f)]
+            if blocks:
                 from .blocks import check_block_replicas
 
                 checks.append(_try(f"{name}: replica on {peer} (not running there, LVs present)",
                                    lambda: (check_peer_state(name, settings, peer, runner),
-                                            check_block_replicas(name, insp.facts, peer, runner))[1]))
-                continue
-            checks.append(_try(f"{name}: replica on {peer} (not running there, LVs present, same layout)",
-                               lambda: (check_peer_state(name, settings, peer, runner),
-                                        check_replicas(name, insp.facts, peer, runner)) and "matches"))
+                                            check_block_replicas(name, blocks, peer, runner))[1]))
+            if files:
+                checks.append(_try(f"{name}: replica on {peer} (not running there, LVs present, same layout)",
+                                   lambda: (check_peer_state(name, settings, peer, runner),
+                                            check_replicas(name, files, peer, runner)) and "matches"))
     return checks
 
 

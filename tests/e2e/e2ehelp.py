@@ -66,12 +66,12 @@ def kill9(lab, pid, vm="dom0a"):
 
 
 @contextmanager
-def extra_domu(lab, name, uuid, disks, *, unmap="", setup="", teardown="", runs_on="dom0a", peers=True):
+def extra_domu(lab, name, uuid, disks, *, unmap="", setup="", teardown="", runs_on="dom0a", peers=True, keys=""):
     """The lab (reset) with one more DomU NAME on DISKS [(LV, target dev)]: running on RUNS_ON,
     shut off on the other, each Dom0 the other's peer (PEERS false: its config section names no
     peers: they are the dom0s but the host it runs on). Its LVs are removed before (a killed run of
     the module may have left them) and after, UNMAP first; SETUP and TEARDOWN (sh) run on both
-    VMs too. The caller creates the LVs."""
+    VMs too; KEYS (TOML lines) go into its config section. The caller creates the LVs."""
     import labvm
 
     dom = labvm.NODE_DOMAIN.format(name=name, uuid=uuid, state="{state}",
@@ -84,7 +84,8 @@ def extra_domu(lab, name, uuid, disks, *, unmap="", setup="", teardown="", runs_
                 state=labvm.RUNNING if vm == runs_on else labvm.SHUTOFF) + "</node>")
             labvm.push_files(vm, {"/etc/domubackup/lab-node.xml": (xml, 0o644)})
             peer = [v for v in lab.vms if v != vm][0]
-            section = f"\\n[domu.{name}]\\n" + (f"peers = [\"{peer}\"]\\n" if peers else "")
+            section = f"\\n[domu.{name}]\\n" + (f"peers = [\"{peer}\"]\\n" if peers else "") + \
+                "".join(f"{line}\\n" for line in keys.splitlines())
             lab.ssh(vm, f"printf '{section}' >> /etc/domubackup/domubackup.toml; {setup or ':'}")
             lab.ssh(vm, f"{unmap or ':'}; lvremove -q -f {lvs}", check=False)
         yield lab

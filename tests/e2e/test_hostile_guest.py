@@ -31,7 +31,8 @@ def guest(lab, script, srv=True):
 @pytest.fixture(scope="module")
 def evil(lab):
     with extra_domu(lab, "evil1", "6b1e7b3a-1f0e-4c59-9d5a-7a3c0e0b0666", [(DISK, "xvda")],
-                    setup=f"rm -rf {BAIT}; mkdir {BAIT}; echo dom0 > {BAIT}/keep", teardown=f"rm -rf {BAIT}"):
+                    setup=f"rm -rf {BAIT}; mkdir {BAIT}; echo dom0 > {BAIT}/keep", teardown=f"rm -rf {BAIT}",
+                    keys='mode = "files"'):  # files mode's defences (blocks mode mounts nothing)
         lab.ssh("dom0a", f"set -e; lvcreate -q -y -Zy -L 320M -n evil1-disk vg0; "
                          f"dd if=/dev/zero of={DISK} bs=1M count=320 status=none; "
                          f"parted -s {DISK} mklabel msdos mkpart primary ext4 1MiB 200MiB mkpart primary ext4 200MiB 319MiB; "

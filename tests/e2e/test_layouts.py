@@ -8,15 +8,18 @@
 Every file kind rsync must keep is in /home/zoo (ext4) and /var/lib/db/zoo (xfs). The origin's
 and the replica's manifests are compared tree by tree; the sparse file's cost is measured; a
 replica too small for its source fails before anything is written; a filesystem that cannot
-be copied makes the run PARTIAL. `lab leftovers` is clean after each test (autouse fixture)."""
+be copied makes a files-mode run PARTIAL, and `auto` copies that disk as blocks beside the
+files-mode one (a mixed DomU). `lab leftovers` is clean after each test (autouse fixture)."""
 
 import json
+import re
 from contextlib import contextmanager
 
 import pytest
 
-from e2ehelp import TOOL, domubackup, extra_domu
+from e2ehelp import TOOL, XXH, domubackup, extra_domu
 
+CONF = "/etc/domubackup/domubackup.toml"
 DISK, DATA = "/dev/vg0/gpt1-disk", "/dev/vg0/gpt1-data"
 D = "/dev/mapper/vg0-gpt1--diskp"
 H = "/dev/mapper/vg0-gpt1--datap"
@@ -160,11 +163,28 @@ def test_a_replica_too_small_fails_before_writing_then_partial(gpt1):
     replica = mounted(lab, "dom0b", "ls /mnt/guest/home /mnt/guest/opt", orphan=False).stdout
     assert "big.bin" not in replica and "new.txt" not in replica, replica  # nothing written, not even /opt
     lab.ssh("dom0b", f"set -e; kpartx -a -s -p p {DATA}; resize2fs -f {H}1 > /dev/null 2>&1; {UNMAP}")
-    # a filesystem that cannot be copied: the rest is, and the run says PARTIAL with the reason
+    # a filesystem that cannot be copied: in files mode the rest is, and the run says PARTIAL
+    # with the reason
     lab.ssh("dom0a", f"set -e; kpartx -a -s -p p {DATA}; mkfs.minix {H}6 > /dev/null; {UNMAP}")
+    lab.ssh("dom0a", f"sed -i '/^\\[domu.gpt1\\]/a mode = \"files\"' {CONF}")
     r = domubackup(lab, "run", "gpt1", timeout=1800)
     assert r.returncode == 5 and r.stdout.startswith("gpt1: PARTIAL in "), r.stdout + r.stderr
     assert "not copied: xvdb6: filesystem type 'minix' is not supported" in r.stdout, r.stdout
     assert "PARTIAL" in domubackup(lab, "history", "gpt1").stdout
     replica = mounted(lab, "dom0b", "ls /mnt/guest/home /mnt/guest/opt", orphan=False).stdout
     assert "big.bin" in replica and "new.txt" in replica, replica
+    # `auto` (the default) copies that disk as blocks and the other as files: a mixed DomU, OK
+    lab.ssh("dom0a", f"sed -i '/^mode = \"files\"$/d' {CONF}")
+    plan = domubackup(lab, "plan", "gpt1").stdout
+    assert "xvdb: mode blocks (auto: xvdb6 filesystem type 'minix' is not supported)" in plan, plan
+    assert "xvda: mode files (auto: every partition holding data has a filesystem the tool mounts)" in plan, plan
+    mounted(lab, "dom0a", "echo mixed > /mnt/guest/home/mixed.txt; echo mixed > /mnt/guest/srv/big/mixed.txt",
+            orphan=False)
+    r = domubackup(lab, "-v", "run", "gpt1", timeout=1800)
+    assert r.returncode == 0 and r.stdout.startswith("gpt1: OK in "), r.stdout + r.stderr
+    assert re.search(r"xvdb: the changed blocks of /dev/vg0/gpt1-data-snap -> dom0b:/dev/vg0/gpt1-data: \d+ of 50 "
+                     r"blocks of 4 MiB changed", r.stdout + r.stderr), r.stdout + r.stderr
+    assert [lab.ssh(vm, ["python3", "-c", XXH, DATA]).stdout for vm in lab.vms] == \
+        [lab.ssh("dom0a", ["python3", "-c", XXH, DATA]).stdout] * 2
+    replica = mounted(lab, "dom0b", "cat /mnt/guest/home/mixed.txt /mnt/guest/srv/big/mixed.txt", orphan=False).stdout
+    assert replica == "mixed\nmixed\n", replica

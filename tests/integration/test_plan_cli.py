@@ -152,15 +152,37 @@ def test_disk_that_is_a_snapshot(conf, fixtures, capsys):
     assert "xvda: /dev/vg0/web1-disk is itself an LVM snapshot (of web1-orig)" in err
 
 
-def test_guest_lvm_pv_refused(conf, fixtures, capsys):
+def test_guest_lvm_pv_refused_in_files_mode_and_copied_as_blocks_by_auto(conf, fixtures, capsys):
     table = web1_probes(fixtures)
     table[tuple(parsers.blkid_argv("/dev/vg0/web1-disk", 106954752, 417333248))] = (
         0, tool(fixtures, "blkid-lvm2-pv.txt"), "")
-    c, out, err = run(["-c", conf(), "plan", "web1"], ReplayRunner(table), capsys)
+    c, out, err = run(["-c", conf('mode = "files"\n'), "plan", "web1"], ReplayRunner(table), capsys)
     assert (c, err) == (0, "")
     assert "skipped: xvda5: holds a guest LVM physical volume: not copied, and its disk is not mapped" in out
     assert "skipped: xvda1: not copied: its disk is not mapped (xvda5 holds a guest LVM2_member)" in out
     assert "kpartx -a" not in out  # never mapped
+    assert "xvda: mode files (configured)" in out
+    # `auto` (the default): that disk as blocks, the other as files, in one plan
+    c, out, err = run(["-c", conf(), "plan", "web1"], ReplayRunner(table), capsys)
+    assert (c, err) == (0, "")
+    assert ("xvda: mode blocks (auto: xvda5 holds a guest LVM physical volume: not copied, and its disk is not "
+            "mapped") in out, out
+    assert "xvdb: mode files (auto: every partition holding data has a filesystem the tool mounts)" in out
+    assert "skipped: xvda" not in out and "kpartx -a" not in out
+    assert "domubackup block-digests /dev/vg0/web1-disk 1073741824 -" in out
+    assert "domubackup receive-blocks /dev/vg0/web1-disk 1073741824" in out
+    assert "block-digests /dev/vg0/web1-srv" not in out and "domubackup read-in -- /mnt/domubackup/source/web1 /etc/fstab" in out
+    assert "lvcreate --snapshot" in out and out.count("lvcreate --snapshot") == 2  # both disks, one freeze window
+    # files mode with nothing to mount on that disk: refused with the reason
+    c, out, err = run(["-c", conf('[domu.web1]\ndisk_modes = { xvdb = "blocks", xvda = "files" }\n'), "plan", "web1"],
+                      ReplayRunner(table), capsys)
+    assert c == 1 and "web1: no filesystem to copy on any disk" in err, out + err
+    # a disk configured as blocks beside one in files mode
+    c, out, err = run(["-c", conf('[domu.web1]\ndisk_modes = { xvdb = "blocks", xvda = "files" }\n'), "plan", "web1"],
+                      ReplayRunner(web1_probes(fixtures)), capsys)
+    assert c == 0 and "xvdb: mode blocks (configured)" in out and "xvda: mode files (configured)" in out, out + err
+    c, out, err = run(["-c", conf('disk_modes = { xvdb = "image" }\n'), "plan", "web1"], ReplayRunner(table), capsys)
+    assert c == 78 and "disk_modes.xvdb: expected 'files', 'blocks' or 'auto', got 'image'" in err, err
 
 
 def test_bad_config_exit_78_one_line(tmp_path, capsys):

@@ -361,3 +361,38 @@ def test_blocks_verify_reads_every_block_on_both_ends_and_writes_nothing():
     # nothing but the snapshots is made, nothing is marked or written on the peer
     assert [s.argv[0] for s in plan.steps if s.argv and s.phase != "digests"] == ["lvcreate", "lvcreate"]
     assert not plan.after
+
+
+def test_auto_takes_blocks_where_files_mode_would_leave_data_out():
+    from dataclasses import replace
+    from domubackup.core.layout import NO_FS_SKIP, blocks_reason
+    disk, srv = web1_facts()
+    assert blocks_reason(disk) is None and blocks_reason(srv) is None  # ext4, xfs, swap: all copied
+    # a partition without a filesystem: raw data unless it is tiny or flagged bios_grub
+    t = replace(disk.table, partitions=disk.table.partitions + (Partition(7, 868 * MiB, 968 * MiB - 1, 100 * MiB, ""),))
+    raw = Filesystem("xvda", 7, "", skip_reason=NO_FS_SKIP)
+    assert blocks_reason(replace(disk, table=t, filesystems=disk.filesystems + (raw,))) == \
+        "xvda7 has no filesystem signature (it may hold raw data)"
+    for p in (Partition(7, 868 * MiB, 869 * MiB - 1, MiB, ""), Partition(7, 868 * MiB, 968 * MiB - 1, 100 * MiB, "",
+                                                                       flags=("bios_grub",))):
+        t = replace(disk.table, partitions=disk.table.partitions + (p,))
+        assert blocks_reason(replace(disk, table=t, filesystems=disk.filesystems + (raw,))) is None
+    # an unsupported filesystem; a guest PV (named before what it leaves unmapped); nothing at all
+    minix = classify(Filesystem("xvda", 7, "minix"))
+    assert blocks_reason(replace(disk, filesystems=disk.filesystems + (minix,))) == \
+        "xvda7 filesystem type 'minix' is not supported"
+    from domubackup.core.layout import unmappable
+    pv = unmappable([ROOT, VAR, classify(Filesystem("xvda", 7, "LVM2_member"))])
+    assert blocks_reason(replace(disk, filesystems=tuple(pv))).startswith("xvda7 holds a guest LVM physical volume")
+    assert blocks_reason(replace(srv, filesystems=())) == "no filesystem found on the disk"
+    assert blocks_reason(replace(disk, filesystems=(SWAP,))) is None  # swap only: nothing to lose
+
+
+def test_disk_modes_in_the_config():
+    c = settings('mode = "blocks"\n[domu.web1]\ndisk_modes = { xvdb = "files" }\n')
+    assert c.settings_for("web1").mode_of("xvdb") == "files" and c.settings_for("web1").mode_of("xvda") == "blocks"
+    assert settings().settings_for("web1").mode_of("xvda") == "auto"  # the default
+    with pytest.raises(Exception, match="mode: expected 'files', 'blocks' or 'auto', got 'image'"):
+        settings('mode = "image"\n')
+    with pytest.raises(Exception, match='disk_modes: expected a table like'):
+        settings('disk_modes = ["xvda"]\n')
