@@ -93,3 +93,33 @@ def test_blocks_mode_sends_the_changed_blocks_and_survives_a_kill(fresh):
     for vm in ("dom0a", "dom0b"):
         names = {line.split()[0] for line in lab.ssh(vm, ["dmsetup", "ls"]).stdout.splitlines() if line.strip()}
         assert {n for n in names if "web1" in n} == {"vg0-web1--disk", "vg0-web1--srv"}, (vm, names)
+
+    # `auto` on a disk the Dom0 must never open: a guest PV of a VG named like the Dom0's own
+    # vg0 in a partition, a LUKS partition, a minix filesystem. It goes blocks; no guest VG,
+    # PV or mapping appears on either host, and the replica equals the origin.
+    srv, p = "/dev/vg0/web1-srv", "/dev/mapper/vg0-web1--srvp"
+    unmap = f"udevadm settle; kpartx -d -p p {srv} || {{ sleep 1; udevadm settle; kpartx -d -p p {srv}; }}"
+    lvm = ("C='devices { dir=\"/tmp/lvd\" scan=[\"/tmp/lvd\"] use_devicesfile=0 obtain_device_list_from_udev=0 }'; "
+           "pvcreate -q -ff -y --devices /tmp/lvd/pv --config \"$C\" /tmp/lvd/pv; "
+           "vgcreate -q --devices /tmp/lvd/pv --config \"$C\" vg0 /tmp/lvd/pv; ")
+    lab.ssh("dom0a", f"set -e; parted -s {srv} mklabel msdos mkpart primary 1MiB 400MiB mkpart primary 400MiB 600MiB "
+                     f"mkpart primary 600MiB 800MiB; kpartx -a -s -p p {srv}; mkdir -p /tmp/lvd; rm -f /tmp/lvd/pv; "
+                     f"set -- $(stat -L -c '%t %T' {p}1); mknod /tmp/lvd/pv b $((0x$1)) $((0x$2)); {lvm}"
+                     f"printf 'LUKS\\272\\276\\000\\001aes' | dd of={p}2 conv=notrunc,fsync status=none; "
+                     f"mkfs.minix {p}3 > /dev/null; blkid -p -s TYPE -o value {p}1 {p}2 {p}3 > /tmp/types; {unmap}")
+    assert lab.ssh("dom0a", "cat /tmp/types").stdout.split() == ["LVM2_member", "crypto_LUKS", "minix"]
+    lab.ssh("dom0a", f"sed -i '/^mode = \"blocks\"$/d' {CONF}; "
+                     f"sed -i '/^\\[domu.web1\\]/a disk_modes = {{ xvda = \"blocks\" }}' {CONF}")
+    plan = domubackup(lab, "plan", "web1").stdout
+    assert "xvdb: mode blocks (auto: xvdb1 holds a guest LVM physical volume" in plan, plan
+    assert "xvda: mode blocks (configured)" in plan and "kpartx" not in plan, plan
+    state = {vm: lab.ssh(vm, "pvs --noheadings -o pv_name,vg_name; vgs --noheadings -o vg_name; dmsetup ls | sort")
+             .stdout for vm in lab.vms}
+    r = domubackup(lab, "-v", "run", "web1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert changed(r.stdout + r.stderr, "xvdb", "kept here")[0] >= 1
+    same_disks(lab)
+    for vm in lab.vms:
+        assert lab.ssh(vm, "pvs --noheadings -o pv_name,vg_name; vgs --noheadings -o vg_name; dmsetup ls | sort"
+                       ).stdout == state[vm], vm
+    assert lab.ssh("dom0b", ["vgs", "--noheadings", "-o", "vg_name"]).stdout.split() == ["vg0"]

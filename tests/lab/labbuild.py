@@ -29,6 +29,7 @@ GUEST_PACKAGES = [
     "python3-cffi-backend",  # debootstrap does not resolve the virtual cffi-backend-api deps
     "thin-provisioning-tools",  # thin pools: thin replicas and their restore points, thin_delta
     "python3-xxhash",  # the blocks mode's block hash
+    "xxhash",  # xxh128sum: the baseline of tests/bench/bench_blocks.py
     "iproute2", "zstd",
 ]
 
