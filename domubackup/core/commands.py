@@ -26,6 +26,21 @@ def lvcreate_snapshot(vg: str, lv: str, snap: str, size: str) -> tuple[str, ...]
     return ("lvcreate", "--snapshot", sizing, size, "--name", snap, lv_path(vg, lv))
 
 
+def lvcreate_thin_snapshot(vg: str, lv: str, snap: str) -> tuple[str, ...]:
+    """A thin snapshot of thin LV (no size: it shares the pool), active at once (-kn)."""
+    return ("lvcreate", "--snapshot", "--setactivationskip", "n", "--name", snap, lv_path(vg, lv))
+
+
+def thin_delta(base: str, snap: str) -> tuple[str, ...]:
+    """The byte ranges where thin snapshot SNAP differs from thin snapshot BASE (hosts/thin.py)."""
+    return (HELPER, "thin-delta", base, snap)
+
+
+def thin_base(snap: str, base: str) -> tuple[str, ...]:
+    """BASE becomes a thin snapshot of SNAP (replacing the one there); prints its generation."""
+    return (HELPER, "thin-base", snap, base)
+
+
 def lvremove(vg: str, lv: str) -> tuple[str, ...]:
     return ("lvremove", "-f", lv_path(vg, lv))
 

@@ -52,6 +52,11 @@ class LogicalVolume:
     def is_open(self) -> bool:
         return len(self.attr) > 5 and self.attr[5] == "o"
 
+    @property
+    def is_thin(self) -> bool:
+        """A thin volume (of a thin pool; thin snapshots included)."""
+        return self.attr[:1] == "V"
+
 
 @dataclass(frozen=True)
 class Partition:

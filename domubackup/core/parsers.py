@@ -436,3 +436,20 @@ def parse_digests(text: str, blocks: int) -> list[bytes] | None:
     if len(lines) != blocks:
         raise ValueError(f"{len(lines)} block digests, {blocks} expected")
     return [bytes.fromhex(line) for line in lines]
+
+
+def parse_thin_delta(xml: str) -> list[tuple[int, int]]:
+    """`thin_delta` output (thin-provisioning-tools 0.9): the (offset, length) in bytes of
+    every range where the two thin devices differ (`different`, `left_only`, `right_only`;
+    `same` is left out). ValueError when it is not that XML."""
+    from lxml import etree
+
+    try:
+        root = etree.fromstring(xml.encode())
+    except etree.XMLSyntaxError as e:
+        raise ValueError(f"not thin_delta's XML: {e}") from None
+    if root.tag != "superblock" or root.find("diff") is None:
+        raise ValueError("not thin_delta's XML: no <superblock><diff>")
+    unit = int(root.get("data_block_size")) * 512  # sectors per data block
+    return [(int(r.get("begin")) * unit, int(r.get("length")) * unit)
+            for r in root.find("diff") if r.tag in ("different", "left_only", "right_only")]

@@ -43,10 +43,13 @@ def snapshot_name(settings: Settings, lv: str) -> str:
 
 
 def snapshot_steps(facts: list[DiskFacts], settings: Settings) -> list[Step]:
-    return [Step("snapshot", LOCAL, cmd.lvcreate_snapshot(f.lv.vg, f.lv.lv, snapshot_name(settings, f.lv.lv),
-                                                          settings.snapshot_size),
+    """A thick snapshot of each disk; of a thin disk in blocks mode a thin one (thin_steps)."""
+    return [Step("snapshot", LOCAL, cmd.lvcreate_thin_snapshot(f.lv.vg, f.lv.lv, snapshot_name(settings, f.lv.lv))
+                 if thin_blocks(f) else cmd.lvcreate_snapshot(f.lv.vg, f.lv.lv, snapshot_name(settings, f.lv.lv),
+                                                              settings.snapshot_size),
                  cmd.lvremove(f.lv.vg, snapshot_name(settings, f.lv.lv)),
-                 note=f"{f.disk.target}: snapshot of {f.lv.path or f.lv.lv}") for f in facts]
+                 note=f"{f.disk.target}: {'thin ' if thin_blocks(f) else ''}snapshot of {f.lv.path or f.lv.lv}")
+            for f in facts]
 
 
 def _lv_name(f: DiskFacts, settings: Settings, snapshot: bool) -> str:
@@ -157,12 +160,44 @@ def is_blocks(f: DiskFacts) -> bool:
     return f.table.label == BLOCKS
 
 
-def block_steps(domu: str, peer: str, facts: list[DiskFacts], settings: Settings, *, waits=(), tokens=None) -> list[Step]:
+def thin_blocks(f: DiskFacts) -> bool:
+    """A thin disk in blocks mode: thin snapshots, and thin_delta against a kept base."""
+    return is_blocks(f) and f.lv.is_thin
+
+
+def base_name(lv: str) -> str:
+    """The thin snapshot of a thin disk kept from its last OK blocks-mode run (hosts/thin.py)."""
+    return f"{lv}.dbkbase"
+
+
+def thin_steps(facts: list[DiskFacts], settings: Settings, peers, bases) -> list[Step]:
+    """This host's steps for the thin disks of FACTS in blocks mode: with a base (BASES: {disk:
+    its generation}, known to match the digests kept for a replica) `thin-delta` tells the
+    ranges that changed since it (the "delta" callback: only those blocks are read); once
+    every peer received the disk, `thin-base` makes this run's snapshot the next base."""
+    steps = []
+    for f in facts:
+        if not thin_blocks(f):
+            continue
+        disk, snap, base = f.disk.target, f"{f.lv.vg}/{snapshot_name(settings, f.lv.lv)}", f"{f.lv.vg}/{base_name(f.lv.lv)}"
+        if disk in (bases or {}):
+            steps.append(Step("delta", LOCAL, cmd.thin_delta(base, snap), None, then="delta", waits=("snapshots",),
+                              mark=f"delta:{disk}", about=(disk,),
+                              note=f"{disk}: the ranges of {snap} that differ from the base {base} (thin_delta)"))
+        steps.append(Step("base", LOCAL, cmd.thin_base(snap, base), None, then="based", about=(disk,),
+                          waits=tuple(f"sent:{disk}:{p}" for p in peers),
+                          note=f"{disk}: {base} becomes a thin snapshot of {snap}, the base of the next run"))
+    return steps
+
+
+def block_steps(domu: str, peer: str, facts: list[DiskFacts], settings: Settings, *, waits=(), tokens=None,
+                bases=None) -> list[Step]:
     """On PEER for the blocks-mode disks FACTS: their replicas checked (once WAITS are
     reached), then for each disk the digests of its replica (``same`` when its write token is
     still the one TOKENS {(peer, disk): token} kept here) and its changed blocks streamed into
-    `receive-blocks` (the first once the snapshots exist). The job's callbacks "digests" and
-    "blocks" judge them, its feed streams the snapshot (jobs/blocks.py)."""
+    `receive-blocks` (the first once the snapshots exist; a thin disk's once thin_steps' delta
+    is known). The job's callbacks "digests" and "blocks" judge them, its feed streams the
+    snapshot (jobs/blocks.py)."""
     steps = [check(peer, "block-replicas", waits=waits,
                    note=f"the blocks-mode replica LVs on {peer} exist, are closed and as large as the origins")]
     for i, f in enumerate(facts):
@@ -175,7 +210,9 @@ def block_steps(domu: str, peer: str, facts: list[DiskFacts], settings: Settings
                            ", or `same` if nothing wrote to it since the last run" if token else
                            " (none kept here from an earlier run)")),
                   Step("blocks", peer, cmd.receive_blocks(target, size), None, then="blocks", timeout=24 * 3600,
-                       waits=("snapshots",) if i == 0 else (), about=(f.disk.target,),
+                       waits=(("snapshots",) if i == 0 else ()) + ((f"delta:{f.disk.target}",)
+                                                                   if f.disk.target in (bases or {}) else ()),
+                       mark=f"sent:{f.disk.target}:{peer}" if thin_blocks(f) else "", about=(f.disk.target,),
                        note=f"{f.disk.target}: the changed blocks of {snap} -> {peer}:{target}")]
     return steps
 
@@ -202,7 +239,7 @@ def block_verify_steps(domu: str, facts: list[DiskFacts], settings: Settings, pe
 
 def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tuple[str, ...], *,
                 mounts: list[Mount] | None = None, skipped: list[str] = (), progress=False,
-                verify=False, frozen=False, fstab: str | None | bool = False, tokens=None) -> Plan:
+                verify=False, frozen=False, fstab: str | None | bool = False, tokens=None, bases=None) -> Plan:
     """The whole backup (or verify) as lanes: this host's (LOCAL) and each peer's.
     Without `mounts` (and without config mounts) the plan mounts the root candidate and its
     "inspect" step reads the guest's /etc/fstab: a decision, whose steps (the other mounts on
@@ -227,8 +264,10 @@ def plan_backup(domu: str, facts: list[DiskFacts], settings: Settings, peers: tu
     lanes = [s for peer in peers for s in (peer_checks(domu, peer, waits=waits, frozen=frozen)
                                            + ([] if verify else [pts.mark_writing(domu, peer, replicas)])
                                            + map_steps(facts, settings, peer, snapshot=False)
-                                           + (block_steps(domu, peer, blocks, settings, waits=waits, tokens=tokens)
-                                              if blocks and not verify else []))]
+                                           + (block_steps(domu, peer, blocks, settings, waits=waits, tokens=tokens,
+                                                          bases=bases) if blocks and not verify else []))]
+    if blocks and not verify:
+        lanes += thin_steps(blocks, settings, peers, bases)
     if blocks and verify:
         lanes += block_verify_steps(domu, blocks, settings, peers)
     if not verify:

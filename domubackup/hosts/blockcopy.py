@@ -120,38 +120,49 @@ class BlockStream:
     """Iterates framed chunks of the block device `path`; .checksum is then its checksum (the
     receiver computes the same of the replica). SAME: the replica's block digests (bytes, by
     block): a block whose digest is there is not sent (the changed blocks of a blocks-mode
-    run); .blocks and .changed count what was read and sent, .digests are every block's."""
+    run). ONLY: the indexes of the blocks that may have changed (thin_delta's): the others are
+    not even read, their digest in SAME stands for them. .blocks, .read and .changed count
+    the blocks, those read and those sent; .digests are every block's."""
 
-    def __init__(self, path: str, size: int, progress=None, same=None):
-        self.path, self.size, self.progress, self.same = path, size, progress, same
+    def __init__(self, path: str, size: int, progress=None, same=None, only=None):
+        self.path, self.size, self.progress, self.same, self.only = path, size, progress, same, only
         self.checksum = None
         self.digests: list[bytes] = []
-        self.blocks = self.changed = self.sent = 0
+        self.blocks = self.read = self.changed = self.sent = 0
 
     def __iter__(self):
-        sent = offset = 0
-        with open(self.path, "rb", buffering=0) as dev:
-            while offset < self.size:
-                block = dev.read(min(CHUNK, self.size - offset))
-                if not block:
-                    raise SnapshotError(f"{self.path}: read ended at {offset} of {self.size} bytes")
-                d = digest(block)
+        sent = 0
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for offset in range(0, self.size, CHUNK):
+                n = min(CHUNK, self.size - offset)
+                if self.only is not None and self.blocks not in self.only:
+                    d = self.same[self.blocks]
+                    block = None
+                else:
+                    block = os.pread(fd, n, offset)
+                    if len(block) != n:
+                        raise SnapshotError(f"{self.path}: read ended at {offset + len(block)} of {self.size} bytes")
+                    d = digest(block)
+                    self.read += 1
                 self.digests.append(d)
-                if self.same is not None and self.blocks < len(self.same) and self.same[self.blocks] == d:
+                if block is None or (self.same is not None and self.blocks < len(self.same)
+                                     and self.same[self.blocks] == d):
                     yield HEADER.pack(b"S", offset, DIGEST) + d  # not written, not read back there
                 else:
                     self.changed += 1
-                    if block == ZERO[:len(block)]:
-                        yield HEADER.pack(b"Z", offset, len(block))
+                    if block == ZERO[:n]:
+                        yield HEADER.pack(b"Z", offset, n)
                     else:
                         packed = compressed(block)
                         kind, data = (b"D", block) if packed is None else (b"C", packed)
                         yield HEADER.pack(kind, offset, len(data)) + data
                         sent += len(data)
                 self.blocks += 1
-                offset += len(block)
                 if self.progress:
-                    self.progress(offset, self.size, sent)
+                    self.progress(offset + n, self.size, sent)
+        finally:
+            os.close(fd)
         self.checksum = checksum(self.digests)
         self.sent = sent
 
@@ -264,22 +275,23 @@ def cache_path(state_dir: str, domu: str, peer: str, vg: str, lv: str) -> str:
     return os.path.join(state_dir, "digests", domu, peer, f"{vg}+{lv}")
 
 
-def load_digests(path: str, size: int) -> tuple[str, list[bytes]] | None:
-    """(the replica's write token, its block digests) saved at PATH for a replica of SIZE
-    bytes; None when there is none, or it is of another size or unreadable."""
+def load_digests(path: str, size: int) -> tuple[str, list[bytes], str] | None:
+    """(the replica's write token, its block digests, the generation of the thin base they
+    are of, or "-") saved at PATH for a replica of SIZE bytes; None when there is none, or it
+    is of another size or unreadable."""
     try:
         with open(path, "rb") as f:
             head, _, body = f.read().partition(b"\n")
     except FileNotFoundError:
         return None
     parts = head.decode("ascii", "replace").split()
-    if (len(parts) != 4 or parts[:2] != ["domubackup-digests", "1"] or parts[2] != str(size)
+    if (len(parts) != 5 or parts[:2] != ["domubackup-digests", "2"] or parts[2] != str(size)
             or len(body) != (size + CHUNK - 1) // CHUNK * DIGEST):
         return None
-    return parts[3], [body[i:i + DIGEST] for i in range(0, len(body), DIGEST)]
+    return parts[3], [body[i:i + DIGEST] for i in range(0, len(body), DIGEST)], parts[4]
 
 
-def save_digests(path: str, size: int, token: str, digests: list[bytes]) -> None:
+def save_digests(path: str, size: int, token: str, digests: list[bytes], base: str = "-") -> None:
     """Saved atomically (a crash leaves the old file or the new one); no token, no file."""
     if token == "-":
         drop_digests(path)
@@ -287,7 +299,7 @@ def save_digests(path: str, size: int, token: str, digests: list[bytes]) -> None
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        f.write(f"domubackup-digests 1 {size} {token}\n".encode() + b"".join(digests))
+        f.write(f"domubackup-digests 2 {size} {token} {base}\n".encode() + b"".join(digests))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

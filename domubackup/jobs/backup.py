@@ -27,15 +27,16 @@ def make_plan(config, insp, *, progress=False, verify=False, frozen=False) -> pl
     or files mode with any blocks-mode disks beside (planner.plan_backup); the notes say each
     disk's mode and why."""
     settings = config.settings_for(insp.domain.name)
-    tokens = {key: token for key, (token, _) in insp.digests.items()}
+    tokens = {key: token for key, (token, *_) in insp.digests.items()}
     if all(planner.is_blocks(f) for f in insp.facts):
         from .blocks import plan_blocks, plan_blocks_verify
 
         plan = (plan_blocks_verify(insp.domain.name, insp.facts, settings, insp.peers) if verify else
-                plan_blocks(insp.domain.name, insp.facts, settings, insp.peers, frozen=frozen, tokens=tokens))
+                plan_blocks(insp.domain.name, insp.facts, settings, insp.peers, frozen=frozen, tokens=tokens,
+                            bases=insp.bases))
     else:
         plan = planner.plan_backup(insp.domain.name, insp.facts, settings, insp.peers, skipped=insp.skipped,
-                                   progress=progress, verify=verify, frozen=frozen, tokens=tokens)
+                                   progress=progress, verify=verify, frozen=frozen, tokens=tokens, bases=insp.bases)
     plan.notes += [f"{disk}: mode {mode} ({why})" for disk, (mode, why) in sorted(insp.modes.items())]
     return plan
 
@@ -88,11 +89,13 @@ class Backup:
             return blocks.run(plan)
         self.mounts = plan.mounts
         self.journal = Journal.create(self.config.state_dir, domu, ",".join(self.insp.peers))
-        snaps = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in self.facts]
+        snaps = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in self.facts
+                 if not planner.thin_blocks(f)]  # a thin snapshot has no fill level of its own
         self.watch = SnapshotWatch(self.runners[LOCAL], snaps, settings,
                                    on_abort=getattr(self.runners[LOCAL], "cancel", None))
         ex = Executor(self.journal, self.runners, timeout=settings.command_timeout,
-                      checks={"vg-space": lambda s: check_vg_space(self.facts, settings),
+                      checks={"vg-space": lambda s: check_vg_space([f for f in self.facts if not planner.thin_blocks(f)],
+                                                                   settings),
                               "no-stale": lambda s: check_no_stale(self.insp, settings, self.runners[LOCAL], domu),
                               "snapshot": self._check_snapshot, "peer-state": self.job.check_peer_state,
                               "replicas": lambda s: check_replica_maps(self.job, s),

@@ -44,6 +44,31 @@ def kept_digests(state_dir: str, domu: str, facts, peers) -> dict:
     return kept
 
 
+def thin_bases(facts, lvs, kept) -> dict:
+    """{disk: generation} of the thin blocks-mode disks of FACTS whose base LV (LVS: the VG's
+    LVs) exists and is the one the digests kept for at least one replica were made from."""
+    from ..hosts.thin import BASE_TAG
+
+    bases = {}
+    for f in facts:
+        if not planner.thin_blocks(f):
+            continue
+        base = next((lv for lv in lvs or () if (lv.vg, lv.lv) == (f.lv.vg, planner.base_name(f.lv.lv))), None)
+        gens = sorted(t[len(BASE_TAG):] for t in base.tags if t.startswith(BASE_TAG)) if base else []
+        if gens and any(k[2] == gens[-1] for (_, disk), k in kept.items() if disk == f.disk.target):
+            bases[f.disk.target] = gens[-1]
+    return bases
+
+
+def changed_blocks(text: str) -> set[int]:
+    """The 4 MiB blocks that `thin-delta`'s ranges (OFFSET LENGTH lines) touch."""
+    out = set()
+    for line in text.splitlines():
+        offset, length = map(int, line.split())
+        out.update(range(offset // CHUNK, (offset + length - 1) // CHUNK + 1))
+    return out
+
+
 def keep_digests(state_dir: str, domu: str, peer: str, f, received: str, stream) -> str:
     """After a receive-blocks whose output is RECEIVED: (theirs, the replica's token) checked
     against STREAM's checksum; the digests are kept for the next run. Returns the checksum;
@@ -59,21 +84,21 @@ def keep_digests(state_dir: str, domu: str, peer: str, f, received: str, stream)
     return theirs
 
 
-def plan_blocks(domu: str, facts, settings, peers, *, frozen=False, tokens=None) -> planner.Plan:
+def plan_blocks(domu: str, facts, settings, peers, *, frozen=False, tokens=None, bases=None) -> planner.Plan:
     """Every disk in blocks mode. TOKENS: {(peer, disk): the write token kept with that replica's
-    digests here}."""
+    digests here}; BASES: {disk: the generation of its thin base} (planner.thin_steps)."""
     plan = planner.Plan(domu, notes=["mode blocks: each disk is copied as its changed 4 MiB blocks; nothing of "
                                      "the guest is mapped or mounted on either host"])
     waits = ("snapshots",) if frozen else ("checked",)
     replicas = [(f.lv.vg, f.lv.lv) for f in facts]
     lanes = []
     for peer in peers:
-        check, *copies = planner.block_steps(domu, peer, facts, settings, waits=waits, tokens=tokens)
+        check, *copies = planner.block_steps(domu, peer, facts, settings, waits=waits, tokens=tokens, bases=bases)
         lanes += [planner.check(peer, "peer-state", note=f"{domu} is not running on {peer}",
                                 waits=waits if frozen else ()),
                   check, pts.mark_writing(domu, peer, replicas), *copies]
     plan.after = planner.after_ok(domu, settings, peers, replicas)
-    plan.steps = planner.snapshots_checked(facts, settings) + lanes
+    plan.steps = planner.snapshots_checked(facts, settings) + planner.thin_steps(facts, settings, peers, bases) + lanes
     return plan
 
 
@@ -119,16 +144,19 @@ class Blocks:
         self.whence: dict[tuple[str, str], str] = {}  # (peer, disk) -> where they came from, for the report
         self.streams: dict = {}  # blocks step -> (BlockStream, start)
         self.read: dict[tuple[str, str], list[bytes]] = {}  # verify: (host, disk) -> the digests read there
+        self.only: dict[str, set[int]] = {}  # thin disk -> the blocks thin_delta says may have changed
         self.sent = 0
 
     def run(self, plan) -> None:
         """PLAN: plan_blocks' (Backup.run made it)."""
         b, job, settings = self.b, self.job, self.settings
         b.journal = Journal.create(job.config.state_dir, self.domu, ",".join(job.insp.peers))
-        snaps = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in job.insp.facts]
+        snaps = [cmd.lv_path(f.lv.vg, planner.snapshot_name(settings, f.lv.lv)) for f in job.insp.facts
+                 if not planner.thin_blocks(f)]  # a thin snapshot has no fill level of its own
         b.watch = SnapshotWatch(job.runners[LOCAL], snaps, settings, on_abort=getattr(job.runners[LOCAL], "cancel", None))
         ex = Executor(b.journal, job.runners, timeout=settings.command_timeout, feed=self.feed,
-                      checks={"vg-space": lambda s: check_vg_space(job.insp.facts, settings),
+                      checks={"vg-space": lambda s: check_vg_space(
+                                  [f for f in job.insp.facts if not planner.thin_blocks(f)], settings),
                               "no-stale": lambda s: check_no_stale(job.insp, settings, job.runners[LOCAL], self.domu),
                               "peer-state": job.check_peer_state, **self.checks()},
                       callbacks=self.callbacks(),
@@ -160,7 +188,28 @@ class Blocks:
         return {"block-replicas": lambda s: check_block_replicas(self.domu, facts, s.host, self.job.runners[s.host])}
 
     def callbacks(self) -> dict:
-        return {"digests": self._digested, "blocks": self._received, "compare": self._compare}
+        return {"digests": self._digested, "blocks": self._received, "compare": self._compare,
+                "delta": self._delta, "based": self._based}
+
+    def _delta(self, step, res):
+        if res.exit_code != 0:
+            raise CommandError(step.host, step.argv, res.exit_code, res.stderr,
+                               hint="remove the base LV to fall back to reading the whole disk")
+        try:
+            self.only[step.about[0]] = changed_blocks(res.stdout)
+        except ValueError:
+            raise DomuBackupError(f"{self.domu}: {step.note}: cannot read its output: {res.stdout[:200]!r}") from None
+
+    def _based(self, step, res):
+        """The new thin base exists: the digests kept for each replica of the disk are of it."""
+        if res.exit_code != 0:
+            raise CommandError(step.host, step.argv, res.exit_code, res.stderr)
+        gen, f = res.stdout.strip(), self._fact(step.about[0])
+        for peer in self.job.insp.peers:
+            path = cache_path(self.job.config.state_dir, self.domu, peer, f.lv.vg, f.lv.lv)
+            kept = load_digests(path, f.lv.size)
+            if kept is not None:
+                save_digests(path, f.lv.size, kept[0], kept[1], gen)
 
     def _fact(self, disk):
         return next(f for f in self.job.insp.facts if f.disk.target == disk)
@@ -206,7 +255,13 @@ class Blocks:
             return None
         f = self._fact(step.about[0])
         snap = cmd.lv_path(f.lv.vg, planner.snapshot_name(self.settings, f.lv.lv))
-        blocks = BlockStream(snap, f.lv.size, same=self.digests.pop((step.host, step.about[0])))
+        key = (step.host, step.about[0])
+        kept = self.job.insp.digests.get(key)
+        # thin_delta's blocks only when the replica holds what the base held: its digests were
+        # kept here (nothing wrote to it since) and made from that base
+        only = (self.only.get(step.about[0]) if self.whence.get(key, "").startswith("kept") and kept
+                and kept[2] == self.job.insp.bases.get(step.about[0]) else None)
+        blocks = BlockStream(snap, f.lv.size, same=self.digests.pop(key), only=only)
         self.streams[step] = (blocks, time.monotonic())
         return blocks
 
@@ -217,7 +272,8 @@ class Blocks:
         ours = keep_digests(self.job.config.state_dir, self.domu, step.host, self._fact(step.about[0]), res.stdout,
                             blocks)
         self.sent += blocks.sent
-        line = (f"{step.note}: {blocks.changed} of {blocks.blocks} blocks of 4 MiB changed, {blocks.sent} bytes "
+        line = (f"{step.note}: {blocks.changed} of {blocks.blocks} blocks of 4 MiB changed, {blocks.read} read"
+                f"{' (thin_delta)' if blocks.only is not None else ''}, {blocks.sent} bytes "
                 f"sent in {time.monotonic() - start:.1f}s, checksum {ours[:16]}... matches; the replica's digests "
                 f"{self.whence.pop((step.host, step.about[0]), 'unknown')}")
         self.job.out.report.append(line)

@@ -38,6 +38,7 @@ class Inspection:
     lvs: list | None = None  # every LV of the disks' VGs (list_lvs), None when not known
     digests: dict = field(default_factory=dict)  # blocks mode: {(peer, disk): (token, digests)} kept here
     modes: dict = field(default_factory=dict)  # {disk: (files or blocks, why)}
+    bases: dict = field(default_factory=dict)  # blocks mode: {thin disk: the generation of its usable base}
 
 
 def check_host(config: Config) -> None:
@@ -69,10 +70,10 @@ def inspect(config: Config, name: str, conn, runner, on_eligible=None) -> Inspec
         facts.append(f)
     if not facts:
         raise NotEligibleError(f"{name}: no disk that can be backed up", hint="; ".join(skipped) or None)
-    from .blocks import kept_digests
+    from .blocks import kept_digests, thin_bases
 
     kept = kept_digests(config.state_dir, name, [f for f in facts if is_blocks(f)], peers)
-    return Inspection(domain, facts, skipped, peers, lvs, kept, modes)
+    return Inspection(domain, facts, skipped, peers, lvs, kept, modes, thin_bases(facts, lvs, kept))
 
 
 def disk_facts(runner, d, lvs, mode: str):

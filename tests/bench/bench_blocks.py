@@ -65,7 +65,7 @@ def full_scan(lab, repeat):
 
 
 def sent_of(out, disk):
-    m = re.search(rf"{disk}: the changed blocks of \S+ -> \S+: (\d+) of (\d+) blocks of 4 MiB changed, (\d+) bytes sent",
+    m = re.search(rf"{disk}: the changed blocks of \S+ -> \S+: (\d+) of (\d+) blocks of 4 MiB changed, .*?(\d+) bytes sent",
                   out)
     if not m:
         raise SystemExit(f"no figures for {disk} in:\n{out}")

@@ -104,7 +104,9 @@ def test_blocks_mode_sends_only_the_blocks_whose_digest_the_replica_lacks(tmp_pa
     # the digests kept with that token: block-digests says `same` while nothing writes there
     kept = tmp_path / "state" / "digests" / "web1" / "dom0b" / "vg0+web1-srv"
     save_digests(str(kept), size, token, stream.digests)
-    assert load_digests(str(kept), size) == (token, stream.digests)
+    assert load_digests(str(kept), size) == (token, stream.digests, "-")
+    save_digests(str(kept), size, token, stream.digests, "17")  # of the thin base of generation 17
+    assert load_digests(str(kept), size) == (token, stream.digests, "17")
     assert load_digests(str(kept), size + CHUNK) is None  # a disk that grew: read the replica again
     r = helper("block-digests", dst, size, token)
     assert r.returncode == 0 and r.stdout == b"same\n", r.stdout[:100]
@@ -122,3 +124,8 @@ def test_blocks_mode_sends_only_the_blocks_whose_digest_the_replica_lacks(tmp_pa
     assert got is not None and got[2] != stream.digests[2] and got[:2] == stream.digests[:2]
     fixed = BlockStream(str(src), size, same=got)
     assert sum(f[:1] != b"S" for f in fixed) == 1
+    # thin_delta's blocks only: the others are not read, their kept digest stands for them
+    only = BlockStream(str(src), size, same=stream.digests, only={1})
+    frames = list(only)
+    assert (only.read, only.changed, only.digests, only.checksum) == (1, 0, stream.digests, stream.checksum)
+    assert [f[:1] for f in frames] == [b"S"] * 6

@@ -396,3 +396,50 @@ def test_disk_modes_in_the_config():
         settings('mode = "image"\n')
     with pytest.raises(Exception, match='disk_modes: expected a table like'):
         settings('disk_modes = ["xvda"]\n')
+
+
+THIN_DELTA = """<superblock uuid="" time="2" transaction="3" data_block_size="128" nr_data_blocks="24576">
+  <diff left="1" right="2">
+    <same begin="0" length="16"/>
+    <different begin="16" length="2"/>
+    <same begin="18" length="62"/>
+    <right_only begin="80" length="1"/>
+    <left_only begin="200" length="64"/>
+  </diff>
+</superblock>
+"""
+
+
+def test_thin_delta_ranges_and_the_blocks_they_touch():
+    from domubackup.core.parsers import parse_thin_delta
+    from domubackup.jobs.blocks import changed_blocks
+    ranges = parse_thin_delta(THIN_DELTA)
+    K = 64 * 1024  # 128 sectors
+    assert ranges == [(16 * K, 2 * K), (80 * K, K), (200 * K, 64 * K)]
+    # 1 MiB..1.125 MiB, 5 MiB..5.06 MiB, 12.5 MiB..16.5 MiB -> 4 MiB blocks 0, 1, 3, 4
+    assert changed_blocks("".join(f"{o} {n}\n" for o, n in ranges)) == {0, 1, 3, 4}
+    with pytest.raises(ValueError):
+        parse_thin_delta("<html/>")
+
+
+def test_a_thin_disk_in_blocks_mode_reads_only_what_thin_delta_names_and_keeps_a_base():
+    from dataclasses import replace
+    from domubackup.jobs.blocks import blocks_facts, plan_blocks
+    facts = [blocks_facts(f.disk, f.lv) for f in web1_facts()]
+    facts[1] = replace(facts[1], lv=replace(facts[1].lv, attr="Vwi-aotz--"))  # xvdb thin
+    plan = plan_blocks("web1", facts, settings().settings_for("web1"), ("dom0b",), bases={"xvdb": "17"})
+    local = [(s.phase, s.argv, s.waits, s.mark) for s in plan.steps if s.host == LOCAL and s.argv]
+    assert local[:2] == [
+        ("snapshot", ("lvcreate", "--snapshot", "--size", "256M", "--name", "web1-disk-snap", "/dev/vg0/web1-disk"),
+         (), ""),
+        ("snapshot", ("lvcreate", "--snapshot", "--setactivationskip", "n", "--name", "web1-srv-snap",
+                      "/dev/vg0/web1-srv"), (), "snapshots")]
+    assert local[2:] == [
+        ("delta", ("domubackup", "thin-delta", "vg0/web1-srv.dbkbase", "vg0/web1-srv-snap"), ("snapshots",),
+         "delta:xvdb"),
+        ("base", ("domubackup", "thin-base", "vg0/web1-srv-snap", "vg0/web1-srv.dbkbase"), ("sent:xvdb:dom0b",), "")]
+    blocks = [(s.about, s.waits, s.mark) for s in plan.steps if s.phase == "blocks"]
+    assert blocks == [(("xvda",), ("snapshots",), ""), (("xvdb",), ("delta:xvdb",), "sent:xvdb:dom0b")]
+    # no usable base: no delta, the base is still made for the next run
+    plan = plan_blocks("web1", facts, settings().settings_for("web1"), ("dom0b",))
+    assert [s.phase for s in plan.steps if s.host == LOCAL and s.argv][2:] == ["base"]

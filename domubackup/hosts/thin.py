@@ -1,0 +1,87 @@
+"""The thin-pool helpers of blocks mode (entry.py), run on the DomU's own Dom0:
+
+- `domubackup thin-delta VG/BASE VG/SNAP`: the ranges where thin snapshot SNAP differs from
+  thin snapshot BASE of the same pool, one ``OFFSET LENGTH`` (bytes) per line. It reserves a
+  metadata snapshot of the pool (`dmsetup message POOL-tpool 0 reserve_metadata_snap`, which
+  does not suspend the pool; one left by a killed helper is released first), reads it with
+  `thin_delta -m --snap1 ID --snap2 ID`, and releases it whatever happened.
+- `domubackup thin-base VG/SNAP VG/BASE`: BASE becomes a thin snapshot of SNAP (made as
+  BASE.new, not activated; the old BASE removed; the new one renamed), tagged
+  ``dbk:base:GEN`` with a new generation GEN, which it prints. A BASE.new that a killed helper
+  left is removed first. The kept digests of the replicas name GEN (jobs/blocks.py): a base
+  that is not the one they were made from is never used.
+Each exits 1 with the reason on standard error when it fails, 2 on a bad command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from ..core import commands as cmd, parsers
+
+BASE_TAG = "dbk:base:"
+
+
+def run(argv, check=True) -> subprocess.CompletedProcess:
+    res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=3600)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: exit {res.returncode}: {res.stderr.strip()[-500:]}")
+    return res
+
+
+def thin_lv(path: str) -> tuple[str, str, str, int]:
+    """(vg, lv, pool, thin id) of the thin LV VG/LV."""
+    vg, _, lv = path.rpartition("/")
+    out = run(["lvs", "--noheadings", "--separator", "|", "-o", "vg_name,lv_name,pool_lv,thin_id",
+               f"{vg}/{lv}"]).stdout.strip().split("|")
+    if len(out) != 4 or not out[2].strip() or not out[3].strip().isdigit():
+        raise RuntimeError(f"{path} is not a thin volume (lvs: {'|'.join(out)})")
+    return out[0].strip(), out[1].strip(), out[2].strip(), int(out[3])
+
+
+def delta(base: str, snap: str) -> list[tuple[int, int]]:
+    bvg, _, bpool, bid = thin_lv(base)
+    svg, _, spool, sid = thin_lv(snap)
+    if (bvg, bpool) != (svg, spool):
+        raise RuntimeError(f"{base} and {snap} are not in one thin pool")
+    tpool = f"/dev/mapper/{cmd.dm_name(svg, spool)}-tpool"
+    tmeta = f"/dev/mapper/{cmd.dm_name(svg, spool + '_tmeta')}"
+    run(["dmsetup", "message", tpool, "0", "release_metadata_snap"], check=False)  # one a killed helper left
+    run(["dmsetup", "message", tpool, "0", "reserve_metadata_snap"])
+    try:
+        xml = run(["thin_delta", "-m", "--snap1", str(bid), "--snap2", str(sid), tmeta]).stdout
+    finally:
+        run(["dmsetup", "message", tpool, "0", "release_metadata_snap"], check=False)
+    return parsers.parse_thin_delta(xml)
+
+
+def make_base(snap: str, base: str) -> str:
+    vg, _, name = base.rpartition("/")
+    new = f"{name}.new"
+    names = run(["lvs", "--noheadings", "-o", "lv_name", vg]).stdout.split()
+    if new in names:
+        run(["lvremove", "-f", f"{vg}/{new}"])
+    gen = str(time.time_ns())
+    run(["lvcreate", "--snapshot", "--setactivationskip", "y", "--addtag", BASE_TAG + gen, "--name", new, snap])
+    if name in names:
+        run(["lvremove", "-f", f"{vg}/{name}"])
+    run(["lvrename", vg, new, name])
+    return gen
+
+
+def main(argv: list[str]) -> int:
+    command, args = argv[0], argv[1:]
+    if len(args) != 2 or not all(a.count("/") == 1 for a in args):
+        print(f"usage: domubackup {command} VG/LV VG/LV", file=sys.stderr)
+        return 2
+    try:
+        if command == "thin-delta":
+            for offset, length in delta(*args):
+                print(offset, length)
+        else:
+            print(make_base(*args))
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return 1
+    return 0
