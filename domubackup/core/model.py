@@ -204,6 +204,8 @@ class RsyncStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     deleted: int = 0
+    blocks_read: int = 0  # blocks mode: 4 MiB blocks read from the snapshots
+    blocks_changed: int = 0  # of those, the ones sent to a replica
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,8 @@ class RunRow:
     snapshot_peak: float | None
     error: str
     log_path: str | None
+    blocks_read: int = 0
+    blocks_changed: int = 0
 
     @property
     def duration(self) -> float | None:

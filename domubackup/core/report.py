@@ -93,6 +93,7 @@ def history_json(rows: Iterable[RunRow]) -> list[dict]:
     return [{"id": r.id, "kind": r.kind, "domu": r.domu, "peer": r.peer, "host": r.host, "pid": r.pid,
              "status": r.status, "started": _iso(r.started), "ended": _iso(r.ended), "duration_seconds": r.duration,
              "consistency": r.consistency, "freeze_window_ms": r.freeze_window_ms, "bytes_sent": r.bytes_sent,
+             "blocks_read": r.blocks_read, "blocks_changed": r.blocks_changed,
              "files": r.files, "total_size": r.total_size, "snapshot_peak_percent": r.snapshot_peak,
              "error": r.error, "log_path": r.log_path} for r in rows]
 
@@ -103,6 +104,7 @@ def outcome_json(out, started: float, ended: float, log_path: str | None) -> dic
     ``not_copied``. ``started`` and ``ended`` are epoch seconds."""
     return {"domu": out.domu, "status": out.status, "exit_code": out.exit_code, "started": _iso(started),
             "ended": _iso(ended), "duration_seconds": round(out.duration, 3), "bytes_sent": out.stats.bytes_sent,
+            "blocks_read": out.stats.blocks_read, "blocks_changed": out.stats.blocks_changed,
             "files": out.stats.files, "total_size": out.stats.total_size, "snapshot_peak_percent": out.snapshot_peak,
             "not_copied": list(out.not_copied), "error": out.error, "log_path": log_path, "point": out.point or None}
 

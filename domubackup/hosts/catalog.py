@@ -28,14 +28,15 @@ from ..core.model import (CONSISTENCY_LEVELS, ERROR, FINAL_STATUSES, KINDS, OK, 
                           PointsRow, RunRow)
 
 CATALOG_NAME = "catalog.sqlite"
-SCHEMA_VERSION = 3  # 2: status PARTIAL; 3: kinds prune, rollback, restore, failover; table points
+SCHEMA_VERSION = 4  # 2: status PARTIAL; 3: kinds prune, rollback, restore, failover; table points;
+# 4: blocks_read, blocks_changed (blocks mode)
 
 
 DIED_MESSAGE = "run died (killed or host crashed) before it finished"
 
 # Figures finish() accepts (named like model.RunRecord), besides the status.
 FIGURES = ("consistency", "freeze_window_ms", "bytes_sent", "files", "total_size",
-           "snapshot_peak", "error", "log_path")
+           "snapshot_peak", "error", "log_path", "blocks_read", "blocks_changed")
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
@@ -56,7 +57,9 @@ CREATE TABLE IF NOT EXISTS runs (
     total_size       INTEGER NOT NULL DEFAULT 0,
     snapshot_peak    REAL,               -- highest snapshot fill seen, percent
     error            TEXT    NOT NULL DEFAULT '',
-    log_path         TEXT
+    log_path         TEXT,
+    blocks_read      INTEGER NOT NULL DEFAULT 0,  -- blocks mode: 4 MiB blocks read from the snapshots
+    blocks_changed   INTEGER NOT NULL DEFAULT 0   -- of those, the ones written to a replica
 );
 CREATE INDEX IF NOT EXISTS runs_domu_started ON runs (domu, started);
 CREATE INDEX IF NOT EXISTS runs_status ON runs (status);
@@ -166,7 +169,8 @@ class Catalog:
             version = self._check_version(db)
             if version < SCHEMA_VERSION:
                 # Version 0 is a new file. 1 -> 2: the status CHECK gains PARTIAL; 2 -> 3: the kind
-                # CHECK gains prune, rollback, restore, failover (and the table points is new).
+                # CHECK gains prune, rollback, restore, failover (and the table points is new);
+                # 3 -> 4: the columns blocks_read and blocks_changed (0 in older rows).
                 # sqlite cannot alter a CHECK, so the runs table is rebuilt under the same name,
                 # its id sequence kept (ids are never reused).
                 if version > 0:
@@ -177,7 +181,8 @@ class Catalog:
                     if statement.strip():
                         db.execute(statement)
                 if version > 0:
-                    db.execute("INSERT INTO runs SELECT * FROM runs_old")
+                    old = [r[1] for r in db.execute("PRAGMA table_info(runs_old)")]
+                    db.execute(f"INSERT INTO runs ({', '.join(old)}) SELECT {', '.join(old)} FROM runs_old")
                     db.execute("DELETE FROM sqlite_sequence WHERE name = 'runs'")
                     db.execute("INSERT INTO sqlite_sequence (name, seq)"
                                " SELECT 'runs', seq FROM sqlite_sequence WHERE name = 'runs_old'")
@@ -235,7 +240,7 @@ class Catalog:
     def finish(self, run_id: int, status: str, **figures) -> RunRow:
         """Promote a RUNNING run to ``status`` (OK, ERROR or CORRUPT) with its figures.
         ``figures`` are any of: consistency, freeze_window_ms, bytes_sent, files, total_size,
-        snapshot_peak, error, log_path. Any transition other than RUNNING -> final raises
+        snapshot_peak, error, log_path, blocks_read, blocks_changed. Any transition other than RUNNING -> final raises
         ValueError (finishing twice, an unknown run, a non-final status)."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"cannot finish run {run_id} as {status!r}: "

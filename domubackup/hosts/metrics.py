@@ -27,6 +27,10 @@ METRICS = (
      "Duration of the last finished run (absent when the run died and its end is unknown)."),
     ("domubackup_last_run_bytes_sent",
      "Bytes rsync sent to the peer during the last finished run."),
+    ("domubackup_last_run_blocks_read",
+     "Blocks mode: 4 MiB blocks read from the snapshots in the last finished run."),
+    ("domubackup_last_run_blocks_changed",
+     "Blocks mode: of those, the blocks sent to a replica because they changed."),
     ("domubackup_last_run_freeze_window_seconds",
      "How long the guest's filesystems stayed frozen in the last finished run (0: not frozen)."),
     ("domubackup_last_success_timestamp_seconds",
@@ -77,6 +81,8 @@ def _values(rows: Sequence[RunRow], now: float) -> dict[str, float | int]:
         "domubackup_last_run_status": 1 if last.status == OK else 0.5 if last.status == PARTIAL else 0,
         "domubackup_last_run_start_timestamp_seconds": last.started,
         "domubackup_last_run_bytes_sent": last.bytes_sent,
+        "domubackup_last_run_blocks_read": last.blocks_read,
+        "domubackup_last_run_blocks_changed": last.blocks_changed,
         "domubackup_last_run_freeze_window_seconds": (last.freeze_window_ms or 0) / 1000,
         # A success with no end time cannot exist (finish() sets it); fall back to its start.
         "domubackup_last_success_timestamp_seconds":

@@ -120,7 +120,8 @@ class Backup:
                     self._meter.close()
             if blocks is not None:
                 self.stats = replace(self.stats, total_size=self.stats.total_size + sum(
-                    f.lv.size for f in self.facts if planner.is_blocks(f)), bytes_sent=self.stats.bytes_sent + blocks.sent)
+                    f.lv.size for f in self.facts if planner.is_blocks(f)), bytes_sent=self.stats.bytes_sent + blocks.sent,
+                    blocks_read=blocks.blocks_read, blocks_changed=blocks.blocks_changed)
             self._judge()
         if plan.after and out.status == "OK":
             self._point(plan.after)

@@ -145,7 +145,7 @@ class Blocks:
         self.streams: dict = {}  # blocks step -> (BlockStream, start)
         self.read: dict[tuple[str, str], list[bytes]] = {}  # verify: (host, disk) -> the digests read there
         self.only: dict[str, set[int]] = {}  # thin disk -> the blocks thin_delta says may have changed
-        self.sent = 0
+        self.sent = self.blocks_read = self.blocks_changed = 0
 
     def run(self, plan) -> None:
         """PLAN: plan_blocks' (Backup.run made it)."""
@@ -172,7 +172,7 @@ class Blocks:
             if problem:
                 raise SnapshotError(f"{self.domu}: {problem}", hint="raise snapshot_size, or back up at a quieter time")
         b.out.stats = RsyncStats(total_size=sum(f.lv.size for f in job.insp.facts) * len(job.insp.peers),
-                                 bytes_sent=self.sent)
+                                 bytes_sent=self.sent, blocks_read=self.blocks_read, blocks_changed=self.blocks_changed)
         if b.out.differences:
             raise DomuBackupError(f"{self.domu}: the replica differs from the snapshot in {len(b.out.differences)} "
                                   "place(s): " + "; ".join(b.out.differences[:20])
@@ -272,6 +272,8 @@ class Blocks:
         ours = keep_digests(self.job.config.state_dir, self.domu, step.host, self._fact(step.about[0]), res.stdout,
                             blocks)
         self.sent += blocks.sent
+        self.blocks_read += blocks.read
+        self.blocks_changed += blocks.changed
         line = (f"{step.note}: {blocks.changed} of {blocks.blocks} blocks of 4 MiB changed, {blocks.read} read"
                 f"{' (thin_delta)' if blocks.only is not None else ''}, {blocks.sent} bytes "
                 f"sent in {time.monotonic() - start:.1f}s, checksum {ours[:16]}... matches; the replica's digests "

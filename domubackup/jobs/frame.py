@@ -122,6 +122,9 @@ class Outcome:
         if self.status in ("OK", "PARTIAL", "CORRUPT", "ERROR") and self.stats.files:
             line += (f", {self.stats.files} files, {human_bytes(self.stats.total_size)} total, "
                      f"{human_bytes(self.stats.bytes_sent)} sent")
+        if self.status in ("OK", "PARTIAL", "CORRUPT", "ERROR") and self.stats.blocks_read:
+            line += (f", {self.stats.blocks_changed} of {self.stats.blocks_read} blocks read changed"
+                     + ("" if self.stats.files else f", {human_bytes(self.stats.bytes_sent)} sent"))
         if self.snapshot_peak:
             line += f", snapshot peak {self.snapshot_peak:.1f}%"
         if self.freeze is not None and self.freeze.mode != "none":
@@ -297,6 +300,7 @@ def run_job(config, domu: str, kind: str, conn, local, body, *, factory=ssh_runn
         report = out.freeze
         catalog.finish(run_id, out.status, bytes_sent=out.stats.bytes_sent, files=out.stats.files,
                        total_size=out.stats.total_size, snapshot_peak=out.snapshot_peak,
+                       blocks_read=out.stats.blocks_read, blocks_changed=out.stats.blocks_changed,
                        error=(out.error or "; ".join(f"not copied: {w}" for w in out.not_copied))[:2000],
                        consistency=getattr(report, "level", None) or "crash",
                        freeze_window_ms=getattr(report, "window_ms", None))

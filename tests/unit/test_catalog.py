@@ -63,7 +63,7 @@ def test_created_on_first_use_with_schema_version_and_wal(tmp_path):
     Catalog.in_state_dir(tmp_path / "state").close()
     assert path.exists()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
     Catalog(path).close()  # reopening an existing catalog is fine
@@ -373,7 +373,7 @@ def test_history_json():
         "id": 1, "kind": "backup", "domu": "web1", "peer": "dom0b", "host": "dom0a", "pid": 100,
         "status": "OK", "started": "2026-09-21T14:13:20Z", "ended": "2026-09-21T14:14:22Z",
         "duration_seconds": 62.0, "consistency": "filesystem", "freeze_window_ms": 840,
-        "bytes_sent": 36_700_160, "files": 1200, "total_size": 1_288_490_189,
+        "bytes_sent": 36_700_160, "blocks_read": 0, "blocks_changed": 0, "files": 1200, "total_size": 1_288_490_189,
         "snapshot_peak_percent": 12.5, "error": "", "log_path": None,
     }
 
@@ -443,7 +443,7 @@ def test_a_version_1_catalog_is_migrated_and_keeps_its_runs(tmp_path):
     finally:
         cat.close()
     db = sqlite3.connect(tmp_path / C.CATALOG_NAME)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     assert [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")] == [
         "points", "runs", "sqlite_sequence"]
 

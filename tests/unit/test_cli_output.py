@@ -203,7 +203,8 @@ def test_every_command_and_option_has_help():
 
 
 ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
-OUTCOME_KEYS = ["domu", "status", "exit_code", "started", "ended", "duration_seconds", "bytes_sent", "files",
+OUTCOME_KEYS = ["domu", "status", "exit_code", "started", "ended", "duration_seconds", "bytes_sent", "blocks_read",
+                "blocks_changed", "files",
                 "total_size", "snapshot_peak_percent", "not_copied", "error", "log_path", "point"]
 
 
@@ -214,7 +215,8 @@ def test_outcome_json_has_stable_keys_utc_times_and_raw_numbers():
                            bytes_sent=100), snapshot_peak=2.5, not_copied=["xvdb (ext4): not in the guest's fstab"])
     assert outcome_json(out, 1700000000.2, 1700000012.9, "/s/log/web1.log") == {
         "domu": "web1", "status": "PARTIAL", "exit_code": 5, "started": "2023-11-14T22:13:20Z",
-        "ended": "2023-11-14T22:13:32Z", "duration_seconds": 12.346, "bytes_sent": 100, "files": 3,
+        "ended": "2023-11-14T22:13:32Z", "duration_seconds": 12.346, "bytes_sent": 100, "blocks_read": 0,
+        "blocks_changed": 0, "files": 3,
         "total_size": 4096, "snapshot_peak_percent": 2.5, "not_copied": ["xvdb (ext4): not in the guest's fstab"],
         "error": "", "log_path": "/s/log/web1.log", "point": None}
     assert list(outcome_json(out, 0, 0, None)) == OUTCOME_KEYS
@@ -308,6 +310,7 @@ def test_history_json_keys_and_utc_times(config, tmp_path, capsys):
     assert cli.main(["history", "--json", "-c", config], local_runner=Succeeds()) == 0
     row, = json.loads(capsys.readouterr().out)
     assert list(row) == ["id", "kind", "domu", "peer", "host", "pid", "status", "started", "ended",
-                         "duration_seconds", "consistency", "freeze_window_ms", "bytes_sent", "files", "total_size",
+                         "duration_seconds", "consistency", "freeze_window_ms", "bytes_sent", "blocks_read",
+                         "blocks_changed", "files", "total_size",
                          "snapshot_peak_percent", "error", "log_path"]
     assert re.fullmatch(ISO_UTC, row["started"]) and re.fullmatch(ISO_UTC, row["ended"])

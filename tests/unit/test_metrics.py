@@ -55,6 +55,14 @@ domubackup_last_run_duration_seconds{domu="web1",peer="dom0b"} 62.5
 # TYPE domubackup_last_run_bytes_sent gauge
 domubackup_last_run_bytes_sent{domu="db\\"1\\\\x\\n",peer="dom0c"} 0
 domubackup_last_run_bytes_sent{domu="web1",peer="dom0b"} 36700160
+# HELP domubackup_last_run_blocks_read Blocks mode: 4 MiB blocks read from the snapshots in the last finished run.
+# TYPE domubackup_last_run_blocks_read gauge
+domubackup_last_run_blocks_read{domu="db\\"1\\\\x\\n",peer="dom0c"} 0
+domubackup_last_run_blocks_read{domu="web1",peer="dom0b"} 0
+# HELP domubackup_last_run_blocks_changed Blocks mode: of those, the blocks sent to a replica because they changed.
+# TYPE domubackup_last_run_blocks_changed gauge
+domubackup_last_run_blocks_changed{domu="db\\"1\\\\x\\n",peer="dom0c"} 0
+domubackup_last_run_blocks_changed{domu="web1",peer="dom0b"} 0
 # HELP domubackup_last_run_freeze_window_seconds How long the guest's filesystems stayed frozen in the last finished run (0: not frozen).
 # TYPE domubackup_last_run_freeze_window_seconds gauge
 domubackup_last_run_freeze_window_seconds{domu="db\\"1\\\\x\\n",peer="dom0c"} 0
@@ -95,7 +103,7 @@ def test_never_succeeded_and_died_run():
 
 def test_empty():
     text = render_metrics({})
-    assert text.count("# TYPE") == 10 and "{" not in text
+    assert text.count("# TYPE") == 12 and "{" not in text
 
 
 def _listing(d):
