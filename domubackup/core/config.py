@@ -67,6 +67,17 @@ class RsyncSettings:
 
 
 DISK_MODES = ("files", "blocks", "auto")
+RATE_UNITS = {"": 1024, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+
+
+def rate_bytes(bwlimit: str) -> int | None:
+    """rsync's --bwlimit value in bytes per second (a number of KiB, or with K, M or G);
+    None for none (empty or 0) or what is not such a value."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)i?[Bb]?", bwlimit.strip(), re.I)
+    if not m:
+        return None
+    rate = int(float(m.group(1)) * RATE_UNITS[m.group(2).upper()])
+    return rate or None
 
 
 @dataclass(frozen=True)

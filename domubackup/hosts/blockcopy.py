@@ -36,6 +36,7 @@ import os
 import stat
 import struct
 import sys
+import time
 import zlib
 
 import xxhash
@@ -124,8 +125,9 @@ class BlockStream:
     not even read, their digest in SAME stands for them. .blocks, .read and .changed count
     the blocks, those read and those sent; .digests are every block's."""
 
-    def __init__(self, path: str, size: int, progress=None, same=None, only=None):
+    def __init__(self, path: str, size: int, progress=None, same=None, only=None, compress=True):
         self.path, self.size, self.progress, self.same, self.only = path, size, progress, same, only
+        self.compress = compress
         self.checksum = None
         self.digests: list[bytes] = []
         self.blocks = self.read = self.changed = self.sent = 0
@@ -154,7 +156,7 @@ class BlockStream:
                     if block == ZERO[:n]:
                         yield HEADER.pack(b"Z", offset, n)
                     else:
-                        packed = compressed(block)
+                        packed = compressed(block) if self.compress else None
                         kind, data = (b"D", block) if packed is None else (b"C", packed)
                         yield HEADER.pack(kind, offset, len(data)) + data
                         sent += len(data)
@@ -165,6 +167,20 @@ class BlockStream:
             os.close(fd)
         self.checksum = checksum(self.digests)
         self.sent = sent
+
+
+def throttled(chunks, rate: int | None, clock=time.monotonic, sleep=time.sleep):
+    """CHUNKS, at no more than RATE bytes per second on average (None: as they come)."""
+    if not rate:
+        yield from chunks
+        return
+    start, sent = clock(), 0
+    for chunk in chunks:
+        yield chunk
+        sent += len(chunk)
+        ahead = sent / rate - (clock() - start)
+        if ahead > 0:
+            sleep(ahead)
 
 
 def compressed(block: bytes) -> bytes | None:

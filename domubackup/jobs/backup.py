@@ -118,6 +118,8 @@ class Backup:
                 self.watch.stop()
                 if self._meter is not None:  # a transfer that failed
                     self._meter.close()
+                if blocks is not None:
+                    blocks.close_meters()
             if blocks is not None:
                 self.stats = replace(self.stats, total_size=self.stats.total_size + sum(
                     f.lv.size for f in self.facts if planner.is_blocks(f)), bytes_sent=self.stats.bytes_sent + blocks.sent,

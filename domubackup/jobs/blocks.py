@@ -21,7 +21,8 @@ import time
 from ..core import commands as cmd, parsers, plan as planner, points as pts
 from ..core.errors import CommandError, DomuBackupError, PeerError, SnapshotError
 from ..core.model import LOCAL, DiskFacts, PartitionTable, RsyncStats
-from ..hosts.blockcopy import CHUNK, BlockStream, cache_path, drop_digests, load_digests, save_digests
+from ..core.config import rate_bytes
+from ..hosts.blockcopy import CHUNK, BlockStream, cache_path, drop_digests, load_digests, save_digests, throttled
 from ..hosts.journal import Journal
 from .checks import SnapshotWatch, check_no_stale, check_vg_space
 from .executor import Executor
@@ -142,7 +143,7 @@ class Blocks:
         self.job, self.settings, self.domu = backup.job, backup.settings, backup.domu
         self.digests: dict[tuple[str, str], list[bytes]] = {}  # (peer, disk) -> the replica's block digests
         self.whence: dict[tuple[str, str], str] = {}  # (peer, disk) -> where they came from, for the report
-        self.streams: dict = {}  # blocks step -> (BlockStream, start)
+        self.streams: dict = {}  # blocks step -> (BlockStream, start, its progress bar or None)
         self.read: dict[tuple[str, str], list[bytes]] = {}  # verify: (host, disk) -> the digests read there
         self.only: dict[str, set[int]] = {}  # thin disk -> the blocks thin_delta says may have changed
         self.sent = self.blocks_read = self.blocks_changed = 0
@@ -167,6 +168,7 @@ class Blocks:
             finally:
                 b.out.freeze = ex.freeze_report
                 b.watch.stop()
+                self.close_meters()
             problem = b.watch.problem or b.watch.check(final=True)
             b.out.snapshot_peak = b.watch.peak
             if problem:
@@ -181,6 +183,12 @@ class Blocks:
         b.out.status, b.out.exit_code = "OK", 0
         if plan.after:
             b._point(plan.after)
+
+    def close_meters(self) -> None:
+        """The progress bars of streams that did not end (a failed run)."""
+        for _, _, meter in self.streams.values():
+            if meter is not None:
+                meter.close()
 
     def checks(self) -> dict:
         """The executor's checks of the blocks-mode disks (also those of a mixed DomU's run)."""
@@ -261,12 +269,17 @@ class Blocks:
         # kept here (nothing wrote to it since) and made from that base
         only = (self.only.get(step.about[0]) if self.whence.get(key, "").startswith("kept") and kept
                 and kept[2] == self.job.insp.bases.get(step.about[0]) else None)
-        blocks = BlockStream(snap, f.lv.size, same=self.digests.pop(key), only=only)
-        self.streams[step] = (blocks, time.monotonic())
-        return blocks
+        meter = self.b.progress.meter(f"blocks {snap} -> {step.host}", f.lv.size) if self.b.progress else None
+        blocks = BlockStream(snap, f.lv.size, same=self.digests.pop(key), only=only,
+                             compress=self.settings.rsync.compress,
+                             progress=(lambda done, total, sent: meter.to(done, total)) if meter else None)
+        self.streams[step] = (blocks, time.monotonic(), meter)
+        return throttled(blocks, rate_bytes(self.settings.rsync.bwlimit))
 
     def _received(self, step, res):
-        blocks, start = self.streams.pop(step)
+        blocks, start, meter = self.streams.pop(step)
+        if meter is not None:
+            meter.close()
         if res.exit_code != 0:
             raise CommandError(step.host, step.argv, res.exit_code, res.stderr)
         ours = keep_digests(self.job.config.state_dir, self.domu, step.host, self._fact(step.about[0]), res.stdout,

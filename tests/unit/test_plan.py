@@ -443,3 +443,14 @@ def test_a_thin_disk_in_blocks_mode_reads_only_what_thin_delta_names_and_keeps_a
     # no usable base: no delta, the base is still made for the next run
     plan = plan_blocks("web1", facts, settings().settings_for("web1"), ("dom0b",))
     assert [s.phase for s in plan.steps if s.host == LOCAL and s.argv][2:] == ["base"]
+
+
+def test_bwlimit_as_a_rate_and_a_throttled_stream():
+    from domubackup.core.config import rate_bytes
+    from domubackup.hosts.blockcopy import throttled
+    assert [rate_bytes(v) for v in ("", "0", "50M", "1000", "2G", "1.5m", "fast")] == [
+        None, None, 50 << 20, 1000 << 10, 2 << 30, 3 << 19, None]
+    now, slept = [0.0], []
+    out = list(throttled([b"x" * 100] * 3, 100, clock=lambda: now[0], sleep=lambda s: slept.append(s)))
+    assert out == [b"x" * 100] * 3 and slept == [1.0, 2.0, 3.0]  # the clock stood still: 1 s per 100 bytes
+    assert list(throttled(iter([b"a"]), None)) == [b"a"]
