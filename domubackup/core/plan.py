@@ -199,7 +199,8 @@ def block_steps(domu: str, peer: str, facts: list[DiskFacts], settings: Settings
     is known). The job's callbacks "digests" and "blocks" judge them, its feed streams the
     snapshot (jobs/blocks.py)."""
     steps = [check(peer, "block-replicas", waits=waits,
-                   note=f"the blocks-mode replica LVs on {peer} exist, are closed and as large as the origins")]
+                   note=f"the blocks-mode replica LVs on {peer} exist, are closed and as large as the origins "
+                        "(one whose disk grew is extended first)")]
     for i, f in enumerate(facts):
         target, size = cmd.lv_path(f.lv.vg, f.lv.lv), f.lv.size
         snap = cmd.lv_path(f.lv.vg, snapshot_name(settings, f.lv.lv))

@@ -113,9 +113,15 @@ def plan_blocks_verify(domu: str, facts, settings, peers) -> planner.Plan:
     return plan
 
 
-def check_block_replicas(domu, facts, host, runner) -> str:
+GROWN = 4 << 20  # a replica larger than its origin by this much (an LVM extent) means a shrunk origin
+
+
+def check_block_replicas(domu, facts, host, runner, *, extend=False) -> str:
     """Check step "block-replicas" (and `check`): each replica LV exists on HOST, is closed, is
-    no snapshot, and holds at least its origin's bytes (lvs only: nothing on it is read)."""
+    no snapshot, and holds its origin's bytes (lvs only: nothing on it is read). A replica
+    smaller than its origin (the disk grew) is extended there first when EXTEND (a run; `check`
+    only says so); one larger by an extent or more (the origin shrank) is refused."""
+    grown = []
     for f in facts:
         path = cmd.lv_path(f.lv.vg, f.lv.lv)
         res = runner.run(parsers.lvs_argv(path), check=False)
@@ -129,10 +135,19 @@ def check_block_replicas(domu, facts, host, runner) -> str:
         if replica.is_snapshot:
             raise PeerError(f"{domu}: replica {path} on {host} is an LVM snapshot",
                             hint="the replica is an LV of its own (`domubackup seed` makes it)")
+        if replica.size >= f.lv.size + GROWN:
+            raise PeerError(f"{domu}: replica {path} on {host} has {replica.size} bytes, more than its origin "
+                            f"({f.lv.size}): was the origin shrunk?",
+                            hint=f"a shrink is not copied: lvreduce the replica to {f.lv.size} bytes there if "
+                                 "the guest's data fits, or seed again")
         if replica.size < f.lv.size:
-            raise PeerError(f"{domu}: replica {path} on {host} has {replica.size} bytes, the origin {f.lv.size}",
-                            hint=f"lvextend it to at least {f.lv.size} bytes there")
-    return "present, closed, large enough (blocks mode)"
+            if extend:
+                runner.run(["lvextend", "--size", f"{f.lv.size}b", path])
+                log.info("%s: the disk grew: replica %s on %s extended from %d to %d bytes", domu, path, host,
+                         replica.size, f.lv.size)
+            grown.append(f"{path} {'extended' if extend else 'to be extended'} from {replica.size} to "
+                         f"{f.lv.size} bytes")
+    return "present, closed, large enough (blocks mode)" + (f"; {'; '.join(grown)}" if grown else "")
 
 
 class Blocks:
@@ -193,7 +208,8 @@ class Blocks:
     def checks(self) -> dict:
         """The executor's checks of the blocks-mode disks (also those of a mixed DomU's run)."""
         facts = [f for f in self.job.insp.facts if planner.is_blocks(f)]
-        return {"block-replicas": lambda s: check_block_replicas(self.domu, facts, s.host, self.job.runners[s.host])}
+        return {"block-replicas": lambda s: check_block_replicas(self.domu, facts, s.host, self.job.runners[s.host],
+                                                                 extend=True)}
 
     def callbacks(self) -> dict:
         return {"digests": self._digested, "blocks": self._received, "compare": self._compare,

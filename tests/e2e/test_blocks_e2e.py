@@ -130,11 +130,18 @@ def test_blocks_mode_sends_the_changed_blocks_and_survives_a_kill(fresh):
     lab.ssh("dom0a", "set -e; lvcreate -q -y -L 1700M -T vg0/pool; lvcreate -q -y -V 1536M -T vg0/pool -n web1-srv.thin; "
                      "dd if=/dev/vg0/web1-srv of=/dev/vg0/web1-srv.thin bs=4M conv=sparse,fsync status=none; "
                      "lvrename -q vg0 web1-srv web1-srv.thick; lvrename -q vg0 web1-srv.thin web1-srv")
+    # and web1-disk grew by 8 MiB: its replica is extended first, then copied whole-checked
+    lab.ssh("dom0a", "lvextend -q -L +8M vg0/web1-disk")
     try:
+        assert "xvdb: thin snapshot of" in domubackup(lab, "plan", "web1").stdout
         r = domubackup(lab, "-v", "run", "web1")
         assert r.returncode == 0, r.stdout + r.stderr
         out = r.stdout + r.stderr
-        assert "xvdb: thin snapshot of" in domubackup(lab, "plan", "web1").stdout
+        assert "replica /dev/vg0/web1-disk on dom0b extended from 1258291200 to 1266679808 bytes" in out, out
+        n, blocks = changed(out, "xvda")  # the digests kept were of another size: read there
+        assert blocks == 302 and n <= 2, (n, blocks)  # only the 2 new blocks can differ
+        assert [lab.ssh(vm, ["blockdev", "--getsize64", "/dev/vg0/web1-disk"]).stdout for vm in lab.vms] == \
+            ["1266679808\n"] * 2
         assert re.search(r"xvdb: the changed blocks of \S+ -> \S+: 0 of 384 blocks of 4 MiB changed, 384 read, ", out), out
         base = lab.ssh("dom0a", ["lvs", "--noheadings", "-o", "lv_attr,lv_tags", "vg0/web1-srv.dbkbase"]).stdout.split()
         assert base[0].startswith("V") and base[1].startswith("dbk:base:"), base
