@@ -11,9 +11,13 @@ figure gains from zero blocks.
      bytes changed (target <= 1.05, plus 1 MiB);
  (c) full copy: `domubackup seed web1 --force` of both disks vs `dd bs=4M | ssh dom0b dd
      oflag=direct` of the same LVs: the ratio of the throughputs (target >= 0.9);
- (d) unchanged thin disk, thin_delta: not built yet (printed as such).
+ (d) web1-srv a thin LV, web1 limited to that disk (`disks = ["xvdb"]`): after 1 % of its
+     blocks changed, the bytes read from the thin pool during the run / bytes changed (target
+     <= 1.1; the run's own overhead, an unchanged run's reads, printed beside); and unchanged
+     runs in blocks mode (thin_delta against the base) vs unchanged runs in files mode of the
+     same disk: the ratio of the median times (target <= 1.0).
 
-Usage: python3 tests/bench/bench_blocks.py [--repeat N]   (as root; brings the lab up, resets it
+Usage: python3 tests/bench/bench_blocks.py [--repeat N] [--only d]   (as root; brings the lab up, resets it
 before and after)
 """
 
@@ -106,15 +110,69 @@ def full_copy(lab, repeat):
     line("(c) ratio seed / dd|ssh dd (target >= 0.9)", f"{median(theirs) / median(ours):.2f}")
 
 
+THIN = ("set -e; lvcreate -q -y -L 1700M -T vg0/pool; lvcreate -q -y -V 1536M -T vg0/pool -n web1-srv.thin; "
+        "dd if=/dev/vg0/web1-srv of=/dev/vg0/web1-srv.thin bs=4M conv=sparse,fsync status=none; "
+        "lvrename -q vg0 web1-srv web1-srv.thick; lvrename -q vg0 web1-srv.thin web1-srv")
+
+
+def run_ok(lab, *args):
+    r = domubackup(lab, "-v", "run", "web1", *args, timeout=3600)
+    if r.returncode:
+        raise SystemExit(f"run failed:\n{r.stdout}{r.stderr}")
+    return r.stdout + r.stderr
+
+
+def thin(lab, repeat):
+    lab.ssh("dom0a", THIN)
+    lab.ssh("dom0a", f"sed -i '/^\\[domu.web1\\]/a disks = [\"xvdb\"]' {CONF}; sed -i '1i mode = \"blocks\"' {CONF}")
+    pool = lab.ssh("dom0a", ["lsblk", "-dno", "MAJ:MIN", "/dev/mapper/vg0-pool-tpool"]).stdout.strip()
+
+    def reads():
+        return int(lab.ssh("dom0a", ["cat", f"/sys/dev/block/{pool}/stat"]).stdout.split()[2]) * 512
+
+    run_ok(lab)  # reads the disk whole, keeps the base
+    blocks_mode = []
+    for _ in range(repeat):
+        before = reads()
+        t, out = timed(run_ok, lab)
+        blocks_mode.append(t)
+        idle = reads() - before
+    blocks = size_of(lab, SRV) // (4 << 20)
+    n = max(1, blocks // 100)
+    for i in range(n):
+        lab.ssh("dom0a", f"dd if=/dev/urandom of={SRV} bs=4M seek={i * (blocks // n)} count=1 conv=fsync status=none")
+    before = reads()
+    out = run_ok(lab)
+    read = reads() - before
+    changed, total, sent = sent_of(out, "xvdb")
+    line("(d) thin: blocks rewritten / changed / of", f"{n} / {changed} / {total}")
+    line("(d) thin: bytes read from the pool / bytes changed (target <= 1.1)",
+         f"{read / (n * (4 << 20)):.3f} ({read} of {n * (4 << 20)}; an unchanged run reads {idle})")
+    lab.ssh("dom0a", f"sed -i '/^mode = \"blocks\"$/d' {CONF}; sed -i '1i mode = \"files\"' {CONF}")
+    run_ok(lab)  # the first files-mode run
+    files_mode = [timed(run_ok, lab)[0] for _ in range(repeat)]
+    line("(d) unchanged run, blocks (thin_delta) s (median)", f"{median(blocks_mode):.1f}")
+    line("(d) unchanged run, files s (median)", f"{median(files_mode):.1f}")
+    line("(d) ratio blocks / files (target <= 1.0)", f"{median(blocks_mode) / median(files_mode):.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", choices=("d",), help="measure (d) alone")
     args = ap.parse_args()
     lab = Lab()
     with lab.session_lock():
         lab.up()
         lab.reset()
         try:
+            if args.only in (None, "d"):
+                thin(lab, args.repeat)
+                lab.ssh("dom0a", "lvremove -q -f vg0/web1-srv vg0/web1-srv.dbkbase vg0/pool; "
+                                 "lvrename -q vg0 web1-srv.thick web1-srv", check=False)
+                lab.reset()
+            if args.only == "d":
+                return
             lab.ssh("dom0a", f"sed -i '1i mode = \"blocks\"' {CONF}")
             t, _ = timed(lab.ssh, "dom0a", f"dd if=/dev/urandom of={SRV} bs=4M conv=fsync status=none", check=False,
                          timeout=3600)
@@ -122,7 +180,6 @@ def main():
             full_copy(lab, args.repeat)  # also makes the replicas equal and keeps their digests
             full_scan(lab, args.repeat)
             incremental(lab)
-            line("(d) thin: bytes read from the origin / changed", "not built yet (no thin_delta)")
         finally:
             lab.reset()
 
