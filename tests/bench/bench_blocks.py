@@ -80,7 +80,7 @@ def incremental(lab):
     blocks = size_of(lab, SRV) // (4 << 20)
     n = max(1, blocks // 100)
     for i in range(n):  # scattered, each a whole 4 MiB block of new random data
-        lab.ssh("dom0a", f"dd if=/dev/urandom of={SRV} bs=4M seek={i * (blocks // n)} count=1 conv=fsync status=none")
+        lab.ssh("dom0a", f"dd if=/dev/urandom of={SRV} bs=4M seek={1 + i * (blocks // n)} count=1 conv=fsync status=none")
     r = domubackup(lab, "-v", "run", "web1", timeout=3600)
     if r.returncode:
         raise SystemExit(f"run failed:\n{r.stdout}{r.stderr}")
@@ -140,7 +140,7 @@ def thin(lab, repeat):
     blocks = size_of(lab, SRV) // (4 << 20)
     n = max(1, blocks // 100)
     for i in range(n):
-        lab.ssh("dom0a", f"dd if=/dev/urandom of={SRV} bs=4M seek={i * (blocks // n)} count=1 conv=fsync status=none")
+        lab.ssh("dom0a", f"dd if=/dev/urandom of={SRV} bs=4M seek={1 + i * (blocks // n)} count=1 conv=fsync status=none")
     before = reads()
     out = run_ok(lab)
     read = reads() - before
