@@ -167,9 +167,11 @@ def main():
         lab.reset()
         try:
             if args.only in (None, "d"):
-                thin(lab, args.repeat)
-                lab.ssh("dom0a", "lvremove -q -f vg0/web1-srv vg0/web1-srv.dbkbase vg0/pool; "
-                                 "lvrename -q vg0 web1-srv.thick web1-srv", check=False)
+                try:
+                    thin(lab, args.repeat)
+                finally:  # the reset does not remove a thin pool
+                    lab.ssh("dom0a", "lvremove -q -f vg0/web1-srv vg0/web1-srv.dbkbase vg0/pool; "
+                                     "lvrename -q vg0 web1-srv.thick web1-srv", check=False)
                 lab.reset()
             if args.only == "d":
                 return
