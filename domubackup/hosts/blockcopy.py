@@ -51,6 +51,11 @@ ZERO = bytes(CHUNK)
 _ZERO_DIGESTS: dict[int, bytes] = {}
 
 
+def block_count(size: int) -> int:
+    """How many 4 MiB blocks (the last one maybe short) SIZE bytes are."""
+    return -(-size // CHUNK)
+
+
 def digest(block) -> bytes:
     """The xxh3-128 of BLOCK (that of zeros computed once per length)."""
     if block == ZERO[:len(block)]:
@@ -302,7 +307,7 @@ def load_digests(path: str, size: int) -> tuple[str, list[bytes], str] | None:
         return None
     parts = head.decode("ascii", "replace").split()
     if (len(parts) != 5 or parts[:2] != ["domubackup-digests", "2"] or parts[2] != str(size)
-            or len(body) != (size + CHUNK - 1) // CHUNK * DIGEST):
+            or len(body) != block_count(size) * DIGEST):
         return None
     return parts[3], [body[i:i + DIGEST] for i in range(0, len(body), DIGEST)], parts[4]
 
@@ -372,7 +377,7 @@ def copy_blocks(src: str, dst: str, size: int) -> tuple[int, int]:
     finally:
         os.close(s)
         os.close(d)
-    return (size + CHUNK - 1) // CHUNK, len(written)
+    return block_count(size), len(written)
 
 
 def send(dev: str, size: int) -> None:

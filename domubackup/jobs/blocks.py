@@ -22,7 +22,7 @@ from ..core import commands as cmd, parsers, plan as planner, points as pts
 from ..core.errors import CommandError, DomuBackupError, PeerError, SnapshotError
 from ..core.model import LOCAL, DiskFacts, PartitionTable, RsyncStats
 from ..core.config import rate_bytes
-from ..hosts.blockcopy import CHUNK, BlockStream, cache_path, drop_digests, load_digests, save_digests, throttled
+from ..hosts.blockcopy import CHUNK, BlockStream, block_count, cache_path, drop_digests, load_digests, save_digests, throttled
 from ..hosts.journal import Journal
 from .checks import SnapshotWatch, check_no_stale, check_vg_space
 from .executor import Executor
@@ -107,9 +107,9 @@ def plan_blocks_verify(domu: str, facts, settings, peers) -> planner.Plan:
     """`verify` with every disk in blocks mode (planner.block_verify_steps)."""
     plan = planner.Plan(domu, notes=["mode blocks: the digest of every 4 MiB block of each replica is compared "
                                      "with its snapshot's; nothing is written"])
-    plan.steps = planner.snapshots_checked(facts, settings) + [
-        s for peer in peers for s in [planner.check(peer, "peer-state", note=f"{domu} is not running on {peer}")]
-    ] + planner.block_verify_steps(domu, facts, settings, peers)
+    states = [planner.check(peer, "peer-state", note=f"{domu} is not running on {peer}") for peer in peers]
+    plan.steps = planner.snapshots_checked(facts, settings) + states + planner.block_verify_steps(domu, facts,
+                                                                                                  settings, peers)
     return plan
 
 
@@ -158,6 +158,7 @@ class Blocks:
         self.job, self.settings, self.domu = backup.job, backup.settings, backup.domu
         self.digests: dict[tuple[str, str], list[bytes]] = {}  # (peer, disk) -> the replica's block digests
         self.whence: dict[tuple[str, str], str] = {}  # (peer, disk) -> where they came from, for the report
+        self.kept_used: set[tuple[str, str]] = set()  # (peer, disk) whose kept digests the peer confirmed
         self.streams: dict = {}  # blocks step -> (BlockStream, start, its progress bar or None)
         self.read: dict[tuple[str, str], list[bytes]] = {}  # verify: (host, disk) -> the digests read there
         self.only: dict[str, set[int]] = {}  # thin disk -> the blocks thin_delta says may have changed
@@ -243,12 +244,14 @@ class Blocks:
             raise CommandError(step.host, step.argv, res.exit_code, res.stderr)
         key, kept = (step.host, step.about[0]), self.job.insp.digests.get((step.host, step.about[0]))
         try:
-            got = parsers.parse_digests(res.stdout, -(-self._fact(step.about[0]).lv.size // CHUNK))
+            got = parsers.parse_digests(res.stdout, block_count(self._fact(step.about[0]).lv.size))
         except ValueError as e:
             raise PeerError(f"{self.domu}: {step.note}: {e}", hint="check the replica on the peer") from None
         if got is None and kept is None:
             raise PeerError(f"{self.domu}: {step.note}: `same` from {step.host}, but no digests are kept here")
         self.digests[key] = kept[1] if got is None else got
+        if got is None:
+            self.kept_used.add(key)
         self.whence[key] = ("kept here (nothing wrote to the replica since)" if got is None else
                             "read there" + (" (the replica was written since the last run, or its host restarted)"
                                             if kept else ""))
@@ -261,7 +264,7 @@ class Blocks:
         disk = step.about[0]
         size = self._fact(disk).lv.size
         try:
-            self.read[(step.host, disk)] = parsers.parse_digests(res.stdout, -(-size // CHUNK))
+            self.read[(step.host, disk)] = parsers.parse_digests(res.stdout, block_count(size))
         except ValueError as e:
             raise DomuBackupError(f"{self.domu}: {step.note}: {e}") from None
         ours = self.read.get((LOCAL, disk))
@@ -283,7 +286,7 @@ class Blocks:
         kept = self.job.insp.digests.get(key)
         # thin_delta's blocks only when the replica holds what the base held: its digests were
         # kept here (nothing wrote to it since) and made from that base
-        only = (self.only.get(step.about[0]) if self.whence.get(key, "").startswith("kept") and kept
+        only = (self.only.get(step.about[0]) if key in self.kept_used
                 and kept[2] == self.job.insp.bases.get(step.about[0]) else None)
         meter = self.b.progress.meter(f"blocks {snap} -> {step.host}", f.lv.size) if self.b.progress else None
         blocks = BlockStream(snap, f.lv.size, same=self.digests.pop(key), only=only,
