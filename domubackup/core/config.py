@@ -131,6 +131,9 @@ class Config:
     max_age: int  # seconds: `check`, the run's summary and the metrics warn past it (no OK on any Dom0)
     defaults: Settings
     domus: dict[str, Settings]
+    # [serve]: what this host, as a peer, lets each client Dom0's key do (domubackup serve)
+    serve_clients: dict = field(default_factory=dict)  # client Dom0 -> the DomUs it may back up here
+    allow_prune_from: tuple[str, ...] = ()  # clients that may prune and roll back points held here
 
     def settings_for(self, domu: str) -> Settings:
         return self.domus.get(domu, self.defaults)
@@ -299,6 +302,9 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
     dom0_tables = data.pop("dom0", {})
     if not isinstance(dom0_tables, dict) or not all(isinstance(t, dict) for t in dom0_tables.values()):
         raise check.fail("dom0", 'expected tables like [dom0.dom0b] with address = "10.0.0.2", port = 2222')
+    serve = data.pop("serve", {})
+    if not isinstance(serve, dict):
+        raise check.fail("serve", 'expected a table: [serve] clients = { dom0a = ["web1"] }')
     domu_tables = data.pop("domu", {})
     if not isinstance(domu_tables, dict):
         raise check.fail("domu", "expected tables like [domu.web1]")
@@ -361,10 +367,29 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
     max_age = parse_age(globals_.get("max_age", "2d"))
     if not max_age:
         raise check.fail("max_age", f"expected an age like '36h', '2d' or '1w', got {globals_['max_age']!r}")
+    for key in sorted(set(serve) - {"clients", "allow_prune_from"}):
+        raise check.fail(f"serve.{key}", "unknown key (known: clients, allow_prune_from)")
+    clients = serve.get("clients", {})
+    if not isinstance(clients, dict):
+        raise check.fail("serve.clients", 'expected a table of lists: { dom0a = ["web1", "db1"] }')
+    serve_clients = {}
+    for client, names in clients.items():
+        if client not in dom0s:
+            raise check.fail(f"serve.clients.{client}", f"{client!r} is not in dom0s {list(dom0s)}")
+        serve_clients[client] = check.value(f"serve.clients.{client}", names, tuple)
+        for name in serve_clients[client]:
+            try:
+                check_domu_name(name)
+            except NotEligibleError as e:
+                raise check.fail(f"serve.clients.{client}", e.message) from None
+    prune_from = check.value("serve.allow_prune_from", serve.get("allow_prune_from", []), tuple)
+    for client in prune_from:
+        if client not in dom0s:
+            raise check.fail("serve.allow_prune_from", f"{client!r} is not in dom0s {list(dom0s)}")
     return Config(path=path, dom0s=dom0s, this_host=this_host, state_dir=state_dir,
                   backup_all_running=globals_.get("backup_all_running", False),
                   catalog_keep_days=keep, metrics_textfile=globals_.get("metrics_textfile", ""), max_age=max_age,
-                  defaults=defaults, domus=domus)
+                  defaults=defaults, domus=domus, serve_clients=serve_clients, allow_prune_from=prune_from)
 
 
 def config_path(cli_value: str | None, environ=os.environ) -> str:

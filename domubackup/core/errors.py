@@ -18,6 +18,7 @@ EXIT_TEARDOWN = 4
 EXIT_PARTIAL = 5
 EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE: a bug; one line on stderr, the traceback in the log
 EXIT_BUSY = 75  # sysexits EX_TEMPFAIL
+EXIT_REFUSED = 77  # sysexits EX_NOPERM: `domubackup serve` refused a client's request
 EXIT_CONFIG = 78  # sysexits EX_CONFIG
 EXIT_SIGNAL = 128  # + the signal's number, as a shell reports a process that a signal ended
 
@@ -114,6 +115,10 @@ class CommandError(DomuBackupError):
 
 class PeerError(DomuBackupError):
     """The peer Dom0 cannot be reached or refuses us (SSH, host key, libvirt)."""
+
+
+class PeerRefused(PeerError):
+    """The peer's `domubackup serve` (its restricted key) refused a request of ours."""
 
 
 class PeerUnreachable(PeerError):

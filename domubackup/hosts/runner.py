@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -21,15 +20,12 @@ import sh
 
 from . import safepath
 from ..core.commands import HELPER
+from ..core.environ import BASE_ENV
 from ..core.errors import CommandError
 from ..core.model import Result
 
 log = logging.getLogger("domubackup.run")
 
-BASE_ENV = {"LC_ALL": "C", "LANG": "C", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "LVM_SUPPRESS_FD_WARNINGS": "1"}
-
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Seconds the remote `timeout` waits after SIGTERM before it sends SIGKILL.
 KILL_AFTER = 5

@@ -36,8 +36,9 @@ def vg_free(runner, vg: str) -> int:
     return int(float(res.stdout.strip()))
 
 
-def prepare_replica(runner, f, *, force: bool) -> str:
-    """Make sure the replica LV of disk facts `f` exists, is closed, big enough, and may be
+def prepare_replica(runner, f, domu: str, *, force: bool) -> str:
+    """Make sure the replica LV of disk facts `f` exists (created tagged ``dbk:domu:DOMU``: a
+    restricted peer's serve knows it as DOMU's from then on), is closed, big enough, and may be
     overwritten. Returns what was done, for the log."""
     vg, lv, size = f.lv.vg, f.lv.lv, f.lv.size
     path = cmd.lv_path(vg, lv)
@@ -48,7 +49,7 @@ def prepare_replica(runner, f, *, force: bool) -> str:
             raise PeerError(f"volume group {vg} on {runner.host} has {free} bytes free, the replica of "
                             f"{vg}/{lv} needs {size}: {size - free} bytes missing",
                             hint=f"free space in {vg} on {runner.host}")
-        runner.run(["lvcreate", "--yes", "--size", f"{size}b", "--name", lv, vg])
+        runner.run(["lvcreate", "--yes", "--size", f"{size}b", "--name", lv, "--addtag", f"dbk:domu:{domu}", vg])
         return f"created {path} ({size} bytes) on {runner.host}"
     replica = parsers.parse_lvs(res.stdout)[0]
     if replica.is_open:
@@ -123,7 +124,7 @@ class Seed:
 
     def _replica(self, step) -> None:
         self.job.out.report.append(prepare_replica(self.job.runners[step.host], self._disk(step.check[1]),
-                                                   force=self.force))
+                                                   self.job.domu, force=self.force))
 
     def _feed(self, step):
         if step.phase != "seed":

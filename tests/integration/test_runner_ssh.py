@@ -235,8 +235,8 @@ def test_a_late_eof_never_breaks_the_connection(sshd, monkeypatch):
 def rsync_ssh_settings(sshd, **kw):
     from domubackup.core.config import SSHSettings
 
-    return SSHSettings(user="root", identity_file=sshd.identity_file, known_hosts=sshd.known_hosts,
-                       port=sshd.port, connect_timeout=5, **kw)
+    return SSHSettings(**{"user": "root", "identity_file": sshd.identity_file, "known_hosts": sshd.known_hosts,
+                          "port": sshd.port, "connect_timeout": 5, **kw})
 
 
 def test_rsync_runs_over_the_ssh_command_of_the_config(sshd, tmp_path):
@@ -339,3 +339,44 @@ def test_both_clients_refuse_a_key_pinned_under_the_name_instead_of_the_address(
                          capture_output=True, text=True, timeout=60)
     assert res.returncode in (12, 255)  # ssh's 255, or rsync's 12 when it saw the pipe close first
     assert "Host key verification failed" in res.stderr
+
+
+def test_a_block_stream_goes_through_openssh_with_the_same_pinned_key(sshd, tmp_path):
+    # An iterable input (seed's and a blocks run's stream) is carried by the ssh client argv of
+    # the config, not paramiko: the bytes arrive whole, words unchanged, exit codes come back.
+    import hashlib
+
+    runner = SSHRunner.for_host(sshd.host, rsync_ssh_settings(sshd))
+    chunks = [os.urandom(1 << 20) for _ in range(6)] + [b"", b"tail"]
+    with runner:
+        r = runner.run(["sh", "-c", 'sha256sum; echo "$1" >&2', "-", "a b;$(id)'"], input=iter(chunks))
+        assert r.stdout.split()[0] == hashlib.sha256(b"".join(chunks)).hexdigest()
+        assert r.stderr == "a b;$(id)'\n"
+        assert runner._client is None  # paramiko never connected
+        r = runner.run(["sh", "-c", "cat >/dev/null; exit 3"], input=iter([b"x"]), check=False)
+        assert r.exit_code == 3
+        with pytest.raises(CommandError) as e:
+            runner.run(["sleep", "30"], input=iter([b""]), timeout=1)
+        assert e.value.timeout == 1
+    (tmp_path / "kh").write_text("")  # the peer's key is not pinned: ssh refuses, a PeerError
+    runner = SSHRunner.for_host(sshd.host, rsync_ssh_settings(sshd, known_hosts=str(tmp_path / "kh")))
+    with pytest.raises(PeerError) as e:
+        runner.run(["cat"], input=iter([b"x"]))
+    assert "ssh to 127.0.0.1" in str(e.value) and "Host key verification failed" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("openssh", [True, False])
+def test_a_failing_stream_ends_the_command_with_its_error(sshd, openssh):
+    # The snapshot's read fails mid-stream: the remote end sees end-of-file at once (not a
+    # stdin left open until the timeout) and the run gets the read error itself.
+    def blocks():
+        yield b"x" * 100000
+        raise OSError(5, "Input/output error")
+
+    runner = SSHRunner.for_host(sshd.host, rsync_ssh_settings(sshd))
+    if not openssh:
+        runner.openssh = None
+    start = time.monotonic()
+    with runner, pytest.raises(OSError, match="Input/output error"):
+        runner.run(["wc", "-c"], input=blocks(), timeout=20)
+    assert time.monotonic() - start < 10
