@@ -134,6 +134,7 @@ class Config:
     # [serve]: what this host, as a peer, lets each client Dom0's key do (domubackup serve)
     serve_clients: dict = field(default_factory=dict)  # client Dom0 -> the DomUs it may back up here
     allow_prune_from: tuple[str, ...] = ()  # clients that may prune and roll back points held here
+    append_only: tuple[str, ...] = ()  # peers ([dom0.NAME] append_only) whose points only they prune
 
     def settings_for(self, domu: str) -> Settings:
         return self.domus.get(domu, self.defaults)
@@ -324,12 +325,14 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
             raise check.fail("dom0s", f"{host!r} is reserved for this host's own steps: give the Dom0 its real "
                                       "host name (with [dom0.NAME] address if it is reached otherwise)")
     this_host = globals_.get("this_host") or (hostname or short_hostname())
-    endpoints = []
+    endpoints, append_only = [], []
     for name, table in dom0_tables.items():
         if name not in dom0s:
             raise check.fail(f"dom0.{name}", f"{name!r} is not in dom0s {list(dom0s)}")
-        for key in sorted(set(table) - {"address", "port"}):
-            raise check.fail(f"dom0.{name}.{key}", "unknown key (known: address, port)")
+        for key in sorted(set(table) - {"address", "port", "append_only"}):
+            raise check.fail(f"dom0.{name}.{key}", "unknown key (known: address, port, append_only)")
+        if check.value(f"dom0.{name}.append_only", table.get("append_only", False), bool):
+            append_only.append(name)
         address = check.value(f"dom0.{name}.address", table.get("address", name), str).strip("[]")
         if not ADDRESS_RE.fullmatch(address):
             raise check.fail(f"dom0.{name}.address", f"expected a host name or an IP address, got {address!r}")
@@ -389,7 +392,8 @@ def parse_config(text: str, path: str = DEFAULT_PATH, *, hostname: str | None = 
     return Config(path=path, dom0s=dom0s, this_host=this_host, state_dir=state_dir,
                   backup_all_running=globals_.get("backup_all_running", False),
                   catalog_keep_days=keep, metrics_textfile=globals_.get("metrics_textfile", ""), max_age=max_age,
-                  defaults=defaults, domus=domus, serve_clients=serve_clients, allow_prune_from=prune_from)
+                  defaults=defaults, domus=domus, serve_clients=serve_clients, allow_prune_from=prune_from,
+                  append_only=tuple(append_only))
 
 
 def config_path(cli_value: str | None, environ=os.environ) -> str:

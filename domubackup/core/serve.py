@@ -47,7 +47,8 @@ RSYNC_LONG = {"--delete", "--delete-before", "--delete-during", "--delete-delay"
               "--bwlimit", "--max-delete", "--ignore-errors", "--force", "--compress-level",
               "--compress-choice", "--checksum-choice", "--no-whole-file", "--whole-file", "--size-only",
               "--ignore-times", "--modify-window", "--fsync", "--preallocate", "--no-inc-recursive",
-              "--max-size", "--min-size", "--chmod", "--usermap", "--groupmap", "--chown", "--info", "--debug"}
+              "--max-size", "--min-size", "--chmod", "--usermap", "--groupmap", "--chown", "--info", "--debug",
+              "--stats"}
 
 
 class Refused(DomuBackupError):

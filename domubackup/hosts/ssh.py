@@ -254,16 +254,14 @@ class SSHRunner(Runner):
         if self._local is None:
             self._local = LocalRunner(self.host)
         line = self.remote_command(argv, env, timeout)
-        start, failed = time.monotonic(), []
-        try:
+        start = time.monotonic()
+        try:  # the runner raises the error of making the chunks, once ssh ended
             code, out, err = self._local._execute((*self.openssh, "--", self.address, line), dict(BASE_ENV),
-                                                  _guarded(chunks, failed), timeout + KILL_AFTER + REMOTE_GRACE)
+                                                  chunks, timeout + KILL_AFTER + REMOTE_GRACE)
         except CommandError as exc:
             if exc.timeout is not None:
                 raise CommandError(self.host, argv, None, exc.stderr, timeout=timeout) from None
             raise
-        if failed:
-            raise failed[0]
         stderr = _text(err)
         if code == 255:
             last = " | ".join(stderr.strip().splitlines()[-3:]) or "no message"

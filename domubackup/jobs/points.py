@@ -78,6 +78,10 @@ class PointsPhase:
         new = retention.Point(self.point, pts.stamp_time(self.point), good=True)  # what the steps below make
         decided = retention.prune([*existing, new], self.settings.retention)
         doomed = [p for p, keep, _ in decided if not keep and p.name != self.point]
+        if doomed and step.host in self.job.config.append_only:
+            log.info("%s: %s keeps its restore points append-only: its own `domubackup prune` removes %s",
+                     self.domu, step.host, ", ".join(p.name for p in doomed))
+            doomed = []
         self.pruned += [f"{step.host}:{p.name}" for p in doomed]
         gone = {p.name for p in doomed}
         self.known[step.host] = figures([new, *(p for p in existing if p.name not in gone | {new.name})])

@@ -15,7 +15,7 @@ from . import frame as jobs
 from ..hosts import virt
 from ..hosts.catalog import Catalog
 from .checks import check_peer_state, check_replicas, check_vg_space
-from ..core.errors import DomuBackupError, NotHereError
+from ..core.errors import DomuBackupError, NotHereError, PeerRefused
 from ..core.report import age_text, last_ok_text, newest_ok_per_domu
 
 LOCAL_TOOLS = ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "kpartx", "parted", "blkid", "findmnt",
@@ -44,6 +44,22 @@ def tools_present(runner, tools, hint=None) -> str:
     if gone:
         raise DomuBackupError(f"missing: {', '.join(gone)}", hint=hint)
     return "all present"
+
+
+def peer_access(runner, peer: str, this_host: str) -> Check:
+    """Whether PEER runs only `domubackup serve` for this host's key: a shell command must be
+    refused there (README, Restricted peer). A shell is not a failure (the plain mode), a warning."""
+    what = f"{peer} restricts this host's key (domubackup serve)"
+    try:
+        runner.run(["sh", "-c", "exit 0"], timeout=30)
+    except PeerRefused:
+        return Check(True, what, "a shell command is refused there")
+    except DomuBackupError as e:
+        return Check(False, what, str(e))
+    return Check(False, what, f"the key gives a root shell on {peer}: whoever is root here is root there, with "
+                              f"every replica and restore point; install the forced command `domubackup serve "
+                              f"--client {this_host}` in root's authorized_keys on {peer} (README, Restricted peer)",
+                 warning=True)
 
 
 def _try(what, fn) -> Check:
@@ -120,6 +136,7 @@ def domu_checks(config, names, conn, local, factory, peers_seen, night) -> list[
                 checks.append(ok)
                 if ok.ok:
                     checks.append(_try(f"tools on {peer}", lambda: tools_present(runner, PEER_TOOLS)))
+                    checks.append(peer_access(runner, peer, config.this_host))
             runner = peers_seen[peer]
             blocks = [f for f in insp.facts if is_blocks(f)]
             files = [f for f in insp.facts if not is_blocks(f)]

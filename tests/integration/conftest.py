@@ -25,15 +25,12 @@ def _keygen(path):
     return path.with_suffix(".pub").read_text().split()[:2]  # [type, base64]
 
 
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory):
-    if os.geteuid() != 0 or not os.path.exists(SSHD) or not shutil.which("ssh-keygen"):
-        pytest.skip("needs root, /usr/sbin/sshd and ssh-keygen")
-    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's compiled-in privsep dir
-    tmp = tmp_path_factory.mktemp("sshd")
+def start_sshd(tmp, authorized_keys):
+    """An sshd on a free port of 127.0.0.1 whose root accepts AUTHORIZED_KEYS (a function of
+    the client's public key line); yields its Sshd."""
     host_type, host_key = _keygen(tmp / "host_key")
     _keygen(tmp / "client_key")
-    (tmp / "authorized_keys").write_text((tmp / "client_key.pub").read_text())
+    (tmp / "authorized_keys").write_text(authorized_keys((tmp / "client_key.pub").read_text()))
     port = _free_port()
     (tmp / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {tmp}/host_key\n"
@@ -67,3 +64,31 @@ def sshd(tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _needs_sshd():
+    if os.geteuid() != 0 or not os.path.exists(SSHD) or not shutil.which("ssh-keygen"):
+        pytest.skip("needs root, /usr/sbin/sshd and ssh-keygen")
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's compiled-in privsep dir
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    _needs_sshd()
+    yield from start_sshd(tmp_path_factory.mktemp("sshd"), lambda key: key)
+
+
+@pytest.fixture(scope="session")
+def serve_sshd(tmp_path_factory):
+    """An sshd whose key runs only `domubackup serve --client dom0a` (the restricted peer),
+    with a config of its own (CONFIG in its tmp: target_prefix tmp/target, web1 granted)."""
+    import sys
+
+    _needs_sshd()
+    tmp = tmp_path_factory.mktemp("serve")
+    (tmp / "target").mkdir()
+    (tmp / "domubackup.toml").write_text(
+        f'dom0s = ["dom0a", "dom0b"]\ntarget_prefix = "{tmp}/target"\nlibvirt_uri = "test:///default"\n'
+        '[serve]\nclients = { dom0a = ["web1"] }\n')
+    forced = f'command="{sys.executable} -m domubackup serve --client dom0a -c {tmp}/domubackup.toml",restrict '
+    yield from start_sshd(tmp, lambda key: forced + key)

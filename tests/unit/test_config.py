@@ -63,7 +63,7 @@ def test_domu_section_overrides_global_and_nested_tables():
     (BASE + 'source_prefix = "/"\n', "/etc/db.toml: source_prefix: expected an absolute directory other than /, got '/'"),
     (BASE + '[domu.web1]\nsnapshot_sise = "1G"\n', "/etc/db.toml: domu.web1.snapshot_sise: unknown key"),
     (BASE + '[dom0.dom0z]\naddress = "10.0.0.9"\n', "/etc/db.toml: dom0.dom0z: 'dom0z' is not in dom0s ['dom0a', 'dom0b']"),
-    (BASE + '[dom0.dom0b]\nadress = "10.0.0.9"\n', "/etc/db.toml: dom0.dom0b.adress: unknown key (known: address, port)"),
+    (BASE + '[dom0.dom0b]\nadress = "10.0.0.9"\n', "/etc/db.toml: dom0.dom0b.adress: unknown key (known: address, port, append_only)"),
     (BASE + '[dom0.dom0b]\naddress = "-oProxyCommand=x"\n', "/etc/db.toml: dom0.dom0b.address: expected a host name or an IP address, got '-oProxyCommand=x'"),
     (BASE + '[dom0.dom0b]\naddress = 10\n', "/etc/db.toml: dom0.dom0b.address: expected a string, got 10"),
     (BASE + '[dom0.dom0b]\nport = 0\n', "/etc/db.toml: dom0.dom0b.port: expected a TCP port, got 0"),
@@ -168,3 +168,16 @@ def test_max_age():
     assert error_of(BASE + 'max_age = "2 days"\n') == \
         "/etc/db.toml: max_age: expected an age like '36h', '2d' or '1w', got '2 days'"
     assert error_of(BASE + 'max_age = "0d"\n').startswith("/etc/db.toml: max_age: expected an age")
+
+
+def test_serve_section_and_append_only_peers():
+    c = parse(BASE + '[dom0.dom0b]\nappend_only = true\n[serve]\nclients = { dom0b = ["web1", "db1"] }\n'
+                     'allow_prune_from = ["dom0b"]\n')
+    assert c.serve_clients == {"dom0b": ("web1", "db1")} and c.allow_prune_from == ("dom0b",)
+    assert c.append_only == ("dom0b",) and parse(BASE).append_only == () and parse(BASE).serve_clients == {}
+    assert error_of(BASE + '[serve]\nclients = { dom0c = ["web1"] }\n').startswith(
+        "/etc/db.toml: serve.clients.dom0c: 'dom0c' is not in dom0s")
+    assert error_of(BASE + '[serve]\nclients = { dom0b = ["../etc"] }\n').startswith("/etc/db.toml: serve.clients.dom0b:")
+    assert error_of(BASE + '[serve]\nclient = {}\n').startswith("/etc/db.toml: serve.client: unknown key")
+    assert error_of(BASE + '[dom0.dom0b]\nappend_only = "yes"\n').startswith(
+        "/etc/db.toml: dom0.dom0b.append_only: expected true or false")
