@@ -88,11 +88,15 @@ def cmd_prune(config, args, runner) -> int:
             raise ConfigError(f"{config.path}: no [retention] for {domu}: nothing says which points to keep",
                               hint="add a [retention] table (e.g. keep_last = 7), or [domu.NAME.retention]")
     args.domus = args.domus or [d for d in config.domus if config.settings_for(d).retention is not None]
+    # an append_only peer's points are pruned by that peer's own `domubackup prune` (its serve
+    # refuses this host's removals): what it would remove is only shown
     answers, codes = _on_point_hosts(config, args, runner, lambda domu, host, r: points.prune_host(
-        config, domu, host, r, dry_run=args.dry_run))
+        config, domu, host, r, dry_run=args.dry_run or host in config.append_only))
     for domu, host, (decided, _) in answers:
+        left = " (append-only: left to its own prune)" if host in config.append_only else ""
         for name, keep, why in decided:
-            cli.say(f"{domu}: {host}: {'keeps' if keep else 'would remove' if args.dry_run else 'removed'} {name} ({why})")
+            done = "keeps" if keep else "would remove" if args.dry_run or left else "removed"
+            cli.say(f"{domu}: {host}: {done} {name} ({why}){'' if keep else left}")
     if not args.dry_run:
         with closing(cli.open_catalog(config)) as catalog:
             for domu in args.domus:

@@ -435,6 +435,8 @@ def parse_digests(text: str, blocks: int) -> list[bytes] | None:
         return None
     if len(lines) != blocks:
         raise ValueError(f"{len(lines)} block digests, {blocks} expected")
+    if any(len(line) != 16 for line in lines):  # xxh64: 8 bytes (a peer of another version)
+        raise ValueError("block digests that are not xxh64 (another domubackup version there?)")
     return [bytes.fromhex(line) for line in lines]
 
 

@@ -114,8 +114,9 @@ class Judge:
     when there is no such LV on this host; DEVICE(path) -> (VG, LV) of an existing device-mapper
     device (a partition mapping: its LV), or None."""
 
-    def __init__(self, grant: Grant, tags, device=None):
+    def __init__(self, grant: Grant, tags, device=None, exists=None):
         self.g, self.tags, self.device = grant, tags, device or (lambda path: None)
+        self.exists = exists or (lambda path: False)
 
     # --- objects ---------------------------------------------------------------------------------
 
@@ -390,11 +391,13 @@ class Judge:
                 or not name.endswith(".xml"):
             return False
         self.granted(domu)
+        if self.exists(a[5]):
+            raise Refused(f"{a[5]} exists already: a restore point is never overwritten")
 
     def c_rm(self, a):
-        self.may_prune("remove the domain XML of restore points")
         if a[1:3] != ("-f", "--"):
             return False
+        self.may_prune("remove the domain XML of restore points")
         for path in a[3:]:
             head, name = posixpath.split(path)
             if head != posixpath.join(self.g.state_dir, "points", posixpath.basename(head)) or not name.endswith(".xml"):
@@ -415,6 +418,8 @@ class Judge:
             if w.startswith("--"):
                 if w.split("=", 1)[0] not in RSYNC_LONG:
                     raise Refused(f"rsync option {w.split('=', 1)[0]} is not served")
-            elif not re.fullmatch(r"-[A-Za-z]+(e\.[A-Za-z]*)?", w) or any(c in w.split("e.")[0] for c in "TM"):
+            # short options, but -T (a temp dir), -M (options for the other end), -K (follow a
+            # symlinked directory the tree holds, written by whoever wrote the tree)
+            elif not re.fullmatch(r"-[A-Za-z]+(e\.[A-Za-z]*)?", w) or any(c in w.split("e.")[0] for c in "TMK"):
                 raise Refused(f"rsync argument {w!r} is not served")
         self.tree(a[-1])

@@ -7,6 +7,7 @@ is quoted (``SSHRunner.remote_command``, the one place): nothing is ever parsed 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shlex
@@ -213,6 +214,10 @@ def _piped(chunks):
     an iterable: it ignores short writes (os.write's count), which lost data of 4 MiB chunks
     into a pipe (a seed's checksum differed)."""
     read, write = os.pipe()
+    try:  # 1 MiB: the chunks go on arriving while the command's reader is busy
+        fcntl.fcntl(write, 1031, 1 << 20)  # F_SETPIPE_SZ
+    except OSError:
+        pass
     failed = []
 
     def feed():

@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
     line = os.environ.get("SSH_ORIGINAL_COMMAND")
     try:
         req = parse_request(line)
-        Judge(load_grant(config, client), lv_tags(), mapper_device).judge(req)
+        Judge(load_grant(config, client), lv_tags(), mapper_device, os.path.lexists).judge(req)
     except Refused as e:
         _log(client, line or "", e.message)
         print(REFUSED + e.message + (f" ({e.hint})" if e.hint else ""), file=sys.stderr)

@@ -5,7 +5,7 @@ A run: the peer's DomU-state check; the replica LVs exist there, are closed and 
 the origins (lvs only); this host's snapshots (the freeze window as in files mode); the
 peer's `block-digests` of each replica: ``same`` without reading it when its write token is
 the one this host kept with the replica's digests at the last OK run (state_dir/digests/,
-blocksync-fast's way), else the xxh3-128 of each 4 MiB block read there (bdsync's way: a
+blocksync-fast's way), else the xxh64 of each 4 MiB block read there (bdsync's way: a
 missing or stale digest file costs a read of the replica, never a skipped block); this host
 reads the snapshot, and streams only the blocks whose digest differs (an unchanged one as its
 digest) into the peer's `receive-blocks`, which writes them, fsyncs and reads back what it

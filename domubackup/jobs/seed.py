@@ -4,7 +4,7 @@ Create the replica LV if missing (same VG/LV name and size), snapshot the origin
 snapshot block for block over the peer's SSH connection into its `receive-blocks` (a zero
 block is sent as a 13-byte header, not as data, and zeroed there with BLKZEROOUT; a
 compressible one travels zlib-compressed), then compare a checksum of both ends: the SHA-256
-of the xxh3-128 digests of every 4 MiB block, read back from the replica device
+of the xxh64 digests of every 4 MiB block, read back from the replica device
 (hosts/blockcopy.py). The digests and the replica's write token are kept here, so that the
 first blocks-mode run after a seed reads nothing of the replica: a seed is that mode's first,
 full, run. The snapshots are journaled like a backup's, so a crash is cleaned by `cleanup`."""

@@ -18,9 +18,12 @@ LVS = {("vg0", "web1-disk"): {"dbk:domu:web1"},
 MAPPER = {"/dev/mapper/vg0-web1--diskp1": ("vg0", "web1-disk"), "/dev/mapper/vg0-db1--diskp1": ("vg0", "db1-disk")}
 
 
+XML = {"/var/lib/domubackup/points/web1/20261202T031500Z.xml"}  # the domain XML of the good point
+
+
 def judge(prune=False):
     grant = Grant("dom0a", ["web1"], prune, T, "p", "qemu:///system", "/var/lib/domubackup")
-    return Judge(grant, lambda vg, lv: LVS.get((vg, lv)), MAPPER.get)
+    return Judge(grant, lambda vg, lv: LVS.get((vg, lv)), MAPPER.get, XML.__contains__)
 
 
 def line(argv, no_input=True):
@@ -116,7 +119,7 @@ REFUSED = [
     (line(cmd.receive_blocks("/dev/sda", 4 << 20)), "'/dev/sda' is not a logical volume of a DomU here"),
     (line(cmd.receive_blocks("/dev/vg0/../sda", 4 << 20)), "is not a logical volume"),
     (line(cmd.send_blocks("/dev/vg0/db1-disk", 4 << 20)), "belongs to DomU db1"),
-    (line(["rm", "-rf", "--", f"{T}/web1"]), "append-only"),
+    (line(["rm", "-rf", "--", f"{T}/web1"]), "not a form"),
     (line(["rm", "-f", "--", "/var/lib/domubackup/points/web1/20261202T031500Z.xml"]), "append-only"),
     (line(cmd.mkdir("/etc/cron.d")), "'/etc/cron.d' is not under this host's target prefix"),
     (line(cmd.mkdir(f"{T}/web1/../../../etc")), "is not under this host's target prefix"),
@@ -141,6 +144,8 @@ REFUSED = [
            "dbk:domu:web1", "--addtag", "dbk:state:good", "--addtag", "dbk:state:pending", "/dev/vg0/web1-disk"]),
      "not a form"),
     (line(["install", "-D", "-m", "0600", "/dev/stdin", "/root/.ssh/authorized_keys"]), "not a form"),
+    (line(["install", "-D", "-m", "0600", "/dev/stdin", "/var/lib/domubackup/points/web1/20261202T031500Z.xml"]),
+     "exists already: a restore point is never overwritten"),
     (line(["kpartx", "-a", "-s", "-p", "p", "/dev/vg0/own-disk"]), "not the replica of a DomU"),
     (line(["timeout", "1", "id"]), "`timeout 1 id` is not a command"),
     ("rsync --server --sender -logDtpre.iLsf . /etc/", "only rsync's receiving end"),
@@ -149,6 +154,7 @@ REFUSED = [
     (f"rsync --server -logDtpre.iLsf --temp-dir=/etc . {T}/web1/", "rsync option --temp-dir is not served"),
     (f"rsync --server -logDtpre.iLsf --log-file=/etc/passwd . {T}/web1/", "rsync option --log-file"),
     (f"rsync --server -logDtpre.iLsf -T /etc . {T}/web1/", "rsync argument '-T' is not served"),
+    (f"rsync --server -logDtpKre.iLsf . {T}/web1/", "rsync argument '-logDtpKre.iLsf' is not served"),
     (f"X=1 rsync --server -logDtpre.iLsf . {T}/web1/", "not a request of domubackup"),
     (f"rsync --server -logDtpre.iLsf . {T}/web1/ </dev/null", "not a request of domubackup"),
     ("timeout -k 5 600 true; id", "`'true;' id` is not a command"),
