@@ -21,9 +21,12 @@ def manifest(lab, vm):
         tree(lab, vm, "umount")
 
 
-# The xxh3-128 of a whole file or device (fast under emulation, unlike sha256sum):
-# `python3 -c XXH PATH` on a lab VM.
-XXH = ("import sys, xxhash\nh = xxhash.xxh3_128()\nwith open(sys.argv[1], 'rb') as f:\n"
+# The xxh64 of a whole file or device (fast under emulation, unlike sha256sum), read past the
+# page cache: a device's cached pages are dropped first (a write through a partition mapping
+# on it leaves the LV's own cached pages stale, which udev's probes fill): `python3 -c XXH PATH`
+# on a lab VM.
+XXH = ("import os, sys, xxhash\nh = xxhash.xxh64()\nwith open(sys.argv[1], 'rb') as f:\n"
+       "    os.fsync(f.fileno())\n    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)\n"
        "    for b in iter(lambda: f.read(4 << 20), b''):\n        h.update(b)\nprint(h.hexdigest())")
 
 

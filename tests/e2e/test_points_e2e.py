@@ -43,7 +43,7 @@ def thin_point(lv):
 
 
 def digest(lab, vm, lv):
-    """The xxh3-128 of a whole LV on VM (fast under emulation, unlike sha256sum); a thin point
+    """The xxh64 of a whole LV on VM (fast under emulation, unlike sha256sum); a thin point
     activated for it, and deactivated."""
     thin = thin_point(lv) and vm == "dom0b"
     if thin:

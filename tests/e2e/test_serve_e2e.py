@@ -72,6 +72,9 @@ def test_a_restricted_peer_serves_the_night_and_refuses_the_rest(lab):
 
 
 def night_through_serve(lab):
+    # seed (a full block copy) through serve, before there are points (it rewrites every block)
+    out = run_ok(lab, "seed", "--force", "web1")
+    assert out.count("matches") == 2, out
     r = domubackup(lab, "check")
     assert "dom0b restricts this host's key (domubackup serve): a shell command is refused there" in r.stdout, \
         r.stdout + r.stderr
@@ -104,9 +107,6 @@ def night_through_serve(lab):
         r.stdout + r.stderr
     assert dom0b_state(lab) == before
     lab.ssh("dom0a", f"sed -i 's/^\\[dom0.dom0b\\]$/&\\nappend_only = true/' {CONF}")
-    # seed (a full block copy) through serve
-    out = run_ok(lab, "seed", "--force", "web1")
-    assert out.count("matches") == 2, out
     # dom0b's own prune applies its own retention (keep_last = 2: nothing to remove yet)
     assert "removed" not in run_ok(lab, "prune", "web1", vm="dom0b")
 
