@@ -16,7 +16,7 @@ from . import __version__, cli_points
 from .core import config as cfg
 from .jobs import backup, frame
 from .hosts import logs, virt
-from .core.errors import (EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERNAL, EXIT_NOT_ELIGIBLE, EXIT_OK, EXIT_PARTIAL,
+from .core.errors import (EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERNAL, EXIT_NOT_ELIGIBLE, EXIT_OK, EXIT_PARTIAL, EXIT_REFUSED,
                      EXIT_SIGNAL, EXIT_TEARDOWN, EXIT_USAGE, DomuBackupError, Interrupted, UsageError,
                      signal_exit)
 from .core.plan import describe
@@ -28,7 +28,7 @@ from .jobs.seed import seed
 # When several DomUs end differently, the most serious outcome decides the exit status (a code
 # not listed, a signal's 128+N, wins over all). EXIT_CONFIG: a DomU that runs here with no
 # replica host but this one (config.no_peer); the rest of the file is valid.
-SEVERITY = [EXIT_OK, EXIT_NOT_ELIGIBLE, EXIT_BUSY, EXIT_PARTIAL, EXIT_FAILED, EXIT_CONFIG, EXIT_TEARDOWN]
+SEVERITY = [EXIT_OK, EXIT_NOT_ELIGIBLE, EXIT_BUSY, EXIT_PARTIAL, EXIT_FAILED, EXIT_REFUSED, EXIT_CONFIG, EXIT_TEARDOWN]
 
 log = logging.getLogger("domubackup")
 

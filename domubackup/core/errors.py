@@ -120,6 +120,8 @@ class PeerError(DomuBackupError):
 class PeerRefused(PeerError):
     """The peer's `domubackup serve` (its restricted key) refused a request of ours."""
 
+    exit_code = EXIT_REFUSED
+
 
 class PeerUnreachable(PeerError):
     """Nothing answers at the peer's address (refused, timed out, name unknown): a failover

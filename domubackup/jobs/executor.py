@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 from ..core import commands as cmd, parsers
-from ..core.errors import CommandError, TeardownError
+from ..core.errors import CommandError, PeerRefused, TeardownError
 from ..core.model import LOCAL, Step
 
 log = logging.getLogger("domubackup")
@@ -175,7 +175,8 @@ class Executor:
             self.checks[step.check[0]](step)
         elif len(group) > 1:
             recorded = self.journal.begin_many(group)
-            res = self.runners[step.host].run(cmd.batched([s.argv for s in group]), timeout=self.timeout)
+            with self._refused(recorded):
+                res = self.runners[step.host].run(cmd.batched([s.argv for s in group]), timeout=self.timeout)
             self.journal.done_many(recorded)
             self._note_space(step.host, [s.argv for s in group], res.stdout)
         elif step.then:
@@ -194,10 +195,21 @@ class Executor:
                 self.journal.closed(step.host, step.closes)
         else:
             i = self.journal.begin(step)
-            res = self._run(step)
+            with self._refused([i]):
+                res = self._run(step)
             self.journal.done(i)
             self._note_space(step.host, [step.argv], res.stdout)
         return group
+
+    @contextmanager
+    def _refused(self, recorded):
+        """A step the peer's `domubackup serve` refused never ran: nothing of it to undo."""
+        try:
+            yield
+        except PeerRefused:
+            for i in recorded:
+                self.journal.undone(i)
+            raise
 
     def _run(self, step: Step, check: bool = True):
         display = self.on_output(step) if self.on_output is not None else None

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from domubackup.core.errors import CommandError, PeerError
+from domubackup.core.errors import CommandError, PeerError, PeerRefused
 from domubackup.core.model import LOCAL, Step
 from domubackup.hosts.journal import Journal
 from domubackup.hosts.runner import Runner
@@ -121,6 +121,24 @@ def test_the_first_failure_stops_every_lane_and_everything_opened_is_closed(tmp_
         opens = [a[1] for h, a in log if h == host and a[0] == "open"]
         assert [a for h, a in log if h == host and a[0] == "close"] == [("close", n) for n in reversed(opens)]
     assert failed.is_set() and ("dom0a", ("open", "a2")) in log
+
+
+def test_a_step_the_peer_refused_never_ran_so_it_is_not_undone(tmp_path):
+    # an append-only peer's serve refuses the prune mark: its undo (finishing the removal,
+    # also refused) is not tried, the steps before it still close, no journal entry is left
+    log = []
+
+    class Serving(Host):
+        def _execute(self, argv, env, input, timeout):
+            if argv == ("open", "b2"):
+                raise PeerRefused("dom0b refused `open b2`: dom0a may not prune restore points")
+            return super()._execute(argv, env, input, timeout)
+    ex = executor(tmp_path, {LOCAL: Host("dom0a", log), "dom0b": Serving("dom0b", log)})
+    with pytest.raises(PeerRefused, match="may not prune"):
+        with ex.closing():
+            ex.run([opened("dom0b", "b1"), opened("dom0b", "b2"), opened("dom0b", "b3")])
+    assert log == [("dom0b", ("open", "b1")), ("dom0b", ("close", "b1"))]
+    assert not (tmp_path / "journal" / "web1.json").exists()
 
 
 def test_a_check_that_fails_on_a_peer_opens_nothing_after_it(tmp_path):
