@@ -55,7 +55,6 @@ PAGE = 4096  # the smallest chunk of an LVM snapshot
 DIGEST = 8  # bytes of a block's digest (xxh64)
 HEADER = struct.Struct(">cQI")  # kind (D data / C zlib data / Z zeros / S same: its digest), offset, length
 ZERO = bytes(CHUNK)
-F_SETPIPE_SZ = 1031  # fcntl: a pipe's capacity (Linux)
 _ZERO_DIGESTS: dict[int, bytes] = {}
 
 
@@ -220,12 +219,8 @@ class Stop(Exception):
 
 
 def _read(inp, n: int) -> bytes:
-    b = bytearray()
-    while len(b) < n:
-        part = inp.read(n - len(b))
-        if not part:
-            raise Stop("the stream ended early")
-        b += part
+    b = bytearray(n)
+    _read_into(inp, memoryview(b))
     return bytes(b)
 
 
@@ -498,7 +493,7 @@ def main(argv: list[str]) -> int:
             send(args[0], size)
         elif command == "receive-blocks":
             try:  # a 1 MiB pipe from sshd: the stream goes on arriving while a block is written
-                fcntl.fcntl(0, F_SETPIPE_SZ, 1 << 20)
+                fcntl.fcntl(0, fcntl.F_SETPIPE_SZ, 1 << 20)
             except OSError:
                 pass
             total, token = receive(args[0], size, sys.stdin.buffer)

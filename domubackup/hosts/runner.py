@@ -215,7 +215,7 @@ def _piped(chunks):
     into a pipe (a seed's checksum differed)."""
     read, write = os.pipe()
     try:  # 1 MiB: the chunks go on arriving while the command's reader is busy
-        fcntl.fcntl(write, 1031, 1 << 20)  # F_SETPIPE_SZ
+        fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 1 << 20)
     except OSError:
         pass
     failed = []
