@@ -50,6 +50,9 @@ RSYNC_LONG = {"--delete", "--delete-before", "--delete-during", "--delete-delay"
               "--max-size", "--min-size", "--chmod", "--usermap", "--groupmap", "--chown", "--info", "--debug",
               "--stats"}
 
+# what rsync's client sends for its --out-format (verify's itemized dry run): fixed values
+RSYNC_LOG_FORMATS = {"--log-format=%i%I", "--log-format=%i", "--log-format=%o", "--log-format=X"}
+
 
 class Refused(DomuBackupError):
     """A request `serve` does not run. Its message goes back to the client on stderr."""
@@ -146,9 +149,11 @@ class Judge:
             raise Refused(f"{path!r} is not a logical volume of a DomU here")
         return self.owner(*vg_lv, **kw)
 
-    def tree(self, path: str, *, deep: bool = False) -> str:
+    def tree(self, path: str, *, deep: bool = False, child: bool = False) -> str:
         """The granted DomU whose tree PATH is (TARGET_PREFIX/D, TARGET_PREFIX/.D.unplaced, or
-        a directory right in the latter; DEEP: or anything below either); Refused otherwise."""
+        a directory right in the latter; CHILD: or right in either, as mkdir and rmdir of a
+        layout without fstab make them, TREE/xvda: mkdir(2) and rmdir(2) follow no symlink
+        in their last component; DEEP: or anything below either); Refused otherwise."""
         norm = posixpath.normpath(path)
         head, _, rest = norm.partition(self.g.target_prefix + "/")
         if head or not rest or norm != path.rstrip("/"):
@@ -156,7 +161,7 @@ class Judge:
         parts = rest.split("/")
         m = re.fullmatch(r"\.(.+)\.unplaced", parts[0])
         domu = m.group(1) if m else parts[0]
-        if domu not in self.g.domus or not deep and len(parts) > (2 if m else 1):
+        if domu not in self.g.domus or not deep and len(parts) > (2 if m or child else 1):
             raise Refused(f"{path!r} is not the tree of a DomU granted to {self.g.client}")
         return domu
 
@@ -248,12 +253,12 @@ class Judge:
     def c_mkdir(self, a):
         if len(a) != 4 or a[1:3] != ("-p", "--"):
             return False
-        self.tree(a[3])
+        self.tree(a[3], child=True)
 
     def c_rmdir(self, a):
         if len(a) != 3 or a[1] != "--":
             return False
-        self.tree(a[2])
+        self.tree(a[2], child=True)
 
     def c_domubackup_mount_in(self, a):
         words = list(a[2:])
@@ -415,6 +420,8 @@ class Judge:
         if "--sender" in a or len(a) < 4 or a[-2] != ".":
             raise Refused(f"`{shlex.join(a[:12])}`: only rsync's receiving end into a DomU's tree is served")
         for w in a[2:-2]:
+            if w in RSYNC_LOG_FORMATS:
+                continue
             if w.startswith("--"):
                 if w.split("=", 1)[0] not in RSYNC_LONG:
                     raise Refused(f"rsync option {w.split('=', 1)[0]} is not served")

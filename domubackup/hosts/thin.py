@@ -30,19 +30,26 @@ def run(argv, check=True) -> subprocess.CompletedProcess:
     return res
 
 
-def thin_lv(path: str) -> tuple[str, str, str, int]:
-    """(vg, lv, pool, thin id) of the thin LV VG/LV."""
-    vg, _, lv = path.rpartition("/")
-    out = run(["lvs", "--noheadings", "--separator", "|", "-o", "vg_name,lv_name,pool_lv,thin_id",
-               f"{vg}/{lv}"]).stdout.strip().split("|")
-    if len(out) != 4 or not out[2].strip() or not out[3].strip().isdigit():
-        raise RuntimeError(f"{path} is not a thin volume (lvs: {'|'.join(out)})")
-    return out[0].strip(), out[1].strip(), out[2].strip(), int(out[3])
+def thin_lvs(*paths: str) -> list[tuple[str, str, str, int]]:
+    """(vg, lv, pool, thin id) of each thin LV VG/LV of PATHS (one `lvs`: each costs ~0.3 s
+    under the lab's emulation)."""
+    rows = {}
+    for line in run(["lvs", "--noheadings", "--separator", "|", "-o", "vg_name,lv_name,pool_lv,thin_id",
+                     *paths]).stdout.splitlines():
+        out = [x.strip() for x in line.split("|")]
+        if len(out) == 4:
+            rows[f"{out[0]}/{out[1]}"] = out
+    found = []
+    for path in paths:
+        out = rows.get(path, [])
+        if len(out) != 4 or not out[2] or not out[3].isdigit():
+            raise RuntimeError(f"{path} is not a thin volume (lvs: {'|'.join(out)})")
+        found.append((out[0], out[1], out[2], int(out[3])))
+    return found
 
 
 def delta(base: str, snap: str) -> list[tuple[int, int]]:
-    bvg, _, bpool, bid = thin_lv(base)
-    svg, _, spool, sid = thin_lv(snap)
+    (bvg, _, bpool, bid), (svg, _, spool, sid) = thin_lvs(base, snap)
     if (bvg, bpool) != (svg, spool):
         raise RuntimeError(f"{base} and {snap} are not in one thin pool")
     tpool = f"/dev/mapper/{cmd.dm_name(svg, spool)}-tpool"

@@ -5,6 +5,8 @@ web1 gets a tree of about 1 GiB in 10,000 files under /srv. Then, in one run of 
  (a) `domubackup run web1` against a plain shell script doing the same commands the
      xen-backup.sh way (lvcreate, kpartx, mounts, one ssh session for the peer's mounts,
      rsync, one for the peer's teardown, local teardown): median of REPEAT runs each, ratio;
+     and the same run with dom0b restricting dom0a's key to `domubackup serve` (issue 19)
+     against the plain root key: ratio;
  (b) `domubackup run` against a bare rsync of the already-mounted trees (the same rsync
      argv, timed while domubackup holds the trees open at its transfer step): ratio, and the
      seconds of everything but rsync;
@@ -19,6 +21,7 @@ import argparse
 import json
 import time
 
+import labvm
 from benchlib import Lab, change, domubackup, gen, line, median, release, start_paused, timed, tree
 
 FILES, DIRS, SIZE = 10_000, 100, 100 * 1024
@@ -99,17 +102,34 @@ def make_tree(lab):
                                   f"{first['files']} files")
 
 
+def restricted(lab, on):
+    """dom0b runs dom0a's key only through `domubackup serve` (ON) or as a root shell. Its
+    [serve] grant and web1's replica tags stay in both (the plain key ignores them)."""
+    labvm.push_files("dom0b", {"/root/.ssh/authorized_keys": (labvm.authorized_keys("dom0b", serve=on), 0o600)})
+
+
 def measure(lab, args):
-    # (a) domubackup vs the shell script, alternating, nothing changed in between
-    ours, theirs = [], []
+    # (a) domubackup vs the shell script, and through serve, alternating, nothing changed in between
+    lab.ssh("dom0b", "lvchange -q --addtag dbk:domu:web1 vg0/web1-disk vg0/web1-srv; "
+                     "grep -q '^\\[serve\\]' /etc/domubackup/domubackup.toml || "
+                     "printf '\\n[serve]\\nclients = { dom0a = [\"web1\"] }\\n' >> /etc/domubackup/domubackup.toml")
+    ours, served, theirs = [], [], []
     for _ in range(args.repeat):
+        restricted(lab, False)
         ours.append(timed(run_ok, lab, "run", "web1")[0])
         t, r = timed(lab.ssh, "dom0a", ["/root/xen-backup.sh"], timeout=3600)
         theirs.append(t)
+        restricted(lab, True)
+        try:
+            served.append(timed(run_ok, lab, "run", "web1")[0])
+        finally:
+            restricted(lab, False)
     a = median(ours) / median(theirs)
     line("(a) domubackup run, median", f"{median(ours):.1f} s  ({', '.join(f'{x:.1f}' for x in ours)})")
     line("(a) xen-backup.sh-style script, median", f"{median(theirs):.1f} s  ({', '.join(f'{x:.1f}' for x in theirs)})")
     line("(a) ratio domubackup / script (target <= 1.10)", f"{a:.2f}")
+    line("(a) domubackup run through serve, median", f"{median(served):.1f} s  ({', '.join(f'{x:.1f}' for x in served)})")
+    line("(a) ratio through serve / plain root key (target <= 1.05)", f"{median(served) / median(ours):.3f}")
     if args.only_a:
         return
 

@@ -8,6 +8,7 @@ One lab setup for all of it; the plain root key is restored in a finally."""
 import json
 import shlex
 
+import labvm
 from e2ehelp import XXH, domubackup, manifest
 
 CONF = "/etc/domubackup/domubackup.toml"
@@ -48,18 +49,21 @@ def run_ok(lab, *args, vm="dom0a"):
 
 
 def serve_mode(lab):
+    """dom0b: dom0a's key forced to serve, web1 granted to dom0a alone, no prune from clients
+    (whether or not the lab runs DOMUBACKUP_LAB_SERVE=1: this test's own [serve])."""
     lab.reset()
-    lab.ssh("dom0b", f"sed -i 's/^ssh-ed25519 \\(.*lab_id\\)$/{FORCED}ssh-ed25519 \\1/' {KEYS} && "
-                     f"printf '\\n[retention]\\nkeep_last = 2\\n\\n[serve]\\nclients = {{ dom0a = [\"web1\"] }}\\n' >> {CONF} && "
-                     "lvchange -q --addtag dbk:domu:web1 vg0/web1-disk vg0/web1-srv")
+    labvm.push_files("dom0b", {
+        KEYS: (labvm.authorized_keys("dom0b", serve=True), 0o600),
+        CONF: (labvm.config_toml("dom0b", serve=False)
+               + '\n[retention]\nkeep_last = 2\n\n[serve]\nclients = { dom0a = ["web1"] }\n', 0o644)})
+    lab.ssh("dom0b", "lvchange -q --addtag dbk:domu:web1 vg0/web1-disk vg0/web1-srv")
     lab.ssh("dom0a", f"sed -i '1i point_size = \"64M\"' {CONF} && "
                      f"printf '\\n[retention]\\nkeep_last = 1\\n\\n[dom0.dom0b]\\nappend_only = true\\n' >> {CONF}")
     assert FORCED in lab.ssh("dom0b", ["cat", KEYS]).stdout
 
 
 def plain_mode(lab):
-    lab.ssh("dom0b", f"sed -i 's/^{FORCED}//' {KEYS}")
-    lab.reset()
+    lab.reset()  # the lab's own keys and config again
 
 
 def test_a_restricted_peer_serves_the_night_and_refuses_the_rest(lab):

@@ -18,6 +18,7 @@ FILES = ["./usr/bin/domubackup", "./etc/domubackup/domubackup.toml",
          "./lib/systemd/system/domubackup.service", "./lib/systemd/system/domubackup.timer",
          "./lib/systemd/system/domubackup-failure@.service", "./usr/lib/domubackup/mail-failure",
          "./usr/share/bash-completion/completions/domubackup",
+         "./lib/udev/rules.d/59-domubackup.rules",
          "./usr/share/man/man8/domubackup.8.gz", "./usr/share/doc/domubackup/README.md",
          "./usr/share/doc/domubackup/examples/domubackup.cron",
          "./usr/share/doc/domubackup/examples/domubackup.toml",  # config.EXAMPLE_PATH

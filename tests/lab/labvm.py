@@ -30,6 +30,13 @@ LINK_PORT = PORT_BASE + 10
 MEMORY_MIB = 1024
 DATA_DISK_SIZE = "8G"
 WEB1_LVS = ["web1-disk", "web1-srv"]
+# DOMUBACKUP_LAB_SERVE=1: each VM runs its peer's key only through `domubackup serve --client
+# PEER` (issue 19's restricted setup, a forced command in root's authorized_keys), grants the
+# lab's DomUs to both VMs ([serve] clients; prunes allowed from them: the tests prune from the
+# client) and tags web1's replica LVs on dom0b (the DomUs tests add get theirs from seed).
+SERVE = os.environ.get("DOMUBACKUP_LAB_SERVE") == "1"
+SERVE_DOMUS = ["web1", "idle1", "back1", "evil1", "gpt1"]
+FORCED = 'command="domubackup serve --client {client}",restrict '
 
 
 def ssh_port(vm):
@@ -310,8 +317,10 @@ def node_xml(vm):
             + "</node>\n")
 
 
-def config_toml(vm):
+def config_toml(vm, serve=None):
+    """VM's domubackup.toml; SERVE (default: the lab's DOMUBACKUP_LAB_SERVE) adds [serve]."""
     peer = [v for v in VM_NAMES if v != vm][0]
+    grant = json.dumps(SERVE_DOMUS)
     return f"""\
 dom0s = ["dom0a", "dom0b"]
 this_host = "{vm}"
@@ -331,7 +340,18 @@ connect_timeout = 10
 
 [domu.web1]
 peers = ["{peer}"]
-"""
+""" + (f"""
+[serve]
+clients = {{ dom0a = {grant}, dom0b = {grant} }}
+allow_prune_from = ["dom0a", "dom0b"]
+""" if (SERVE if serve is None else serve) else "")
+
+
+def authorized_keys(vm, serve=None):
+    """Root's authorized_keys of VM: the host's key, then the peer's (forced to serve)."""
+    peer = [v for v in VM_NAMES if v != vm][0]
+    forced = FORCED.format(client=peer) if (SERVE if serve is None else serve) else ""
+    return (keys() / "host_id.pub").read_text() + forced + (keys() / "lab_id.pub").read_text()
 
 
 def vm_files(vm):
@@ -342,6 +362,7 @@ def vm_files(vm):
         "/etc/domubackup/lab-node.xml": (node_xml(vm), 0o644),
         "/etc/domubackup/known_hosts": (known, 0o644),
         "/root/.ssh/known_hosts": (known, 0o644),
+        "/root/.ssh/authorized_keys": (authorized_keys(vm), 0o600),
     }
 
 
@@ -374,6 +395,8 @@ def reset_vm(vm, bundle):
     ssh(vm, ["lab-guest", "cleanup"], timeout=120)
     push_files(vm, vm_files(vm))
     ssh(vm, ["lab-guest", "load-images"], input=bundle, text=False, timeout=300)
+    if SERVE and vm == "dom0b":  # web1's replicas, as an admin tags replicas older than seed's tag
+        ssh(vm, ["lvchange", "-q", "--addtag", "dbk:domu:web1"] + [f"vg0/{lv}" for lv in WEB1_LVS])
 
 
 def reset():

@@ -53,6 +53,7 @@ SERVED = [
     cmd.kpartx_add("/dev/vg0/web1-disk", "p"),
     cmd.kpartx_delete("/dev/vg0/web1-disk", "p"),
     cmd.mkdir(f"{T}/web1"), cmd.rmdir(f"{T}/.web1.unplaced/xvda2"),
+    cmd.mkdir(f"{T}/web1/xvda"), cmd.rmdir(f"{T}/web1/xvdb1"),  # a layout without fstab: /<disk><partition>
     cmd.mount_in(f"{T}/web1", "/", "/dev/mapper/vg0-web1--diskp1", "ext4",
                  ("rw", "nodev", "nosuid", "noexec", "nosymfollow"), mkdir=True),
     cmd.umount_in(f"{T}/web1", "/", "/dev/mapper/vg0-web1--diskp1"),
@@ -92,6 +93,8 @@ def test_rsyncs_receiving_end_into_the_domus_tree():
     j = judge()
     j.judge(parse_request(f"rsync --server -logDtpAXrSe.iLsfxCIvu --delete --numeric-ids --timeout=300 . {T}/web1/"))
     j.judge(parse_request(f"rsync --server -logDtpre.iLsfxCIvu --delete . {T}/.web1.unplaced/"))
+    # verify's itemized dry run: the client asks for the server's part of --out-format
+    j.judge(parse_request(f"rsync --server -nlogDtpre.iLsfxCIvu --log-format=%i --delete . {T}/web1/"))
 
 
 REFUSED = [
@@ -124,6 +127,8 @@ REFUSED = [
     (line(cmd.mkdir("/etc/cron.d")), "'/etc/cron.d' is not under this host's target prefix"),
     (line(cmd.mkdir(f"{T}/web1/../../../etc")), "is not under this host's target prefix"),
     (line(cmd.mkdir(f"{T}/db1")), "is not the tree of a DomU granted to dom0a"),
+    (line(cmd.mkdir(f"{T}/web1/etc/cron.d")), "is not the tree of a DomU granted to dom0a"),
+    (line(cmd.rmdir(f"{T}/web1/srv/www")), "is not the tree of a DomU granted to dom0a"),
     (line(cmd.mount_in("/etc", "/", "/dev/mapper/vg0-web1--diskp1", "ext4", ("rw", "nodev", "nosuid", "noexec"))),
      "'/etc' is not under this host's target prefix"),
     (line(cmd.mount_in(f"{T}/web1", "/", "/dev/mapper/vg0-db1--diskp1", "ext4", ("rw", "nodev", "nosuid", "noexec"))),
@@ -150,6 +155,7 @@ REFUSED = [
     (line(["timeout", "1", "id"]), "`timeout 1 id` is not a command"),
     ("rsync --server --sender -logDtpre.iLsf . /etc/", "only rsync's receiving end"),
     (f"rsync --server -logDtpre.iLsf . {T}/db1/", "is not the tree of a DomU granted to dom0a"),
+    (f"rsync --server -logDtpre.iLsf --log-format=%f . {T}/web1/", "rsync option --log-format is not served"),
     ("rsync --server -logDtpre.iLsf . /root/", "is not under this host's target prefix"),
     (f"rsync --server -logDtpre.iLsf --temp-dir=/etc . {T}/web1/", "rsync option --temp-dir is not served"),
     (f"rsync --server -logDtpre.iLsf --log-file=/etc/passwd . {T}/web1/", "rsync option --log-file"),
