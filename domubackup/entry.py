@@ -8,6 +8,10 @@ import sys
 
 
 def main() -> int:
+    if sys.argv[1:2] in (["thin-delta"], ["thin-base"]):
+        from .hosts import thin
+
+        return thin.main(sys.argv[1:])
     from .hosts import safepath
 
     if len(sys.argv) > 1 and sys.argv[1] in safepath.COMMANDS:
@@ -20,10 +24,6 @@ def main() -> int:
         from .hosts import serve
 
         return serve.main(sys.argv[1:])
-    if sys.argv[1:2] in (["thin-delta"], ["thin-base"]):
-        from .hosts import thin
-
-        return thin.main(sys.argv[1:])
     from .cli import main as cli_main
 
     try:

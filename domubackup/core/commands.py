@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shlex
+from typing import TYPE_CHECKING
 
-from .config import RsyncSettings, SSHSettings
+if TYPE_CHECKING:  # annotations only: a helper that imports this module (thin.py) skips the config
+    from .config import RsyncSettings, SSHSettings
 
 
 def dm_name(vg: str, lv: str) -> str:
@@ -37,7 +39,7 @@ def thin_delta(base: str, snap: str) -> tuple[str, ...]:
 
 
 def thin_base(snap: str, base: str) -> tuple[str, ...]:
-    """BASE becomes a thin snapshot of SNAP (replacing the one there); prints its generation."""
+    """Thin snapshot SNAP becomes BASE (replacing the one there); prints its generation."""
     return (HELPER, "thin-base", snap, base)
 
 

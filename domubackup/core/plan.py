@@ -174,7 +174,8 @@ def thin_steps(facts: list[DiskFacts], settings: Settings, peers, bases) -> list
     """This host's steps for the thin disks of FACTS in blocks mode: with a base (BASES: {disk:
     its generation}, known to match the digests kept for a replica) `thin-delta` tells the
     ranges that changed since it (the "delta" callback: only those blocks are read); once
-    every peer received the disk, `thin-base` makes this run's snapshot the next base."""
+    every peer received the disk, `thin-base` makes this run's snapshot the next base (the
+    step closes the snapshot's: no lvremove of it in the teardown)."""
     steps = []
     for f in facts:
         if not thin_blocks(f):
@@ -186,7 +187,8 @@ def thin_steps(facts: list[DiskFacts], settings: Settings, peers, bases) -> list
                               note=f"{disk}: the ranges of {snap} that differ from the base {base} (thin_delta)"))
         steps.append(Step("base", LOCAL, cmd.thin_base(snap, base), None, then="based", about=(disk,),
                           waits=tuple(f"sent:{disk}:{p}" for p in peers),
-                          note=f"{disk}: {base} becomes a thin snapshot of {snap}, the base of the next run"))
+                          closes=cmd.lvcreate_thin_snapshot(f.lv.vg, f.lv.lv, snapshot_name(settings, f.lv.lv)),
+                          note=f"{disk}: {snap} becomes {base}, the base of the next run (it stays)"))
     return steps
 
 

@@ -182,6 +182,8 @@ class Executor:
         elif step.then:
             res = self._run(step, check=False)
             more = list((self.callbacks[step.then](step, res) if step.then in self.callbacks else None) or ())
+            if step.closes is not None:  # judged a success by its callback
+                self.journal.closed(step.host, step.closes)
             own = [i for i, s in enumerate(more) if s.host == step.host]
             if step.mark and own:  # the decision's mark is reached once what it added to its lane is done
                 more[own[-1]] = replace(more[own[-1]], mark=step.mark)

@@ -5,6 +5,10 @@ lab up once (`tests/lab/lab up`, which installs the working tree; a lab that was
 also `reset`), and brings it down at the end if it was not up before the session. If the lab
 cannot come up the tests fail (error), unless DOMUBACKUP_SKIP_E2E=1 is set: then they skip.
 
+A module that sets `LAB_SERVE = True` runs with the lab in serve mode (each VM runs its peer's
+key only through `domubackup serve`: tests/lab/labvm.py SERVE); DOMUBACKUP_LAB_SERVE=1 runs
+every module so.
+
 Every e2e test also gets `_no_leftovers` (autouse): after the test, `lab leftovers` must be clean
 on both VMs; otherwise the leftovers are cleaned up (so later tests start clean) and the test
 fails in teardown.
@@ -17,6 +21,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "lab"))
+import labvm  # noqa: E402
 from labapi import Lab  # noqa: E402
 
 
@@ -40,6 +45,23 @@ def lab():
         finally:
             if not was_up:
                 lab.down()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _lab_mode(request, lab):
+    """The module's LAB_SERVE: the lab reset into serve mode for it, and back after it."""
+    if not getattr(request.module, "LAB_SERVE", False) or labvm.SERVE:
+        yield
+        return
+    labvm.SERVE = True
+    os.environ["DOMUBACKUP_LAB_SERVE"] = "1"  # for `lab reset` (a subprocess)
+    try:
+        lab.reset()
+        yield
+    finally:
+        labvm.SERVE = False
+        del os.environ["DOMUBACKUP_LAB_SERVE"]
+        lab.reset()
 
 
 @pytest.fixture(autouse=True)

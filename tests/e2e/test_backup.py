@@ -2,6 +2,9 @@
 
 from e2ehelp import domubackup, manifest, tree
 
+# through the restricted peer (conftest: `domubackup serve` as each key's forced command): the main job's scenarios
+LAB_SERVE = True
+
 
 def test_run_mirrors_guest_tree_exactly(fresh):
     lab = fresh

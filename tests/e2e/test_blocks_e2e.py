@@ -164,6 +164,12 @@ def test_blocks_mode_sends_the_changed_blocks_and_survives_a_kill(fresh):
         assert read <= 3 * (4 << 20) * 1.1 + (4 << 20), read  # the 3 blocks, + auto's probe of the layout (parted, blkid)
         print(f"thin: {read} bytes read from the pool for 3 changed blocks of 4 MiB")
         same_disks(lab)
+        # nothing changed: thin_delta names no block, the snapshot becomes the next base
+        r = domubackup(lab, "-v", "run", "web1")
+        assert re.search(r"xvdb: the changed blocks of \S+ -> \S+: 0 of 384 blocks of 4 MiB changed, 0 read "
+                         r"\(thin_delta\), 0 bytes sent", r.stdout + r.stderr), r.stdout + r.stderr
+        assert "lvremove -f /dev/vg0/web1-srv-snap" not in r.stdout + r.stderr  # renamed, not removed
+        same_disks(lab)
         assert "web1-srv-snap" not in lab.ssh("dom0a", ["lvs", "--noheadings", "-o", "lv_name"]).stdout
     finally:
         lab.ssh("dom0a", "lvremove -q -f vg0/web1-srv vg0/web1-srv.dbkbase vg0/web1-srv.dbkbase.new vg0/pool; "

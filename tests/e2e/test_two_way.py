@@ -14,6 +14,9 @@ from e2ehelp import domubackup, extra_domu
 DISK = "/dev/vg0/back1-disk"
 CONF = "/etc/domubackup/domubackup.toml"
 
+# through the restricted peer (conftest: `domubackup serve` as each key's forced command): each Dom0 served by the other, a layout without fstab
+LAB_SERVE = True
+
 
 def test_one_config_both_dom0s_back_up_each_other_at_once(lab):
     with extra_domu(lab, "back1", "6b1e7b3a-1f0e-4c59-9d5a-7a3c0e0b0888", [(DISK, "xvda")], runs_on="dom0b",

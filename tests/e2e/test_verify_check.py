@@ -2,6 +2,9 @@
 
 from e2ehelp import domubackup, tree
 
+# through the restricted peer (conftest: `domubackup serve` as each key's forced command): verify's itemized rsync dry run
+LAB_SERVE = True
+
 
 def test_verify_clean_then_finds_a_changed_file_then_run_repairs_then_fsck_finds_damage(fresh):
     lab = fresh

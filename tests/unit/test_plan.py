@@ -440,6 +440,10 @@ def test_a_thin_disk_in_blocks_mode_reads_only_what_thin_delta_names_and_keeps_a
         ("base", ("domubackup", "thin-base", "vg0/web1-srv-snap", "vg0/web1-srv.dbkbase"), ("sent:xvdb:dom0b",), "")]
     blocks = [(s.about, s.waits, s.mark) for s in plan.steps if s.phase == "blocks"]
     assert blocks == [(("xvda",), ("snapshots",), ""), (("xvdb",), ("delta:xvdb",), "sent:xvdb:dom0b")]
+    # the snapshot becomes the base: the teardown removes the thick disk's snapshot, not it
+    from domubackup.core.plan import teardown_order
+    assert [u for h, u in teardown_order(plan.steps) if h == LOCAL and u[0] == "lvremove"] == [
+        ("lvremove", "-f", "/dev/vg0/web1-disk-snap")]
     # no usable base: no delta, the base is still made for the next run
     plan = plan_blocks("web1", facts, settings().settings_for("web1"), ("dom0b",))
     assert [s.phase for s in plan.steps if s.host == LOCAL and s.argv][2:] == ["base"]
