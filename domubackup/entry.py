@@ -8,6 +8,10 @@ import sys
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["serve"]:  # once per request of a client's key: see hosts/serve.py
+        from .hosts import serve
+
+        return serve.main(sys.argv[1:])
     if sys.argv[1:2] in (["thin-delta"], ["thin-base"]):
         from .hosts import thin
 
@@ -20,10 +24,6 @@ def main() -> int:
 
     if len(sys.argv) > 1 and sys.argv[1] in blockcopy.COMMANDS:
         return blockcopy.main(sys.argv[1:])
-    if sys.argv[1:2] == ["serve"]:  # once per request of a client's key: see hosts/serve.py
-        from .hosts import serve
-
-        return serve.main(sys.argv[1:])
     from .cli import main as cli_main
 
     try:
