@@ -182,8 +182,6 @@ class Executor:
         elif step.then:
             res = self._run(step, check=False)
             more = list((self.callbacks[step.then](step, res) if step.then in self.callbacks else None) or ())
-            if step.closes is not None:  # judged a success by its callback
-                self.journal.closed(step.host, step.closes)
             own = [i for i, s in enumerate(more) if s.host == step.host]
             if step.mark and own:  # the decision's mark is reached once what it added to its lane is done
                 more[own[-1]] = replace(more[own[-1]], mark=step.mark)
@@ -193,14 +191,14 @@ class Executor:
             self._add(more)
         elif step.undo is None:
             self._run(step)
-            if step.closes is not None:
-                self.journal.closed(step.host, step.closes)
         else:
             i = self.journal.begin(step)
             with self._refused([i]):
                 res = self._run(step)
             self.journal.done(i)
             self._note_space(step.host, [step.argv], res.stdout)
+        if step.closes is not None and len(group) == 1:  # it succeeded (a callback judged it so)
+            self.journal.closed(step.host, step.closes)
         return group
 
     @contextmanager

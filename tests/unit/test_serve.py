@@ -200,3 +200,19 @@ def test_dm_names():
     assert dm_lv("vg0-web1--disk") == ("vg0", "web1-disk")
     assert dm_lv("my--vg-lv") == ("my-vg", "lv")
     assert dm_lv("nodash") is None and dm_lv("vg0-a/b") is None
+
+
+def test_mkdir_and_rmdir_right_in_a_tree_follow_no_symlink_a_guest_left_there(tmp_path):
+    """What makes `mkdir -p -- TREE/x` and `rmdir -- TREE/x` safe to serve (Judge.tree child;
+    both shapes are in SERVED): with x a symlink a guest made (dangling, or to a directory of the host), nothing is made or
+    removed outside the tree."""
+    import subprocess
+    tree, outside = tmp_path / "web1", tmp_path / "host"
+    tree.mkdir()
+    (outside / "keep").mkdir(parents=True)
+    (tree / "xvda").symlink_to(outside / "new")   # dangling: mkdir must not create host/new
+    (tree / "xvdb1").symlink_to(outside / "keep")  # to a host directory: rmdir must not remove it
+    for argv in (cmd.mkdir(str(tree / "xvda")), cmd.rmdir(str(tree / "xvdb1"))):
+        assert subprocess.run(argv, capture_output=True).returncode != 0
+    assert sorted(p.name for p in outside.iterdir()) == ["keep"]
+    assert (tree / "xvda").is_symlink() and (tree / "xvdb1").is_symlink()
