@@ -12,6 +12,10 @@ def main() -> int:
         from .hosts import serve
 
         return serve.main(sys.argv[1:])
+    if sys.argv[1:] == ["serve-session"]:  # a client's requests over one channel, no forced command
+        from .hosts import serve
+
+        return serve.session(serve.unjudged)
     if sys.argv[1:2] in (["thin-delta"], ["thin-base"]):
         from .hosts import thin
 

@@ -54,19 +54,38 @@ RSYNC_LONG = {"--delete", "--delete-before", "--delete-during", "--delete-delay"
 RSYNC_LOG_FORMATS = {"--log-format=%i%I", "--log-format=%i", "--log-format=%o", "--log-format=X"}
 
 
+# A serve session: one long-lived channel that carries many requests (hosts/serve.py session,
+# hosts/ssh.py SSHRunner): the client asks for the line `domubackup serve-session`; each frame
+# is a 4-byte big-endian length, that many bytes of a JSON head, then the payload the head
+# announces. Hello {"session": 1}; request {"line": L, "input": N or null} + N bytes of stdin
+# (L: the line a single request would have been); reply {"code": C, "out": N, "err": M} + N + M.
+SESSION = "serve-session"
+SESSION_INPUT = 16 << 20  # the most stdin one request carries in a session (larger: its own channel)
+SESSION_IDLE = 3600  # seconds a session waits for the next request before it ends
+
+
+def frame(head: dict, payload: bytes = b"") -> bytes:
+    import json
+
+    data = json.dumps(head).encode()
+    return len(data).to_bytes(4, "big") + data + payload
+
+
 class Refused(DomuBackupError):
     """A request `serve` does not run. Its message goes back to the client on stderr."""
 
 
 class Request:
-    def __init__(self, argv: tuple[str, ...], timeout: tuple[str, str] | None, no_input: bool):
+    def __init__(self, argv: tuple[str, ...], timeout: tuple[str, str] | None, no_input: bool,
+                 env: dict[str, str] | None = None):
         self.argv, self.timeout, self.no_input = argv, timeout, no_input  # timeout: (kill_after, seconds)
+        self.env = env or {}  # the client's assignments: only a session without a judge uses them
 
 
 def parse_request(line: str | None) -> Request:
     """The request the client's line asks for; Refused for an interactive login (no line) or
-    a line that is not in one of the two forms. The client's environment assignments are
-    dropped: the command gets the peer's own environment."""
+    a line that is not in one of the two forms. The client's environment assignments are kept
+    in ``env``, and serve drops them: the command gets the peer's own environment."""
     if not line:
         raise Refused("an interactive session: this key runs only `domubackup serve` requests")
     no_input = line.endswith(NO_INPUT)  # unquoted: a quoted '</dev/null' word ends with its quote
@@ -74,16 +93,16 @@ def parse_request(line: str | None) -> Request:
         words = shlex.split(line[: -len(NO_INPUT)] if no_input else line)
     except ValueError as e:
         raise Refused(f"not a request: {e}") from None
-    i = 0
-    while i < len(words) and ENV_WORD.fullmatch(words[i]):
-        i += 1
-    words = words[i:]
-    if words[:2] == ["rsync", "--server"] and i == 0 and not no_input:
+    env = {}
+    while words and ENV_WORD.fullmatch(words[0]):
+        name, value = ENV_WORD.fullmatch(words.pop(0)).groups()
+        env[name] = value
+    if words[:2] == ["rsync", "--server"] and not env and not no_input:
         return Request(tuple(words), None, False)
     if (len(words) < 5 or words[:2] != ["timeout", "-k"] or not SECONDS.fullmatch(words[2])
             or not SECONDS.fullmatch(words[3])):
         raise Refused("not a request of domubackup: " + shlex.join(words[:12]))
-    return Request(tuple(words[4:]), (words[2], words[3]), no_input)
+    return Request(tuple(words[4:]), (words[2], words[3]), no_input, env)
 
 
 class Grant:

@@ -17,7 +17,8 @@ import sys
 
 from ..core.environ import BASE_ENV
 from ..core.errors import EXIT_REFUSED
-from ..core.serve import REFUSED, Grant, Judge, Refused, dm_lv, parse_request
+from ..core.serve import (REFUSED, SESSION, SESSION_IDLE, SESSION_INPUT, Grant, Judge, Refused, dm_lv, frame,
+                          parse_request)
 
 DEFAULT_CONFIG = "/etc/domubackup/domubackup.toml"
 
@@ -95,6 +96,92 @@ def _log(client: str, line: str, reason: str) -> None:
     syslog.syslog(syslog.LOG_WARNING, printable(f"refused for {client}: {reason}: {line[:500]}"))
 
 
+def _read(n: int) -> bytes | None:
+    """N bytes of stdin (the session's channel); None at its end or after SESSION_IDLE idle."""
+    import select
+
+    data = b""
+    while len(data) < n:
+        if not select.select([0], [], [], SESSION_IDLE)[0]:
+            return None
+        chunk = os.read(0, n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _write(data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view):]
+
+
+def session(run) -> int:
+    """Serve requests one after the other on stdin/stdout (core/serve.py SESSION) until the
+    client ends the channel: RUN(line, input bytes or None) -> (code, stdout, stderr)."""
+    import json
+
+    _write(frame({"session": 1}))
+    while (size := _read(4)) is not None:
+        size = int.from_bytes(size, "big")
+        head = _read(size) if size <= 1 << 20 else None
+        if head is None:
+            return 2
+        head = json.loads(head)
+        n = head.get("input")
+        if n is not None and not (isinstance(n, int) and 0 <= n <= SESSION_INPUT):
+            return 2
+        data = None if n is None else _read(n)
+        if n is not None and data is None:
+            return 2
+        code, out, err = run(str(head.get("line") or ""), data)
+        try:
+            _write(frame({"code": code, "out": len(out), "err": len(err)}, out + err))
+        except BrokenPipeError:  # the client gave up waiting (its timeout) and closed the channel
+            return 0
+    return 0
+
+
+def execute(req, data: bytes | None, env) -> tuple[int, bytes, bytes]:
+    """Run REQ's command (in a session) with DATA on its stdin (/dev/null when None)."""
+    import subprocess
+
+    words = req.argv if req.timeout is None else ("timeout", "-k", *req.timeout, *req.argv)
+    try:
+        r = subprocess.run(words, input=data, stdin=None if data is not None else subprocess.DEVNULL,
+                           capture_output=True, env=env)
+    except OSError as e:
+        return 127, b"", f"domubackup serve: cannot run {words[0]}: {e.strerror}\n".encode()
+    return r.returncode, r.stdout, r.stderr
+
+
+def unjudged(line: str, data: bytes | None):
+    """A session's request where the key is not restricted (`domubackup serve-session` run by
+    the peer's shell: the client could run anything anyway): the client's environment kept."""
+    try:
+        req = parse_request(line)
+    except Refused as e:
+        return EXIT_REFUSED, b"", (REFUSED + e.message + "\n").encode()
+    return execute(req, data, {**BASE_ENV, **req.env})
+
+
+def judge(client: str, config: str, line: str | None):
+    """The request LINE of CLIENT, judged afresh (this host's config and LV tags read now);
+    Refused (logged to the auth syslog) when it is not served."""
+    try:
+        req = parse_request(line)
+        Judge(load_grant(config, client), lv_tags(), mapper_device, os.path.lexists).judge(req)
+    except Refused as e:
+        _log(client, line or "", e.message)
+        raise
+    return req
+
+
+def _refusal(e: Refused) -> str:
+    return REFUSED + e.message + (f" ({e.hint})" if e.hint else "")
+
+
 def main(argv: list[str]) -> int:
     """argv: ["serve", "--client", NAME, ("-c", CONFIG)]."""
     args, client, config = argv[1:], None, os.environ.get("DOMUBACKUP_CONFIG") or DEFAULT_CONFIG
@@ -111,12 +198,23 @@ def main(argv: list[str]) -> int:
         print("usage: domubackup serve --client NAME [-c CONFIG]", file=sys.stderr)
         return 2
     line = os.environ.get("SSH_ORIGINAL_COMMAND")
+    if line and line.split()[-1:] == [SESSION]:  # `PROGRAM serve-session`: the words are never run
+        def judged(line: str, data: bytes | None):
+            try:
+                req = judge(client, config, line)
+            except Refused as e:
+                return EXIT_REFUSED, b"", (_refusal(e) + "\n").encode()
+            return execute(req, data, BASE_ENV)
+        try:
+            load_grant(config, client)  # a host that is no client gets no session
+        except Refused as e:
+            print(_refusal(e), file=sys.stderr)
+            return EXIT_REFUSED
+        return session(judged)
     try:
-        req = parse_request(line)
-        Judge(load_grant(config, client), lv_tags(), mapper_device, os.path.lexists).judge(req)
+        req = judge(client, config, line)
     except Refused as e:
-        _log(client, line or "", e.message)
-        print(REFUSED + e.message + (f" ({e.hint})" if e.hint else ""), file=sys.stderr)
+        print(_refusal(e), file=sys.stderr)
         return EXIT_REFUSED
     words = req.argv if req.timeout is None else ("timeout", "-k", *req.timeout, *req.argv)
     if req.no_input:

@@ -2,6 +2,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -13,17 +14,42 @@ from domubackup.hosts.ssh import SSHRunner
 ECHO_ARGV = ["python3", "-c", "import sys, json; print(json.dumps(sys.argv[1:]))"]
 
 
-def make_runner(sshd, **kw):
+# the peer's `domubackup serve-session` (this checkout's), or a channel per command
+SESSION = {"session": (sys.executable, "-m", "domubackup"), "channel": None}
+
+
+def make_runner(sshd, mode="session", **kw):
     args = dict(port=sshd.port, identity_file=sshd.identity_file, known_hosts=sshd.known_hosts,
-                connect_timeout=5, default_timeout=30)
+                connect_timeout=5, default_timeout=30, session_program=SESSION[mode])
     args.update(kw)
     return SSHRunner(sshd.host, **args)
 
 
-@pytest.fixture(scope="module")
-def peer(sshd):
-    with make_runner(sshd) as runner:
+@pytest.fixture(scope="module", params=sorted(SESSION))
+def peer(sshd, request):
+    with make_runner(sshd, request.param) as runner:
         yield runner
+
+
+def session_pid(runner):
+    """The pid of the process that started this command's `timeout`: a session's, or sshd's shell."""
+    return runner.run(["sh", "-c", "ps -o ppid= -p $PPID"]).stdout.strip()
+
+
+def test_one_session_runs_the_commands_and_a_lost_one_is_replaced(sshd):
+    with make_runner(sshd) as runner:
+        pids = {session_pid(runner) for _ in range(3)}
+        assert len(pids) == 1, pids
+        os.kill(int(pids.pop()), signal.SIGKILL)  # the session ends while idle: nothing was running
+        time.sleep(0.3)
+        assert runner.run(["echo", "again"]).stdout == "again\n"
+        assert len({session_pid(runner) for _ in range(2)}) == 1
+    with make_runner(sshd, "channel") as runner:
+        assert len({session_pid(runner) for _ in range(3)}) == 3
+    # a peer without `domubackup serve-session` (an older version, none on the PATH): a channel each
+    with make_runner(sshd, session_program=("/nonexistent/domubackup",)) as runner:
+        assert len({session_pid(runner) for _ in range(3)}) == 3
+        assert runner._session is False
 
 
 def pgrep(pattern):
@@ -162,12 +188,13 @@ def test_unknown_host_name(sshd):
     assert e.value.message.startswith("cannot resolve peer host name no-such-host.invalid: ")
 
 
-def test_dropped_connection_is_a_peer_error_not_a_hang(sshd):
+@pytest.mark.parametrize("mode", sorted(SESSION))
+def test_dropped_connection_is_a_peer_error_not_a_hang(sshd, mode):
     def children():
         out = subprocess.run(["pgrep", "-P", str(sshd.pid)], capture_output=True, text=True).stdout
         return set(out.split())
 
-    runner = make_runner(sshd)
+    runner = make_runner(sshd, mode)
     before = children()
     runner.connect()
     ours = children() - before  # the per-connection sshd process of this runner

@@ -6,6 +6,7 @@ tests/e2e/test_serve_e2e.py.)"""
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -42,12 +43,34 @@ def test_the_tools_requests_pass_and_anything_else_is_refused(peer, serve_sshd):
         assert why in str(e.value), str(e.value)
         assert str(e.value).startswith(f"{serve_sshd.host} refused `")
     assert not (target / "db1").exists() and not os.path.exists("/tmp/pwned")
+    assert peer._session, "the requests went through one serve session"
     # through OpenSSH's client (a block stream's path) too
     assert peer.run(["true"], input=iter([b""])).exit_code == 0
     with pytest.raises(PeerRefused, match="`id` is not a command"):
         peer.run(["id"], input=iter([b"x"]))
     check = peer_access(peer, "127.0.0.1", "dom0a")
     assert check.ok and check.detail == "a shell command is refused there"
+
+
+def test_a_session_judges_every_request_and_ends_on_a_bad_frame(peer, serve_sshd):
+    """Frames written by hand (a compromised client speaks the protocol as it likes)."""
+    from domubackup.core.serve import frame
+
+    peer.connect()
+    chan = peer._client.get_transport().open_session()
+    chan.exec_command("anything at all serve-session")
+    hello = peer._session_read(chan, time.monotonic() + 20)
+    assert hello == {"session": 1}
+    for line in ("sh -c 'touch /tmp/pwned'", "timeout -k 5 10 sh -c 'touch /tmp/pwned'",
+                 "PATH=/tmp timeout -k 5 10 id", ""):
+        chan.sendall(frame({"line": line, "input": None}))
+        reply = peer._session_read(chan, time.monotonic() + 20)
+        err = peer._session_take(chan, reply["out"] + reply["err"], time.monotonic() + 20).decode()
+        assert reply["code"] == 77 and err.startswith("domubackup serve: refused: "), (line, reply, err)
+    chan.sendall(frame({"line": "timeout -k 5 10 true", "input": 1 << 30}))  # more than a session takes
+    assert chan.recv_exit_status() == 2
+    chan.close()
+    assert not os.path.exists("/tmp/pwned")
 
 
 def test_a_login_without_a_command_is_refused(serve_sshd):
