@@ -216,3 +216,29 @@ def test_mkdir_and_rmdir_right_in_a_tree_follow_no_symlink_a_guest_left_there(tm
         assert subprocess.run(argv, capture_output=True).returncode != 0
     assert sorted(p.name for p in outside.iterdir()) == ["keep"]
     assert (tree / "xvda").is_symlink() and (tree / "xvdb1").is_symlink()
+
+
+def test_a_session_reads_the_tags_again_after_any_request_that_may_change_them(tmp_path):
+    """A session judges a request with the tags it read after the last request that could
+    change them (lvchange here): an LV whose tag went away is not served a moment later."""
+    from domubackup.hosts import serve
+
+    config = tmp_path / "domubackup.toml"
+    config.write_text(f'target_prefix = "{T}"\n[serve]\nclients = {{ dom0a = ["web1"] }}\n')
+    now, reads, ran = {("vg0", "web1-disk"): {"dbk:domu:web1"}}, [], []
+
+    def tags():
+        reads.append(dict(now))
+        return lambda vg, lv, seen=reads[-1]: seen.get((vg, lv))
+
+    one = serve.judged("dom0a", str(config), tags,
+                       run=lambda req, data, env: ran.append(req.argv) or (0, b"", b""))
+    probe = line(["blkid", "-p", "-d", "-o", "export", "/dev/vg0/web1-disk"])
+    assert [one(probe, None)[0] for _ in range(3)] == [0, 0, 0]
+    assert len(reads) == 1  # blkid changes no tag: read once for the session
+    now[("vg0", "web1-disk")] = set()  # the admin (or the request below) takes the tag away
+    assert one(line(["lvchange", "--deltag", "dbk:writing", "/dev/vg0/web1-disk"]), None)[:1] == (0,)
+    assert len(reads) == 2
+    code, out, err = one(probe, None)
+    assert code == 77 and b"is not the replica of a DomU" in err, err
+    assert ran == [ran[0]] * 3 + [("lvchange", "--deltag", "dbk:writing", "/dev/vg0/web1-disk")]
