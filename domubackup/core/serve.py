@@ -58,9 +58,11 @@ RSYNC_LOG_FORMATS = {"--log-format=%i%I", "--log-format=%i", "--log-format=%o", 
 # hosts/ssh.py SSHRunner): the client asks for the line `domubackup serve-session`; each frame
 # is a 4-byte big-endian length, that many bytes of a JSON head, then the payload the head
 # announces. Hello {"session": 1}; request {"line": L, "input": N or null} + N bytes of stdin
-# (L: the line a single request would have been); reply {"code": C, "out": N, "err": M} + N + M.
+# (L: the line a single request would have been), answered at once by {"ack": 1} (a peer that
+# went away is found within the connect timeout, not the command's), then when the command
+# ended by the reply {"code": C, "out": N, "err": M} + N + M.
 SESSION = "serve-session"
-SESSION_INPUT = 16 << 20  # the most stdin one request carries in a session (larger: its own channel)
+SESSION_INPUT = 1 << 20  # the most stdin one request carries in a session (within SSH's window; larger: a channel)
 SESSION_IDLE = 3600  # seconds a session waits for the next request before it ends
 
 

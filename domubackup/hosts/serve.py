@@ -120,6 +120,13 @@ def _write(data: bytes) -> None:
 def session(run) -> int:
     """Serve requests one after the other on stdin/stdout (core/serve.py SESSION) until the
     client ends the channel: RUN(line, input bytes or None) -> (code, stdout, stderr)."""
+    try:
+        return _serve(run)
+    except BrokenPipeError:  # the client gave up waiting (its timeout) and closed the channel
+        return 0
+
+
+def _serve(run) -> int:
     import json
 
     _write(frame({"session": 1}))
@@ -135,11 +142,9 @@ def session(run) -> int:
         data = None if n is None else _read(n)
         if n is not None and data is None:
             return 2
+        _write(frame({"ack": 1}))
         code, out, err = run(str(head.get("line") or ""), data)
-        try:
-            _write(frame({"code": code, "out": len(out), "err": len(err)}, out + err))
-        except BrokenPipeError:  # the client gave up waiting (its timeout) and closed the channel
-            return 0
+        _write(frame({"code": code, "out": len(out), "err": len(err)}, out + err))
     return 0
 
 

@@ -280,6 +280,13 @@ class SSHRunner(Runner):
             self.close()
             raise PeerError(f"connection to {self._where} failed while starting `{shlex.join(argv)}`: {exc}") from exc
         try:
+            try:
+                if self._session_read(chan, time.monotonic() + self.connect_timeout).get("ack") != 1:
+                    raise ValueError("no acknowledgement")
+            except TimeoutError:
+                self.close()  # the peer went away (a cut link: the TCP session has not noticed yet)
+                raise PeerError(f"{self._where} did not answer within {self.connect_timeout:g}s while starting "
+                                f"`{shlex.join(argv)}`: the command may or may not have started there") from None
             head = self._session_read(chan, start + timeout + KILL_AFTER + REMOTE_GRACE)
             out = self._session_take(chan, head["out"], start + timeout + KILL_AFTER + REMOTE_GRACE)
             err = self._session_take(chan, head["err"], start + timeout + KILL_AFTER + REMOTE_GRACE)

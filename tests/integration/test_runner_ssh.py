@@ -43,7 +43,20 @@ def test_one_session_runs_the_commands_and_a_lost_one_is_replaced(sshd):
         os.kill(int(pids.pop()), signal.SIGKILL)  # the session ends while idle: nothing was running
         time.sleep(0.3)
         assert runner.run(["echo", "again"]).stdout == "again\n"
-        assert len({session_pid(runner) for _ in range(2)}) == 1
+        pid = session_pid(runner)
+        assert session_pid(runner) == pid
+        os.kill(int(pid), signal.SIGSTOP)  # a peer that stops answering (a cut link, seen from here)
+        try:
+            start = time.monotonic()
+            with pytest.raises(PeerError) as e:
+                runner.run(["true"], timeout=600)
+            assert time.monotonic() - start < 8  # the connect timeout (5 s), not the command's
+            assert e.value.message == (f"127.0.0.1:{sshd.port} did not answer within 5s while starting `true`: "
+                                       "the command may or may not have started there")
+        finally:
+            os.kill(int(pid), signal.SIGKILL)
+        assert runner.run(["echo", "back"]).stdout == "back\n"  # a new connection, a new session
+        assert session_pid(runner) != pid
     with make_runner(sshd, "channel") as runner:
         assert len({session_pid(runner) for _ in range(3)}) == 3
     # a peer without `domubackup serve-session` (an older version, none on the PATH): a channel each

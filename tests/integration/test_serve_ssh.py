@@ -64,6 +64,7 @@ def test_a_session_judges_every_request_and_ends_on_a_bad_frame(peer, serve_sshd
     for line in ("sh -c 'touch /tmp/pwned'", "timeout -k 5 10 sh -c 'touch /tmp/pwned'",
                  "PATH=/tmp timeout -k 5 10 id", ""):
         chan.sendall(frame({"line": line, "input": None}))
+        assert peer._session_read(chan, time.monotonic() + 20) == {"ack": 1}
         reply = peer._session_read(chan, time.monotonic() + 20)
         err = peer._session_take(chan, reply["out"] + reply["err"], time.monotonic() + 20).decode()
         assert reply["code"] == 77 and err.startswith("domubackup serve: refused: "), (line, reply, err)
