@@ -63,7 +63,9 @@ RSYNC_LOG_FORMATS = {"--log-format=%i%I", "--log-format=%i", "--log-format=%o", 
 # ended by the reply {"code": C, "out": N, "err": M} + N + M.
 SESSION = "serve-session"
 SESSION_INPUT = 1 << 20  # the most stdin one request carries in a session (within SSH's window; larger: a channel)
-SESSION_IDLE = 3600  # seconds a session waits for the next request before it ends
+# seconds a session waits for the next request before it ends (the client starts a new one after
+# SESSION_IDLE - 10 idle): a session whose client went away unseen (a cut link) ends by itself
+SESSION_IDLE = 30
 
 
 def frame(head: dict, payload: bytes = b"") -> bytes:

@@ -2,11 +2,19 @@
 root's authorized_keys on its peer (core/serve.py decides; this module reads the request,
 this host's config and LV tags, then execs the command or refuses it).
 
-Started once per request by sshd, so it imports little (tomllib, subprocess; not the CLI, not
-`sh`: 0.3 s more per request under the lab's emulation) and reads only the keys it needs:
-[serve] clients and allow_prune_from, state_dir, target_prefix, kpartx_separator,
-libvirt_uri. A refusal: exit 77 with ``domubackup serve: refused: REASON`` on stderr (the
-client's runner raises it as PeerRefused) and a line in the auth syslog."""
+A client's runner asks for `domubackup serve-session` (core/serve.py SESSION) and sends all its
+requests over that one channel: serve judges each one afresh (this host's config read again,
+the LV tags again after any request that may change them: TAGS_KEPT) and runs it with
+subprocess. A request on a channel of its own (rsync's receiving end, block streams, a peer
+runner without sessions) is judged the same way and exec'd. Either way serve imports little
+(tomllib, subprocess; not the CLI, not `sh`) and reads only the keys it needs: [serve] clients
+and allow_prune_from, state_dir, target_prefix, kpartx_separator, libvirt_uri. A refusal:
+exit 77 (in a session: a reply with code 77) with ``domubackup serve: refused: REASON`` on
+stderr (the client's runner raises it as PeerRefused) and a line in the auth syslog.
+
+Without a forced command `domubackup serve-session` (entry.py) runs the same session unjudged,
+with the client's environment: a root key runs anything anyway, and saves the start of a
+process per command the same way."""
 
 from __future__ import annotations
 

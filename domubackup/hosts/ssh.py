@@ -310,7 +310,7 @@ class SSHRunner(Runner):
         transport = self._client.get_transport()
         if chan is not None and (chan.closed or chan.eof_received or chan.exit_status_ready()
                                  or chan.get_transport() is not transport
-                                 or time.monotonic() - self._session_used > SESSION_IDLE / 2):
+                                 or time.monotonic() - self._session_used > SESSION_IDLE - 10):
             self._end_session()  # it ended while idle: nothing was lost, start another
             chan = None
         if chan is None:
