@@ -56,18 +56,19 @@ def load_grant(path: str, client: str) -> Grant:
 
 
 def lv_tags():
-    """TAGS(vg, lv) for the Judge: one `lvs` per LV and request (0.14 s under emulation)."""
+    """TAGS(vg, lv) for the Judge: one `lvs` per VG (all its LVs' tags) and read of the tags
+    (0.1 s under emulation, whatever the number of LVs asked about)."""
     import subprocess
 
     seen = {}
 
     def tags(vg: str, lv: str):
-        if (vg, lv) not in seen:
-            r = subprocess.run(["lvs", "--noheadings", "--separator", "|", "-o", "lv_name,lv_tags", f"{vg}/{lv}"],
+        if vg not in seen:
+            r = subprocess.run(["lvs", "--noheadings", "--separator", "|", "-o", "lv_name,lv_tags", "--", vg],
                                env=BASE_ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-            fields = r.stdout.strip().split("|")
-            seen[vg, lv] = set(filter(None, fields[1].split(","))) if r.returncode == 0 and fields[0] == lv else None
-        return seen[vg, lv]
+            rows = (row.strip().split("|") for row in r.stdout.splitlines()) if r.returncode == 0 else ()
+            seen[vg] = {f[0]: set(filter(None, f[1].split(","))) for f in rows if len(f) == 2}
+        return seen[vg].get(lv)
     return tags
 
 
