@@ -157,11 +157,16 @@ def _serve(run) -> int:
     return 0
 
 
+def _words(req) -> tuple[str, ...]:
+    """The argv REQ runs: its command under the `timeout` it asked for."""
+    return req.argv if req.timeout is None else ("timeout", "-k", *req.timeout, *req.argv)
+
+
 def execute(req, data: bytes | None, env) -> tuple[int, bytes, bytes]:
     """Run REQ's command (in a session) with DATA on its stdin (/dev/null when None)."""
     import subprocess
 
-    words = req.argv if req.timeout is None else ("timeout", "-k", *req.timeout, *req.argv)
+    words = _words(req)
     try:
         r = subprocess.run(words, input=data, stdin=None if data is not None else subprocess.DEVNULL,
                            capture_output=True, env=env)
@@ -176,7 +181,7 @@ def unjudged(line: str, data: bytes | None):
     try:
         req = parse_request(line)
     except Refused as e:
-        return EXIT_REFUSED, b"", (REFUSED + e.message + "\n").encode()
+        return _refused_reply(e)
     return execute(req, data, {**BASE_ENV, **req.env})
 
 
@@ -203,7 +208,7 @@ def judged(client: str, config: str, tags=lv_tags, run=None):
         try:
             req = judge(client, config, line, current[0])
         except Refused as e:
-            return EXIT_REFUSED, b"", (_refusal(e) + "\n").encode()
+            return _refused_reply(e)
         try:
             return run(req, data, BASE_ENV)
         finally:
@@ -226,6 +231,11 @@ def judge(client: str, config: str, line: str | None, tags=None):
 
 def _refusal(e: Refused) -> str:
     return REFUSED + e.message + (f" ({e.hint})" if e.hint else "")
+
+
+def _refused_reply(e: Refused) -> tuple[int, bytes, bytes]:
+    """A session's reply to a refused request: what a request of its own would exit with."""
+    return EXIT_REFUSED, b"", (_refusal(e) + "\n").encode()
 
 
 def main(argv: list[str]) -> int:
@@ -256,7 +266,7 @@ def main(argv: list[str]) -> int:
     except Refused as e:
         print(_refusal(e), file=sys.stderr)
         return EXIT_REFUSED
-    words = req.argv if req.timeout is None else ("timeout", "-k", *req.timeout, *req.argv)
+    words = _words(req)
     if req.no_input:
         fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(fd, 0)

@@ -287,9 +287,10 @@ class SSHRunner(Runner):
                 self.close()  # the peer went away (a cut link: the TCP session has not noticed yet)
                 raise PeerError(f"{self._where} did not answer within {self.connect_timeout:g}s while starting "
                                 f"`{shlex.join(argv)}`: the command may or may not have started there") from None
-            head = self._session_read(chan, start + timeout + KILL_AFTER + REMOTE_GRACE)
-            out = self._session_take(chan, head["out"], start + timeout + KILL_AFTER + REMOTE_GRACE)
-            err = self._session_take(chan, head["err"], start + timeout + KILL_AFTER + REMOTE_GRACE)
+            deadline = start + timeout + KILL_AFTER + REMOTE_GRACE
+            head = self._session_read(chan, deadline)
+            out = self._session_take(chan, head["out"], deadline)
+            err = self._session_take(chan, head["err"], deadline)
         except TimeoutError:
             self._end_session()
             raise CommandError(self.host, argv, None, "", timeout=timeout) from None
