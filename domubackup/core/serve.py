@@ -109,6 +109,23 @@ def parse_request(line: str | None) -> Request:
     return Request(tuple(words[4:]), (words[2], words[3]), no_input, env)
 
 
+def lvchange_tags(argv) -> tuple[list[str], list[str], list[str]] | None:
+    """(ADDS, DELS, PATHS) of ``lvchange (--addtag T | --deltag T)... /dev/PATH...``, the one
+    shape of lvchange the tool sends; None for any other argv."""
+    if argv[:1] != ("lvchange",):
+        return None
+    adds, dels, paths, words = [], [], [], list(argv[1:])
+    while words:
+        w = words.pop(0)
+        if w in ("--addtag", "--deltag") and words:
+            (adds if w == "--addtag" else dels).append(words.pop(0))
+        elif w.startswith("/dev/"):
+            paths.append(w)
+        else:
+            return None
+    return (adds, dels, paths) if paths else None
+
+
 class Grant:
     """What the peer's config lets CLIENT do: DOMUS (its DomUs here), PRUNE (prune, rollback)."""
 
@@ -345,17 +362,9 @@ class Judge:
         self.lv(a[3], point=None)
 
     def c_lvchange(self, a):
-        adds, dels, paths, words = [], [], [], list(a[1:])
-        while words:
-            w = words.pop(0)
-            if w in ("--addtag", "--deltag") and words:
-                (adds if w == "--addtag" else dels).append(words.pop(0))
-            elif w.startswith("/dev/"):
-                paths.append(w)
-            else:
-                return False
-        if not paths:
+        if (words := lvchange_tags(a)) is None:
             return False
+        adds, dels, paths = words
         if len(adds) == 2 and adds[0] == WRITING and adds[1].startswith(TAG + "domu:") and not dels:
             owners = {self.lv(p) for p in paths}  # before a run writes: its replicas, already its own
             return owners == {adds[1][len(TAG) + 5:]}

@@ -3,9 +3,9 @@ root's authorized_keys on its peer (core/serve.py decides; this module reads the
 this host's config and LV tags, then execs the command or refuses it).
 
 A client's runner asks for `domubackup serve-session` (core/serve.py SESSION) and sends all its
-requests over that one channel: serve judges each one afresh (this host's config read again,
-the LV tags again after any request that may change them: TAGS_KEPT) and runs it with
-subprocess. A request on a channel of its own (rsync's receiving end, block streams, a peer
+requests over that one channel: serve judges each one afresh (this host's config parsed
+again whenever the file changed, the LV tags read again after any request that may change
+them: TAGS_KEPT) and runs it with subprocess. A request on a channel of its own (rsync's receiving end, block streams, a peer
 runner without sessions) is judged the same way and exec'd. Either way serve imports little
 (tomllib, subprocess; not the CLI, not `sh`) and reads only the keys it needs: [serve] clients
 and allow_prune_from, state_dir, target_prefix, kpartx_separator, libvirt_uri. A refusal:
@@ -25,17 +25,26 @@ import sys
 
 from ..core.environ import BASE_ENV
 from ..core.errors import EXIT_REFUSED
-from ..core.serve import (HELPER, REFUSED, SESSION, SESSION_IDLE, SESSION_INPUT, Grant, Judge, Refused, dm_lv, frame,
-                          parse_request)
+from ..core.serve import (HELPER, REFUSED, SESSION, SESSION_IDLE, SESSION_INPUT, Grant, Judge, Refused, device_lv,
+                          dm_lv, frame, lvchange_tags, parse_request)
 
 DEFAULT_CONFIG = "/etc/domubackup/domubackup.toml"
 
 
+_grants: dict = {}  # a session's last grant, by the config file's identity and times (see load_grant)
+
+
 def load_grant(path: str, client: str) -> Grant:
+    """CLIENT's Grant in the config at PATH as it is now: parsed again whenever the file's
+    inode, size, mtime or ctime changed since the last request of this process."""
     import tomllib
 
     try:
-        with open(path, "rb") as f:
+        st = os.stat(path)
+        key = (path, client, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key in _grants:
+            return _grants[key]
+        with open(path, "rb") as f:  # read after the stat: never older than the key it is kept by
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise Refused(f"cannot read this host's configuration {path}: {e}") from None
@@ -46,24 +55,26 @@ def load_grant(path: str, client: str) -> Grant:
     domus = clients[client]
     for name in domus:
         table = data.get("domu", {}).get(name, {})
-        for key in ("target_prefix", "kpartx_separator", "libvirt_uri"):
-            if key in table and table[key] != data.get(key, table[key]):
-                raise Refused(f"[domu.{name}] {key} differs from the global one: serve knows one {key} per host")
+        for k in ("target_prefix", "kpartx_separator", "libvirt_uri"):
+            if k in table and table[k] != data.get(k, table[k]):
+                raise Refused(f"[domu.{name}] {k} differs from the global one: serve knows one {k} per host")
     uri = data.get("libvirt_uri") or ("xen:///system" if os.path.exists("/proc/xen") else "qemu:///system")
-    return Grant(client, domus, client in serve.get("allow_prune_from", []),
-                 data.get("target_prefix", "/mnt/domubackup/target"), data.get("kpartx_separator", "p"),
-                 uri, data.get("state_dir", "/var/lib/domubackup"))
+    _grants.clear()
+    _grants[key] = Grant(client, domus, client in serve.get("allow_prune_from", []),
+                         data.get("target_prefix", "/mnt/domubackup/target"), data.get("kpartx_separator", "p"),
+                         uri, data.get("state_dir", "/var/lib/domubackup"))
+    return _grants[key]
 
 
 def lv_tags():
     """TAGS(vg, lv) for the Judge: one `lvs` per VG (all its LVs' tags) and read of the tags
     (0.1 s under emulation, whatever the number of LVs asked about)."""
-    import subprocess
-
     seen = {}
 
     def tags(vg: str, lv: str):
         if vg not in seen:
+            import subprocess
+
             r = subprocess.run(["lvs", "--noheadings", "--separator", "|", "-o", "lv_name,lv_tags", "--", vg],
                                env=BASE_ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True)
             rows = (row.strip().split("|") for row in r.stdout.splitlines()) if r.returncode == 0 else ()
@@ -186,8 +197,9 @@ def unjudged(line: str, data: bytes | None):
 
 
 # Programs that change no LV's tags: after one of them a session judges its next request with
-# the tags it has read (an `lvs` per LV saved, ~0.1 s each under emulation); after any other
-# request, and in a new session, the tags are read again.
+# the tags it has read (an `lvs` per VG saved, ~0.1 s each under emulation). After a served
+# lvchange that exited 0 (it only adds and deletes tags: lvchange_tags) the session changes
+# those LVs' tags the same way; after any other request, and in a new session, it reads them again.
 TAGS_KEPT = {"lvs", "vgs", "parted", "blkid", "kpartx", "mkdir", "rmdir", "virsh", "udevadm", "true"}
 HELPERS_TAGS_KEPT = {"mount-in", "umount-in", "read-in"}
 
@@ -202,18 +214,29 @@ def judged(client: str, config: str, tags=lv_tags, run=None):
     """A judged session's RUN(line, data) for CLIENT (see session): each request judged, then
     run by RUN(req, data, env) (``execute``); TAGS() reads the LV tags (see TAGS_KEPT)."""
     run = run or execute
-    current = [tags()]
+    read, changed = [tags()], {}  # the tags read, and those a served lvchange changed since
+
+    def current(vg: str, lv: str):
+        return changed[vg, lv] if (vg, lv) in changed else read[0](vg, lv)
 
     def one(line: str, data: bytes | None):
         try:
-            req = judge(client, config, line, current[0])
+            req = judge(client, config, line, current)
         except Refused as e:
             return _refused_reply(e)
+        code = None
         try:
-            return run(req, data, BASE_ENV)
+            code, out, err = run(req, data, BASE_ENV)
+            return code, out, err
         finally:
-            if not keeps_tags(req):
-                current[0] = tags()
+            edit = lvchange_tags(req.argv) if code == 0 else None
+            lvs = [device_lv(p) for p in edit[2]] if edit else [None]
+            if None not in lvs:  # lvchange exit 0 did what it says: its LVs' tags without an lvs
+                for vg, lv in lvs:
+                    changed[vg, lv] = (current(vg, lv) or set()) - set(edit[1]) | set(edit[0])
+            elif not keeps_tags(req):
+                read[0] = tags()
+                changed.clear()
     return one
 
 

@@ -114,16 +114,16 @@ def measure(lab, args):
                      "grep -q '^\\[serve\\]' /etc/domubackup/domubackup.toml || "
                      "printf '\\n[serve]\\nclients = { dom0a = [\"web1\"] }\\n' >> /etc/domubackup/domubackup.toml")
     ours, served, theirs = [], [], []
-    for _ in range(args.repeat):
-        restricted(lab, False)
-        ours.append(timed(run_ok, lab, "run", "web1")[0])
-        t, r = timed(lab.ssh, "dom0a", ["/root/xen-backup.sh"], timeout=3600)
-        theirs.append(t)
-        restricted(lab, True)
-        try:
-            served.append(timed(run_ok, lab, "run", "web1")[0])
-        finally:
-            restricted(lab, False)
+    for i in range(args.repeat):  # plain, script, serve; then serve, script, plain: no mode always first
+        for step in ("plain", "script", "serve")[::-1 if i % 2 else 1]:
+            if step == "script":
+                theirs.append(timed(lab.ssh, "dom0a", ["/root/xen-backup.sh"], timeout=3600)[0])
+                continue
+            restricted(lab, step == "serve")
+            try:
+                (served if step == "serve" else ours).append(timed(run_ok, lab, "run", "web1")[0])
+            finally:
+                restricted(lab, False)
     a = median(ours) / median(theirs)
     line("(a) domubackup run, median", f"{median(ours):.1f} s  ({', '.join(f'{x:.1f}' for x in ours)})")
     line("(a) xen-backup.sh-style script, median", f"{median(theirs):.1f} s  ({', '.join(f'{x:.1f}' for x in theirs)})")

@@ -220,25 +220,43 @@ def test_mkdir_and_rmdir_right_in_a_tree_follow_no_symlink_a_guest_left_there(tm
 
 def test_a_session_reads_the_tags_again_after_any_request_that_may_change_them(tmp_path):
     """A session judges a request with the tags it read after the last request that could
-    change them (lvchange here): an LV whose tag went away is not served a moment later."""
+    change them: a served lvchange that exited 0 changes its LVs' tags in the session's copy
+    (no lvs), a failed one makes it read them again, and an LV whose tag went away is then not
+    served. The config is parsed again when the file changed: a DomU taken out of the grant is
+    refused at the next request."""
+    import os
+
     from domubackup.hosts import serve
 
     config = tmp_path / "domubackup.toml"
-    config.write_text(f'target_prefix = "{T}"\n[serve]\nclients = {{ dom0a = ["web1"] }}\n')
+    grant = f'target_prefix = "{T}"\nlibvirt_uri = "test:///default"\n[serve]\nclients = {{ dom0a = ["web1"] }}\n'
+    config.write_text(grant)
     now, reads, ran = {("vg0", "web1-disk"): {"dbk:domu:web1"}}, [], []
+    codes = iter([0, 0, 0, 0, 5, 0])
+    state = line(["virsh", "-c", "test:///default", "domstate", "--domain", "web1"])
 
     def tags():
-        reads.append(dict(now))
+        reads.append({k: set(v) for k, v in now.items()})
         return lambda vg, lv, seen=reads[-1]: seen.get((vg, lv))
 
     one = serve.judged("dom0a", str(config), tags,
-                       run=lambda req, data, env: ran.append(req.argv) or (0, b"", b""))
+                       run=lambda req, data, env: ran.append(req.argv) or (next(codes), b"", b""))
     probe = line(["blkid", "-p", "-d", "-o", "export", "/dev/vg0/web1-disk"])
+    writing = ["lvchange", "--addtag", "dbk:writing", "--addtag", "dbk:domu:web1", "/dev/vg0/web1-disk"]
     assert [one(probe, None)[0] for _ in range(3)] == [0, 0, 0]
     assert len(reads) == 1  # blkid changes no tag: read once for the session
-    now[("vg0", "web1-disk")] = set()  # the admin (or the request below) takes the tag away
-    assert one(line(["lvchange", "--deltag", "dbk:writing", "/dev/vg0/web1-disk"]), None)[:1] == (0,)
-    assert len(reads) == 2
+    assert one(line(writing), None)[0] == 0
+    assert len(reads) == 1  # the lvchange's own change, made in the session's copy
+    now[("vg0", "web1-disk")] = set()  # the admin takes the tag away: unseen until the next read
+    assert one(line(["lvchange", "--deltag", "dbk:writing", "/dev/vg0/web1-disk"]), None)[0] == 5
+    assert len(reads) == 2  # a failed lvchange: read again
     code, out, err = one(probe, None)
     assert code == 77 and b"is not the replica of a DomU" in err, err
-    assert ran == [ran[0]] * 3 + [("lvchange", "--deltag", "dbk:writing", "/dev/vg0/web1-disk")]
+    assert len(ran) == 5 and ran[3] == tuple(writing)
+    now[("vg0", "web1-disk")] = {"dbk:domu:web1"}
+    assert one(line(["lvchange", "--deltag", "dbk:writing", "/dev/vg0/web1-disk"]), None)[0] == 77  # still the read
+    assert one(line(["kpartx", "-d", "-p", "p", "/dev/vg0/web1-disk"]), None)[0] == 77
+    assert one(state, None)[0] == 0
+    config.write_text(grant.replace('"web1"', '"web2"'))
+    os.utime(config, ns=(1, 1))  # the same size: parsed again for its other times
+    assert b"DomU 'web1' is not granted to dom0a" in one(state, None)[2]
