@@ -5,10 +5,11 @@ this host's config and LV tags, then execs the command or refuses it).
 A client's runner asks for `domubackup serve-session` (core/serve.py SESSION) and sends all its
 requests over that one channel: serve judges each one afresh (this host's config parsed
 again whenever the file changed, the LV tags read again after any request that may change
-them: TAGS_KEPT) and runs it with subprocess. A request on a channel of its own (rsync's receiving end, block streams, a peer
-runner without sessions) is judged the same way and exec'd. Either way serve imports little
-(tomllib, subprocess; not the CLI, not `sh`) and reads only the keys it needs: [serve] clients
-and allow_prune_from, state_dir, target_prefix, kpartx_separator, libvirt_uri. A refusal:
+them: TAGS_KEPT) and runs it with subprocess. A request on a channel of its own (rsync's
+receiving end, block streams, a peer runner without sessions) is judged the same way and
+exec'd. Either way serve imports little (tomllib, subprocess; not the CLI, not `sh`) and reads
+only the keys it needs: [serve] clients and allow_prune_from, state_dir, target_prefix,
+kpartx_separator, libvirt_uri. A refusal:
 exit 77 (in a session: a reply with code 77) with ``domubackup serve: refused: REASON`` on
 stderr (the client's runner raises it as PeerRefused) and a line in the auth syslog.
 
