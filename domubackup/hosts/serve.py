@@ -9,9 +9,9 @@ them: TAGS_KEPT) and runs it with subprocess. A request on a channel of its own 
 receiving end, block streams, a peer runner without sessions) is judged the same way and
 exec'd. Either way serve imports little (tomllib, subprocess; not the CLI, not `sh`) and reads
 only the keys it needs: [serve] clients and allow_prune_from, state_dir, target_prefix,
-kpartx_separator, libvirt_uri. A refusal:
-exit 77 (in a session: a reply with code 77) with ``domubackup serve: refused: REASON`` on
-stderr (the client's runner raises it as PeerRefused) and a line in the auth syslog.
+kpartx_separator, libvirt_uri. A refusal: exit 77 (in a session: a reply with code 77) with
+``domubackup serve: refused: REASON`` on stderr (the client's runner raises it as PeerRefused)
+and a line in the auth syslog.
 
 Without a forced command `domubackup serve-session` (entry.py) runs the same session unjudged,
 with the client's environment: a root key runs anything anyway, and saves the start of a
@@ -231,8 +231,8 @@ def judged(client: str, config: str, tags=lv_tags, run=None):
             return code, out, err
         finally:
             edit = lvchange_tags(req.argv) if code == 0 else None
-            lvs = [device_lv(p) for p in edit[2]] if edit else [None]
-            if None not in lvs:  # lvchange exit 0 did what it says: its LVs' tags without an lvs
+            lvs = edit and [device_lv(p) for p in edit[2]]
+            if lvs and None not in lvs:  # lvchange exit 0 did what it says: its LVs' tags without an lvs
                 for vg, lv in lvs:
                     changed[vg, lv] = (current(vg, lv) or set()) - set(edit[1]) | set(edit[0])
             elif not keeps_tags(req):
